@@ -1,0 +1,42 @@
+# lorafleet developer entry points. `make demo` and `make test` set up .venv themselves.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SPEC ?= examples/fleet.yaml
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-unit compile bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch comes first, from the local wheel; nothing later may replace it.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lorafleet run $(SPEC)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not e2e"
+
+compile: $(STAMP)
+	$(VENV)/bin/lorafleet compile
+
+bench: $(STAMP)
+	$(PY) bench/eval_bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info
