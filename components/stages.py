@@ -1,0 +1,149 @@
+"""One KFP component per fleet stage. Each body makes one call into :mod:`lorafleet.stages`.
+
+Bodies import inside the function: KFP ships each one as standalone source.
+"""
+
+
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from lorafleet.components import fleet_component
+
+__all__ = [
+    "build_base",
+    "curate",
+    "evaluate",
+    "gate",
+    "publish",
+    "register",
+    "reject",
+    "synthesize",
+    "train",
+    "validate_data",
+]
+
+
+@fleet_component
+def build_base(spec_json: str, base: Output[Model]):
+    """Build (or reuse) the shared base model."""
+    from lorafleet.components.runtime import export_base
+    from lorafleet.fleet import spec_from_json
+
+    export_base(spec_from_json(spec_json), base)
+
+
+@fleet_component
+def validate_data(spec_json: str, expert: str, seeds: Output[Dataset], eval_set: Output[Dataset],
+                  report: Output[Artifact], report_md: Output[Markdown]):
+    """Run the expert's great-expectations suite on its seed and eval files."""
+    from lorafleet.components.runtime import write_markdown
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import validate_stage
+
+    summary = validate_stage(spec_from_json(spec_json).expert(expert), seeds.path, eval_set.path, report.path)
+    write_markdown(report_md, summary["markdown"])
+
+
+@fleet_component
+def synthesize(spec_json: str, expert: str, seeds: Input[Dataset], synthetic: Output[Dataset]):
+    """Expand the gold seeds synthetically."""
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import synthesize_stage
+
+    stats = synthesize_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path)
+    synthetic.metadata.update(stats)
+
+
+@fleet_component
+def curate(spec_json: str, expert: str, seeds: Input[Dataset], synthetic: Input[Dataset], eval_set: Input[Dataset],
+           train_set: Output[Dataset], stats: Output[Artifact]):
+    """Dedup, decontaminate against eval, cap synthetic rows."""
+    from lorafleet.components.runtime import write_json
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import curate_stage
+
+    write_json(stats, curate_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path, eval_set.path, train_set.path))
+
+
+@fleet_component
+def train(spec_json: str, expert: str, base: Input[Model], train_set: Input[Dataset],
+          adapter: Output[Model], train_log: Output[Artifact], metrics: Output[Metrics]):
+    """Fine-tune the expert's LoRA adapter."""
+    from lorafleet.components.runtime import base_path, limit_threads, log_train_metrics, write_json
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import train_stage
+
+    limit_threads()
+    result = train_stage(spec_from_json(spec_json).expert(expert), base_path(base), train_set.path, adapter.path)
+    write_json(train_log, result)
+    log_train_metrics(metrics, result)
+
+
+@fleet_component
+def evaluate(spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], eval_set: Input[Dataset],
+             evaluation: Output[Artifact], metrics: Output[Metrics]):
+    """Held-out loss and task metrics, candidate vs base."""
+    from lorafleet.components.runtime import base_path, limit_threads, log_eval_metrics, write_json
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import evaluate_stage
+
+    limit_threads()
+    spec = spec_from_json(spec_json)
+    result = evaluate_stage(spec, spec.expert(expert), base_path(base), adapter.path, eval_set.path)
+    write_json(evaluation, result)
+    log_eval_metrics(metrics, result)
+
+
+@fleet_component
+def gate(spec_json: str, expert: str, evaluation: Input[Artifact], train_log: Input[Artifact], curation: Input[Artifact],
+         report: Output[Artifact], report_md: Output[Markdown]) -> NamedTuple("GateOutputs", passed=bool):
+    """Apply the expert's gate policy; ``passed`` drives ``dsl.If``."""
+    from collections import namedtuple
+
+    from lorafleet.components.runtime import gate_markdown, read_json, write_json, write_markdown
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import gate_stage
+
+    result = gate_stage(spec_from_json(spec_json).expert(expert), read_json(evaluation), read_json(train_log), read_json(curation))
+    write_json(report, result)
+    write_markdown(report_md, gate_markdown(result))
+    return namedtuple("GateOutputs", ["passed"])(result["gate_passed"])
+
+
+@fleet_component
+def register(spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], report: Input[Artifact]) -> str:
+    """Register the adapter that passed its gate; returns the expert's outcome (JSON)."""
+    import json
+
+    from lorafleet.components.runtime import base_path, read_json
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import register_stage
+
+    spec = spec_from_json(spec_json)
+    return json.dumps(register_stage(spec, spec.expert(expert), base_path(base), adapter.path, read_json(report)))
+
+
+@fleet_component
+def reject(report: Input[Artifact]) -> str:
+    """Record a candidate that failed its gate (nothing is registered); returns its outcome (JSON)."""
+    import json
+
+    from lorafleet.components.runtime import read_json
+    from lorafleet.stages import reject_stage
+
+    return json.dumps(reject_stage(read_json(report)))
+
+
+@fleet_component
+def publish(spec_json: str, base: Input[Model], outcomes: list,
+            summary: Output[Artifact], report: Output[HTML], summary_md: Output[Markdown]):
+    """Serve the base and every registered adapter, ask each one question, write the fleet report."""
+    import json
+
+    from lorafleet.components.runtime import base_path
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.publish import publish_fleet
+
+    publish_fleet(spec_from_json(spec_json), base_path(base), [json.loads(o) for o in outcomes],
+                  summary.path, report.path, summary_md.path)

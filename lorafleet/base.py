@@ -1,0 +1,198 @@
+"""The base model: a small demo Llama built here, or any local path / hub id.
+
+``build_demo_base`` trains a byte-level BPE tokenizer on a corpus, builds a
+Llama-architecture model from a config, pre-trains it briefly on the plain text of the
+corpus (no chat format, so adapters have a task and a format to learn) and saves a
+normal Hugging Face model directory, cached under a fingerprint of everything that
+went into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lorafleet.chat import CHATML_TEMPLATE
+from lorafleet.io import atomic_dir, sha256_file, sha256_json
+
+__all__ = [
+    "BUILD_VERSION",
+    "DemoBaseConfig",
+    "build_demo_base",
+    "cache_root",
+    "fingerprint_model",
+    "train_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the build procedure changes, so cached bases are rebuilt.
+BUILD_VERSION = 1
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+MARKER = "lorafleet-base.json"
+
+
+@dataclass(frozen=True)
+class DemoBaseConfig:
+    """Shape and pre-training budget of the demo base model."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 704  # ~2.75 x hidden, as Llama does
+    max_position_embeddings: int = 2048
+    pretrain_steps: int = 300
+    pretrain_seq_len: int = 256
+    pretrain_batch_size: int = 8
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+
+def cache_root() -> Path:
+    """Where built bases are cached (``$LORAFLEET_CACHE`` or ``~/.cache/lorafleet``)."""
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer with a ChatML chat template.
+
+    Returns:
+        A ``transformers`` fast tokenizer (eos ``<|im_end|>``, pad ``<|pad|>``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+        bos_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _pretrain(model, tokenizer, texts: Sequence[str], cfg: DemoBaseConfig) -> list[float]:
+    import torch
+
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        stream.append(eot)
+    n = cfg.pretrain_seq_len
+    chunks = [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
+    if not chunks:
+        return []
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, cfg.pretrain_steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.pretrain_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses = []
+    order: list[int] = []
+    for _ in range(cfg.pretrain_steps):
+        if len(order) < cfg.pretrain_batch_size:
+            order += rng.sample(range(len(chunks)), len(chunks))
+        batch = torch.tensor([chunks[order.pop()] for _ in range(min(cfg.pretrain_batch_size, len(chunks)))])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build_demo_base(texts: Sequence[str], cfg: DemoBaseConfig, cache_dir: Path | None = None) -> Path:
+    """Build (or reuse from cache) the demo base model for a corpus.
+
+    Args:
+        texts: the pre-training corpus (plain text; never the eval sets).
+        cfg: model shape and pre-training budget.
+        cache_dir: cache root; defaults to :func:`cache_root`.
+
+    Returns:
+        A Hugging Face model directory (config, safetensors weights, tokenizer).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fp = sha256_json({"version": BUILD_VERSION, "config": asdict(cfg), "corpus": sha256_json(list(texts))})[:16]
+    out = (cache_dir or cache_root()) / "base" / f"demo-{fp}"
+    if (out / MARKER).is_file():
+        log.info("reusing cached demo base %s", out)
+        return out
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    losses = _pretrain(model, tokenizer, texts, cfg)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "fingerprint": fp,
+            "build_version": BUILD_VERSION,
+            "config": asdict(cfg),
+            "pretrain_loss_first": losses[0] if losses else None,
+            "pretrain_loss_last": losses[-1] if losses else None,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+def fingerprint_model(model: str | Path) -> str:
+    """A stable fingerprint of a base model.
+
+    For a local directory: SHA-256 over its config and weight files. For a hub id: the id
+    itself (pin a revision in the spec for reproducibility).
+    """
+    path = Path(model)
+    if not path.is_dir():
+        return sha256_json({"hub_id": str(model)})[:16]
+    marker = path / MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())["fingerprint"]
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    return sha256_json({p.name: sha256_file(p) for p in files})[:16]

@@ -1,0 +1,349 @@
+"""The fleet spec: one YAML file that drives local runs, compiled pipelines and serving.
+
+Load it with :func:`load_fleet`; every mistake becomes a :class:`~lorafleet.errors.SpecError`
+that names the file, the line and the field (``FILE:LINE: field.path: message``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafleet.errors import SpecError
+
+__all__ = [
+    "TASKS",
+    "BaseSpec",
+    "CanaryPolicy",
+    "DataRules",
+    "ExpertSpec",
+    "FleetSpec",
+    "GatePolicy",
+    "LoraSettings",
+    "RegistrySpec",
+    "ServingSpec",
+    "SynthesisSettings",
+    "TrainingSettings",
+    "load_fleet",
+    "spec_from_json",
+    "spec_to_json",
+]
+
+# Tasks with dedicated metrics and synthesis rules; "chat" is any other conversational expert.
+TASKS = ("proposal-writer", "job-analyzer", "profile-reviewer", "candidate-evaluator", "job-post-writer", "chat")
+SLUG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS-1123 label: names become k8s objects
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoBaseSettings(_Strict):
+    """Shape of the demo base model built when ``base.model`` is ``demo``."""
+
+    vocab_size: int = Field(4096, ge=300, le=65536)
+    hidden_size: int = Field(256, ge=32)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(704, ge=32)
+    pretrain_steps: int = Field(300, ge=0)
+    pretrain_seq_len: int = Field(256, ge=16)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> DemoBaseSettings:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        return self
+
+
+class BaseSpec(_Strict):
+    """The shared base model."""
+
+    model: str = Field("demo", description="'demo', a local model directory, or a hub id")
+    revision: str | None = Field(None, description="hub revision to pin (commit sha or tag)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    demo: DemoBaseSettings = Field(default_factory=DemoBaseSettings)
+
+
+class DataRules(_Strict):
+    """Validation bounds for an expert's records."""
+
+    min_chars: int = Field(1, ge=1, description="shortest allowed message content")
+    max_chars: int = Field(8000, ge=1, description="longest allowed message content")
+    max_total_chars: int = Field(24000, ge=1, description="longest allowed conversation")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataRules:
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
+
+
+class SynthesisSettings(_Strict):
+    """How the gold seeds are expanded."""
+
+    generator: Literal["programmatic", "none"] = "programmatic"
+    per_seed: int = Field(2, ge=0, le=100, description="synthetic variants per seed record")
+    seed: int = 0
+    max_synthetic_ratio: float = Field(4.0, ge=0, description="cap on synthetic:human rows")
+
+
+class CurationSettings(_Strict):
+    """Dedup and decontamination."""
+
+    # 13-grams (as in the GPT-3 decontamination study): long enough that shared
+    # boilerplate (JSON keys, post templates) never matches, short enough to catch copies.
+    decontaminate_ngram: int = Field(13, ge=3, le=50, description="word n-gram shared with eval => drop")
+
+
+class LoraSettings(_Strict):
+    """PEFT LoRA hyper-parameters."""
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, description="usually 2 x r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class TrainingSettings(_Strict):
+    """The LoRA training recipe's knobs."""
+
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(768, ge=16)
+    seed: int = 0
+
+
+class GatePolicy(_Strict):
+    """When a candidate may be registered."""
+
+    max_loss_ratio: float = Field(
+        0.98, gt=0, description="candidate held-out loss must be <= this x the base model's"
+    )
+    min_metrics: dict[str, float] = Field(default_factory=dict, description="task metric floors")
+    max_loss_regression: float = Field(
+        0.01, ge=0, description="candidate loss may exceed production's by at most this fraction"
+    )
+    max_metric_regression: float = Field(
+        0.05, ge=0, description="each task metric may drop below production's by at most this much"
+    )
+    max_new_tokens: int = Field(96, ge=1, description="generation budget for task metrics")
+
+
+class ExpertSpec(_Strict):
+    """One task-specific expert."""
+
+    name: str = Field(pattern=SLUG)
+    task: str
+    seed_data: Path
+    eval_data: Path
+    data: DataRules = Field(default_factory=DataRules)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    curation: CurationSettings = Field(default_factory=CurationSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    gate: GatePolicy = Field(default_factory=GatePolicy)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
+        return v
+
+
+class ServingSpec(_Strict):
+    """How the fleet is served."""
+
+    runtime: Literal["lorafleet", "vllm"] = "lorafleet"
+    profile: Literal["local", "aws", "gcp", "onprem"] = "local"
+    gpus: int = Field(0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    adapter_store: str = Field("", description="s3://, gs://, pvc:// or a directory; empty = registry")
+
+    @model_validator(mode="after")
+    def _runtime(self) -> ServingSpec:
+        if self.runtime == "vllm" and self.gpus < 1:
+            raise ValueError("runtime 'vllm' needs gpus >= 1")
+        return self
+
+
+class CanaryPolicy(_Strict):
+    """Step-wise traffic shift from production to candidate."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100])
+    pause_seconds: int = Field(60, ge=0)
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p95_latency_ms: float = Field(2000, gt=0)
+    failure_limit: int = Field(1, ge=1)
+    inconclusive_limit: int = Field(2, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= a for a, b in itertools.pairwise(v)) or v[-1] != 100 or v[0] <= 0:
+            raise ValueError("steps must be increasing percentages in (0, 100], ending at 100")
+        return v
+
+
+class RegistrySpec(_Strict):
+    """Where registered adapters are kept."""
+
+    uri: str = Field(".lorafleet/registry", description="a directory (relative to the spec) or s3:// gs://")
+
+
+class FleetSpec(_Strict):
+    """The whole fleet."""
+
+    api_version: Literal["lorafleet/v1"] = Field("lorafleet/v1", alias="apiVersion")
+    name: str = Field(pattern=SLUG)
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    experts: list[ExpertSpec] = Field(min_length=1)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross(self) -> FleetSpec:
+        names = [e.name for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {', '.join(dupes)}")
+        too_big = [e.name for e in self.experts if e.lora.r > self.serving.max_lora_rank]
+        if too_big:
+            raise ValueError(f"lora.r exceeds serving.max_lora_rank for: {', '.join(too_big)}")
+        return self
+
+    def expert(self, name: str) -> ExpertSpec:
+        """The expert called ``name``."""
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _locate(node: yaml.Node | None, loc: tuple) -> tuple[int | None, int]:
+    """The line (1-based) of the deepest YAML node along ``loc``, and how deep it is."""
+    line = node.start_mark.line + 1 if node is not None else None
+    depth = 0
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+        if node is None:
+            break
+        line, depth = node.start_mark.line + 1, depth + 1
+    return line, depth
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Where ``loc`` is written; an expert's field may come from ``expert_defaults``."""
+    line, depth = _locate(root, loc)
+    if depth < len(loc) and len(loc) > 2 and loc[0] == "experts":
+        d_line, d_depth = _locate(root, ("expert_defaults", *loc[2:]))
+        if d_depth > max(1, depth - 2):
+            return d_line
+    return line
+
+
+def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
+    """Load, merge ``expert_defaults`` into each expert, validate, and resolve data paths.
+
+    Args:
+        path: the fleet YAML file.
+        check_files: also require every expert's data files to exist.
+
+    Returns:
+        The validated spec; relative data paths are resolved against the spec's folder.
+
+    Raises:
+        SpecError: naming file, line and field, for any mistake.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(path, None, "file", "no such file") from None
+    except UnicodeDecodeError:
+        raise SpecError(path, None, "file", "not UTF-8 text") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError(path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))) from None
+    if not isinstance(raw, dict):
+        raise SpecError(path, 1, "spec", "the top level must be a mapping")
+    defaults = raw.pop("expert_defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise SpecError(path, _line_of(root, ("expert_defaults",)), "expert_defaults", "must be a mapping")
+    if isinstance(raw.get("experts"), list):
+        raw["experts"] = [_deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]]
+    try:
+        spec = FleetSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise SpecError(path, _line_of(root, loc), field, msg) from None
+    folder = path.resolve().parent
+    for i, e in enumerate(spec.experts):
+        for attr in ("seed_data", "eval_data"):
+            p = getattr(e, attr)
+            resolved = p if p.is_absolute() else folder / p
+            if check_files and not resolved.is_file():
+                raise SpecError(path, _line_of(root, ("experts", i, attr)), f"experts.{i}.{attr}", f"file not found: {p}")
+            setattr(e, attr, resolved)
+    reg = spec.registry.uri
+    if "://" not in reg and not Path(reg).is_absolute():
+        spec.registry.uri = str(folder / reg)
+    return spec
+
+
+def spec_to_json(spec: FleetSpec) -> str:
+    """Serialize a loaded spec (absolute paths) for pipeline parameters."""
+    return spec.model_dump_json(by_alias=True)
+
+
+def spec_from_json(text: str) -> FleetSpec:
+    """The inverse of :func:`spec_to_json`."""
+    return FleetSpec.model_validate_json(text)
+
+
+def dump_schema() -> dict[str, Any]:
+    """The JSON schema of the fleet spec (for editors and docs)."""
+    return FleetSpec.model_json_schema(by_alias=True)

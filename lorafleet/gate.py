@@ -1,0 +1,107 @@
+"""The gate: declarative rules that decide whether a candidate adapter may be registered."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from lorafleet.fleet import GatePolicy
+
+__all__ = ["GateDecision", "RuleResult", "decide"]
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule's verdict with the numbers it used."""
+
+    rule: str
+    passed: bool
+    value: float | None
+    threshold: float
+    message: str
+
+
+@dataclass
+class GateDecision:
+    """All rules and the overall verdict (every rule must pass)."""
+
+    rules: list[RuleResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rules) and all(r.passed for r in self.rules)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [f"{'PASS' if r.passed else 'FAIL'} {r.rule}: {r.message}" for r in self.rules]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "reasons": self.reasons, "rules": [asdict(r) for r in self.rules]}
+
+
+def decide(
+    policy: GatePolicy,
+    eval_loss_base: float,
+    eval_loss_candidate: float,
+    metrics: dict[str, float],
+    production: dict | None = None,
+) -> GateDecision:
+    """Apply the expert's gate policy to its evaluation.
+
+    Args:
+        policy: thresholds from the fleet spec.
+        eval_loss_base: held-out loss of the base model.
+        eval_loss_candidate: held-out loss of the candidate adapter.
+        metrics: the candidate's task metrics.
+        production: the production adapter's ``{"version", "eval_loss", "metrics"}`` on the
+            same eval set, when one is registered; the candidate must not regress on it.
+
+    Returns:
+        The decision with one reason per rule.
+    """
+    decision = GateDecision()
+    ratio = eval_loss_candidate / eval_loss_base if eval_loss_base > 0 else float("inf")
+    decision.rules.append(
+        RuleResult(
+            rule="heldout-loss-vs-base",
+            passed=ratio <= policy.max_loss_ratio,
+            value=round(ratio, 4),
+            threshold=policy.max_loss_ratio,
+            message=f"candidate loss {eval_loss_candidate:.4f} is {ratio:.3f}x base {eval_loss_base:.4f} (max {policy.max_loss_ratio}x)",
+        )
+    )
+    for name, floor in sorted(policy.min_metrics.items()):
+        value = metrics.get(name)
+        ok = value is not None and value >= floor
+        shown = "missing" if value is None else f"{value:.3f}"
+        decision.rules.append(
+            RuleResult(rule=f"min-{name}", passed=ok, value=value, threshold=floor, message=f"{name} {shown} (min {floor})")
+        )
+    if production is None:
+        return decision
+    version, prod_loss = production["version"], production["eval_loss"]
+    limit = prod_loss * (1 + policy.max_loss_regression)
+    decision.rules.append(
+        RuleResult(
+            rule="heldout-loss-vs-production",
+            passed=eval_loss_candidate <= limit,
+            value=round(eval_loss_candidate, 5),
+            threshold=round(limit, 5),
+            message=f"candidate loss {eval_loss_candidate:.4f} vs production {version} {prod_loss:.4f} "
+            f"(max +{policy.max_loss_regression:.0%})",
+        )
+    )
+    for name, prod_value in sorted(production["metrics"].items()):
+        value = metrics.get(name)
+        floor = prod_value - policy.max_metric_regression
+        ok = value is not None and value >= floor
+        shown = "missing" if value is None else f"{value:.3f}"
+        decision.rules.append(
+            RuleResult(
+                rule=f"no-regression-{name}",
+                passed=ok,
+                value=value,
+                threshold=round(floor, 4),
+                message=f"{name} {shown} vs production {version} {prod_value:.3f} (max drop {policy.max_metric_regression})",
+            )
+        )
+    return decision

@@ -1,0 +1,281 @@
+"""Batched greedy generation over one base model and many LoRA adapters.
+
+A :class:`Generator` holds a base model, its tokenizer and any number of named PEFT
+adapters. :meth:`Generator.generate` runs a list of requests, each for its own adapter
+(or for the base), as one left-padded batch: PEFT's ``adapter_names`` routes every row
+through its own adapter, so each row gets the tokens it would get alone. Decoding is
+greedy, hence deterministic. The evaluator and the serving runtime share this code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lorafleet.errors import LorafleetError
+
+__all__ = ["BASE_ADAPTER", "FinishReason", "GenerationRequest", "GenerationResult", "Generator"]
+
+# PEFT's name for "no adapter" in ``adapter_names``.
+BASE_ADAPTER = "__base__"
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: a chat, or a raw prompt, for one adapter or the base.
+
+    Attributes:
+        messages: OpenAI-style ``{"role", "content"}`` turns, rendered with the tokenizer's
+            chat template and its generation prompt.
+        prompt: raw text, used as is, instead of ``messages``.
+        adapter: adapter name; ``None`` for the base model.
+        max_new_tokens: the most tokens to generate.
+        stop: strings that end the generation; the text is cut before the first one.
+    """
+
+    messages: Sequence[Mapping[str, str]] = ()
+    prompt: str | None = None
+    adapter: str | None = None
+    max_new_tokens: int = 64
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.messages) == bool(self.prompt):
+            raise ValueError("a generation request needs either messages or a non-empty prompt")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request produced.
+
+    Attributes:
+        text: the generated text, without the eos token and cut before any stop string.
+        token_ids: the generated token ids, the eos token included when it ended the row.
+        prompt_tokens: length of the prompt in tokens.
+        finish_reason: ``"stop"`` (eos or a stop string) or ``"length"`` (max_new_tokens).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: FinishReason
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` may still change or vanish.
+
+    A trailing replacement character is half of a multi-byte character, and a tail that
+    starts a stop string is cut if the stop string completes; neither may be streamed yet.
+    """
+    settled = text.rstrip("\ufffd")
+    partial = max(
+        (k for s in stops for k in range(1, len(s)) if settled.endswith(s[:k])),
+        default=0,
+    )
+    return len(text) - len(settled) + partial
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request in a batch."""
+
+    request: GenerationRequest
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    streamed: int = 0
+    finish_reason: FinishReason | None = None
+
+    def push(self, token_id: int, tokenizer, eos_id: int) -> str:
+        """Take the next token; return the text that is now final and was not returned before."""
+        self.token_ids.append(token_id)
+        text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.request.stop if s in text]
+        if cuts:
+            text, self.finish_reason = text[: min(cuts)], "stop"
+        elif token_id == eos_id:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+        self.text = text
+        final = len(text) if self.finish_reason else len(text) - _held_back(text, self.request.stop)
+        delta = text[self.streamed : final]
+        self.streamed = max(self.streamed, final)
+        return delta
+
+
+class Generator:
+    """A base model with named LoRA adapters that generates greedily in mixed-adapter batches.
+
+    Not thread-safe: callers run :meth:`generate`, :meth:`add_adapter` and
+    :meth:`remove_adapter` one at a time (the serving runtime uses one worker thread).
+
+    Args:
+        base_dir: Hugging Face model directory (or hub id) whose tokenizer has a chat template.
+        adapters: adapter name -> PEFT adapter directory, loaded now.
+        device: torch device to run on.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        adapters: Mapping[str, str | Path] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_dir = base_dir
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._model = AutoModelForCausalLM.from_pretrained(base_dir).to(self.device).eval()
+        self._peft = None
+        self._adapters: dict[str, Path] = {}
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
+
+    @property
+    def model(self):
+        """The model that runs: a ``PeftModel`` while adapters are loaded, else the base model."""
+        return self._model if self._peft is None else self._peft
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Loaded adapters: name -> directory, in load order."""
+        return dict(self._adapters)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter under ``name``.
+
+        Raises:
+            LorafleetError: if the name is taken or reserved, or ``path`` is no adapter directory.
+        """
+        path = Path(path)
+        if name == BASE_ADAPTER or name in self._adapters:
+            raise LorafleetError(f"adapter name {name!r} is reserved or already loaded")
+        if not (path / "adapter_config.json").is_file():
+            raise LorafleetError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+        if self._peft is None:
+            from peft import PeftModel
+
+            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
+        else:
+            self._peft.load_adapter(path, adapter_name=name)
+        self._adapters[name] = path
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload the adapter ``name``; the base and the other adapters stay.
+
+        Raises:
+            LorafleetError: if no adapter of that name is loaded.
+        """
+        self._adapter_key(name)
+        del self._adapters[name]
+        if self._adapters:
+            self._peft.delete_adapter(name)
+        else:
+            # PEFT cannot run with zero adapters; unload() strips the LoRA layers in place.
+            self._peft.unload()
+            self._peft = None
+
+    def _adapter_key(self, name: str | None) -> str:
+        if name is None:
+            return BASE_ADAPTER
+        if name not in self._adapters:
+            raise LorafleetError(
+                f"unknown adapter {name!r}; loaded: {', '.join(self._adapters) or 'none'}"
+            )
+        return name
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt:
+            return self.tokenizer(request.prompt)["input_ids"]
+        # The chat template writes any bos token itself.
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_delta: Callable[[int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate greedily for all requests in one mixed-adapter batch.
+
+        Args:
+            requests: the requests; each names its adapter (or ``None`` for the base).
+            on_delta: called as ``on_delta(i, text)`` whenever request ``i`` has new final
+                text; the texts of one request add up to its result's ``text``.
+
+        Returns:
+            One result per request, in order.
+
+        Raises:
+            LorafleetError: if a request names an adapter that is not loaded.
+        """
+        if not requests:
+            return []
+        adapter_names = [self._adapter_key(r.adapter) for r in requests]
+        prompts = [self._prompt_ids(r) for r in requests]
+        # Left padding puts every row's next token in the last column. Shape (B, T).
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # Positions count real tokens only, so a padded row sees what it would see alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        model = self.model
+        routing = {"adapter_names": adapter_names} if self._peft is not None else {}
+        rows = [_Row(r) for r in requests]
+        eos_id = self.tokenizer.eos_token_id
+        past = None
+        for _ in range(max(r.max_new_tokens for r in requests)):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                **routing,
+            )
+            past = out.past_key_values
+            next_ids = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
+            for i, row in enumerate(rows):
+                if row.finish_reason is None:
+                    delta = row.push(int(next_ids[i]), self.tokenizer, eos_id)
+                    if delta and on_delta is not None:
+                        on_delta(i, delta)
+            if all(row.finish_reason for row in rows):
+                break
+            # Finished rows keep decoding alongside the others; their tokens are ignored.
+            input_ids = next_ids[:, None]
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1
+            )
+            position_ids = position_ids[:, -1:] + 1
+        return [
+            GenerationResult(
+                text=row.text,
+                token_ids=row.token_ids,
+                prompt_tokens=len(p),
+                finish_reason=row.finish_reason,
+            )
+            for row, p in zip(rows, prompts, strict=True)
+        ]

@@ -1,0 +1,123 @@
+"""Run the compiled fleet pipeline locally with ``kfp.local`` (no cluster)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lorafleet.errors import DataError, SpecError
+from lorafleet.fleet import FleetSpec, load_fleet, spec_to_json
+from lorafleet.io import atomic_write_json, atomic_write_text
+from lorafleet.report import render_html
+
+__all__ = ["PipelineFailed", "new_run_id", "preflight", "run_local"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_PARALLEL_TASKS = 2  # what kfp.local's ParallelFor executor runs at once
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROGRESS = re.compile(r"(Executing task|finished with status|Skipping conditional task|failed with exception)")
+
+
+class PipelineFailed(RuntimeError):
+    """A pipeline task failed; the message names it and points at the full log."""
+
+
+class _ProgressLog:
+    """A stdout stand-in: everything goes to the run's log, progress lines also to the terminal.
+
+    kfp.local prints every task's executor input and output; the log keeps them, the
+    terminal shows one line per task start and end.
+    """
+
+    def __init__(self, log_file, terminal) -> None:
+        self.log_file, self.terminal = log_file, terminal
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.log_file.write(_ANSI.sub("", text))
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            if _PROGRESS.search(line):
+                shown = line.split(" - INFO - ")[-1].split(" - ERROR - ")[-1]
+                self.terminal.write((shown if self.terminal.isatty() else _ANSI.sub("", shown)) + "\n")
+                self.terminal.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def preflight(spec: FleetSpec) -> None:
+    """Validate every data file before any task starts, so a mistake is one clear line.
+
+    Raises:
+        DataError: naming the first bad file, line and rule.
+    """
+    from lorafleet.data.validate import validate_file
+
+    for e in spec.experts:
+        for path in (e.seed_data, e.eval_data):
+            validate_file(path, e.task, e.data).raise_for_failures()
+
+
+def run_local(
+    spec_path: str | Path, runs_dir: str | Path = "runs", run_id: str | None = None, experts: list[str] | None = None
+) -> tuple[Path, dict]:
+    """Check the spec and data, run the fleet pipeline through ``kfp.local``, collect the outputs.
+
+    Args:
+        spec_path: the fleet spec.
+        runs_dir: where the run folder goes.
+        run_id: the run folder's name (default: a UTC timestamp).
+        experts: run only these experts (default: all); the base is still the whole fleet's.
+
+    Returns:
+        The run directory (holding summary.json and report.html) and the summary.
+    """
+    from kfp import local
+
+    from lorafleet.pipelines.fleet_pipeline import fleet_pipeline
+
+    start = time.perf_counter()
+    spec = load_fleet(spec_path)
+    names = [e.name for e in spec.experts]
+    unknown = sorted(set(experts or []) - set(names))
+    if unknown:
+        raise SpecError(spec_path, None, "experts", f"no expert named {', '.join(unknown)}; the spec has {', '.join(names)}")
+    selected = [n for n in names if n in experts] if experts else names
+    preflight(spec)
+    run_dir = Path(runs_dir) / (run_id or new_run_id())
+    if run_dir.exists():
+        raise DataError(run_dir, None, "run-exists", "a run with this id exists; choose another --run-id")
+    root = run_dir / "pipeline"
+    root.mkdir(parents=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root.resolve()))
+    # kfp.local runs two ParallelFor iterations at once: give each its share of the CPU.
+    if len(selected) > 1:
+        os.environ.setdefault("LORAFLEET_THREADS_PER_TASK", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
+    log_path = run_dir / "pipeline.log"
+    with open(log_path, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(_ProgressLog(fh, sys.stderr)):
+        try:
+            task = fleet_pipeline(spec_json=spec_to_json(spec), experts=selected)
+        except RuntimeError as exc:
+            raise PipelineFailed(f"{_ANSI.sub('', str(exc))} Full log: {log_path}") from None
+    summary = json.loads(Path(task.outputs["summary"].path).read_text())
+    summary["run_id"] = run_dir.name
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_text(run_dir / "report.html", render_html(summary))
+    shutil.copy2(spec_path, run_dir / "fleet.yaml")
+    return run_dir, summary
