@@ -1,0 +1,65 @@
+"""User mistakes on the CLI: one line naming file/line and rule, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REC = {
+    "id": "a1",
+    "task": "job-analyzer",
+    "messages": [{"role": "user", "content": "Need a React dev"}, {"role": "assistant", "content": "{}"}],
+    "source": "human",
+    "meta": {},
+}
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_run_with_bad_data_stops_before_any_task(tmp_path: Path) -> None:
+    lines = [json.dumps(REC), json.dumps({**REC, "id": "a2"}), json.dumps(REC)]  # line 3 repeats id a1
+    (tmp_path / "seed.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({**REC, "id": "e1"}) + "\n")
+    (tmp_path / "fleet.yaml").write_text(
+        "name: bad\nexperts:\n  - {name: ja, task: job-analyzer, seed_data: seed.jsonl, eval_data: eval.jsonl}\n"
+    )
+    proc = _cli("run", "fleet.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'seed.jsonl'}:1: duplicate-id: id is used by more than one record (got 'a1') (and 1 more)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_validate_lists_every_bad_line(tmp_path: Path) -> None:
+    bad = {**REC, "id": "a2", "messages": [{"role": "assistant", "content": "hi"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(REC) + "\n" + json.dumps(bad) + "\n{oops\n")
+    proc = _cli("data", "validate", "d.jsonl", "--task", "job-analyzer", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: d.jsonl:3: json: Expecting property name enclosed in double quotes"
+    (tmp_path / "d.jsonl").write_text(json.dumps(REC) + "\n" + json.dumps(bad) + "\n")
+    proc = _cli("data", "validate", "d.jsonl", "--task", "job-analyzer", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0].startswith("d.jsonl:2: role-order: ")
+
+
+def test_help_explains_every_command(tmp_path: Path) -> None:
+    proc = _cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for command in ("spec", "data", "base", "compile", "run", "serve"):
+        assert command in proc.stdout
+
+
+def test_run_refuses_an_unknown_expert(tmp_path: Path) -> None:
+    (tmp_path / "seed.jsonl").write_text(json.dumps(REC) + "\n")
+    (tmp_path / "fleet.yaml").write_text(
+        "name: f\nexperts:\n  - {name: ja, task: job-analyzer, seed_data: seed.jsonl, eval_data: seed.jsonl}\n"
+    )
+    proc = _cli("run", "fleet.yaml", "--expert", "nope", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: fleet.yaml: experts: no expert named nope; the spec has ja"
+    assert not (tmp_path / "runs").exists()

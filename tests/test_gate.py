@@ -1,0 +1,34 @@
+"""The gate decides from the spec's thresholds and says why."""
+
+from __future__ import annotations
+
+from lorafleet.fleet import GatePolicy
+from lorafleet.gate import decide
+
+
+def test_better_candidate_passes_with_reasons() -> None:
+    d = decide(GatePolicy(max_loss_ratio=0.95, min_metrics={"json_valid": 0.5}), 2.0, 1.5, {"json_valid": 0.75})
+    assert d.passed
+    assert d.reasons == [
+        "PASS heldout-loss-vs-base: candidate loss 1.5000 is 0.750x base 2.0000 (max 0.95x)",
+        "PASS min-json_valid: json_valid 0.750 (min 0.5)",
+    ]
+
+
+def test_worse_loss_or_missing_metric_fails() -> None:
+    d = decide(GatePolicy(max_loss_ratio=0.95, min_metrics={"skills_f1": 0.2}), 2.0, 1.96, {})
+    assert not d.passed
+    assert [r.passed for r in d.rules] == [False, False]
+    assert d.to_dict()["reasons"][1] == "FAIL min-skills_f1: skills_f1 missing (min 0.2)"
+
+
+def test_candidate_must_not_regress_against_production() -> None:
+    policy = GatePolicy(max_loss_ratio=0.95, max_loss_regression=0.01, max_metric_regression=0.05)
+    production = {"version": "v3", "eval_loss": 1.40, "metrics": {"json_valid": 0.9}}
+    worse = decide(policy, 2.0, 1.50, {"json_valid": 0.80}, production)
+    assert not worse.passed
+    assert [r.rule for r in worse.rules if not r.passed] == ["heldout-loss-vs-production", "no-regression-json_valid"]
+    assert "vs production v3 1.4000" in worse.reasons[1]
+    # Within the margins (loss +0.7%, metric -0.03) the candidate may replace production.
+    same = decide(policy, 2.0, 1.41, {"json_valid": 0.87}, production)
+    assert same.passed

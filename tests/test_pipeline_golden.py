@@ -1,0 +1,40 @@
+"""The compiled pipeline is a golden file: compile fresh, compare, reload.
+
+Regenerate with ``UPDATE_GOLDENS=1 make test`` (or ``lorafleet compile``) after a deliberate change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from kfp.components import load_component_from_file
+
+from lorafleet.pipelines.compile import GOLDEN, compile_fleet
+
+
+def test_compiled_pipeline_matches_the_committed_yaml(tmp_path: Path) -> None:
+    fresh = compile_fleet(tmp_path / "fleet_pipeline.yaml").read_text()
+    if os.environ.get("UPDATE_GOLDENS") == "1":
+        GOLDEN.write_text(fresh)
+    assert GOLDEN.is_file(), "run `lorafleet compile` to create the golden"
+    assert fresh == GOLDEN.read_text(), "pipeline changed: review, then `UPDATE_GOLDENS=1 make test`"
+
+
+def test_golden_reloads_and_has_the_fleet_shape() -> None:
+    component = load_component_from_file(str(GOLDEN))
+    assert component.name == "lorafleet-fleet"
+    spec = yaml.safe_load(GOLDEN.read_text())
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"spec_json", "experts"}
+    dag = spec["root"]["dag"]["tasks"]
+    loop = next(t for t in dag.values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 8
+    expert_tasks = spec["components"]["comp-lorafleet-expert"]["dag"]["tasks"]
+    assert {"validate-data", "synthesize", "curate", "train", "evaluate", "gate"} <= set(expert_tasks)
+    # register runs only in the branch where the gate passed, reject in the other
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    conditions = {spec["components"][t["componentRef"]["name"]]["dag"]["tasks"].popitem()[0]: t["triggerPolicy"]["condition"]
+                  for t in branches.values()}
+    assert conditions["register"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    assert conditions["reject"].startswith("!(")
