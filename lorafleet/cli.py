@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from lorafleet.commands import data
+from lorafleet.console import console
 from lorafleet.errors import LorafleetError
 
 app = typer.Typer(
@@ -19,14 +20,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 spec_app = typer.Typer(help="Check fleet specs.", no_args_is_help=True)
-data_app = typer.Typer(help="Validate data files.", no_args_is_help=True)
 base_app = typer.Typer(help="Build the shared base model.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
-app.add_typer(data_app, name="data")
 app.add_typer(base_app, name="base")
 
-# Wide enough for the summary table when the output is a log, not a terminal.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# Sub-command groups: one module per area under lorafleet/commands/, one line each here.
+# Keep heavy imports (torch, peft, kfp, great_expectations) inside the command functions.
+app.add_typer(data.app, name="data")
+# end of sub-command groups
+
 SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
 
 
@@ -37,24 +39,6 @@ def spec_check(file: SpecFile) -> None:
 
     spec = load_fleet(file)
     console.print(f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}")
-
-
-@data_app.command("validate")
-def data_validate(
-    file: Annotated[Path, typer.Argument(help="A .jsonl or .jsonl.gz file of records.")],
-    task: Annotated[str, typer.Option(help="The expert task every record must carry.")],
-    max_chars: Annotated[int, typer.Option(help="Longest allowed message.")] = 8000,
-) -> None:
-    """Run the great-expectations suite on one data file; every failure is FILE:LINE: rule: detail."""
-    from lorafleet.data.validate import validate_file
-    from lorafleet.fleet import DataRules
-
-    report = validate_file(file, task, DataRules(max_chars=max_chars))
-    for line in report.lines():
-        typer.echo(line, err=True)
-    if not report.success:
-        raise typer.Exit(2)
-    console.print(f"{file}: ok — {report.rows} records pass {len(report.expectations)} expectations")
 
 
 @base_app.command("build")
