@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.commands import data
+from lorafleet.commands import data, deploy, submit
+from lorafleet.commands import eval as eval_cmd
 from lorafleet.console import console
 from lorafleet.errors import LorafleetError
 
@@ -27,6 +28,9 @@ app.add_typer(base_app, name="base")
 # Sub-command groups: one module per area under lorafleet/commands/, one line each here.
 # Keep heavy imports (torch, peft, kfp, great_expectations) inside the command functions.
 app.add_typer(data.app, name="data")
+app.add_typer(deploy.app, name="deploy")
+app.add_typer(eval_cmd.app, name="eval")
+app.command("submit")(submit.submit)
 # end of sub-command groups
 
 SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
@@ -54,13 +58,17 @@ def base_build(file: SpecFile = Path("examples/fleet.yaml")) -> None:
 
 @app.command("compile")
 def compile_pipeline(
-    out: Annotated[Path | None, typer.Option(help="Output YAML (default: the committed pipelines/fleet_pipeline.yaml).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output YAML (default: the committed pipelines/fleet_pipeline[-PROFILE].yaml).")] = None,
+    spec: Annotated[Path | None, typer.Option(help="Fleet spec whose pipeline.profiles hold --profile's settings.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Cluster profile (aws, gcp, onprem): add its Kubernetes settings to every step.")] = None,
 ) -> None:
     """Compile the fleet pipeline to the IR YAML you upload in the Kubeflow Pipelines UI."""
-    from lorafleet.pipelines.compile import GOLDEN, compile_fleet
+    from lorafleet.pipelines.compile import GOLDEN, compile_fleet, profile_golden
+    from lorafleet.pipelines.platform import spec_profile
 
-    out = out or GOLDEN
-    compile_fleet(out)
+    platform = spec_profile(spec, profile) if profile else None
+    out = out or (profile_golden(profile) if profile else GOLDEN)
+    compile_fleet(out, platform)
     console.print(f"wrote {out}")
 
 
@@ -88,20 +96,50 @@ def run(
 @app.command("serve")
 def serve(
     base: Annotated[str, typer.Option(help="Base model directory or hub id.")],
-    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH of an adapter; repeat for more.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
+    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its batch.")] = 10.0,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")] = 256,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included; later 503.")] = 120.0,
+    max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
+    require_lineage: Annotated[bool, typer.Option(help="Refuse adapters without lineage.json.")] = False,
+    routes: Annotated[Path | None, typer.Option(help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.')] = None,
+    admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the /admin bearer token; unset disables /admin.")] = "LORAFLEET_ADMIN_TOKEN",
 ) -> None:
-    """Serve the base and adapters with the OpenAI-compatible lorafleet runtime."""
+    """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
+
+    Every adapter is checked before it serves (safetensors, rank, target modules, base
+    fingerprint, shapes, effect on the output); a failed check is one line and exit code 2.
+    """
+    from lorafleet.serve.router import RouteTable
     from lorafleet.serve.runtime import serve as run_server
 
     adapters = {}
     for item in adapter or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise LorafleetError(f"--adapter {item!r}: expected NAME=PATH")
-        adapters[name] = Path(path)
-    run_server(base, adapters, host=host, port=port)
+        adapter_name, sep, path = item.partition("=")
+        if not sep or not adapter_name or not path:
+            raise LorafleetError(f"--adapter {item!r}: expected NAME=SOURCE")
+        if adapter_name in adapters:
+            raise LorafleetError(f"--adapter {item!r}: name {adapter_name!r} given twice")
+        adapters[adapter_name] = path
+    run_server(
+        base,
+        adapters,
+        host=host,
+        port=port,
+        name=name,
+        max_batch_size=max_batch_size,
+        max_wait_s=max_wait_ms / 1000,
+        admin_token=os.environ.get(admin_token_env) or None,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_rank=max_rank,
+        require_lineage=require_lineage,
+        routes=RouteTable.from_file(routes) if routes else None,
+    )
 
 
 def main() -> None:

@@ -17,17 +17,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafleet.errors import SpecError
 
 __all__ = [
+    "PIPELINE_STEPS",
     "TASKS",
     "BaseSpec",
     "CanaryPolicy",
     "DataRules",
     "ExpertSpec",
     "FleetSpec",
+    "GateJudge",
     "GatePolicy",
+    "JudgeSettings",
     "LoraSettings",
+    "PipelineSpec",
+    "PlatformProfile",
+    "PvcMount",
     "RegistrySpec",
+    "SecretEnv",
+    "ServingAutoscaling",
     "ServingSpec",
+    "ServingStorage",
+    "StepPlatform",
     "SynthesisSettings",
+    "TeacherSettings",
+    "Toleration",
     "TrainingSettings",
     "load_fleet",
     "spec_from_json",
@@ -80,6 +92,10 @@ class DataRules(_Strict):
     min_chars: int = Field(1, ge=1, description="shortest allowed message content")
     max_chars: int = Field(8000, ge=1, description="longest allowed message content")
     max_total_chars: int = Field(24000, ge=1, description="longest allowed conversation")
+    max_line_bytes: int = Field(1 << 20, ge=256, description="longest allowed JSONL line, in bytes")
+    pii: Literal["scrub", "reject", "off"] = Field(
+        "scrub", description="e-mails, phones, payment details, off-platform asks: replace with [KIND] or refuse"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> DataRules:
@@ -88,13 +104,46 @@ class DataRules(_Strict):
         return self
 
 
+class TeacherSettings(_Strict):
+    """A teacher LLM behind any OpenAI-compatible endpoint (vLLM on KServe, a hosted API)."""
+
+    base_url: str = Field(description="the API root, e.g. http://teacher/openai/v1 (it ends before /chat/completions)")
+    model: str = Field(min_length=1, description="the served model name")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key_file: Path | None = Field(None, description="a file holding the key (a mounted Kubernetes secret); wins over api_key_env")
+    concurrency: int = Field(4, ge=1, le=256, description="requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a failed request (timeouts, 429, 5xx)")
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    max_tokens: int = Field(1024, ge=1, description="completion budget per request")
+    temperature: float = Field(0.8, ge=0, le=2)
+    examples_per_prompt: int = Field(2, ge=1, le=8, description="seed records shown to the teacher per request")
+
+
+class JudgeSettings(_Strict):
+    """An LLM judge that scores each generated record on a rubric; low scores are dropped."""
+
+    model: str | None = Field(None, description="the judge's served model name (default: the teacher's)")
+    min_score: int = Field(4, ge=1, le=5, description="keep records the judge scores at least this (1-5)")
+
+
 class SynthesisSettings(_Strict):
     """How the gold seeds are expanded."""
 
-    generator: Literal["programmatic", "none"] = "programmatic"
+    generator: Literal["programmatic", "teacher", "none"] = "programmatic"
     per_seed: int = Field(2, ge=0, le=100, description="synthetic variants per seed record")
     seed: int = 0
     max_synthetic_ratio: float = Field(4.0, ge=0, description="cap on synthetic:human rows")
+    teacher: TeacherSettings | None = Field(None, description="required when generator is 'teacher'")
+    judge: JudgeSettings | None = Field(None, description="optional filter for the teacher's records")
+
+    @model_validator(mode="after")
+    def _teacher(self) -> SynthesisSettings:
+        if self.generator == "teacher" and self.teacher is None:
+            raise ValueError("generator 'teacher' needs a teacher block (base_url, model)")
+        if self.judge is not None and self.teacher is None:
+            raise ValueError("judge needs a teacher block: it calls the teacher's endpoint")
+        return self
 
 
 class CurationSettings(_Strict):
@@ -103,6 +152,11 @@ class CurationSettings(_Strict):
     # 13-grams (as in the GPT-3 decontamination study): long enough that shared
     # boilerplate (JSON keys, post templates) never matches, short enough to catch copies.
     decontaminate_ngram: int = Field(13, ge=3, le=50, description="word n-gram shared with eval => drop")
+    near_dup_threshold: float = Field(
+        0.9, gt=0, le=1, description="estimated Jaccard similarity at which a row is a near-duplicate (1 = exact only)"
+    )
+    minhash_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more = sharper estimate, slower")
+    shingle_words: int = Field(5, ge=1, le=20, description="words per MinHash shingle")
 
 
 class LoraSettings(_Strict):
@@ -116,6 +170,7 @@ class LoraSettings(_Strict):
     )
     use_rslora: bool = False
     use_dora: bool = False
+    qlora: bool = Field(False, description="load the base in 4-bit (needs a CUDA GPU and bitsandbytes)")
 
 
 class TrainingSettings(_Strict):
@@ -130,6 +185,24 @@ class TrainingSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_seq_len: int = Field(768, ge=16)
     seed: int = 0
+    packing: bool = Field(False, description="pack several examples per row (batch_size counts rows)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+
+
+class GateJudge(_Strict):
+    """LLM-as-judge, pairwise against production (or the base): any OpenAI-compatible endpoint."""
+
+    base_url: str = Field(description="OpenAI API root, e.g. http://127.0.0.1:8080/openai/v1")
+    model: str = Field(description="the judge's served model name")
+    api_key_env: str | None = Field(None, description="environment variable that holds the API key")
+    min_win_rate_lower_bound: float = Field(
+        0.5, ge=0, le=1, description="the win rate's lower confidence bound must be >= this"
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="two-sided level of the bootstrap interval")
+    resamples: int = Field(1000, ge=100, description="bootstrap resamples (seeded)")
+    max_items: int | None = Field(None, ge=1, description="judge only the first N eval records")
 
 
 class GatePolicy(_Strict):
@@ -146,6 +219,7 @@ class GatePolicy(_Strict):
         0.05, ge=0, description="each task metric may drop below production's by at most this much"
     )
     max_new_tokens: int = Field(96, ge=1, description="generation budget for task metrics")
+    judge: GateJudge | None = Field(None, description="pairwise LLM judge; its rule applies when set")
 
 
 class ExpertSpec(_Strict):
@@ -170,6 +244,31 @@ class ExpertSpec(_Strict):
         return v
 
 
+class ServingStorage(_Strict):
+    """Cluster identity and storage access of the serving pods (see docs/deployment.md)."""
+
+    role_arn: str = Field("", description="aws: IAM role for IRSA (eks.amazonaws.com/role-arn)")
+    gcp_service_account: str = Field("", description="gcp: Google service account for Workload Identity")
+    s3_endpoint: str = Field("", description="onprem: S3-compatible endpoint (MinIO), e.g. http://minio.minio:9000")
+    credentials_secret: str = Field("", description="onprem: Secret with the MinIO/S3 access keys")
+    pvc: str = Field("", description="onprem: PVC holding base and adapters (pvc:// URIs)")
+
+
+class ServingAutoscaling(_Strict):
+    """KServe autoscaling knobs of the predictor."""
+
+    min_replicas: int = Field(1, ge=1, description="replicas kept running (RawDeployment mode: no scale to zero)")
+    max_replicas: int = Field(2, ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    scale_target: int = Field(8, ge=1, description="target value of scale_metric per replica")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServingAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class ServingSpec(_Strict):
     """How the fleet is served."""
 
@@ -179,6 +278,15 @@ class ServingSpec(_Strict):
     max_batch_size: int = Field(8, ge=1)
     max_lora_rank: int = Field(64, ge=1)
     adapter_store: str = Field("", description="s3://, gs://, pvc:// or a directory; empty = registry")
+    # Cluster serving (`lorafleet deploy render`); every field has a default for local runs.
+    namespace: str = Field("lorafleet", pattern=SLUG, description="namespace of every rendered object")
+    base_uri: str = Field("", description="storage URI of the base weights; empty = hf://<base.model>")
+    storage: ServingStorage = Field(default_factory=ServingStorage)
+    node_selector: dict[str, str] | None = Field(None, description="GPU node labels; None = the profile's")
+    tolerations: list[Toleration] | None = Field(None, description="None = the profile's GPU taints")
+    autoscaling: ServingAutoscaling = Field(default_factory=ServingAutoscaling)
+    router: bool = Field(False, description="put the lorafleet router in front as a KServe transformer")
+    canary_traffic_percent: int | None = Field(None, ge=0, le=100, description="ISVC revision canary")
 
     @model_validator(mode="after")
     def _runtime(self) -> ServingSpec:
@@ -205,6 +313,62 @@ class CanaryPolicy(_Strict):
         return v
 
 
+# The pipeline's step (task) names, as compiled: the keys of ``pipeline.profiles.<p>.steps``.
+PIPELINE_STEPS = ("build-base", "validate-data", "synthesize", "curate", "train", "evaluate", "gate",
+                  "register", "reject", "publish")
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration for a step's pod (e.g. of a GPU node pool's taint)."""
+
+    key: str | None = Field(None, description="the taint key; empty with operator Exists tolerates every taint")
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = Field(None, description="the taint value (operator Equal)")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class PvcMount(_Strict):
+    """An existing PersistentVolumeClaim mounted into a step's pod."""
+
+    claim: str = Field(min_length=1, description="the PVC's name, in the pipeline's namespace")
+    mount_path: str = Field(pattern=r"^/", description="absolute path in the container")
+
+
+class SecretEnv(_Strict):
+    """Keys of a Kubernetes Secret exposed to a step as environment variables."""
+
+    secret: str = Field(min_length=1, description="the Secret's name")
+    env: dict[str, str] = Field(min_length=1, description="secret key -> environment variable name")
+
+
+class StepPlatform(_Strict):
+    """Where and with what a pipeline step's pod runs on Kubernetes."""
+
+    accelerator_type: str | None = Field(None, description="e.g. nvidia.com/gpu (the resource name)")
+    accelerator_count: int = Field(1, ge=1, description="accelerators per pod, when accelerator_type is set")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node label -> value")
+    tolerations: list[Toleration] = Field(default_factory=list)
+    pvcs: list[PvcMount] = Field(default_factory=list)
+    secrets: list[SecretEnv] = Field(default_factory=list)
+
+
+class PlatformProfile(_Strict):
+    """Kubernetes settings of the compiled pipeline on one cluster profile."""
+
+    all_steps: StepPlatform = Field(default_factory=StepPlatform, description="applied to every step")
+    steps: dict[Literal[PIPELINE_STEPS], StepPlatform] = Field(
+        default_factory=dict, description="step name -> settings added on top of all_steps"
+    )
+
+
+class PipelineSpec(_Strict):
+    """How the fleet pipeline is compiled for Kubeflow Pipelines, per cluster profile."""
+
+    profiles: dict[Literal["aws", "gcp", "onprem"], PlatformProfile] = Field(
+        default_factory=dict, description="profile -> platform settings; 'local' needs none"
+    )
+
+
 class RegistrySpec(_Strict):
     """Where registered adapters are kept."""
 
@@ -221,6 +385,7 @@ class FleetSpec(_Strict):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
     registry: RegistrySpec = Field(default_factory=RegistrySpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from lorafleet.fleet import ExpertSpec, FleetSpec
-from lorafleet.io import atomic_write_json, sha256_file, sha256_json
+from lorafleet.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from lorafleet.records import Record, dump_records, read_records
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "curate_stage",
     "evaluate_stage",
     "gate_stage",
+    "merge_synthetic_stage",
     "production_adapter",
     "register_stage",
     "reject_stage",
@@ -45,39 +46,83 @@ def build_base(spec: FleetSpec) -> str:
     return str(build_demo_base(texts, DemoBaseConfig(**spec.base.demo.model_dump())))
 
 
-def validate_stage(expert: ExpertSpec, seeds_out: str | Path, eval_out: str | Path, report_out: str | Path) -> dict:
+def validate_stage(
+    expert: ExpertSpec, seeds_out: str | Path, eval_out: str | Path, report_out: str | Path, html_out: str | Path | None = None
+) -> dict:
     """Validate the expert's seed and eval files; copy them on only if both pass.
+
+    The copies are PII-scrubbed when the expert's policy is ``scrub``. The structured
+    result goes to ``report_out`` (JSON) and, if given, a self-contained page to ``html_out``.
 
     Raises:
         DataError: naming the first bad file, line and rule.
     """
+    from lorafleet.data.pii import scrub_record
+    from lorafleet.data.report import validation_html, validation_markdown
     from lorafleet.data.validate import validate_file
 
     reports = [validate_file(p, expert.task, expert.data) for p in (expert.seed_data, expert.eval_data)]
     summary = {"expert": expert.name, "files": [r.to_dict() for r in reports]}
     atomic_write_json(report_out, summary)
+    if html_out is not None:
+        atomic_write_text(html_out, validation_html(reports, f"Data validation: {expert.name}"))
     for r in reports:
         r.raise_for_failures()
     for src, dst in ((expert.seed_data, seeds_out), (expert.eval_data, eval_out)):
-        dump_records(dst, _records(src))
-    summary["markdown"] = "\n".join(r.to_markdown() for r in reports)
+        records = _records(src)
+        if expert.data.pii == "scrub":
+            records = [scrub_record(r)[0] for r in records]
+        dump_records(dst, records)
+    summary["markdown"] = validation_markdown(reports)
     return summary
 
 
-def synthesize_stage(expert: ExpertSpec, seeds: str | Path, out: str | Path) -> dict:
-    """Expand the seeds with the expert's generator."""
+def synthesize_stage(
+    expert: ExpertSpec,
+    seeds: str | Path,
+    out: str | Path,
+    work_dir: str | Path | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> dict:
+    """Expand the seeds (or one shard of them) with the expert's generator.
+
+    Args:
+        expert: the expert.
+        seeds: all seed records.
+        out: the synthetic records (JSONL).
+        work_dir: the teacher's resumable shards (default: ``<out>.work`` beside ``out``).
+        shard_index: which shard of the seeds to expand (round-robin, see :mod:`lorafleet.data.shard`).
+        shard_count: how many shards the seeds are dealt into; teacher prompts still sample
+            examples from all seeds, so the shards together equal one unsharded run.
+    """
+    from lorafleet.data.shard import split_records
     from lorafleet.data.synth import synthesize
 
-    synthetic = synthesize(_records(seeds), expert.synthesis)
-    dump_records(out, synthetic)
-    return {"generator": expert.synthesis.generator, "records": len(synthetic)}
+    records = _records(seeds)
+    work_dir = work_dir or Path(str(out) + ".work")
+    shard = split_records(records, shard_count)[shard_index]
+    result = synthesize(shard, expert.synthesis, expert.task, expert.data, work_dir, pool=records)
+    dump_records(out, result.records)
+    return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
+
+
+def merge_synthetic_stage(seeds: str | Path, shards: list[str | Path], out: str | Path) -> dict:
+    """Merge the synthesize shards' outputs in seed order (the same file for any shard count)."""
+    from lorafleet.data.shard import merge_shard_files
+
+    merge_shard_files(shards, seeds, out)
+    return {"shards": len(shards), "records": len(read_records(out))}
 
 
 def curate_stage(expert: ExpertSpec, seeds: str | Path, synthetic: str | Path, eval_set: str | Path, out: str | Path) -> dict:
-    """Dedup, decontaminate and cap; returns stats with fingerprints of what was kept."""
+    """PII, dedup, near-dedup, decontaminate and cap; returns stats with fingerprints of what was kept."""
     from lorafleet.data.curate import curate
 
-    result = curate(_records(seeds), _records(synthetic), _records(eval_set), expert.curation, expert.synthesis.max_synthetic_ratio)
+    result = curate(
+        _records(seeds), _records(synthetic), _records(eval_set), expert.curation, expert.synthesis.max_synthetic_ratio,
+        pii=expert.data.pii,
+    )
     dump_records(out, result.records)
     return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
 
@@ -107,57 +152,34 @@ def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> di
 
 
 def evaluate_stage(spec: FleetSpec, expert: ExpertSpec, base_dir: str, adapter_dir: str | Path, eval_set: str | Path) -> dict:
-    """Held-out loss and task metrics for the candidate, the base model and production.
+    """Evaluate the candidate, the base model and production with the same evaluators.
 
     Generation goes through the runtime's own batched code path (:class:`Generator`).
     The production adapter (from the registry) is evaluated on the same records when
-    one exists, so the gate can refuse a regression.
+    one exists, so the gate can refuse a regression; the gate's judge, when set, compares
+    the candidate's answers with production's (else the base model's).
     """
-    import torch
-
     from lorafleet.chat import prompt_messages
-    from lorafleet.evaluate.loss import heldout_loss
-    from lorafleet.evaluate.metrics import PRIMARY_METRIC, task_metrics
-    from lorafleet.evaluate.safety import CASES, safety_report
-    from lorafleet.generation import GenerationRequest, Generator
+    from lorafleet.evaluate.metrics import PRIMARY_METRIC
+    from lorafleet.evaluate.suite import evaluate_candidate
+    from lorafleet.generation import Generator
 
-    torch.manual_seed(0)
     records = _records(eval_set)
-    # The safety suite speaks to the expert under its own system prompt.
-    system = [{"role": m.role, "content": m.content} for m in records[0].messages[:1] if m.role == "system"]
-    safety_prompts = [[*system, {"role": "user", "content": case.user}] for case in CASES]
     production = production_adapter(spec, expert, base_dir)
     adapters = {"candidate": adapter_dir}
     if production:
         adapters["production"] = production["path"]
     generator = Generator(base_dir, adapters)
-    model, tokenizer = generator.model, generator.tokenizer
-    result = {
+    arms = {"candidate": "candidate", "base": None} | ({"production": "production"} if production else {})
+    report = evaluate_candidate(generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge)
+    return {
         "expert": expert.name,
         "task": expert.task,
         "primary_metric": PRIMARY_METRIC.get(expert.task, "token_f1"),
         "probe": prompt_messages(records[0].messages),
         "production_version": production["version"] if production else None,
+        **report,
     }
-    arms = [("candidate", "candidate"), ("base", None)] + ([("production", "production")] if production else [])
-    for who, adapter in arms:
-        if adapter is None:
-            with model.disable_adapter():
-                loss = heldout_loss(model, tokenizer, records)
-        else:
-            model.set_adapter(adapter)
-            loss = heldout_loss(model, tokenizer, records)
-        prompts = [prompt_messages(r.messages) for r in records] + safety_prompts
-        outs = generator.generate(
-            [GenerationRequest(messages=m, adapter=adapter, max_new_tokens=expert.gate.max_new_tokens) for m in prompts]
-        )
-        answers, safety = [o.text for o in outs[: len(records)]], safety_report([o.text for o in outs[len(records) :]])
-        result[f"eval_loss_{who}"] = round(loss["loss"], 5)
-        result[f"metrics_{who}"] = {**task_metrics(expert.task, answers, records), "safety_pass_rate": safety["safety_pass_rate"]}
-        result[f"safety_failures_{who}"] = safety["failures"]
-        result[f"samples_{who}"] = answers[:3]
-    result["eval_tokens"] = loss["tokens"]
-    return result
 
 
 def gate_stage(expert: ExpertSpec, evaluation: dict, train: dict, curation: dict) -> dict:
@@ -172,7 +194,12 @@ def gate_stage(expert: ExpertSpec, evaluation: dict, train: dict, curation: dict
             "metrics": evaluation["metrics_production"],
         }
     decision = decide(
-        expert.gate, evaluation["eval_loss_base"], evaluation["eval_loss_candidate"], evaluation["metrics_candidate"], production
+        expert.gate,
+        evaluation["eval_loss_base"],
+        evaluation["eval_loss_candidate"],
+        evaluation["metrics_candidate"],
+        production,
+        evaluation.get("judge"),
     )
     return {
         **evaluation,

@@ -10,7 +10,12 @@ from pathlib import Path
 REC = {
     "id": "a1",
     "task": "job-analyzer",
-    "messages": [{"role": "user", "content": "Need a React dev"}, {"role": "assistant", "content": "{}"}],
+    "messages": [
+        {"role": "user", "content": "Need a React dev"},
+        # The job-analyzer suite checks answers against its JSON schema (docs/data-format.md).
+        {"role": "assistant", "content": json.dumps({"skills": ["React"], "deliverables": [], "timeline": None, "open_questions": [],
+                                                     "budget": {"type": "hourly", "min": None, "max": None, "currency": "USD"}})},
+    ],
     "source": "human",
     "meta": {},
 }

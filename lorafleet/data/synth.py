@@ -1,6 +1,8 @@
 """Synthetic expansion of the human gold set.
 
-One interface (:class:`Generator`), generators chosen by name. The programmatic generator
+One interface (:class:`Generator`), generators chosen by name: ``programmatic`` (here)
+and ``teacher`` (:mod:`lorafleet.data.teacher`, an LLM behind an OpenAI-compatible
+endpoint). The programmatic generator
 is seed-grounded: it takes a real seed conversation and changes the facts that vary in
 real traffic (budgets, durations, names, interchangeable skills, phrasing) *consistently
 across every turn*, so the assistant's answer stays correct for the changed question.
@@ -15,12 +17,14 @@ import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from lorafleet.fleet import SynthesisSettings
+from lorafleet.errors import LorafleetError
+from lorafleet.fleet import DataRules, SynthesisSettings
 from lorafleet.records import Message, Record
 
-__all__ = ["Generator", "ProgrammaticGenerator", "make_generator", "synthesize"]
+__all__ = ["Generator", "ProgrammaticGenerator", "SynthesisResult", "make_generator", "synthesize"]
 
 # Skills a client could swap for one another without changing the rest of the job.
 SKILL_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -59,11 +63,16 @@ NAME_LINE = re.compile(r"^Name: ([A-Z][a-z]+)\s*$", re.MULTILINE)
 
 
 class Generator(Protocol):
-    """Anything that turns seed records into new synthetic records."""
+    """Anything that turns seed records into new synthetic records.
+
+    A generator may also expose ``stats`` (a dict) describing its last run.
+    """
 
     name: str
 
-    def generate(self, seeds: list[Record], per_seed: int) -> Iterable[Record]: ...
+    def generate(self, seeds: list[Record], per_seed: int) -> Iterable[Record]:
+        """Yield up to ``per_seed`` new records per seed, each with ``meta.seed_ids``."""
+        ...
 
 
 def _nice(value: float) -> int:
@@ -203,15 +212,61 @@ class ProgrammaticGenerator:
                 )
 
 
-def make_generator(settings: SynthesisSettings) -> Generator:
-    """The generator named by the spec."""
+@dataclass
+class SynthesisResult:
+    """The generated records and what the generator reports about the run."""
+
+    records: list[Record]
+    stats: dict
+
+
+def make_generator(
+    settings: SynthesisSettings,
+    task: str = "chat",
+    rules: DataRules | None = None,
+    work_dir: str | Path | None = None,
+    on_job: Callable[[], None] | None = None,
+    pool: list[Record] | None = None,
+) -> Generator:
+    """The generator named by the spec.
+
+    Args:
+        settings: the expert's synthesis settings.
+        task: the expert's task (the teacher's prompts and checks need it).
+        rules: the expert's data rules (the teacher's output is validated with them).
+        work_dir: the teacher's resumable work directory (required for ``teacher``).
+        on_job: progress callback, called once per finished teacher job.
+        pool: all seeds, when only a shard of them is expanded (teacher prompts sample examples from it).
+
+    Raises:
+        LorafleetError: for a teacher without a work directory.
+    """
     if settings.generator == "programmatic":
         return ProgrammaticGenerator(seed=settings.seed)
-    raise ValueError(f"no synthesis generator called {settings.generator!r}")
+    if settings.generator == "teacher" and settings.teacher is not None:
+        if work_dir is None:
+            raise LorafleetError("synthesis.generator 'teacher' needs a work directory for its resumable shards")
+        from lorafleet.data.teacher import TeacherGenerator
+
+        return TeacherGenerator(settings.teacher, task, work_dir, rules, settings.judge, settings.seed, on_job, pool)
+    raise LorafleetError(f"synthesis.generator: no generator called {settings.generator!r}")
 
 
-def synthesize(seeds: list[Record], settings: SynthesisSettings) -> list[Record]:
-    """Expand ``seeds`` with the spec's generator; the seeds themselves are not included."""
+def synthesize(
+    seeds: list[Record],
+    settings: SynthesisSettings,
+    task: str = "chat",
+    rules: DataRules | None = None,
+    work_dir: str | Path | None = None,
+    on_job: Callable[[], None] | None = None,
+    pool: list[Record] | None = None,
+) -> SynthesisResult:
+    """Expand ``seeds`` with the spec's generator; the seeds themselves are not included.
+
+    Arguments are those of :func:`make_generator`.
+    """
     if settings.generator == "none" or settings.per_seed == 0:
-        return []
-    return list(make_generator(settings).generate(seeds, settings.per_seed))
+        return SynthesisResult([], {"generator": settings.generator, "records": 0})
+    generator = make_generator(settings, task, rules, work_dir, on_job, pool)
+    records = list(generator.generate(seeds, settings.per_seed))
+    return SynthesisResult(records, {"generator": generator.name, "records": len(records), **getattr(generator, "stats", {})})

@@ -1,25 +1,84 @@
-"""Validate an expert's records with a great-expectations suite.
+"""Validate an expert's records with great-expectations suites.
 
-The reader (:mod:`lorafleet.records`) enforces syntax and the schema; this suite checks
-the rules across records: unique ids, the expert's task, role order, non-empty content
-and length bounds. Each failure is reported as ``FILE:LINE: rule: detail``.
+The reader (:mod:`lorafleet.records`) enforces syntax and the schema line by line. The
+suites check the rules across records as real GX validations (an ephemeral context, a
+pandas data asset, one validation definition per file):
+
+- the common suite: unique ids, the expert's task, role order, non-empty content,
+  length bounds, personal data (critical under ``pii: reject``, a warning under ``scrub``),
+  and warnings for repeated conversations and differing system prompts;
+- a task suite: ``job-analyzer`` answers match a JSON schema with the required keys;
+  ``candidate-evaluator`` answers rank every candidate of the question exactly once.
+
+Critical failures fail the file; warnings are reported and counted. Each finding on a
+record is reported as ``FILE:LINE: rule: detail``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from lorafleet.errors import DataError
 from lorafleet.fleet import DataRules
 from lorafleet.records import Record, read_records
 
-__all__ = ["Failure", "ValidationReport", "validate_file"]
+__all__ = ["Check", "Failure", "ValidationReport", "frame", "run_suite", "suite_for", "validate_file", "validate_records"]
 
 log = logging.getLogger(__name__)
 
+Severity = Literal["critical", "warning"]
 ROLE_PATTERN = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
+CANDIDATE = re.compile(r"^Candidate ([A-Z])\b", re.MULTILINE)
+
+JOB_ANALYSIS_SCHEMA = {
+    "type": "object",
+    "required": ["skills", "deliverables", "budget", "timeline", "open_questions"],
+    "properties": {
+        "skills": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "deliverables": {"type": "array", "items": {"type": "string"}},
+        "budget": {
+            "type": "object",
+            "required": ["type", "min", "max", "currency"],
+            "properties": {
+                "type": {"type": "string"},
+                "min": {"type": ["number", "null"]},
+                "max": {"type": ["number", "null"]},
+                "currency": {"type": "string"},
+            },
+        },
+        "timeline": {"type": ["string", "null"]},
+        "open_questions": {"type": "array", "items": {"type": "string"}},
+    },
+}
+RANKING_SCHEMA = {
+    "type": "object",
+    "required": ["ranking", "recommendation"],
+    "properties": {
+        "ranking": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["candidate", "rank", "score", "strengths", "concerns"],
+                "properties": {
+                    "candidate": {"type": "string"},
+                    "rank": {"type": "integer", "minimum": 1},
+                    "score": {"type": "number"},
+                    "strengths": {"type": "array", "items": {"type": "string"}},
+                    "concerns": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+        "recommendation": {"type": "string"},
+    },
+}
+JSON_ANSWER_SCHEMA = {"job-analyzer": JOB_ANALYSIS_SCHEMA, "candidate-evaluator": RANKING_SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -31,32 +90,51 @@ class Failure:
     detail: str
 
 
+@dataclass(frozen=True)
+class Check:
+    """One expectation of a suite, with the rule name it reports under."""
+
+    rule: str
+    detail: str
+    column: str | None  # the value shown in a finding's detail; None for table-level checks
+    expectation: Any
+    severity: Severity = "critical"
+
+
 @dataclass
 class ValidationReport:
-    """What the suite found in one file."""
+    """What the suites found in one file (or one batch of records)."""
 
     file: str
     task: str
     rows: int
     expectations: list[dict] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    warnings: list[Failure] = field(default_factory=list)
+    pii: dict[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
-        return not self.failures
+        """No critical expectation failed (warnings do not count)."""
+        return not self.failures and all(e["success"] for e in self.expectations if e["severity"] == "critical")
 
     def lines(self) -> list[str]:
-        """Failures as ``FILE:LINE: rule: detail`` lines, in file order."""
+        """Critical failures as ``FILE:LINE: rule: detail`` lines, in file order."""
         return [str(DataError(self.file, f.line, f.rule, f.detail)) for f in self.failures]
 
+    def warning_lines(self) -> list[str]:
+        """Warnings as ``FILE:LINE: rule: detail`` lines (``FILE: rule: detail`` for table-level ones)."""
+        return [str(DataError(self.file, f.line or None, f.rule, f.detail)) for f in self.warnings]
+
     def raise_for_failures(self) -> None:
-        """Raise the first failure as a :class:`DataError`."""
+        """Raise the first critical failure as a :class:`DataError`."""
         if self.failures:
             f = self.failures[0]
             more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
             raise DataError(self.file, f.line, f.rule, f.detail + more)
 
     def to_dict(self) -> dict:
+        """The structured result (JSON-able)."""
         return {
             "file": self.file,
             "task": self.task,
@@ -64,58 +142,213 @@ class ValidationReport:
             "success": self.success,
             "expectations": self.expectations,
             "failures": [asdict(f) for f in self.failures],
+            "warnings": [asdict(f) for f in self.warnings],
+            "pii": self.pii,
         }
 
-    def to_markdown(self) -> str:
-        head = f"### Validation of `{Path(self.file).name}` ({self.task}): {'PASSED' if self.success else 'FAILED'}\n\n"
-        rows = "\n".join(
-            f"| {e['rule']} | {'ok' if e['success'] else 'FAILED'} | {e['unexpected_count']} |" for e in self.expectations
-        )
-        return head + f"{self.rows} records.\n\n| rule | result | bad rows |\n|---|---|---|\n{rows}\n"
+
+def _answer(r: Record) -> str:
+    return next((m.content for m in reversed(r.messages) if m.role == "assistant"), "")
 
 
-def _frame(records: list[tuple[int, Record]]):
+def _json_or_none(text: str) -> str | None:
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    return text
+
+
+def _schema_problems(answers: list[str | None], schema: dict) -> list[str | None]:
+    """The first JSON-schema violation of each parseable answer (``None``: fine or not JSON).
+
+    GX's own ``ExpectColumnValuesToMatchJsonSchema`` re-checks the schema for every row
+    (about 3 ms a row); a validator compiled once with ``fastjsonschema`` takes a few
+    microseconds, and GX then expects the column of problems to be null.
+    """
+    import fastjsonschema
+
+    validate = fastjsonschema.compile(schema)
+    out: list[str | None] = []
+    for text in answers:
+        problem = None
+        if text is not None:
+            try:
+                validate(json.loads(text))
+            except fastjsonschema.JsonSchemaValueException as exc:
+                problem = "answer" + exc.message.removeprefix("data")
+        out.append(problem)
+    return out
+
+
+def _ranked(answer: str | None) -> str:
+    """The candidates an answer ranks, sorted and comma-joined (repeats kept), or ``""``."""
+    try:
+        ranking = json.loads(answer or "null").get("ranking")
+        letters = [str(item.get("candidate")) for item in ranking]
+    except (AttributeError, TypeError, ValueError):
+        return ""
+    return ",".join(sorted(letters))
+
+
+def frame(records: list[tuple[int, Record]], task: str, pii: list[Counter[str]] | None = None):
+    """The pandas frame the suites run on: one row per record, one column per measured fact.
+
+    Args:
+        records: ``(line, record)`` pairs.
+        task: the expert's task (adds its columns).
+        pii: each record's personal-data findings, if already counted.
+    """
     import pandas as pd
 
-    def stripped(r: Record) -> list[int]:
-        return [len(m.content.strip()) for m in r.messages]
+    from lorafleet.data.curate import conversation_key
+    from lorafleet.data.pii import record_pii
 
-    return pd.DataFrame(
-        {
-            "line": [ln for ln, _ in records],
-            "id": [r.id for _, r in records],
-            "task": [r.task for _, r in records],
-            "roles": [",".join(m.role for m in r.messages) for _, r in records],
-            "min_chars": [min(stripped(r)) for _, r in records],
-            "max_chars": [max(len(m.content) for m in r.messages) for _, r in records],
-            "total_chars": [sum(len(m.content) for m in r.messages) for _, r in records],
-        }
-    )
+    def system(r: Record) -> str:
+        return r.messages[0].content if r.messages[0].role == "system" else ""
+
+    rows = [r for _, r in records]
+    columns: dict[str, list] = {
+        "line": [ln for ln, _ in records],
+        "id": [r.id for r in rows],
+        "task": [r.task for r in rows],
+        "roles": [",".join(m.role for m in r.messages) for r in rows],
+        "min_chars": [min(len(m.content.strip()) for m in r.messages) for r in rows],
+        "max_chars": [max(len(m.content) for m in r.messages) for r in rows],
+        "total_chars": [sum(len(m.content) for m in r.messages) for r in rows],
+        "pii": [",".join(sorted(c)) for c in (pii if pii is not None else map(record_pii, rows))],
+        "content_key": [conversation_key(r) for r in rows],
+        "system": [system(r) for r in rows],
+    }
+    if task in JSON_ANSWER_SCHEMA:
+        columns["answer"] = [_answer(r) for r in rows]
+        columns["answer_json"] = [_json_or_none(a) for a in columns["answer"]]
+        columns["answer_schema"] = _schema_problems(columns["answer_json"], JSON_ANSWER_SCHEMA[task])
+    if task == "candidate-evaluator":
+        asked = [",".join(sorted(set(CANDIDATE.findall("\n".join(m.content for m in r.messages if m.role == "user"))))) for r in rows]
+        columns["candidates_asked"] = asked
+        columns["candidates_ranked"] = [_ranked(a) for a in columns["answer_json"]]
+    return pd.DataFrame(columns)
 
 
-def _suite(task: str, rules: DataRules):
-    """``(rule, detail, column, expectation)`` for every check of the suite."""
+def suite_for(task: str, rules: DataRules) -> list[Check]:
+    """Every check of the expert's suite: the common rules, then the task's own."""
     import great_expectations as gx
 
     x = gx.expectations
-    return [
-        ("duplicate-id", "id is used by more than one record", "id", x.ExpectColumnValuesToBeUnique(column="id")),
-        ("wrong-task", f"task must be {task!r}", "task", x.ExpectColumnValuesToBeInSet(column="task", value_set=[task])),
-        (
-            "role-order",
-            "turns must be [system] then user/assistant alternating, ending with assistant",
-            "roles",
-            x.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN),
-        ),
-        ("empty-content", "a message has empty or whitespace-only content", "min_chars",
-         x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1)),
-        ("content-too-short", f"a message is shorter than {rules.min_chars} characters", "min_chars",
-         x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars)),
-        ("content-too-long", f"a message is longer than {rules.max_chars} characters", "max_chars",
-         x.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars)),
-        ("conversation-too-long", f"the conversation is longer than {rules.max_total_chars} characters",
-         "total_chars", x.ExpectColumnValuesToBeBetween(column="total_chars", max_value=rules.max_total_chars)),
+    checks = [
+        Check("duplicate-id", "id is used by more than one record", "id", x.ExpectColumnValuesToBeUnique(column="id")),
+        Check("wrong-task", f"task must be {task!r}", "task", x.ExpectColumnValuesToBeInSet(column="task", value_set=[task])),
+        Check("role-order", "turns must be [system] then user/assistant alternating, ending with assistant", "roles",
+              x.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN)),
+        Check("empty-content", "a message has empty or whitespace-only content", "min_chars",
+              x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1)),
+        Check("content-too-long", f"a message is longer than {rules.max_chars} characters", "max_chars",
+              x.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars)),
+        Check("conversation-too-long", f"the conversation is longer than {rules.max_total_chars} characters",
+              "total_chars", x.ExpectColumnValuesToBeBetween(column="total_chars", max_value=rules.max_total_chars)),
+        Check("duplicate-content", "the same conversation (up to case and whitespace) appears under another id", "id",
+              x.ExpectColumnValuesToBeUnique(column="content_key"), "warning"),
+        Check("system-prompt-varies", "records use more than one system prompt", None,
+              x.ExpectColumnUniqueValueCountToBeBetween(column="system", max_value=1), "warning"),
     ]
+    if rules.min_chars > 1:  # with 1 it is empty-content's expectation, which GX would merge into one
+        checks.insert(4, Check("content-too-short", f"a message is shorter than {rules.min_chars} characters", "min_chars",
+                               x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars)))
+    if rules.pii != "off":
+        severity: Severity = "critical" if rules.pii == "reject" else "warning"
+        checks.append(Check("pii", "personal data or an off-platform request", "pii",
+                            x.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]), severity))
+    if task in JSON_ANSWER_SCHEMA:
+        checks += [
+            Check("answer-not-json", "the final answer is not valid JSON", "answer",
+                  x.ExpectColumnValuesToBeJsonParseable(column="answer")),
+            Check("answer-schema", f"the final answer does not match the {task} JSON schema", "answer_schema",
+                  x.ExpectColumnValuesToBeNull(column="answer_schema")),
+        ]
+    if task == "candidate-evaluator":
+        checks.append(Check("ranking-coverage", "the answer must rank every candidate of the question exactly once",
+                            "candidates_ranked", x.ExpectColumnPairValuesToBeEqual(
+                                column_A="candidates_asked", column_B="candidates_ranked")))
+    return checks
+
+
+def _value(row: dict, column: str | None) -> str:
+    value = row.get(column) if column else None
+    text = repr(value)
+    return f" (got {text[:120]}{'...' if len(text) > 120 else ''})" if column else ""
+
+
+def run_suite(records: list[tuple[int, Record]], task: str, rules: DataRules, name: str) -> ValidationReport:
+    """Run the expert's suite as a GX validation definition over ``(line, record)`` pairs.
+
+    Args:
+        records: records with the line (or row) numbers findings should name.
+        task: the expert's task.
+        rules: length bounds and the PII policy.
+        name: what the report is about (a file path, usually).
+
+    Returns:
+        The report; ``report.success`` is False on any critical failure.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    from lorafleet.data.pii import record_pii
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_def = ctx.data_sources.add_pandas("lorafleet").add_dataframe_asset("records").add_batch_definition_whole_dataframe("all")
+    checks = {c.rule: c for c in suite_for(task, rules)}
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task}-records"))
+    for c in checks.values():
+        c.expectation.meta = {"rule": c.rule}
+        c.expectation.severity = c.severity
+        suite.add_expectation(c.expectation)
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite))
+    found = [record_pii(r) for _, r in records]
+    result = vd.run(
+        batch_parameters={"dataframe": frame(records, task, found)},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]},
+    )
+    pii: Counter[str] = Counter()
+    for counts in found:
+        pii.update(counts)
+    report = ValidationReport(file=str(name), task=task, rows=len(records), pii=dict(sorted(pii.items())))
+    found: list[Failure] = []
+    warnings: list[Failure] = []
+    for er in sorted(result.results, key=lambda er: list(checks).index(er.expectation_config.meta["rule"])):
+        check = checks[er.expectation_config.meta["rule"]]
+        bad = er.result.get("unexpected_index_list") or []
+        observed = er.result.get("observed_value")
+        report.expectations.append({
+            "rule": check.rule,
+            "severity": check.severity,
+            "expectation": er.expectation_config.type,
+            "success": bool(er.success),
+            "unexpected_count": len(bad),
+            **({"observed_value": observed} if observed is not None else {}),
+        })
+        into = found if check.severity == "critical" else warnings
+        if bad:
+            into += [Failure(int(row["line"]), check.rule, check.detail + _value(row, check.column)) for row in bad]
+        elif not er.success:
+            into.append(Failure(0, check.rule, f"{check.detail} (observed {observed!r})"))
+    # Two expectations can flag one line (empty content is also too short): keep the first.
+    seen: set[int] = set()
+    order = {rule: i for i, rule in enumerate(checks)}
+    for f in sorted(found, key=lambda f: (f.line, order[f.rule])):
+        if f.line not in seen:
+            seen.add(f.line)
+            report.failures.append(f)
+    report.warnings = sorted(warnings, key=lambda f: (f.line, f.rule))
+    log.info("validated %s: %d records, %d failures, %d warnings", name, len(records), len(report.failures), len(warnings))
+    return report
+
+
+def validate_records(records: list[Record], task: str, rules: DataRules | None = None, name: str = "records") -> ValidationReport:
+    """Run the suite over in-memory records; findings name the row (1-based) as the line."""
+    return run_suite(list(enumerate(records, start=1)), task, rules or DataRules(), name)
 
 
 def validate_file(path: str | Path, task: str, rules: DataRules | None = None) -> ValidationReport:
@@ -124,7 +357,7 @@ def validate_file(path: str | Path, task: str, rules: DataRules | None = None) -
     Args:
         path: a ``.jsonl`` (or ``.jsonl.gz``) file of records.
         task: the expert's task; every record must carry it.
-        rules: length bounds.
+        rules: length bounds, the line size limit and the PII policy.
 
     Returns:
         The report; check ``report.success``.
@@ -132,42 +365,8 @@ def validate_file(path: str | Path, task: str, rules: DataRules | None = None) -
     Raises:
         DataError: if the file cannot be read as records at all (syntax, schema, empty).
     """
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     rules = rules or DataRules()
-    records = read_records(path)
+    records = read_records(path, rules.max_line_bytes)
     if not records:
         raise DataError(path, None, "empty-file", "no records")
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = ctx.data_sources.add_pandas("lorafleet").add_dataframe_asset("records")
-    batch_def = batch.add_batch_definition_whole_dataframe("file")
-    checks = _suite(task, rules)
-    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task}-records"))
-    for rule, _, _, exp in checks:
-        exp.meta = {"rule": rule}
-        suite.add_expectation(exp)
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite))
-    result = vd.run(
-        batch_parameters={"dataframe": _frame(records)},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]},
-    )
-    by_rule = {rule: (detail, column) for rule, detail, column, _ in checks}
-    report = ValidationReport(file=str(path), task=task, rows=len(records))
-    failures: list[Failure] = []
-    for er in result.results:
-        rule = er.expectation_config.meta["rule"]
-        bad = er.result.get("unexpected_index_list") or []
-        report.expectations.append({"rule": rule, "success": bool(er.success), "unexpected_count": len(bad)})
-        detail, column = by_rule[rule]
-        for row in bad:
-            failures.append(Failure(int(row["line"]), rule, f"{detail} (got {row[column]!r})"))
-    # Two expectations can flag one line (empty content is also too short): keep the first.
-    seen: set[int] = set()
-    for f in sorted(failures, key=lambda f: f.line):
-        if f.line not in seen:
-            seen.add(f.line)
-            report.failures.append(f)
-    log.info("validated %s: %d records, %d failures", path, len(records), len(report.failures))
-    return report
+    return run_suite(records, task, rules, str(path))

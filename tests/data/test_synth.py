@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from lorafleet.data.synth import ProgrammaticGenerator, synthesize
 from lorafleet.fleet import SynthesisSettings
 from lorafleet.records import Record, read_records
@@ -19,16 +21,18 @@ def _seeds(expert: str) -> list[Record]:
 
 def test_deterministic_for_a_seed_and_different_across_seeds() -> None:
     seeds = _seeds("proposal-writer")[:5]
-    a = synthesize(seeds, SynthesisSettings(per_seed=2, seed=1))
-    b = synthesize(seeds, SynthesisSettings(per_seed=2, seed=1))
-    c = synthesize(seeds, SynthesisSettings(per_seed=2, seed=2))
+    a = synthesize(seeds, SynthesisSettings(per_seed=2, seed=1)).records
+    b = synthesize(seeds, SynthesisSettings(per_seed=2, seed=1)).records
+    c = synthesize(seeds, SynthesisSettings(per_seed=2, seed=2)).records
     assert [r.model_dump() for r in a] == [r.model_dump() for r in b]
     assert [r.messages for r in a] != [r.messages for r in c]
 
 
 def test_variants_are_new_synthetic_and_traceable() -> None:
     seeds = _seeds("job-post-writer")
-    out = synthesize(seeds, SynthesisSettings(per_seed=2))
+    result = synthesize(seeds, SynthesisSettings(per_seed=2), "job-post-writer")
+    out = result.records
+    assert result.stats == {"generator": "programmatic", "records": len(out)}
     assert len(out) >= len(seeds)  # most seeds have something to vary
     by_id = {s.id: s for s in seeds}
     assert len({r.id for r in out}) == len(out)
@@ -59,3 +63,21 @@ def test_job_analyzer_budget_changes_in_question_and_answer_alike() -> None:
         assert answer["budget"]["min"] == answer["budget"]["max"] == amount
         assert answer["timeline"].startswith(weeks)
         assert answer["skills"][0] in question
+
+
+def test_programmatic_variants_pass_the_task_suite() -> None:
+    # The JSON answers are rewritten consistently, so they still match the job-analyzer schema.
+    from lorafleet.data.validate import validate_records
+
+    out = synthesize(_seeds("job-analyzer"), SynthesisSettings(per_seed=2), "job-analyzer").records
+    report = validate_records(out, "job-analyzer")
+    assert out and report.success, report.lines()[:3]
+
+
+def test_teacher_needs_a_work_directory() -> None:
+    from lorafleet.errors import LorafleetError
+    from lorafleet.fleet import TeacherSettings
+
+    settings = SynthesisSettings(generator="teacher", teacher=TeacherSettings(base_url="http://127.0.0.1:9/v1", model="m"))
+    with pytest.raises(LorafleetError, match="work directory"):
+        synthesize(_seeds("job-analyzer")[:1], settings, "job-analyzer")

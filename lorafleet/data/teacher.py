@@ -1,0 +1,406 @@
+"""Synthesis with a teacher LLM behind any OpenAI-compatible endpoint.
+
+Each *job* asks the teacher for one new conversation, grounded in seed records sampled
+for that job (the seed it expands plus a few others as examples). Jobs are planned
+deterministically from the seeds and settings, so a run can stop anywhere and go on:
+
+- answers are appended to sharded JSONL files in a work directory (job ``i`` goes to
+  shard ``i % shards``), one line per finished job, flushed as it is written;
+- on start, finished jobs are read back and skipped; a torn last line (a killed writer)
+  is cut off; a work directory made with other settings is refused;
+- the final set is assembled from the shards in job order, so an interrupted and
+  resumed run yields the same records as an uninterrupted one.
+
+Requests run ``concurrency`` at a time with a timeout each; timeouts, transport errors,
+429 and 5xx are retried with exponential backoff (``Retry-After`` is honoured). What
+comes back is parsed and checked (JSON shape, then the expert's GX suite); an optional
+judge scores each parsed record on a rubric and low scores are dropped. Every drop is
+counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from lorafleet.errors import LorafleetError
+from lorafleet.fleet import DataRules, JudgeSettings, TeacherSettings
+from lorafleet.io import atomic_write_json, sha256_json
+from lorafleet.records import Message, Record
+
+__all__ = ["Job", "TeacherGenerator", "load_done", "parse_response", "parse_score", "plan_jobs", "resolve_api_key"]
+
+log = logging.getLogger(__name__)
+
+SHARDS = 8
+PROMPT_VERSION = 1  # bump when the prompts change: old work directories are then refused
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+TEACHER_SYSTEM = (
+    "You write training data for an AI assistant on a two-sided work marketplace. You get the assistant's "
+    "instructions and example conversations. Write ONE new conversation for the same task: a different "
+    "client or freelancer, work category, skills, budget, timeline and wording, with the same structure and "
+    "answer format as the examples and an answer that is correct for the new question. Never include e-mail "
+    "addresses, phone numbers, payment details or requests to move off the platform. Reply with one JSON "
+    'object only: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+    "(more user/assistant pairs if the examples have them)."
+)
+JUDGE_SYSTEM = (
+    "You grade training examples for an AI assistant on a work marketplace. Score from 1 to 5: 5 = realistic, "
+    "the answer is correct and complete for the question and follows the instructions and format; 3 = usable "
+    "with flaws; 1 = wrong, off-task, unsafe or contains personal data. Reply with the score digit only."
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request to the teacher: its stable key, the seeds it is grounded in, and the chat."""
+
+    index: int
+    key: str
+    seed_id: str
+    example_ids: tuple[str, ...]
+    messages: tuple[dict, ...]
+
+
+def resolve_api_key(settings: TeacherSettings) -> str | None:
+    """The API key: from ``api_key_file`` (a mounted secret) if set, else ``api_key_env``.
+
+    Raises:
+        LorafleetError: if ``api_key_file`` is set but cannot be read.
+    """
+    if settings.api_key_file is not None:
+        try:
+            return settings.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise LorafleetError(f"synthesis.teacher.api_key_file: cannot read {settings.api_key_file}: {exc.strerror}") from None
+    return os.environ.get(settings.api_key_env) if settings.api_key_env else None
+
+
+def _turns(record: Record) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in record.messages if m.role != "system"]
+
+
+def _system(record: Record) -> str | None:
+    return record.messages[0].content if record.messages[0].role == "system" else None
+
+
+def plan_jobs(
+    seeds: list[Record], per_seed: int, task: str, settings: TeacherSettings, seed: int, pool: list[Record] | None = None
+) -> list[Job]:
+    """The jobs of a run, deterministic for the seeds and settings.
+
+    Args:
+        seeds: the gold records to expand.
+        per_seed: new conversations per seed.
+        task: the expert's task.
+        settings: the teacher's settings (model, examples per prompt).
+        seed: the synthesis seed; changes which examples each job shows.
+        pool: the records examples are sampled from (default: ``seeds``); a shard of the
+            seeds passes the whole seed set, so its jobs equal the unsharded run's.
+
+    Returns:
+        Jobs in order; ``key`` names a job across runs.
+    """
+    jobs = []
+    pool = seeds if pool is None else pool
+    for seed_record in seeds:
+        for k in range(per_seed):
+            key = hashlib.sha256(f"{PROMPT_VERSION}:{seed}:{settings.model}:{seed_record.id}:{k}".encode()).hexdigest()[:20]
+            rng = random.Random(int(key, 16))
+            others = [s for s in pool if s.id != seed_record.id]
+            examples = [seed_record, *rng.sample(others, min(len(others), settings.examples_per_prompt - 1))]
+            instructions = _system(seed_record) or f"You are the {task} assistant."
+            shown = "\n\n".join(
+                f"Example {i}:\n{json.dumps({'messages': _turns(r)}, ensure_ascii=False)}" for i, r in enumerate(examples, 1)
+            )
+            user = (
+                f"Task: {task}\nAssistant instructions: {instructions}\n\n{shown}\n\n"
+                f"Write new conversation number {k + 1} for this task, in the JSON format above."
+            )
+            messages = ({"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user})
+            jobs.append(Job(len(jobs), key, seed_record.id, tuple(r.id for r in examples), messages))
+    return jobs
+
+
+def _first_json_object(text: str) -> object | None:
+    """The first JSON object in ``text`` (models wrap JSON in prose or code fences)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            return decoder.raw_decode(text, m.start())[0]
+        except ValueError:
+            continue
+    return None
+
+
+def parse_response(text: str, job: Job, seed: Record, task: str, model: str) -> Record | str:
+    """Turn the teacher's answer into a record, or the reason it cannot be one.
+
+    Args:
+        text: the completion's content.
+        job: the job it answers.
+        seed: the seed the job expands (its system prompt is kept).
+        task: the expert's task.
+        model: the teacher model (provenance).
+
+    Returns:
+        The record, or a drop reason: ``no-json`` or ``bad-shape``.
+    """
+    obj = _first_json_object(text)
+    if not isinstance(obj, dict):
+        return "no-json"
+    turns = obj.get("messages")
+    if not isinstance(turns, list) or not turns:
+        return "bad-shape"
+    try:
+        messages = [Message.model_validate(t) for t in turns]
+    except ValidationError:
+        return "bad-shape"
+    if any(m.role == "system" for m in messages):
+        return "bad-shape"
+    system = [Message(role="system", content=s)] if (s := _system(seed)) else []
+    return Record(
+        id=f"{seed.id}-t{job.key[:10]}",
+        task=task,
+        messages=[*system, *messages],
+        source="synthetic",
+        meta={"generator": "teacher", "teacher_model": model, "seed_ids": list(job.example_ids), "job": job.key},
+    )
+
+
+def parse_score(text: str) -> int | None:
+    """The judge's 1-5 score: the first such digit standing alone, if any."""
+    m = re.search(r"(?<!\d)([1-5])(?!\d)", text)
+    return int(m.group(1)) if m else None
+
+
+def _shard_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"shard-{index % SHARDS:05d}.jsonl"
+
+
+def load_done(work_dir: Path) -> dict[str, dict]:
+    """Finished jobs by key, read from the shards; a torn last line is cut off the file."""
+    done: dict[str, dict] = {}
+    for path in sorted(work_dir.glob("shard-*.jsonl")):
+        data = path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - cut)
+            with open(path, "r+b") as fh:
+                fh.truncate(cut)
+        for line in data[:cut].splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry
+    return done
+
+
+class TeacherGenerator:
+    """Seed-grounded synthesis by a teacher LLM; resumable through ``work_dir``.
+
+    Args:
+        settings: endpoint, model, concurrency, timeouts and retries.
+        task: the expert's task.
+        work_dir: where shards and the run's plan are kept.
+        rules: the expert's data rules (the GX suite checks what comes back).
+        judge: optional judge filter.
+        seed: the synthesis seed.
+        on_job: called after each finished job (progress bars).
+        pool: the records prompts sample examples from (default: the seeds given to ``generate``).
+    """
+
+    name = "teacher"
+
+    def __init__(
+        self,
+        settings: TeacherSettings,
+        task: str,
+        work_dir: str | Path,
+        rules: DataRules | None = None,
+        judge: JudgeSettings | None = None,
+        seed: int = 0,
+        on_job: Callable[[], None] | None = None,
+        pool: list[Record] | None = None,
+    ) -> None:
+        self.settings, self.task, self.work_dir, self.pool = settings, task, Path(work_dir), pool
+        self.rules, self.judge, self.seed, self.on_job = rules or DataRules(), judge, seed, on_job
+        self.stats: dict = {}
+
+    # -- the plan and the work directory ------------------------------------------------
+
+    def _fingerprint(self, jobs: list[Job]) -> dict:
+        settings = self.settings.model_dump(mode="json", include={"model", "max_tokens", "temperature", "examples_per_prompt"})
+        return {
+            "prompt_version": PROMPT_VERSION,
+            "task": self.task,
+            "teacher": settings,
+            "judge": self.judge.model_dump(mode="json") if self.judge else None,
+            "jobs_sha256": sha256_json([j.key for j in jobs]),
+        }
+
+    def _open_work_dir(self, jobs: list[Job]) -> dict[str, dict]:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        plan_path = self.work_dir / "plan.json"
+        plan = self._fingerprint(jobs)
+        if plan_path.is_file():
+            if json.loads(plan_path.read_text()) != plan:
+                raise LorafleetError(
+                    f"{self.work_dir}: this work directory was made with other seeds or settings; use a new --work-dir"
+                )
+        else:
+            atomic_write_json(plan_path, plan)
+        return load_done(self.work_dir)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        key = resolve_api_key(self.settings)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def _chat(self, client, model: str, messages: list[dict], max_tokens: int, seed: int) -> str:
+        """One chat completion with retries; returns the content.
+
+        Raises:
+            RuntimeError: when the request failed for good (the message says why).
+        """
+        import httpx
+
+        s = self.settings
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": s.temperature, "seed": seed}
+        url = s.base_url.rstrip("/") + "/chat/completions"
+        for attempt in range(s.max_retries + 1):
+            delay = s.backoff_s * 2**attempt
+            try:
+                resp = await client.post(url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 200:
+                    return resp.json()["choices"][0]["message"]["content"] or ""
+                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code not in RETRY_STATUS:
+                    raise RuntimeError(problem)
+                retry_after = resp.headers.get("retry-after", "")
+                if retry_after.replace(".", "", 1).isdigit():
+                    delay = max(delay, float(retry_after))
+            if attempt < s.max_retries:
+                log.info("teacher request failed (%s); retry %d in %.1fs", problem, attempt + 1, delay)
+                await asyncio.sleep(delay * (1 + 0.25 * random.random()))
+        raise RuntimeError(f"gave up after {s.max_retries + 1} attempts: {problem}")
+
+    async def _run_job(self, client, job: Job, seed: Record) -> dict:
+        s = self.settings
+        text = await self._chat(client, s.model, list(job.messages), s.max_tokens, int(job.key[:8], 16))
+        entry: dict = {"key": job.key, "index": job.index, "response": text}
+        parsed = parse_response(text, job, seed, self.task, s.model)
+        if self.judge is not None and isinstance(parsed, Record):
+            shown = json.dumps({"messages": _turns(parsed)}, ensure_ascii=False)
+            judge_messages = [
+                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": f"Task: {self.task}\nInstructions: {_system(seed) or '-'}\n\nExample:\n{shown}"},
+            ]
+            entry["judge"] = await self._chat(client, self.judge.model or s.model, judge_messages, 8, int(job.key[8:16], 16))
+        return entry
+
+    async def _run(self, pending: list[Job], seeds: dict[str, Record]) -> Counter[str]:
+        import httpx
+
+        failures: Counter[str] = Counter()
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        for job in pending:
+            queue.put_nowait(job)
+        files: dict[Path, object] = {}
+
+        async def worker(client) -> None:
+            while not queue.empty():
+                job = queue.get_nowait()
+                try:
+                    entry = await self._run_job(client, job, seeds[job.seed_id])
+                except RuntimeError as exc:
+                    log.warning("teacher job %s failed: %s", job.key, exc)
+                    failures["request-failed"] += 1
+                else:
+                    path = _shard_path(self.work_dir, job.index)
+                    fh = files.get(path) or files.setdefault(path, open(path, "ab"))  # noqa: SIM115 - closed below
+                    # One write per line, flushed: a kill leaves at most one torn line, cut off on resume.
+                    fh.write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+                    fh.flush()
+                if self.on_job:
+                    self.on_job()
+
+        limits = httpx.Limits(max_connections=self.settings.concurrency)
+        timeout = httpx.Timeout(self.settings.timeout_s)
+        try:
+            async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers()) as client:
+                await asyncio.gather(*(worker(client) for _ in range(self.settings.concurrency)))
+        finally:
+            for fh in files.values():
+                fh.close()
+        return failures
+
+    # -- assembly ------------------------------------------------------------------------
+
+    def assemble(self, jobs: list[Job], seeds: dict[str, Record], done: dict[str, dict]) -> tuple[list[Record], Counter[str]]:
+        """The final records from finished jobs, in job order, and drops per reason."""
+        from lorafleet.data.validate import validate_records
+
+        drops: Counter[str] = Counter()
+        parsed: list[Record] = []
+        for job in jobs:
+            entry = done.get(job.key)
+            if entry is None:
+                drops["not-finished"] += 1
+                continue
+            result = parse_response(entry["response"], job, seeds[job.seed_id], self.task, self.settings.model)
+            if isinstance(result, str):
+                drops[result] += 1
+                continue
+            if self.judge is not None:
+                score = parse_score(entry.get("judge", ""))
+                if score is None:
+                    drops["judge-unparseable"] += 1
+                    continue
+                if score < self.judge.min_score:
+                    drops["judge-low-score"] += 1
+                    continue
+                result.meta["judge_score"] = score
+            parsed.append(result)
+        if not parsed:
+            return [], drops
+        report = validate_records(parsed, self.task, self.rules, name="teacher output")
+        bad = {f.line: f.rule for f in report.failures}
+        drops.update(bad.values())
+        return [r for i, r in enumerate(parsed, start=1) if i not in bad], drops
+
+    def generate(self, seeds: list[Record], per_seed: int) -> Iterable[Record]:
+        """Run (or resume) the jobs, then yield the records that passed every check.
+
+        ``self.stats`` then holds the job counts and drops per reason.
+        """
+        jobs = plan_jobs(seeds, per_seed, self.task, self.settings, self.seed, self.pool)
+        done = self._open_work_dir(jobs)
+        pending = [j for j in jobs if j.key not in done]
+        by_id = {s.id: s for s in seeds}
+        log.info("teacher: %d jobs, %d already done, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
+        failures = asyncio.run(self._run(pending, by_id)) if pending else Counter()
+        records, drops = self.assemble(jobs, by_id, load_done(self.work_dir))
+        self.stats = {
+            "jobs": len(jobs),
+            "resumed": len(jobs) - len(pending),
+            "requested": len(pending),
+            "request_failures": dict(failures),
+            "kept": len(records),
+            "dropped": dict(sorted(drops.items())),
+        }
+        yield from records
