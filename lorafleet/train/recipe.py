@@ -12,14 +12,19 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorafleet.base import fingerprint_model
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample, encode_chat
 from lorafleet.fleet import LoraSettings, TrainingSettings
-from lorafleet.io import atomic_dir, atomic_write_text
+from lorafleet.io import atomic_dir, atomic_write_text, sha256_json
 from lorafleet.records import Record
+from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorafleet.train.distributed import DistContext, init_distributed
+from lorafleet.train.errors import NonFiniteLossError, QLoraUnavailableError, TrainingOOMError
+from lorafleet.train.packing import collate_rows, pack_rows
 
 __all__ = ["LoRARecipe", "TrainResult", "collate", "load_base", "train_adapter"]
 
@@ -44,21 +49,43 @@ class TrainResult:
         return asdict(self)
 
 
-def load_base(base_dir: str | Path, dtype: str = "auto"):
-    """Load a base model and its tokenizer (float32 on CPU, bf16 on GPU unless told)."""
+def load_base(base_dir: str | Path, dtype: str = "auto", device: str | None = None, quantize_4bit: bool = False):
+    """Load a base model and its tokenizer (float32 on CPU, bf16 on GPU unless told).
+
+    Args:
+        base_dir: a model directory or hub id.
+        dtype: ``"auto"`` or a torch dtype name.
+        device: where to put the model; default the first GPU if there is one, else CPU.
+        quantize_4bit: load the weights as 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes).
+
+    Returns:
+        ``(model, tokenizer)``; the model uses FlashAttention 2 when installed, else SDPA.
+    """
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    on_gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        torch_dtype = torch.bfloat16 if on_gpu else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
+    kwargs = {"dtype": torch_dtype, "attn_implementation": "flash_attention_2" if flash else "sdpa"}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": device or "cuda:0"}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if on_gpu and not quantize_4bit:
+        model = model.to(device or "cuda")
     return model, tokenizer
 
 
@@ -99,13 +126,24 @@ def _lora_config(lora: LoraSettings):
 class LoRARecipe:
     """Fine-tune one LoRA adapter on chat records.
 
+    One code path for one process and for torchrun's DDP ranks: ``batch_size`` rows form
+    one global micro-batch, split across the ranks, and the loss is the mean over every
+    assistant token of the optimizer step, so the result does not depend on world size.
+
     Args:
         base_dir: the base model directory (or hub id).
         records: training records; assistant turns are the targets.
         lora: adapter hyper-parameters.
-        training: optimizer and schedule settings.
+        training: optimizer, schedule, packing and checkpoint settings.
         output_dir: where the adapter and ``metrics.jsonl`` go (replaced atomically).
         on_step: optional callback ``(step, total_steps, loss)`` for progress display.
+        run_dir: checkpoints and the live ``metrics.jsonl``; default ``<output_dir>.run``.
+        resume: continue from the newest checkpoint in ``run_dir`` (if there is one).
+        dist: this process's place in the run; default: read torchrun's environment.
+
+    Raises:
+        ValueError: no records, or no assistant turn to learn from.
+        QLoraUnavailableError: QLoRA asked for without a CUDA GPU and bitsandbytes.
     """
 
     def __init__(
@@ -116,33 +154,55 @@ class LoRARecipe:
         training: TrainingSettings,
         output_dir: str | Path,
         on_step: Callable[[int, int, float], None] | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        dist: DistContext | None = None,
     ) -> None:
         if not records:
             raise ValueError("no training records")
         if not any(m.role == "assistant" for r in records for m in r.messages):
             raise ValueError("no assistant turns to learn from")
+        if lora.qlora:
+            _check_qlora()
         self.base_dir = str(base_dir)
         self.records = list(records)
         self.lora = lora
         self.training = training
         self.output_dir = Path(output_dir)
+        self.run_dir = Path(run_dir) if run_dir else self.output_dir.with_name(self.output_dir.name + ".run")
+        self.resume = resume
         self.on_step = on_step
+        self._dist = dist
 
     def setup(self) -> None:
         import torch
 
+        self.dist = self._dist or init_distributed()
         torch.manual_seed(self.training.seed)
-        self.model, self.tokenizer = self._setup_model(self.base_dir, self.lora)
+        self.model, self.tokenizer = self._setup_model(
+            self.base_dir, self.lora, self.dist.device, self.training.gradient_checkpointing
+        )
         self.examples = self._setup_data(self.tokenizer, self.records, self.training.max_seq_len)
-        per_epoch = math.ceil(len(self.examples) / (self.training.batch_size * self.training.grad_accum))
-        self.total_steps = self.training.max_steps or per_epoch * self.training.epochs
+        micro = sum(math.ceil(len(self._epoch_rows(e)) / self.training.batch_size) for e in range(self.training.epochs))
+        self.total_steps = self.training.max_steps or math.ceil(micro / self.training.grad_accum)
         self.optimizer, self.scheduler = self._setup_optimizer(self.model, self.training, self.total_steps)
+        self.ddp_model = self._setup_ddp(self.model, self.dist)
+        self.identity = {
+            "base_fingerprint": fingerprint_model(self.base_dir),
+            "lora": self.lora.model_dump(mode="json"),
+            "data": sha256_json([[e.input_ids, e.labels] for e in self.examples])[:16],
+            "plan": {k: getattr(self.training, k) for k in ("seed", "packing", "batch_size", "grad_accum", "max_seq_len")},
+        }
 
     @staticmethod
-    def _setup_model(base_dir: str, lora: LoraSettings):
-        from peft import get_peft_model
+    def _setup_model(base_dir: str, lora: LoraSettings, device: str, gradient_checkpointing: bool):
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
-        model, tokenizer = load_base(base_dir)
+        model, tokenizer = load_base(base_dir, device=device, quantize_4bit=lora.qlora)
+        if lora.qlora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, _lora_config(lora))
         return model, tokenizer
 
@@ -170,79 +230,184 @@ class LoRARecipe:
 
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    def _batches(self, rng: random.Random):
-        """Endless shuffled micro-batches, one epoch after another.
+    @staticmethod
+    def _setup_ddp(model, dist: DistContext):
+        if dist.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
 
-        Examples of similar length go together (sorted within shuffled windows of 8
-        batches), so little compute is spent on padding; batch order stays random.
+        ids = [int(dist.device.split(":")[1])] if dist.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        """The rows of one epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
+        rng = random.Random(self.training.seed * 1_000_003 + epoch)
+        lengths = [len(e.input_ids) for e in self.examples]
+        return pack_rows(lengths, self.training.max_seq_len, rng, packing=self.training.packing)
+
+    def _micro_batches(self, epoch: int, row: int) -> Iterator[tuple[int, int, list[list[TokenizedExample]]]]:
+        """Global micro-batches from data position ``(epoch, row)`` on, endlessly.
+
+        Yields:
+            ``(epoch, next_row, rows)``: the position after this batch and its rows of examples.
         """
         size = self.training.batch_size
         while True:
-            order = list(range(len(self.examples)))
-            rng.shuffle(order)
-            batches = []
-            for w in range(0, len(order), size * 8):
-                window = sorted(order[w : w + size * 8], key=lambda j: len(self.examples[j].input_ids))
-                batches += [window[i : i + size] for i in range(0, len(window), size)]
-            rng.shuffle(batches)
-            for batch in batches:
-                yield [self.examples[j] for j in batch]
+            rows = self._epoch_rows(epoch)
+            for start in range(row, len(rows), size):
+                chunk = rows[start : start + size]
+                yield epoch, start + len(chunk), [[self.examples[i] for i in r] for r in chunk]
+            epoch, row = epoch + 1, 0
+
+    def _forward_backward(self, rows: list[list[TokenizedExample]], n_labels: int):
+        """Loss (summed over assistant tokens, divided by the step's ``n_labels``) and its gradients.
+
+        Returns:
+            ``(loss, real tokens)`` for this rank's share of the micro-batch.
+        """
+        import torch
+
+        dist = self.dist
+        mine = rows[dist.rank :: dist.world_size]
+        weight = 1.0
+        if not mine:  # every rank must join the gradient all-reduce, even without data
+            mine, weight = rows[:1], 0.0
+        batch = collate_rows(mine, self.tokenizer.pad_token_id)
+        device = torch.device(dist.device)
+        # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
+        scale = n_labels / dist.world_size
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = self.ddp_model(
+                input_ids=batch["input_ids"].to(device),
+                position_ids=batch["position_ids"].to(device),
+                labels=batch["labels"].to(device),
+                num_items_in_batch=scale,
+                use_cache=False,  # a KV cache would hide the packed positions from the attention mask
+            )
+        loss = out.loss * weight
+        loss.backward()
+        return loss.detach(), batch["n_tokens"] if weight else 0
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.dist.world_size == 1:
+            return values
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.dist.device)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def _restore(self) -> tuple[int, int, int, list[dict]]:
+        """Load the newest checkpoint when resuming: ``(step, epoch, row, metrics)``."""
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is None:
+            return 0, 0, 0, []
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.identity)
+        log.info("resumed from %s", ckpt)
+        return state["step"], state["epoch"], state["row"], state["metrics"]
 
     def train(self) -> TrainResult:
         import torch
 
-        device = next(self.model.parameters()).device
-        rng = random.Random(self.training.seed)
-        batches = self._batches(rng)
+        step, epoch, row, metrics = self._restore()
+        batches = self._micro_batches(epoch, row)
+        live = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main:
+            atomic_write_text(live, "".join(json.dumps(m) + "\n" for m in metrics))
+        last_ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
-        losses, lrs = [], []
-        tokens = label_tokens = 0
         start = time.perf_counter()
-        for step in range(self.total_steps):
-            step_loss = 0.0
-            for _ in range(self.training.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(next(batches), self.tokenizer.pad_token_id).items()}
-                loss = self.model(**batch).loss / self.training.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-                label_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        while step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(self.training.grad_accum)]
+            n_labels = sum(e.n_label_tokens - (e.labels[0] != IGNORE_INDEX) for _, _, rows in micro for r in rows for e in r)
+            loss_sum, tokens = torch.zeros((), device=self.dist.device), 0
+            try:
+                for _, _, rows in micro:
+                    loss, n = self._forward_backward(rows, max(n_labels, 1))
+                    loss_sum += loss
+                    tokens += n
+            except torch.OutOfMemoryError as exc:
+                raise TrainingOOMError(
+                    f"out of accelerator memory at step {step + 1} with training.batch_size={self.training.batch_size} "
+                    f"rows of up to {self.training.max_seq_len} tokens: lower training.batch_size (raise grad_accum "
+                    "to keep the effective batch) or set training.gradient_checkpointing: true"
+                ) from exc
+            step_loss, tokens = self._all_reduce([float(loss_sum) / self.dist.world_size, float(tokens)])
+            step_loss *= self.dist.world_size
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss became {step_loss} at step {step}; lower the learning rate")
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
-            lrs.append(self.scheduler.get_last_lr()[0])
+                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"loss became {step_loss} at step {step + 1}; {kept} (lower training.learning_rate)"
+                )
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            step += 1
+            epoch, row = micro[-1][0], micro[-1][1]
+            wall = time.perf_counter() - t0
+            entry = {
+                "step": step, "loss": step_loss, "lr": lr, "tokens": int(tokens),
+                "label_tokens": n_labels, "tokens_per_s": round(tokens / wall, 1),
+            }
+            metrics.append(entry)
+            if self.dist.is_main:
+                with open(live, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+                every = self.training.checkpoint_every
+                if every and step % every == 0 and step < self.total_steps:
+                    state = {"epoch": epoch, "row": row, "metrics": metrics, "identity": self.identity}
+                    last_ckpt = save_checkpoint(
+                        self.run_dir, step, self.model, self.optimizer, self.scheduler, state, self.training.keep_checkpoints
+                    )
             if self.on_step:
-                self.on_step(step + 1, self.total_steps, step_loss)
+                self.on_step(step, self.total_steps, step_loss)
         wall = time.perf_counter() - start
         self.model.eval()
+        tokens_done = sum(m["tokens"] for m in metrics)
         result = TrainResult(
             adapter_dir=str(self.output_dir),
             steps=self.total_steps,
-            epochs_run=self.total_steps * self.training.batch_size * self.training.grad_accum / len(self.examples),
-            train_tokens=tokens,
-            label_tokens=label_tokens,
+            epochs_run=round(epoch + row / max(1, len(self._epoch_rows(epoch))), 3),
+            train_tokens=tokens_done,
+            label_tokens=sum(m["label_tokens"] for m in metrics),
             wall_s=round(wall, 3),
-            tokens_per_s=round(tokens / wall, 1) if wall > 0 else 0.0,
-            losses=losses,
-            learning_rates=lrs,
+            tokens_per_s=round(tokens_done / sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"]), 1),
+            losses=[m["loss"] for m in metrics],
+            learning_rates=[m["lr"] for m in metrics],
         )
-        with atomic_dir(self.output_dir) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            metrics = "".join(
-                json.dumps({"step": i + 1, "loss": loss, "lr": lr}) + "\n" for i, (loss, lr) in enumerate(zip(losses, lrs, strict=True))
-            )
-            atomic_write_text(tmp / "metrics.jsonl", metrics)
+        if self.dist.is_main:
+            with atomic_dir(self.output_dir) as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         return result
 
     def cleanup(self) -> None:
-        del self.model, self.optimizer, self.scheduler
+        del self.model, self.ddp_model, self.optimizer, self.scheduler
         import gc
 
         gc.collect()
+
+
+def _check_qlora() -> None:
+    """Raise a one-line error unless a CUDA GPU and bitsandbytes are both present."""
+    import importlib.util
+
+    import torch
+
+    missing = [
+        what
+        for what, ok in (("a CUDA GPU", torch.cuda.is_available()), ("bitsandbytes", importlib.util.find_spec("bitsandbytes")))
+        if not ok
+    ]
+    if missing:
+        raise QLoraUnavailableError(
+            f"lora.qlora: 4-bit QLoRA needs {' and '.join(missing)}, not found here; set lora.qlora: false to train in full precision"
+        )
 
 
 def train_adapter(
@@ -252,9 +417,11 @@ def train_adapter(
     training: TrainingSettings,
     output_dir: str | Path,
     on_step: Callable[[int, int, float], None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Run the recipe start to finish; see :class:`LoRARecipe`."""
-    recipe = LoRARecipe(base_dir, records, lora, training, output_dir, on_step=on_step)
+    recipe = LoRARecipe(base_dir, records, lora, training, output_dir, on_step=on_step, run_dir=run_dir, resume=resume)
     recipe.setup()
     try:
         return recipe.train()

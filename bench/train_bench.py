@@ -1,0 +1,145 @@
+"""Training throughput: the lorafleet recipe (padding-free packing) vs a plain
+``transformers.Trainer`` + PEFT baseline with ordinary padding.
+
+Same base model (the demo Llama built from config), same LoRA settings, same training
+records (all shipped gold seeds), same epochs, optimizer, schedule and learning rate, so both
+see the same real (non-pad) tokens. Each side runs in its own child process, one after the
+other, so peak memory (max RSS) is its own; tokens/s counts real tokens over the training
+loop's wall time. Final eval loss is the held-out loss on the shipped eval sets, computed by
+the same function (:func:`lorafleet.evaluate.loss.heldout_loss`) for both. Reproduce:
+
+    .venv/bin/python bench/train_bench.py --epochs 1      # as recorded (about 5 minutes on 2 cores)
+    .venv/bin/python bench/train_bench.py                 # 3 epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+
+
+def _records(name: str) -> list:
+    from lorafleet.records import read_records
+
+    return [r for p in sorted((ROOT / "examples" / "data").glob(f"*/{name}.jsonl")) for _, r in read_records(p)]
+
+
+def _base() -> Path:
+    """The demo base of the shipped example fleet, built (or found in the cache) from the seeds' text."""
+    from lorafleet.base import DemoBaseConfig, build_demo_base
+
+    texts = [m.content for r in _records("seed") for m in r.messages if m.role != "system"]
+    return build_demo_base(texts, DemoBaseConfig())
+
+
+def run_recipe(base: Path, args, out: Path) -> dict:
+    from lorafleet.fleet import LoraSettings, TrainingSettings
+    from lorafleet.train.recipe import train_adapter
+
+    training = TrainingSettings(
+        epochs=args.epochs, learning_rate=args.lr, batch_size=args.rows, grad_accum=args.accum, packing=True,
+        max_seq_len=args.max_seq_len, warmup_ratio=0.1, seed=0,
+    )
+    result = train_adapter(base, _records("seed"), LoraSettings(**LORA), training, out)
+    return {"real_tokens": result.train_tokens, "train_s": result.wall_s, "steps": result.steps}
+
+
+def run_baseline(base: Path, args, out: Path) -> dict:
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from lorafleet.chat import encode_chat
+    from lorafleet.fleet import LoraSettings
+    from lorafleet.train.recipe import _lora_config, collate, load_base
+
+    model, tokenizer = load_base(base)
+    model = get_peft_model(model, _lora_config(LoraSettings(**LORA)))
+    examples = [encode_chat(tokenizer, r.messages, max_length=args.max_seq_len) for r in _records("seed")]
+    dataset = [{"example": e} for e in examples]
+
+    def pad(features: list[dict]) -> dict:  # ordinary right padding to the longest in the batch
+        return collate([f["example"] for f in features], tokenizer.pad_token_id)
+
+    targs = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1,  # a ratio when < 1 (transformers 5)
+        weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", save_strategy="no", report_to=[], logging_steps=10, use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=pad)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    model.save_pretrained(out)
+    return {"real_tokens": sum(len(e.input_ids) for e in examples) * args.epochs, "train_s": round(wall, 3),
+            "steps": trainer.state.global_step}
+
+
+def child(args) -> None:
+    """One side of the comparison; prints one JSON line."""
+    import torch
+    from peft import PeftModel
+
+    from lorafleet.evaluate.loss import heldout_loss
+    from lorafleet.train.recipe import load_base
+
+    torch.set_num_threads(args.threads)
+    base = _base()
+    out = Path(args.workdir) / args.one
+    stats = (run_recipe if args.one == "recipe" else run_baseline)(base, args, out)
+    model, tokenizer = load_base(base)
+    model = PeftModel.from_pretrained(model, out)
+    stats["eval_loss"] = round(heldout_loss(model, tokenizer, _records("eval"), max_seq_len=args.max_seq_len)["loss"], 4)
+    stats["tokens_per_s"] = round(stats["real_tokens"] / stats["train_s"], 1)
+    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(stats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=8, help="baseline examples per batch")
+    parser.add_argument("--rows", type=int, default=2, help="recipe packed rows per batch")
+    parser.add_argument("--accum", type=int, default=1, help="recipe micro-batches per optimizer step")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="row capacity; no example is longer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", default=str(ROOT / ".bench" / "train"))
+    parser.add_argument("--one", choices=["recipe", "baseline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.one:
+        child(args)
+        return
+    _base()  # build the cached base once, outside both timings
+    load = os.getloadavg()
+    rows = {}
+    for side in ("baseline", "recipe"):
+        cmd = [sys.executable, __file__, "--one", side, *sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows["ratio"] = {
+        "tokens_per_s": round(rows["recipe"]["tokens_per_s"] / rows["baseline"]["tokens_per_s"], 2),
+        "eval_loss_delta": round(rows["recipe"]["eval_loss"] - rows["baseline"]["eval_loss"], 4),
+        "peak_rss": round(rows["recipe"]["peak_rss_mb"] / rows["baseline"]["peak_rss_mb"], 2),
+    }
+    rows["load_avg_before"] = [round(x, 2) for x in load]
+    rows["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
