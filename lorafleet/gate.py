@@ -44,6 +44,7 @@ def decide(
     eval_loss_candidate: float,
     metrics: dict[str, float],
     production: dict | None = None,
+    judge: dict | None = None,
 ) -> GateDecision:
     """Apply the expert's gate policy to its evaluation.
 
@@ -54,6 +55,8 @@ def decide(
         metrics: the candidate's task metrics.
         production: the production adapter's ``{"version", "eval_loss", "metrics"}`` on the
             same eval set, when one is registered; the candidate must not regress on it.
+        judge: the pairwise judge's result (:func:`lorafleet.evaluate.judge.aggregate` plus
+            ``"reference"``, the arm judged against); required when the policy sets ``judge``.
 
     Returns:
         The decision with one reason per rule.
@@ -76,6 +79,8 @@ def decide(
         decision.rules.append(
             RuleResult(rule=f"min-{name}", passed=ok, value=value, threshold=floor, message=f"{name} {shown} (min {floor})")
         )
+    if policy.judge is not None:
+        decision.rules.append(_judge_rule(policy.judge.min_win_rate_lower_bound, judge))
     if production is None:
         return decision
     version, prod_loss = production["version"], production["eval_loss"]
@@ -105,3 +110,21 @@ def decide(
             )
         )
     return decision
+
+
+def _judge_rule(floor: float, judge: dict | None) -> RuleResult:
+    """The candidate's judged win rate, on its lower confidence bound, must reach ``floor``."""
+    if not judge or judge.get("ci_low") is None:
+        return RuleResult("judge-win-rate-lower-bound", False, None, floor, f"no judge verdicts (min lower bound {floor})")
+    low = judge["ci_low"]
+    outcomes = judge["outcomes"]
+    return RuleResult(
+        rule="judge-win-rate-lower-bound",
+        passed=low >= floor,
+        value=low,
+        threshold=floor,
+        message=f"win rate vs {judge.get('reference', 'reference')} {judge['win_rate']:.3f} "
+        f"({judge['confidence']:.0%} CI {low:.3f}-{judge['ci_high']:.3f}, {judge['items']} items x 2 orders; "
+        f"{outcomes['win']} won, {outcomes['loss']} lost, {outcomes['tie']} tied, "
+        f"{outcomes['unparseable']} unparseable scored as ties) (min lower bound {floor})",
+    )

@@ -23,7 +23,8 @@ __all__ = ["BASE_ADAPTER", "FinishReason", "GenerationRequest", "GenerationResul
 # PEFT's name for "no adapter" in ``adapter_names``.
 BASE_ADAPTER = "__base__"
 
-FinishReason = Literal["stop", "length"]
+# "cancelled": the caller went away (a disconnected client) and the row stopped early.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class GenerationResult:
         text: the generated text, without the eos token and cut before any stop string.
         token_ids: the generated token ids, the eos token included when it ended the row.
         prompt_tokens: length of the prompt in tokens.
-        finish_reason: ``"stop"`` (eos or a stop string) or ``"length"`` (max_new_tokens).
+        finish_reason: ``"stop"`` (eos or a stop string), ``"length"`` (max_new_tokens) or
+            ``"cancelled"`` (``is_cancelled`` said so; the text is what was made until then).
     """
 
     text: str
@@ -125,6 +127,8 @@ class Generator:
         base_dir: Hugging Face model directory (or hub id) whose tokenizer has a chat template.
         adapters: adapter name -> PEFT adapter directory, loaded now.
         device: torch device to run on.
+        dtype: weight dtype (``torch.bfloat16`` on a GPU); the checkpoint's when ``None``.
+            Attention runs through PyTorch SDPA on every device.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class Generator:
         base_dir: str | Path,
         adapters: Mapping[str, str | Path] | None = None,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +145,11 @@ class Generator:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._model = AutoModelForCausalLM.from_pretrained(base_dir).to(self.device).eval()
+        self._model = (
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation="sdpa")
+            .to(self.device)
+            .eval()
+        )
         self._peft = None
         self._adapters: dict[str, Path] = {}
         for name, path in (adapters or {}).items():
@@ -209,10 +218,24 @@ class Generator:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
+    def next_token_logits(self, request: GenerationRequest) -> torch.Tensor:
+        """The logits of the first generated token for one request (no decoding).
+
+        Returns:
+            A float32 tensor of shape (V,) on the CPU.
+        """
+        adapter = self._adapter_key(request.adapter)
+        input_ids = torch.tensor([self._prompt_ids(request)], device=self.device)  # (1, T)
+        routing = {"adapter_names": [adapter]} if self._peft is not None else {}
+        logits = self.model(input_ids=input_ids, **routing).logits  # (1, T, V)
+        return logits[0, -1].float().cpu()
+
+    @torch.inference_mode()
     def generate(
         self,
         requests: Sequence[GenerationRequest],
         on_delta: Callable[[int, str], None] | None = None,
+        is_cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
         """Generate greedily for all requests in one mixed-adapter batch.
 
@@ -220,6 +243,9 @@ class Generator:
             requests: the requests; each names its adapter (or ``None`` for the base).
             on_delta: called as ``on_delta(i, text)`` whenever request ``i`` has new final
                 text; the texts of one request add up to its result's ``text``.
+            is_cancelled: polled as ``is_cancelled(i)`` after each forward pass; a row it is
+                true for stops with ``finish_reason="cancelled"``, and the batch stops early
+                once every row has finished.
 
         Returns:
             One result per request, in order.
@@ -258,6 +284,8 @@ class Generator:
             past = out.past_key_values
             next_ids = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
             for i, row in enumerate(rows):
+                if row.finish_reason is None and is_cancelled is not None and is_cancelled(i):
+                    row.finish_reason = "cancelled"
                 if row.finish_reason is None:
                     delta = row.push(int(next_ids[i]), self.tokenizer, eos_id)
                     if delta and on_delta is not None:

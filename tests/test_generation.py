@@ -144,3 +144,35 @@ def test_bad_adapters_are_refused(generator: Generator, tmp_path: Path) -> None:
 def test_invalid_requests(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         GenerationRequest(**kwargs)
+
+
+def test_cancelled_rows_stop_and_the_others_are_unchanged(generator: Generator) -> None:
+    # Given a batch where row 0 is cancelled after its third token
+    requests = [
+        chat("Write a proposal.", "proposal-writer", max_new_tokens=12),
+        chat("Analyze the job.", "job-analyzer", max_new_tokens=12),
+    ]
+    alone = [generator.generate([r])[0] for r in requests]
+    tokens = {0: 0}
+
+    def count(i: int, text: str) -> None:
+        tokens[0] += i == 0
+
+    def is_cancelled(i: int) -> bool:
+        return i == 0 and tokens[0] >= 3
+
+    # When the batch runs
+    results = generator.generate(requests, on_delta=count, is_cancelled=is_cancelled)
+    # Then row 0 stopped early and row 1 got what it gets alone
+    assert results[0].finish_reason == "cancelled"
+    assert results[0].completion_tokens < alone[0].completion_tokens
+    assert results[0].token_ids == alone[0].token_ids[: results[0].completion_tokens]
+    assert results[1] == alone[1]
+
+
+def test_next_token_logits_match_the_first_generated_token(generator: Generator) -> None:
+    for adapter in [None, *generator.adapters]:
+        request = chat("Write a proposal.", adapter, max_new_tokens=1)
+        logits = generator.next_token_logits(request)
+        assert logits.shape == (generator.model.config.vocab_size,)
+        assert int(logits.argmax()) == generator.generate([request])[0].token_ids[0]

@@ -1,0 +1,136 @@
+"""The pairwise judge: verdict parsing, position-bias cancelling, ties, the seeded bootstrap,
+and the whole path against the project's own OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lorafleet.evaluate.judge import (
+    JudgeClient,
+    aggregate,
+    bootstrap_ci,
+    judge_pairwise,
+    judge_prompt,
+    parse_verdict,
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("A is specific and on task.\n[[A]]", "A"),
+        ("first looked fine [[B]] but on reflection [[tie]]", "tie"),  # the last bracketed verdict counts
+        ("Verdict: b", "B"),
+        ("**Winner:** A", "A"),
+        (" tie. ", "tie"),
+        ("B", "B"),
+        ("Both are about the same, hard to say.", "unparseable"),
+        ("Answer A and answer B", "unparseable"),
+        ("", "unparseable"),
+    ],
+)
+def test_parse_verdict(reply: str, verdict: str) -> None:
+    assert parse_verdict(reply) == verdict
+
+
+def test_a_judge_that_always_picks_position_a_cancels_out() -> None:
+    # The candidate is A in the first order and B in the second: one win and one loss per item.
+    result = aggregate([("A", "A")] * 10)
+    assert result["win_rate"] == 0.5
+    assert result["outcomes"] == {"win": 10, "loss": 10, "tie": 0, "unparseable": 0}
+    assert result["position_consistency"] == 0.0
+
+
+def test_consistent_wins_ties_and_unparseable_verdicts() -> None:
+    # 6 items won in both orders, 2 tied, 2 with gibberish in both orders (scored as ties).
+    verdicts = [("A", "B")] * 6 + [("tie", "tie")] * 2 + [("unparseable", "unparseable")] * 2
+    result = aggregate(verdicts, resamples=2000, seed=3)
+    assert result["items"] == 10
+    assert result["win_rate"] == pytest.approx((6 + 0.5 * 4) / 10)
+    assert result["outcomes"] == {"win": 12, "loss": 0, "tie": 4, "unparseable": 4}
+    assert result["position_consistency"] == 0.8  # gibberish pairs do not count as agreeing
+    assert result["ci_low"] <= result["win_rate"] <= result["ci_high"]
+    assert 0.5 < result["ci_low"] < result["ci_high"] < 1.0
+
+
+def test_bootstrap_is_seeded_and_narrows_with_more_items() -> None:
+    scores = [1.0, 0.0, 0.5, 1.0, 1.0, 0.5, 0.0, 1.0]
+    assert bootstrap_ci(scores, seed=7) == bootstrap_ci(scores, seed=7)
+    # With few resamples the seed shows in the interval.
+    assert bootstrap_ci(scores, resamples=100, seed=7) != bootstrap_ci(scores, resamples=100, seed=8)
+    low, high = bootstrap_ci(scores)
+    low_many, high_many = bootstrap_ci(scores * 20)
+    assert high_many - low_many < high - low
+    assert bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+
+
+def test_judge_pairwise_asks_both_orders() -> None:
+    asked: list[str] = []
+
+    def judge(messages) -> str:
+        # A judge that prefers the longer answer wherever it is shown.
+        text = messages[-1]["content"]
+        asked.append(text)
+        a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+        b = text.split("Answer B:\n")[1].split("\n\nVerdict?")[0]
+        return "[[A]]" if len(a) > len(b) else "[[B]]"
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    result = judge_pairwise(judge, prompts, ["a long answer"] * 3 + ["x"], ["short"] * 3 + ["much longer"], resamples=200)
+    assert len(asked) == 8
+    assert "Answer A:\na long answer" in asked[0] and "Answer B:\na long answer" in asked[1]
+    assert result["win_rate"] == 0.75
+    assert result["outcomes"] == {"win": 6, "loss": 2, "tie": 0, "unparseable": 0}
+    assert result["examples"][0]["verdicts"] == ["A", "B"]
+
+
+def test_judge_prompt_shows_the_request_and_both_answers() -> None:
+    chat = judge_prompt([{"role": "user", "content": "Analyze this job"}], "first", "second")
+    assert chat[0]["role"] == "system" and "[[TIE]]" in chat[0]["content"]
+    assert "Analyze this job" in chat[1]["content"] and chat[1]["content"].index("first") < chat[1]["content"].index("second")
+
+
+@pytest.mark.integration
+def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
+    """The tiny base judges through the runtime's /openai/v1: its replies are gibberish,
+    so every verdict is unparseable and scored as a tie, and the gate's bar of 0.5 on the
+    lower bound is not met by a judge that cannot decide."""
+    from lorafleet.evaluate.judge import SCORE
+    from lorafleet.fleet import GateJudge, GatePolicy
+    from lorafleet.gate import decide
+    from lorafleet.serve.runtime import run_server_subprocess
+
+    prompts = [[{"role": "user", "content": f"Write a title for job {i}."}] for i in range(3)]
+    with run_server_subprocess(tiny_base, {}) as url:
+        client = JudgeClient(url + "/openai/v1", "base", max_tokens=8)
+        result = judge_pairwise(client.complete, prompts, ["Data engineer"] * 3, ["A job"] * 3, resamples=200)
+    outcomes = result["outcomes"]
+    assert sum(outcomes.values()) == 6
+    assert all(isinstance(e["candidate_as_a"], str) for e in result["examples"])
+    assert result["win_rate"] == pytest.approx(
+        sum(SCORE[k] * v for k, v in outcomes.items()) / 6
+    )
+    assert outcomes["unparseable"] >= 1  # a 300-token toy model does not write [[A]]
+    policy = GatePolicy(max_loss_ratio=2.0, judge=GateJudge(base_url=url, model="base", min_win_rate_lower_bound=0.5))
+    decision = decide(policy, 2.0, 1.0, {}, judge={**result, "reference": "production"})
+    rule = decision.rules[-1]
+    assert rule.rule == "judge-win-rate-lower-bound"
+    assert rule.passed == (result["ci_low"] >= 0.5)
+    assert "unparseable scored as ties" in rule.message
+
+
+def test_judge_client_reports_an_unreachable_endpoint() -> None:
+    from lorafleet.errors import LorafleetError
+
+    with pytest.raises(LorafleetError, match=re.escape("judge: http://127.0.0.1:9/v1/chat/completions")):
+        JudgeClient("http://127.0.0.1:9/v1", "m", timeout=2).complete([{"role": "user", "content": "hi"}])
+
+
+def test_judge_client_needs_its_key(monkeypatch) -> None:
+    from lorafleet.errors import LorafleetError
+
+    monkeypatch.delenv("LORAFLEET_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(LorafleetError, match="LORAFLEET_TEST_JUDGE_KEY"):
+        JudgeClient("http://127.0.0.1:9/v1", "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY").complete([])
