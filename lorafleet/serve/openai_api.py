@@ -2,8 +2,13 @@
 
 ``POST /openai/v1/chat/completions`` and ``POST /openai/v1/completions`` (both also with
 ``stream: true``: server-sent events ending in ``data: [DONE]``), and
-``GET /openai/v1/models``, which lists the base and every adapter (``parent`` = the base).
-``model`` names the base or an adapter. Decoding is always greedy: sampling parameters
+``GET /openai/v1/models``, which lists the base, every adapter and every route (``parent``
+= the base). ``model`` names the base, an adapter or a route of the runtime's
+:class:`~lorafleet.serve.router.RouteTable`; the adapter that answered is in the
+``x-lorafleet-adapter`` response header. A full queue answers 429 and a request past its
+deadline 503, both with ``Retry-After``; a client that disconnects stops its row's
+decoding. Every answer is counted in :class:`~lorafleet.serve.metrics.ServingMetrics`.
+Decoding is always greedy: sampling parameters
 (``temperature``, ``top_p``, ...) are accepted and ignored. Errors have OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -24,7 +29,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from lorafleet.errors import LorafleetError
 from lorafleet.generation import FinishReason, GenerationRequest, GenerationResult
+from lorafleet.serve.batching import Overloaded
 
 if TYPE_CHECKING:
     from lorafleet.serve.runtime import LorafleetRuntime
@@ -130,10 +137,15 @@ class CompletionRequest(_CompletionRequest):
 
 
 def _error(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:
@@ -148,24 +160,64 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _timed_out(runtime: LorafleetRuntime) -> str:
+    return f"request timed out after {runtime.request_timeout_s:g} s (server busy); retry later"
+
+
+async def _until_disconnected(http: Request, poll_s: float = 0.25) -> None:
+    while not await http.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+class _Call:
+    """One completion request on its way through the runtime, for metrics and headers."""
+
+    def __init__(self, runtime: LorafleetRuntime, model: str, adapter: str) -> None:
+        self.runtime, self.model, self.adapter = runtime, model, adapter
+        self.start = time.perf_counter()
+        self.headers = {"x-lorafleet-adapter": adapter}
+
+    def done(self, status: int, result: GenerationResult | None = None) -> None:
+        tokens = (result.prompt_tokens, result.completion_tokens) if result else (0, 0)
+        self.runtime.metrics.observe(
+            self.model, self.adapter, status, time.perf_counter() - self.start, *tokens
+        )
+
+    def retry_headers(self) -> dict[str, str]:
+        return {**self.headers, "retry-after": str(self.runtime.batcher.retry_after_s())}
+
+
 async def _stream(
-    runtime: LorafleetRuntime,
+    call: _Call,
     body: _CompletionRequest,
-    request: GenerationRequest,
+    future: asyncio.Future[GenerationResult],
+    texts: asyncio.Queue[str | None],
     head: dict[str, Any],
 ) -> AsyncIterator[str]:
     def chunk(choice: dict[str, Any]) -> str:
         return _event({**head, "object": body.chunk_object, "choices": [{"index": 0, **choice}]})
 
-    texts: asyncio.Queue[str | None] = asyncio.Queue()
-    task = asyncio.create_task(runtime.generate(request, on_delta=texts.put_nowait))
     # Deltas are queued on the loop before the result is set, so None comes last.
-    task.add_done_callback(lambda _: texts.put_nowait(None))
-    if body.opening_choice is not None:
-        yield chunk(body.opening_choice)
-    while (text := await texts.get()) is not None:
-        yield chunk(body.chunk_choice(text, None))
-    yield chunk(body.chunk_choice("", task.result().finish_reason))
+    future.add_done_callback(lambda _: texts.put_nowait(None))
+    status, result, error = 499, None, None  # 499 stays if the client goes away mid-stream
+    try:
+        if body.opening_choice is not None:
+            yield chunk(body.opening_choice)
+        async with asyncio.timeout(call.runtime.request_timeout_s):
+            while (text := await texts.get()) is not None:
+                yield chunk(body.chunk_choice(text, None))
+        result, status = future.result(), 200
+    except TimeoutError:
+        status, error = 503, _timed_out(call.runtime)
+    except LorafleetError as exc:  # the adapter was unloaded while the request queued
+        status, error = 404, str(exc)
+    finally:
+        future.cancel()  # no-op when done; stops the row when the client went away
+        call.done(status, result)
+    if error is not None:
+        yield _event({"error": {"message": error, "code": status}})
+        return
+    yield chunk(body.chunk_choice("", result.finish_reason))
     yield "data: [DONE]\n\n"
 
 
@@ -189,9 +241,12 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
             err = exc.errors()[0]
             param = ".".join(map(str, err["loc"])) or None
             return _error(400, f"{param or 'body'}: {err['msg']}", param=param)
+        served = runtime.routes.resolve(body.model, http.headers)
+        call = _Call(runtime, body.model, served)
         try:
-            adapter = runtime.adapter_for(body.model)
+            adapter = runtime.adapter_for(served)
         except KeyError:
+            call.done(404)
             return _error(
                 404,
                 f"The model `{body.model}` does not exist.",
@@ -204,14 +259,44 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
             "created": int(time.time()),
             "model": body.model,
         }
+        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        try:
+            future = runtime.batcher.enqueue(request, texts.put_nowait if body.stream else None)
+        except Overloaded as exc:
+            call.done(429)
+            return _error(429, str(exc), code="overloaded", headers=call.retry_headers())
         if body.stream:
             return StreamingResponse(
-                _stream(runtime, body, request, head), media_type="text/event-stream"
+                _stream(call, body, future, texts, head),
+                media_type="text/event-stream",
+                headers=call.headers,
             )
-        result = await runtime.generate(request)
+        watch = asyncio.create_task(_until_disconnected(http))
+        try:
+            await asyncio.wait(
+                [future, watch],
+                timeout=runtime.request_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            watch.cancel()
+        if not future.done():
+            future.cancel()  # timed out, or the client went away: drop the work
+            if watch.done() and not watch.cancelled():
+                call.done(499)
+                return Response(status_code=499)
+            call.done(503)
+            return _error(503, _timed_out(runtime), code="timeout", headers=call.retry_headers())
+        try:
+            result = future.result()
+        except LorafleetError as exc:  # the adapter was unloaded while the request queued
+            call.done(404)
+            return _error(404, str(exc), param="model", code="model_not_found")
+        call.done(200, result)
         choice = {"index": 0, **body.choice(result.text, result.finish_reason)}
         return JSONResponse(
-            {**head, "object": body.object, "choices": [choice], "usage": _usage(result)}
+            {**head, "object": body.object, "choices": [choice], "usage": _usage(result)},
+            headers=call.headers,
         )
 
     @router.post("/chat/completions")
@@ -236,6 +321,10 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
 
         data = [card(runtime.name, str(runtime.base_dir), None)]
         data += [card(name, str(path), runtime.name) for name, path in runtime.adapters.items()]
+        data += [
+            card(name, route["targets"][0]["adapter"], runtime.name)
+            for name, route in runtime.routes.as_dict().items()
+        ]
         return {"object": "list", "data": data}
 
     return router

@@ -1,13 +1,19 @@
 """The lorafleet serving runtime: one base model and many LoRA adapters behind KServe.
 
 :class:`LorafleetRuntime` is a ``kserve.Model``; ``load()`` builds a
-:class:`~lorafleet.generation.Generator` holding every adapter. Requests pass through a
-:class:`MicroBatcher`: those that arrive within a few milliseconds of each other share one
-mixed-adapter ``generate`` call, which runs on a worker thread so the event loop keeps
-serving. KServe serves v1/v2 health, readiness and metadata; the OpenAI-compatible
-endpoints (:mod:`lorafleet.serve.openai_api`) are mounted on KServe's FastAPI app.
+:class:`~lorafleet.generation.Generator` and admits every adapter through the checks of
+:mod:`lorafleet.serve.adapters`. Requests pass through a :class:`MicroBatcher`: those that
+arrive within a few milliseconds of each other share one mixed-adapter ``generate`` call
+(every decode step batched across them), which runs on a worker thread so the event loop
+keeps serving. The queue is bounded (a full queue answers 429 with ``Retry-After``), each
+request has a deadline (503 past it), and rows whose client went away stop decoding.
+Adapter loads and unloads at runtime run on the same worker thread, between batches.
 
-Run it with ``python -m lorafleet.serve.runtime --base DIR --adapter NAME=DIR ...``
+KServe serves v1/v2 health, readiness, metadata and ``/metrics``; the OpenAI-compatible
+endpoints (:mod:`lorafleet.serve.openai_api`), the admin API (:mod:`lorafleet.serve.admin`)
+and the route admin (:mod:`lorafleet.serve.router`) are mounted on KServe's FastAPI app.
+
+Run it with ``python -m lorafleet.serve.runtime --base DIR --adapter NAME=SOURCE ...``
 (or ``lorafleet serve``). Tests and the pipeline use :func:`run_server_subprocess`.
 """
 
@@ -16,126 +22,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import itertools
+import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from kserve import Model, ModelServer
 
 from lorafleet.errors import LorafleetError
 from lorafleet.generation import GenerationRequest, GenerationResult, Generator
+from lorafleet.serve.adapters import (
+    AdapterInfo,
+    AdapterRejected,
+    BaseModelInfo,
+    check_adapter_files,
+    check_changes_output,
+    resolve_source,
+    validate_name,
+)
+from lorafleet.serve.batching import (
+    DeltaCallback,
+    MicroBatcher,
+    Overloaded,
+    run_subset,
+)
+from lorafleet.serve.metrics import ServingMetrics
+from lorafleet.serve.router import RouteTable
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 __all__ = [
     "LorafleetRuntime",
     "MicroBatcher",
+    "Overloaded",
     "build_runtime",
     "main",
+    "mount",
     "run_server_subprocess",
     "serve",
     "wait_ready",
 ]
-
-DeltaCallback = Callable[[str], None]
-
-
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    on_delta: DeltaCallback | None
-    future: asyncio.Future[GenerationResult]
-
-
-class MicroBatcher:
-    """Runs requests that arrive close together as one :meth:`Generator.generate` call.
-
-    The first request of a batch waits up to ``max_wait_s`` for others, up to
-    ``max_batch_size`` in all; requests that queue while a batch runs form the next one.
-    Batches run one at a time on a single worker thread (the generator is not
-    thread-safe, and a batch is already the parallel unit).
-
-    Args:
-        generator: the generator that runs the batches.
-        max_batch_size: the most requests in one batch.
-        max_wait_s: how long the first request of a batch waits for company.
-    """
-
-    def __init__(
-        self, generator: Generator, max_batch_size: int = 8, max_wait_s: float = 0.01
-    ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.generator = generator
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.batch_sizes: Counter[int] = Counter()  # batch size -> generate calls
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-generate")
-
-    async def submit(
-        self, request: GenerationRequest, on_delta: DeltaCallback | None = None
-    ) -> GenerationResult:
-        """Queue one request and wait for its result.
-
-        Args:
-            request: what to generate.
-            on_delta: called on the event loop with each piece of new final text.
-
-        Returns:
-            The request's result.
-        """
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(request, on_delta, future))
-        return await future
-
-    def close(self) -> None:
-        """Stop the worker; requests not yet answered stay unanswered."""
-        if self._worker is not None:
-            self._worker.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.max_wait_s):
-                while len(batch) < self.max_batch_size:
-                    batch.append(await self._queue.get())
-        return batch
-
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_delta(i: int, text: str) -> None:  # runs on the worker thread
-            if batch[i].on_delta is not None:
-                loop.call_soon_threadsafe(batch[i].on_delta, text)
-
-        self.batch_sizes[len(batch)] += 1
-        try:
-            results = await loop.run_in_executor(
-                self._executor, self.generator.generate, [p.request for p in batch], on_delta
-            )
-        except Exception as exc:
-            for pending in batch:
-                if not pending.future.done():  # done: the caller went away
-                    pending.future.set_exception(exc)
-            return
-        for pending, result in zip(batch, results, strict=True):
-            if not pending.future.done():
-                pending.future.set_result(result)
-
-    async def _run(self) -> None:
-        while True:
-            await self._run_batch(await self._next_batch())
 
 
 class LorafleetRuntime(Model):
@@ -144,12 +79,21 @@ class LorafleetRuntime(Model):
     Args:
         name: the base model's served name: its KServe model name and OpenAI ``model`` id.
         base_dir: the base model directory (or hub id).
-        adapters: adapter name (its OpenAI ``model`` id) -> adapter directory.
+        adapters: adapter name (its OpenAI ``model`` id) -> adapter source (directory,
+            ``pvc://``, ``s3://``, ``gs://``); each must pass the admission checks.
         max_batch_size: the most requests in one generate call.
         max_wait_s: how long a request waits for others to share its batch.
+        max_queue: the most requests waiting for a batch (more get 429).
+        request_timeout_s: a request's deadline, queueing included (later: 503).
+        max_rank: the largest LoRA rank admitted.
+        require_lineage: refuse adapters without ``lineage.json``.
+        adapter_cache: where s3:// and gs:// adapters are downloaded.
+        routes: public model name -> weighted adapter versions.
+        metrics: where to count; a fresh registry when ``None``.
+        probe: the user message of the "adapter changes the output" check.
 
     Raises:
-        LorafleetError: if an adapter has the base model's name.
+        LorafleetError: if an adapter has the base model's name or an invalid name.
     """
 
     def __init__(
@@ -159,25 +103,72 @@ class LorafleetRuntime(Model):
         adapters: Mapping[str, str | Path],
         max_batch_size: int = 8,
         max_wait_s: float = 0.01,
+        *,
+        max_queue: int = 256,
+        request_timeout_s: float = 120.0,
+        max_rank: int = 64,
+        require_lineage: bool = False,
+        adapter_cache: str | Path | None = None,
+        routes: RouteTable | None = None,
+        metrics: ServingMetrics | None = None,
+        probe: str = "Write a short answer.",
     ) -> None:
         super().__init__(name)
         if name in adapters:
             raise LorafleetError(
                 f"adapter {name!r} has the base model's served name; rename one of them"
             )
+        for adapter in adapters:
+            validate_name(adapter)
         self.base_dir = base_dir
-        self.adapters = {n: Path(p) for n, p in adapters.items()}
+        self.adapters: dict[str, Path] = {}  # served name -> local directory
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.max_rank = max_rank
+        self.require_lineage = require_lineage
+        self.routes = routes or RouteTable()
+        self.metrics = metrics or ServingMetrics()
         self.batcher: MicroBatcher | None = None
+        self._sources = dict(adapters)
+        self._probe = probe
+        self._cache = Path(adapter_cache or tempfile.mkdtemp(prefix="lorafleet-adapters-"))
+        self._infos: dict[str, AdapterInfo] = {}
+        self._keys: dict[str, str] = {}  # served name -> generator key of the serving version
+        self._versions = itertools.count(1)
+        self._generator: Generator | None = None
+        self._base_info: BaseModelInfo | None = None
+        self._base_logits: Any = None
 
     def load(self) -> bool:
-        """Load the base model and every adapter (on the GPU when there is one)."""
+        """Load the base (bf16 on a GPU) and admit every adapter.
+
+        Raises:
+            AdapterRejected: if a startup adapter fails a check.
+        """
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        generator = Generator(self.base_dir, self.adapters, device=device)
-        self.batcher = MicroBatcher(generator, self.max_batch_size, self.max_wait_s)
+        from lorafleet.base import fingerprint_model
+
+        cuda = torch.cuda.is_available()
+        self._generator = Generator(
+            self.base_dir, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else None
+        )
+        self._base_info = BaseModelInfo.from_model(
+            self._generator.model, fingerprint_model(self.base_dir)
+        )
+        self._base_logits = self._generator.next_token_logits(self._probe_request(None))
+        for name, source in self._sources.items():
+            self._install(self._check(name, source))
+        self.batcher = MicroBatcher(
+            self._generator,
+            self.max_batch_size,
+            self.max_wait_s,
+            max_queue=self.max_queue,
+            run_batch=self._run_batch,
+        )
+        self.metrics.track_queue(lambda: self.batcher.queue_depth)
         self.ready = True
         return self.ready
 
@@ -187,6 +178,10 @@ class LorafleetRuntime(Model):
             self.batcher.close()
         super().stop()
 
+    def has_adapter(self, name: str) -> bool:
+        """Whether an adapter of that served name is loaded."""
+        return name in self._keys
+
     def adapter_for(self, model: str) -> str | None:
         """The adapter behind an OpenAI ``model`` id; ``None`` for the base.
 
@@ -195,9 +190,22 @@ class LorafleetRuntime(Model):
         """
         if model == self.name:
             return None
-        if model not in self.adapters:
+        if model not in self._keys:
             raise KeyError(model)
         return model
+
+    def adapter_table(self) -> list[dict[str, Any]]:
+        """The served adapters, JSON-ready: name, path, rank, base fingerprint."""
+        return [
+            {
+                "name": info.name,
+                "path": str(info.path),
+                "rank": info.rank,
+                "target_modules": list(info.target_modules),
+                "base_fingerprint": info.base_fingerprint,
+            }
+            for info in self._infos.values()
+        ]
 
     async def generate(
         self, request: GenerationRequest, on_delta: DeltaCallback | None = None
@@ -205,7 +213,87 @@ class LorafleetRuntime(Model):
         """Generate through the micro-batcher; see :meth:`MicroBatcher.submit`."""
         if self.batcher is None:
             raise RuntimeError(f"runtime {self.name!r} is not loaded")
-        return await self.batcher.submit(request, on_delta)
+        return await self.batcher.submit(request, on_delta, self.request_timeout_s)
+
+    async def load_adapter(self, name: str, source: str | Path) -> AdapterInfo:
+        """Check and load an adapter while serving; a loaded version of ``name`` is replaced
+        only once the new one passed every check.
+
+        Raises:
+            AdapterRejected: if a check fails (the served version, if any, stays).
+        """
+        if self.batcher is None:
+            raise RuntimeError(f"runtime {self.name!r} is not loaded")
+        # Download and file checks off the worker thread; only the load pauses batches.
+        info = await asyncio.to_thread(self._check, name, source)
+        await self.batcher.run_exclusive(self._install, info)
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload an adapter; requests already queued for it fail with 404.
+
+        Raises:
+            KeyError: if no adapter of that name is loaded.
+        """
+        if name not in self._keys:
+            raise KeyError(name)
+        await self.batcher.run_exclusive(self._uninstall, name)
+
+    def _probe_request(self, key: str | None) -> GenerationRequest:
+        return GenerationRequest(messages=[{"role": "user", "content": self._probe}], adapter=key)
+
+    def _check(self, name: str, source: str | Path) -> AdapterInfo:
+        validate_name(name)
+        if name == self.name:
+            raise AdapterRejected(name, "name", "is the base model's served name")
+        path = resolve_source(name, source, self._cache)
+        return check_adapter_files(name, path, self._base_info, self.max_rank, self.require_lineage)
+
+    def _install(self, info: AdapterInfo) -> None:
+        """Load the weights under a fresh key, probe them, then switch the name to them."""
+        key = f"{info.name}__{next(self._versions)}"
+        try:
+            self._generator.add_adapter(key, info.path)
+        except Exception as exc:  # PEFT's own errors: one line is the useful part
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AdapterRejected(info.name, "load", detail) from None
+        try:
+            check_changes_output(
+                info.name,
+                self._base_logits,
+                self._generator.next_token_logits(self._probe_request(key)),
+            )
+        except AdapterRejected:
+            self._generator.remove_adapter(key)
+            raise
+        old = self._keys.get(info.name)
+        self._keys[info.name] = key
+        self._infos[info.name] = info
+        self.adapters[info.name] = info.path
+        if old is not None:
+            self._generator.remove_adapter(old)
+
+    def _uninstall(self, name: str) -> None:
+        key = self._keys.pop(name)
+        del self._infos[name], self.adapters[name]
+        self._generator.remove_adapter(key)
+
+    def _run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_delta: Callable[[int, str], None],
+        is_cancelled: Callable[[int], bool],
+    ) -> list[GenerationResult | Exception]:
+        """Map served names to the keys of their serving versions and run the batch; a
+        request whose adapter was unloaded since it queued gets an error of its own."""
+        out: list[GenerationResult | Exception] = [
+            LorafleetError(f"adapter {r.adapter!r} is not loaded") for r in requests
+        ]
+        live = [i for i, r in enumerate(requests) if r.adapter is None or r.adapter in self._keys]
+        mapped = [dataclasses.replace(r, adapter=self._keys.get(r.adapter)) for r in requests]
+        for i, result in run_subset(self._generator.generate, mapped, live, on_delta, is_cancelled):
+            out[i] = result
+        return out
 
 
 class _HostModelServer(ModelServer):
@@ -232,10 +320,11 @@ def build_runtime(
     name: str = "base",
     max_batch_size: int = 8,
     max_wait_s: float = 0.01,
+    **options: Any,
 ) -> LorafleetRuntime:
-    """Build and load a runtime (arguments as for :class:`LorafleetRuntime`)."""
+    """Build and load a runtime (arguments and ``options`` as for :class:`LorafleetRuntime`)."""
     runtime = LorafleetRuntime(
-        name, base_dir, adapters, max_batch_size=max_batch_size, max_wait_s=max_wait_s
+        name, base_dir, adapters, max_batch_size=max_batch_size, max_wait_s=max_wait_s, **options
     )
     runtime.load()
     return runtime
@@ -249,26 +338,49 @@ def serve(
     name: str = "base",
     max_batch_size: int = 8,
     max_wait_s: float = 0.01,
+    admin_token: str | None = None,
+    **options: Any,
 ) -> None:
     """Load a runtime and serve it until SIGINT/SIGTERM.
 
     Args:
         base_dir: the base model directory (or hub id).
-        adapters: adapter name -> adapter directory.
+        adapters: adapter name -> adapter source.
         host: the address to listen on; ``0.0.0.0`` inside a cluster pod.
-        port: the HTTP port (KServe v1/v2 and ``/openai/v1``).
+        port: the HTTP port (KServe v1/v2, ``/metrics``, ``/openai/v1`` and ``/admin``).
         name: the base model's served name.
         max_batch_size: the most requests in one generate call.
         max_wait_s: how long a request waits for others to share its batch.
+        admin_token: bearer token of the admin API; ``None`` disables it.
+        **options: further :class:`LorafleetRuntime` keyword arguments.
     """
     from kserve.model_server import app
+    from prometheus_client import REGISTRY
 
-    from lorafleet.serve.openai_api import openai_router
-
-    runtime = build_runtime(base_dir, adapters, name, max_batch_size, max_wait_s)
+    # KServe's /metrics exposes the default registry: count there.
+    options.setdefault("metrics", ServingMetrics(REGISTRY))
+    runtime = build_runtime(base_dir, adapters, name, max_batch_size, max_wait_s, **options)
     # KServe builds its routes on this module-level app when it starts; ours go in first.
-    app.include_router(openai_router(runtime))
+    mount(app, runtime, admin_token)
     _HostModelServer(host=host, http_port=port, enable_grpc=False).start([runtime])
+
+
+def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> None:
+    """Add the runtime's own routes to a FastAPI app: ``/openai/v1``, ``/admin/adapters``
+    and ``/admin/routes`` (KServe adds health, v1/v2 and ``/metrics`` itself).
+
+    Args:
+        app: the app (KServe's, or a bare one in tests).
+        runtime: a loaded runtime.
+        admin_token: bearer token of ``/admin``; ``None`` disables it.
+    """
+    from lorafleet.serve.admin import adapters_admin_router
+    from lorafleet.serve.openai_api import openai_router
+    from lorafleet.serve.router import routes_admin_router
+
+    app.include_router(openai_router(runtime))
+    app.include_router(adapters_admin_router(runtime, admin_token))
+    app.include_router(routes_admin_router(runtime.routes, admin_token, runtime.has_adapter))
 
 
 def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
@@ -311,15 +423,20 @@ def run_server_subprocess(
     port: int | None = None,
     name: str = "base",
     timeout: float = 120.0,
+    *,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """Run the runtime in a child process on 127.0.0.1 for the length of a ``with`` block.
 
     Args:
         base_dir: the base model directory.
-        adapters: adapter name -> adapter directory.
+        adapters: adapter name -> adapter source.
         port: the port; a free one when ``None``.
         name: the base model's served name.
         timeout: seconds to wait for readiness.
+        extra_args: more command-line options (see :func:`main`), e.g. ``["--max-queue", "8"]``.
+        env: variables added to the child's environment (e.g. ``LORAFLEET_ADMIN_TOKEN``).
 
     Yields:
         The server's base URL, e.g. ``http://127.0.0.1:41234``.
@@ -330,12 +447,14 @@ def run_server_subprocess(
     """
     port = port or _free_port()
     cmd = [sys.executable, "-m", "lorafleet.serve.runtime", "--base", str(base_dir), "--name", name]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), *extra_args]
     for adapter, path in adapters.items():
         cmd += ["--adapter", f"{adapter}={path}"]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         try:
             try:
                 wait_ready(url, timeout, process)
@@ -365,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lorafleet.serve.runtime",
         description="Serve a base model and its LoRA adapters: KServe v1/v2 health and "
-        "metadata, and an OpenAI-compatible API under /openai/v1 (model = adapter name).",
+        "metadata, /metrics, an OpenAI-compatible API under /openai/v1 (model = adapter or "
+        "route name) and an admin API under /admin (bearer token).",
     )
     parser.add_argument("--base", required=True, help="base model directory (Hugging Face format)")
     parser.add_argument(
@@ -373,8 +493,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=_adapter_arg,
         action="append",
         default=[],
-        metavar="NAME=DIR",
-        help="a PEFT LoRA adapter, served as model NAME; repeat for more",
+        metavar="NAME=SOURCE",
+        help="a PEFT LoRA adapter (directory, pvc://, s3://, gs://), served as model NAME; "
+        "repeat for more",
     )
     parser.add_argument(
         "--name", default="base", help="served name of the base model (default: %(default)s)"
@@ -397,6 +518,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=10.0,
         help="how long a request waits for others to share its batch (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="most requests waiting; more get 429 + Retry-After (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take, queueing included; later 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-rank", type=int, default=64, help="largest LoRA rank admitted (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--require-lineage",
+        action="store_true",
+        help="refuse adapters without lineage.json (default: check it when present)",
+    )
+    parser.add_argument("--routes", help='JSON file: {"routes": {NAME: {"targets": [...]}}}')
+    parser.add_argument(
+        "--admin-token-env",
+        default="LORAFLEET_ADMIN_TOKEN",
+        help="environment variable holding the admin bearer token; unset disables /admin "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--adapter-cache", help="download directory of s3:// and gs:// adapters")
     args = parser.parse_args(argv)
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
@@ -410,6 +559,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.name,
             args.max_batch_size,
             args.max_wait_ms / 1000,
+            admin_token=os.environ.get(args.admin_token_env) or None,
+            max_queue=args.max_queue,
+            request_timeout_s=args.request_timeout,
+            max_rank=args.max_rank,
+            require_lineage=args.require_lineage,
+            routes=RouteTable.from_file(args.routes) if args.routes else None,
+            adapter_cache=args.adapter_cache,
         )
     except LorafleetError as exc:
         parser.exit(2, f"error: {exc}\n")

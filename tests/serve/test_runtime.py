@@ -200,3 +200,17 @@ def test_command_line_rejects_bad_adapters(
         main(argv)
     assert exit_.value.code == 2
     assert "adapter" in capsys.readouterr().err
+
+
+def test_command_line_refuses_a_bad_adapter_in_one_line(
+    tiny_base: Path, tiny_adapters: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["--base", str(tiny_base), "--max-rank", "4"]
+    argv += ["--adapter", f"job-analyzer={tiny_adapters['job-analyzer']}"]  # rank 8
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: adapter 'job-analyzer' rejected (rank): rank 8 exceeds the server's max rank 4"
+    )
