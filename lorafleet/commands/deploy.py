@@ -1,0 +1,91 @@
+"""``lorafleet deploy``: render the fleet's KServe objects for a cluster profile, or apply them.
+
+Objects are built from the typed kubernetes/kserve models (:mod:`lorafleet.deploy.render`)
+and validated offline before they are written or sent (:mod:`lorafleet.deploy.validate`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafleet.console import console
+
+app = typer.Typer(help="Render and apply the fleet's serving objects (KServe) for a cluster.", no_args_is_help=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="Cluster profile: aws, gcp or onprem (default: the spec's serving.profile).")
+]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="A local registry (or a copy of a remote one's index.json) naming the adapter versions."),
+]
+
+
+def _rendered(file: Path, profile: str | None, registry: Path | None) -> list[dict]:
+    from lorafleet.deploy.render import render, resolve_adapters
+    from lorafleet.deploy.validate import validate_manifests
+    from lorafleet.fleet import load_fleet
+
+    spec = load_fleet(file, check_files=False)
+    profile = profile or spec.serving.profile
+    objects = render(spec, profile, resolve_adapters(spec, registry))
+    validate_manifests(objects, f"deploy render {profile}")
+    return objects
+
+
+@app.command("render")
+def render_cmd(
+    file: SpecArg,
+    profile: ProfileOpt = None,
+    registry: RegistryOpt = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write one YAML file per object here (default: stdout).")] = None,
+) -> None:
+    """Render and validate the ServiceAccounts, RBAC, ServingRuntime, InferenceService,
+    PodDisruptionBudget, NetworkPolicy and ServiceMonitor that serve the fleet."""
+    from lorafleet.deploy.render import dump_yaml, write_objects
+
+    objects = _rendered(file, profile, registry)
+    if out is None:
+        typer.echo(dump_yaml(objects), nl=False)
+        return
+    for path in write_objects(objects, out):
+        console.print(f"wrote {path}")
+
+
+@app.command("apply")
+def apply_cmd(
+    file: SpecArg,
+    profile: ProfileOpt = None,
+    registry: RegistryOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the InferenceService to be Ready (0: do not wait).")] = 900,
+    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).")] = None,
+) -> None:
+    """Apply the rendered objects idempotently (create, or merge-patch what differs) and
+    wait until KServe reports the InferenceService Ready."""
+    from kubernetes import config
+    from kubernetes.client import ApiClient
+    from kubernetes.config.config_exception import ConfigException
+
+    from lorafleet.deploy.apply import apply_objects, wait_ready
+    from lorafleet.errors import LorafleetError
+
+    objects = _rendered(file, profile, registry)
+    try:
+        if kubeconfig is None and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists():
+            config.load_incluster_config()
+        else:
+            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)
+    except ConfigException as exc:
+        raise LorafleetError(f"kubeconfig: {exc}") from None
+    with ApiClient() as api:
+        for result in apply_objects(api, objects):
+            console.print(f"{result.kind}/{result.name}: {result.action}")
+        if timeout > 0:
+            isvc = next(o for o in objects if o["kind"] == "InferenceService")
+            with console.status(f"waiting for InferenceService/{isvc['metadata']['name']} to be Ready") as status:
+                wait_ready(api, isvc, timeout, on_poll=lambda s: status.update(f"InferenceService: {s}"))
+            console.print(f"InferenceService/{isvc['metadata']['name']}: Ready")

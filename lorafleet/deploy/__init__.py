@@ -1,0 +1,1 @@
+"""Cluster deployment: KServe objects rendered from the fleet spec, validated and applied."""

@@ -1,0 +1,427 @@
+"""Kubernetes objects for serving a fleet, built from typed models.
+
+Every object is a ``kubernetes.client`` or ``kserve`` model, turned into plain data with
+``ApiClient().sanitize_for_serialization``; nothing is assembled from YAML text. The
+ServiceMonitor (prometheus-operator) has no model in either client: it is the one plain
+mapping, and its typed parts (metadata, selector) still come from models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client as k8s
+
+from lorafleet.deploy.profiles import PROFILES, Profile, service_account_metadata
+from lorafleet.errors import LorafleetError
+from lorafleet.fleet import FleetSpec
+from lorafleet.io import atomic_write_text
+from lorafleet.registry import Registry
+
+__all__ = [
+    "PORT",
+    "RUNTIME_IMAGE",
+    "VLLM_IMAGE",
+    "dump_yaml",
+    "render",
+    "resolve_adapters",
+    "write_objects",
+]
+
+# Fixed tags: the release pipeline may pin digests on top (image@sha256:...).
+RUNTIME_IMAGE = "ghcr.io/lorafleet/lorafleet-runtime:0.1.0"
+VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+PORT = 8080
+UID = 10001  # the runtime image's user (lorafleet/serve/Dockerfile)
+BASE_MOUNT = "/mnt/models/base"
+ADAPTER_MOUNT = "/mnt/models/adapters"
+PIPELINE_SA = "lorafleet-pipeline"
+SERVING_SA = "lorafleet-serving"
+# Namespaces whose pods may call the predictor: the ingress gateway and Prometheus.
+INGRESS_NAMESPACES = ("istio-system", "monitoring")
+KSERVE = "serving.kserve.io"
+
+
+def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) -> dict[str, str]:
+    """The adapter version each expert serves: production, else the latest registered.
+
+    Args:
+        spec: the fleet.
+        registry_dir: a local registry (or a local copy of a remote one's index);
+            default: ``spec.registry.uri`` when it is a directory.
+
+    Returns:
+        expert name -> version (``v3``), in spec order; experts with no version are left out.
+
+    Raises:
+        LorafleetError: if the registry is remote and no local copy is given, or no
+            expert has a registered adapter.
+    """
+    root = registry_dir or spec.registry.uri
+    if "://" in str(root):
+        raise LorafleetError(f"registry {root}: remote; pass --registry DIR, a local copy of its index.json")
+    registry = Registry(root)
+    versions = {}
+    for expert in spec.experts:
+        entry = registry.production(expert.name) or registry.latest(expert.name)
+        if entry:
+            versions[expert.name] = entry["version"]
+    if not versions:
+        raise LorafleetError(f"registry {root}: no expert of fleet {spec.name!r} has a registered adapter")
+    return versions
+
+
+def _labels(spec: FleetSpec, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "lorafleet",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "lorafleet",
+    }
+
+
+def _meta(spec: FleetSpec, name: str, component: str, annotations: dict | None = None) -> k8s.V1ObjectMeta:
+    return k8s.V1ObjectMeta(
+        name=name, namespace=spec.serving.namespace, labels=_labels(spec, component), annotations=annotations or None
+    )
+
+
+def _storage_uris(spec: FleetSpec, profile: Profile) -> tuple[str, str]:
+    """(base URI, adapter store URI), checked against the profile's storage schemes."""
+    serving = spec.serving
+    base = serving.base_uri or f"hf://{spec.base.model}"
+    adapters = serving.adapter_store or spec.registry.uri
+    for field, uri in (("serving.base_uri", base), ("serving.adapter_store", adapters)):
+        scheme = uri.split("://", 1)[0] if "://" in uri else ""
+        if scheme not in profile.schemes:
+            raise LorafleetError(
+                f"{field}: {uri!r} cannot be read on profile {profile.name} "
+                f"(schemes: {', '.join(s + '://' for s in profile.schemes)})"
+            )
+    if adapters.startswith("hf://"):
+        raise LorafleetError("serving.adapter_store: the adapter store must be a bucket or PVC, not hf://")
+    return base, adapters
+
+
+def _security_context() -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        run_as_non_root=True,
+        run_as_user=UID,
+        run_as_group=UID,
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def _resources(spec: FleetSpec) -> k8s.V1ResourceRequirements:
+    gpus = spec.serving.gpus
+    # vLLM keeps the base weights and the KV cache on the GPU but pins host memory per GPU.
+    cpu, memory = ("4", "32Gi") if spec.serving.runtime == "vllm" else ("2", "8Gi")
+    requests = {"cpu": str(max(1, int(cpu) // 2)), "memory": memory}
+    limits = {"cpu": cpu, "memory": memory}
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
+    return k8s.V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def _probes(runtime: str) -> dict[str, k8s.V1Probe]:
+    ready = "/health" if runtime == "vllm" else "/v2/health/ready"
+    live = "/health" if runtime == "vllm" else "/v2/health/live"
+
+    def probe(path: str, period: int, failures: int) -> k8s.V1Probe:
+        return k8s.V1Probe(
+            http_get=k8s.V1HTTPGetAction(path=path, port=PORT),
+            period_seconds=period,
+            timeout_seconds=5,
+            failure_threshold=failures,
+        )
+
+    # Loading an 8B base can take minutes: the startup probe allows 30 min before liveness starts.
+    return {
+        "startup_probe": probe(ready, 10, 180),
+        "readiness_probe": probe(ready, 10, 3),
+        "liveness_probe": probe(live, 20, 3),
+    }
+
+
+def _scratch() -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """Writable scratch space: the root filesystem is read-only."""
+    names = {"tmp": "/tmp", "cache": "/home/lorafleet/.cache"}
+    volumes = [k8s.V1Volume(name=n, empty_dir=k8s.V1EmptyDirVolumeSource()) for n in names]
+    mounts = [k8s.V1VolumeMount(name=n, mount_path=p) for n, p in names.items()]
+    return volumes, mounts
+
+
+def _serving_runtime(spec: FleetSpec) -> Any:
+    from kserve import models as ks
+
+    runtime = spec.serving.runtime
+    volumes, mounts = _scratch()
+    env = [
+        k8s.V1EnvVar(name="HOME", value="/home/lorafleet"),
+        k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
+    ]
+    if runtime == "vllm":
+        image, fmt = VLLM_IMAGE, "vllm"
+        command = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+        args = ["--host", "0.0.0.0", "--port", str(PORT), "--model", BASE_MOUNT, "--served-model-name", "base"]
+    else:
+        image, fmt = RUNTIME_IMAGE, "lorafleet"
+        command = ["python", "-m", "lorafleet.serve.runtime"]
+        args = ["--host", "0.0.0.0", "--port", str(PORT), "--base", BASE_MOUNT]
+    container = k8s.V1Container(
+        name="kserve-container",
+        image=image,
+        command=command,
+        args=args,
+        env=env,
+        ports=[k8s.V1ContainerPort(container_port=PORT, name="http", protocol="TCP")],
+        security_context=_security_context(),
+        volume_mounts=mounts,
+        **_probes(runtime),
+    )
+    return ks.V1alpha1ServingRuntime(
+        api_version=f"{KSERVE}/v1alpha1",
+        kind="ServingRuntime",
+        metadata=_meta(spec, f"lorafleet-{runtime}", "runtime"),
+        spec=ks.V1alpha1ServingRuntimeSpec(
+            supported_model_formats=[ks.V1alpha1SupportedModelFormat(name=fmt, version="1", auto_select=True)],
+            protocol_versions=["v2"],
+            containers=[container],
+            volumes=volumes,
+        ),
+    )
+
+
+def _model_args(spec: FleetSpec, adapters: dict[str, str]) -> list[str]:
+    paths = [f"{name}={ADAPTER_MOUNT}/{name}/{version}" for name, version in adapters.items()]
+    serving = spec.serving
+    if serving.runtime == "vllm":
+        return [
+            "--enable-lora",
+            "--max-loras", str(len(adapters)),
+            "--max-lora-rank", str(serving.max_lora_rank),
+            "--max-num-seqs", str(serving.max_batch_size),
+            "--lora-modules", *paths,
+        ]  # fmt: skip
+    args = ["--max-batch-size", str(serving.max_batch_size)]
+    for path in paths:
+        args += ["--adapter", path]
+    return args
+
+
+def _pod_placement(spec: FleetSpec, profile: Profile) -> dict[str, Any]:
+    serving = spec.serving
+    if not serving.gpus:
+        return {}
+    selector = serving.node_selector if serving.node_selector is not None else profile.gpu_node_selector
+    if serving.tolerations is not None:
+        tolerations = [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in serving.tolerations]
+    else:
+        tolerations = [k8s.V1Toleration(**t) for t in profile.gpu_tolerations]
+    return {"node_selector": selector or None, "tolerations": tolerations or None}
+
+
+def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, str]) -> Any:
+    from kserve import models as ks
+
+    serving = spec.serving
+    base_uri, adapter_uri = _storage_uris(spec, profile)
+    auto = serving.autoscaling
+    volumes, mounts = _scratch()
+    predictor = ks.V1beta1PredictorSpec(
+        service_account_name=SERVING_SA,
+        min_replicas=auto.min_replicas,
+        max_replicas=auto.max_replicas,
+        scale_metric=auto.scale_metric,
+        scale_target=auto.scale_target,
+        canary_traffic_percent=serving.canary_traffic_percent,
+        storage_uris=[
+            ks.V1beta1StorageUri(uri=base_uri, mount_path=BASE_MOUNT),
+            ks.V1beta1StorageUri(uri=adapter_uri, mount_path=ADAPTER_MOUNT),
+        ],
+        model=ks.V1beta1ModelSpec(
+            name="kserve-container",
+            model_format=ks.V1beta1ModelFormat(name="vllm" if serving.runtime == "vllm" else "lorafleet"),
+            runtime=f"lorafleet-{serving.runtime}",
+            args=_model_args(spec, adapters),
+            resources=_resources(spec),
+        ),
+        security_context=k8s.V1PodSecurityContext(
+            run_as_non_root=True, fs_group=UID, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")
+        ),
+        **_pod_placement(spec, profile),
+    )
+    transformer = None
+    if serving.router:
+        container = k8s.V1Container(
+            name="kserve-container",
+            image=RUNTIME_IMAGE,
+            command=["python", "-m", "lorafleet.serve.router"],
+            # KServe appends --model_name, --predictor_host and --http_port.
+            args=["--host", "0.0.0.0"],
+            env=[
+                k8s.V1EnvVar(
+                    name="LORAFLEET_ADMIN_TOKEN",
+                    value_from=k8s.V1EnvVarSource(
+                        secret_key_ref=k8s.V1SecretKeySelector(name=f"{spec.name}-router-admin", key="token", optional=True)
+                    ),
+                )
+            ],
+            ports=[k8s.V1ContainerPort(container_port=PORT, name="http", protocol="TCP")],
+            resources=k8s.V1ResourceRequirements(
+                requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "512Mi"}
+            ),
+            security_context=_security_context(),
+            volume_mounts=mounts,
+            **_probes("lorafleet"),  # the router serves the same /v2/health endpoints
+        )
+        transformer = ks.V1beta1TransformerSpec(
+            containers=[container],
+            volumes=volumes,
+            min_replicas=auto.min_replicas,
+            max_replicas=auto.max_replicas,
+            security_context=predictor.security_context,
+        )
+    return ks.V1beta1InferenceService(
+        api_version=f"{KSERVE}/v1beta1",
+        kind="InferenceService",
+        metadata=_meta(spec, spec.name, "inference", {f"{KSERVE}/deploymentMode": "RawDeployment"}),
+        spec=ks.V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
+    )
+
+
+def _selector(spec: FleetSpec, component: str | None = None) -> k8s.V1LabelSelector:
+    """Pods of the InferenceService (of one component), as KServe labels them."""
+    labels = {f"{KSERVE}/inferenceservice": spec.name}
+    if component:
+        labels["component"] = component
+    return k8s.V1LabelSelector(match_labels=labels)
+
+
+def _rbac(spec: FleetSpec, meta) -> list[Any]:
+    role = k8s.V1Role(
+        api_version="rbac.authorization.k8s.io/v1",
+        kind="Role",
+        metadata=meta(PIPELINE_SA, "rbac"),
+        rules=[
+            # The pipeline's deploy step creates and updates the fleet's ISVC and runtimes,
+            # and the canary step patches canaryTrafficPercent; nothing is ever deleted.
+            k8s.V1PolicyRule(
+                api_groups=[KSERVE],
+                resources=["inferenceservices", "servingruntimes"],
+                verbs=["get", "list", "watch", "create", "update", "patch"],
+            ),
+            k8s.V1PolicyRule(api_groups=[KSERVE], resources=["inferenceservices/status"], verbs=["get"]),
+            # Readiness and rollout diagnostics.
+            k8s.V1PolicyRule(api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]),
+        ],
+    )
+    binding = k8s.V1RoleBinding(
+        api_version="rbac.authorization.k8s.io/v1",
+        kind="RoleBinding",
+        metadata=meta(PIPELINE_SA, "rbac"),
+        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=PIPELINE_SA),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace)],
+    )
+    return [role, binding]
+
+
+def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict[str, Any]]:
+    """Every object that serves ``spec`` on a cluster of the given profile.
+
+    Args:
+        spec: the fleet.
+        profile: aws, gcp or onprem.
+        adapters: expert name -> adapter version (see :func:`resolve_adapters`).
+
+    Returns:
+        Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, ServingRuntime,
+        InferenceService, PodDisruptionBudget, NetworkPolicy, ServiceMonitor.
+
+    Raises:
+        LorafleetError: if the spec does not fit the profile (storage scheme, identity).
+    """
+    if profile not in PROFILES:
+        raise LorafleetError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    prof = PROFILES[profile]
+    annotations, secrets = service_account_metadata(prof, spec.serving)
+
+    def meta(name: str, component: str, ann: dict | None = None) -> k8s.V1ObjectMeta:
+        return _meta(spec, name, component, ann)
+
+    objects: list[Any] = [
+        k8s.V1ServiceAccount(
+            api_version="v1",
+            kind="ServiceAccount",
+            metadata=meta(SERVING_SA, "serving", annotations),
+            secrets=[k8s.V1ObjectReference(name=s) for s in secrets] or None,
+            automount_service_account_token=False,
+        ),
+        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=meta(PIPELINE_SA, "pipeline")),
+        *_rbac(spec, meta),
+        _serving_runtime(spec),
+        _inference_service(spec, prof, adapters),
+        k8s.V1PodDisruptionBudget(
+            api_version="policy/v1",
+            kind="PodDisruptionBudget",
+            metadata=meta(f"{spec.name}-predictor", "inference"),
+            spec=k8s.V1PodDisruptionBudgetSpec(max_unavailable=1, selector=_selector(spec, "predictor")),
+        ),
+        k8s.V1NetworkPolicy(
+            api_version="networking.k8s.io/v1",
+            kind="NetworkPolicy",
+            metadata=meta(spec.name, "inference"),
+            spec=k8s.V1NetworkPolicySpec(
+                pod_selector=_selector(spec),  # predictor and router transformer
+                policy_types=["Ingress"],
+                ingress=[
+                    k8s.V1NetworkPolicyIngressRule(
+                        _from=[
+                            k8s.V1NetworkPolicyPeer(
+                                namespace_selector=k8s.V1LabelSelector(
+                                    match_expressions=[
+                                        k8s.V1LabelSelectorRequirement(
+                                            key="kubernetes.io/metadata.name",
+                                            operator="In",
+                                            values=[spec.serving.namespace, *INGRESS_NAMESPACES],
+                                        )
+                                    ]
+                                )
+                            )
+                        ],
+                        ports=[k8s.V1NetworkPolicyPort(port=PORT, protocol="TCP")],
+                    )
+                ],
+            ),
+        ),
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": meta(f"{spec.name}-predictor", "monitoring"),
+            "spec": {
+                "selector": _selector(spec, "predictor"),
+                "namespaceSelector": {"matchNames": [spec.serving.namespace]},
+                "endpoints": [{"targetPort": PORT, "path": "/metrics", "interval": "30s"}],
+            },
+        },
+    ]
+    return k8s.ApiClient().sanitize_for_serialization(objects)
+
+
+def dump_yaml(objects: list[dict[str, Any]]) -> str:
+    """A multi-document YAML stream, keys in model order."""
+    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False)
+
+
+def write_objects(objects: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write one ``<kind>-<name>.yaml`` file per object (atomically) and return the paths."""
+    paths = []
+    for obj in objects:
+        name = f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+        paths.append(atomic_write_text(Path(out_dir) / name, dump_yaml([obj])))
+    return paths

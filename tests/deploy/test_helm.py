@@ -1,0 +1,53 @@
+"""The Helm chart: lint per profile, and values.schema.json refusing bad values readably."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helm_python import Chart, HelmRenderError, HelmValuesError, lint
+
+
+@pytest.fixture(scope="module")
+def chart(kit):
+    return kit.ROOT / "helm" / "lorafleet"
+
+
+def test_chart_lints_clean_for_every_profile(chart, profile):
+    values = yaml.safe_load((chart / f"values-{profile}.yaml").read_text())
+    result = lint(str(chart), values, strict=True)
+    assert result["total_charts_linted"] == 1
+    assert result["errors"] == []
+    # only the informational "icon is recommended" remains (severity 1 = INFO)
+    assert {m["severity"] for m in result["messages"]} <= {1}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gpus": "one"}, "at '/gpus': got string, want integer"),
+        ({"gpuz": 1}, "additional properties 'gpuz' not allowed"),
+        ({"router": {"enabled": True, "replicas": 2}}, "at '/router': additional properties 'replicas' not allowed"),
+        ({"images": {"lorafleet": "ghcr.io/lorafleet/lorafleet-runtime:latest", "vllm": "docker.io/vllm/vllm-openai:v0.11.0"}}, "at '/images/lorafleet'"),
+        ({"canaryTrafficPercent": 120}, "at '/canaryTrafficPercent'"),
+    ],
+)
+def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, message):
+    with pytest.raises(HelmValuesError) as info:
+        Chart.load(chart).render(values, name="lorafleet", namespace="lorafleet")
+    text = str(info.value)
+    assert message in text
+    assert "Traceback" not in text and len(text.splitlines()) <= 4  # one line per problem
+
+
+def test_vllm_without_gpus_fails_with_the_rule(chart):
+    with pytest.raises(HelmRenderError, match="runtime vllm needs gpus >= 1"):
+        Chart.load(chart).render({"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet")
+
+
+def test_helm_test_hook_lists_every_adapter(helm_rendered, kit):
+    pods = {p: next(o for o in helm_rendered[p] if o["kind"] == "Pod") for p in kit.PROFILES}
+    script = pods["onprem"]["spec"]["containers"][0]["args"][0]
+    assert "/openai/v1/models" in script  # the lorafleet runtime's OpenAI API
+    assert '["proposal-writer","job-analyzer"]' in script
+    assert "/v1/models" in pods["aws"]["spec"]["containers"][0]["args"][0]  # vLLM's
+    compile(script, "helm-test", "exec")  # the hook's Python is valid

@@ -1,0 +1,124 @@
+"""Objects rendered from the typed kubernetes/kserve models, per cluster profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.deploy.render import RUNTIME_IMAGE, VLLM_IMAGE, dump_yaml, render, resolve_adapters
+from lorafleet.deploy.validate import validate_manifests
+from lorafleet.errors import LorafleetError
+from lorafleet.fleet import FleetSpec
+from lorafleet.registry import Registry
+
+
+def _kind(objects: list[dict], kind: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def test_render_matches_golden_and_validates(rendered, profile, kit):
+    objects = rendered[profile]
+    report = validate_manifests(objects, f"deploy render {profile}")
+    # Everything but the prometheus-operator ServiceMonitor has a schema to meet.
+    assert report.unchecked == ["ServiceMonitor/marketplace-prod-predictor"]
+    assert len(report.checked) == len(objects) - 1
+    kit.check_golden(f"render-{profile}.yaml", dump_yaml(objects))
+
+
+def test_vllm_args_come_from_the_registry_versions(rendered, kit):
+    isvc = _kind(rendered["aws"], "InferenceService")
+    model = isvc["spec"]["predictor"]["model"]
+    args = model["args"]
+    assert args[args.index("--max-loras") + 1] == str(len(kit.ADAPTERS))
+    assert args[args.index("--max-lora-rank") + 1] == "64"
+    modules = args[args.index("--lora-modules") + 1 :]
+    assert modules == [f"{n}=/mnt/models/adapters/{n}/{v}" for n, v in kit.ADAPTERS.items()]
+    assert "--enable-lora" in args
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # base and adapters from separate storage URIs
+    uris = {u["mountPath"]: u["uri"] for u in isvc["spec"]["predictor"]["storageUris"]}
+    assert uris == {
+        "/mnt/models/base": "hf://meta-llama/Llama-3.1-8B-Instruct",
+        "/mnt/models/adapters": "s3://marketplace-ml/lorafleet/adapters",
+    }
+    assert _kind(rendered["aws"], "ServingRuntime")["spec"]["containers"][0]["image"] == VLLM_IMAGE
+
+
+def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):
+    sa = {p: next(o for o in rendered[p] if o["metadata"]["name"] == "lorafleet-serving") for p in kit.PROFILES}
+    assert sa["aws"]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/lorafleet-serving"
+    }
+    assert sa["gcp"]["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": "lorafleet-serving@marketplace-ml.iam.gserviceaccount.com"
+    }
+    assert "annotations" not in sa["onprem"]["metadata"]  # PVC: no cloud identity
+    gcp = _kind(rendered["gcp"], "InferenceService")["spec"]["predictor"]
+    assert gcp["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert gcp["tolerations"][0]["value"] == "present"
+    onprem = _kind(rendered["onprem"], "InferenceService")["spec"]["predictor"]
+    assert "nodeSelector" not in onprem and "nvidia.com/gpu" not in onprem["model"]["resources"]["limits"]
+    assert onprem["model"]["args"][:2] == ["--max-batch-size", "64"]
+    assert _kind(rendered["onprem"], "ServingRuntime")["spec"]["containers"][0]["image"] == RUNTIME_IMAGE
+    aws = _kind(rendered["aws"], "InferenceService")["spec"]
+    assert aws["predictor"]["canaryTrafficPercent"] == 10
+    assert aws["transformer"]["containers"][0]["command"][-1] == "lorafleet.serve.router"
+    assert "transformer" not in _kind(rendered["gcp"], "InferenceService")["spec"]
+
+
+def test_onprem_minio_references_the_credentials_secret(kit):
+    raw = kit.fleet_for("onprem").model_dump(by_alias=True)
+    raw["serving"].update(base_uri="s3://models/base", adapter_store="s3://models/adapters")
+    raw["serving"]["storage"] = {"s3_endpoint": "http://minio.minio.svc:9000", "credentials_secret": "lorafleet-minio"}
+    objects = render(FleetSpec.model_validate(raw), "onprem", kit.ADAPTERS)
+    sa = objects[0]
+    assert sa["secrets"] == [{"name": "lorafleet-minio"}]
+    assert sa["metadata"]["annotations"] == {
+        "serving.kserve.io/s3-endpoint": "minio.minio.svc:9000",
+        "serving.kserve.io/s3-usehttps": "0",
+    }
+
+
+def test_pipeline_rbac_is_namespaced_and_never_deletes(rendered):
+    role = _kind(rendered["aws"], "Role")
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert "delete" not in verbs and "*" not in verbs
+    assert role["metadata"]["namespace"] == "lorafleet"
+    binding = _kind(rendered["aws"], "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "lorafleet"}]
+    assert not any(o["kind"].startswith("Cluster") for o in rendered["aws"])
+
+
+@pytest.mark.parametrize(
+    ("target", "change", "message"),
+    [
+        ("gcp", {}, "serving.adapter_store: 's3://marketplace-ml/lorafleet/adapters' cannot be read on profile gcp"),
+        ("aws", {"storage": {}}, "serving.storage.role_arn: required for profile aws"),
+        ("onprem", {"storage": {"s3_endpoint": "http://minio:9000"}}, "profile onprem needs pvc"),
+    ],
+)
+def test_spec_that_does_not_fit_the_profile_is_refused(target, change, message, kit):
+    raw = kit.fleet_for("aws").model_dump(by_alias=True)
+    raw["serving"].update(change)
+    with pytest.raises(LorafleetError, match=message.replace("(", r"\(")):
+        render(FleetSpec.model_validate(raw), target, kit.ADAPTERS)
+
+
+def test_adapters_resolve_to_production_else_latest(tmp_path, kit):
+    fleet_for = kit.fleet_for
+    registry = Registry(tmp_path / "registry")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0")
+    for expert in ("proposal-writer", "proposal-writer", "job-analyzer"):
+        registry.register(expert, adapter, {}, lambda v: v)
+    registry.set_production("proposal-writer", "v1")
+    assert resolve_adapters(fleet_for("aws"), registry.root) == {"proposal-writer": "v1", "job-analyzer": "v1"}
+    with pytest.raises(LorafleetError, match="no expert of fleet 'marketplace-prod' has a registered adapter"):
+        resolve_adapters(fleet_for("aws"), tmp_path / "empty")
+    remote = fleet_for("aws").model_copy(update={"registry": fleet_for("aws").registry.model_copy(update={"uri": "s3://b/r"})})
+    with pytest.raises(LorafleetError, match="remote; pass --registry DIR"):
+        resolve_adapters(remote)
+
