@@ -8,10 +8,12 @@ Compile with ``lorafleet compile`` (writes ``fleet_pipeline.yaml`` beside this f
 """
 
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Input, Model
+from kfp.dsl import HTML, Artifact, Input, Model, PipelineTask
+from kfp.dsl.graph_component import GraphComponent
 
 from lorafleet.components.stages import (
     build_base,
@@ -26,7 +28,7 @@ from lorafleet.components.stages import (
     validate_data,
 )
 
-__all__ = ["expert_pipeline", "fleet_pipeline"]
+__all__ = ["build_fleet_pipeline", "fleet_pipeline"]
 
 # Local runs go one expert at a time anyway; on a cluster this bounds GPU pods per run.
 MAX_PARALLEL_EXPERTS = 8
@@ -37,50 +39,75 @@ class FleetOutputs(NamedTuple):
     report: HTML
 
 
-@dsl.pipeline(name="lorafleet-expert", description="Build, evaluate and gate one LoRA expert.")
-def expert_pipeline(spec_json: str, expert: str, base: Input[Model]) -> str:
-    data = validate_data(spec_json=spec_json, expert=expert)
-    syn = synthesize(spec_json=spec_json, expert=expert, seeds=data.outputs["seeds"])
-    cur = curate(
-        spec_json=spec_json,
-        expert=expert,
-        seeds=data.outputs["seeds"],
-        synthetic=syn.outputs["synthetic"],
-        eval_set=data.outputs["eval_set"],
-    )
-    trained = train(spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"])
-    evaluated = evaluate(
-        spec_json=spec_json,
-        expert=expert,
-        base=base,
-        adapter=trained.outputs["adapter"],
-        eval_set=data.outputs["eval_set"],
-    )
-    decision = gate(
-        spec_json=spec_json,
-        expert=expert,
-        evaluation=evaluated.outputs["evaluation"],
-        train_log=trained.outputs["train_log"],
-        curation=cur.outputs["stats"],
-    )
-    with dsl.If(decision.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-        registered = register(
+def _as_is(task: PipelineTask) -> PipelineTask:
+    return task
+
+
+def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is) -> GraphComponent:
+    """Define the fleet pipeline; ``place`` gets every step's task to set where it runs.
+
+    Args:
+        place: called once per step task (``task.name`` is the step, e.g. ``train``) to add
+            Kubernetes platform settings (see :mod:`lorafleet.pipelines.platform`); the
+            default leaves every task as it is, which compiles to the committed golden.
+
+    Returns:
+        The ``lorafleet-fleet`` pipeline.
+    """
+
+    @dsl.pipeline(name="lorafleet-expert", description="Build, evaluate and gate one LoRA expert.")
+    def expert_pipeline(spec_json: str, expert: str, base: Input[Model]) -> str:
+        data = validate_data(spec_json=spec_json, expert=expert)
+        syn = synthesize(spec_json=spec_json, expert=expert, seeds=data.outputs["seeds"])
+        cur = curate(
+            spec_json=spec_json,
+            expert=expert,
+            seeds=data.outputs["seeds"],
+            synthetic=syn.outputs["synthetic"],
+            eval_set=data.outputs["eval_set"],
+        )
+        trained = train(spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"])
+        evaluated = evaluate(
             spec_json=spec_json,
             expert=expert,
             base=base,
             adapter=trained.outputs["adapter"],
-            report=decision.outputs["report"],
+            eval_set=data.outputs["eval_set"],
         )
-    with dsl.Else(name="gate-failed"):
-        rejected = reject(report=decision.outputs["report"])
-    # The outcome is a JSON parameter: kfp.local resolves dsl.OneOf for parameters only.
-    return dsl.OneOf(registered.output, rejected.output)
+        decision = gate(
+            spec_json=spec_json,
+            expert=expert,
+            evaluation=evaluated.outputs["evaluation"],
+            train_log=trained.outputs["train_log"],
+            curation=cur.outputs["stats"],
+        )
+        with dsl.If(decision.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+            registered = register(
+                spec_json=spec_json,
+                expert=expert,
+                base=base,
+                adapter=trained.outputs["adapter"],
+                report=decision.outputs["report"],
+            )
+        with dsl.Else(name="gate-failed"):
+            rejected = reject(report=decision.outputs["report"])
+        for task in (data, syn, cur, trained, evaluated, decision, registered, rejected):
+            place(task)
+        # The outcome is a JSON parameter: kfp.local resolves dsl.OneOf for parameters only.
+        return dsl.OneOf(registered.output, rejected.output)
+
+    @dsl.pipeline(name="lorafleet-fleet", description="Build, gate and publish a fleet of LoRA experts on one base.")
+    def fleet_pipeline(spec_json: str, experts: list) -> FleetOutputs:
+        base = build_base(spec_json=spec_json)
+        with dsl.ParallelFor(experts, parallelism=MAX_PARALLEL_EXPERTS, name="experts") as expert:
+            outcome = expert_pipeline(spec_json=spec_json, expert=expert, base=base.outputs["base"])
+        published = publish(spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output))
+        place(base)
+        place(published)
+        return FleetOutputs(summary=published.outputs["summary"], report=published.outputs["report"])
+
+    return fleet_pipeline
 
 
-@dsl.pipeline(name="lorafleet-fleet", description="Build, gate and publish a fleet of LoRA experts on one base.")
-def fleet_pipeline(spec_json: str, experts: list) -> FleetOutputs:
-    base = build_base(spec_json=spec_json)
-    with dsl.ParallelFor(experts, parallelism=MAX_PARALLEL_EXPERTS, name="experts") as expert:
-        outcome = expert_pipeline(spec_json=spec_json, expert=expert, base=base.outputs["base"])
-    published = publish(spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output))
-    return FleetOutputs(summary=published.outputs["summary"], report=published.outputs["report"])
+# The pipeline as committed (pipelines/fleet_pipeline.yaml): no cluster settings.
+fleet_pipeline = build_fleet_pipeline()
