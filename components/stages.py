@@ -13,8 +13,10 @@ from lorafleet.components import fleet_component
 __all__ = [
     "build_base",
     "curate",
+    "curate_shard",
     "evaluate",
     "gate",
+    "plan_shards",
     "publish",
     "register",
     "reject",
@@ -46,24 +48,47 @@ def validate_data(spec_json: str, expert: str, seeds: Output[Dataset], eval_set:
 
 
 @fleet_component
-def synthesize(spec_json: str, expert: str, seeds: Input[Dataset], synthetic: Output[Dataset]):
-    """Expand the gold seeds synthetically."""
+def plan_shards(spec_json: str, expert: str) -> list:
+    """The expert's data shards, ``[0, ..., synthesis.shards - 1]``: what synthesis and curation fan out over."""
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import shard_indices
+
+    return shard_indices(spec_from_json(spec_json).expert(expert))
+
+
+@fleet_component
+def synthesize(spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Output[Dataset]):
+    """Expand one shard of the gold seeds synthetically."""
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import synthesize_stage
 
-    stats = synthesize_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path)
+    chosen = spec_from_json(spec_json).expert(expert)
+    stats = synthesize_stage(chosen, seeds.path, synthetic.path, shard_index=int(shard), shard_count=chosen.synthesis.shards)
     synthetic.metadata.update(stats)
 
 
 @fleet_component
-def curate(spec_json: str, expert: str, seeds: Input[Dataset], synthetic: Input[Dataset], eval_set: Input[Dataset],
+def curate_shard(spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Input[Dataset],
+                 eval_set: Input[Dataset], prepared: Output[Dataset]):
+    """Per-row curation of one shard: PII, eval overlap, MinHash signatures."""
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import curate_shard_stage
+
+    stats = curate_shard_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path, eval_set.path,
+                               prepared.path, shard_index=int(shard))
+    prepared.metadata.update({"shard": stats["shard"], "rows": stats["rows"]})
+
+
+@fleet_component
+def curate(spec_json: str, expert: str, prepared: Input[list[Dataset]], eval_set: Input[Dataset],
            train_set: Output[Dataset], stats: Output[Artifact]):
-    """Dedup, decontaminate against eval, cap synthetic rows."""
+    """Exact and near dedup over every shard, drop eval overlap, cap synthetic rows."""
     from lorafleet.components.runtime import write_json
     from lorafleet.fleet import spec_from_json
-    from lorafleet.stages import curate_stage
+    from lorafleet.stages import select_stage
 
-    write_json(stats, curate_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path, eval_set.path, train_set.path))
+    write_json(stats, select_stage(spec_from_json(spec_json).expert(expert), [p.path for p in prepared], eval_set.path,
+                                   train_set.path))
 
 
 @fleet_component

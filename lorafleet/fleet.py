@@ -134,6 +134,10 @@ class SynthesisSettings(_Strict):
     per_seed: int = Field(2, ge=0, le=100, description="synthetic variants per seed record")
     seed: int = 0
     max_synthetic_ratio: float = Field(4.0, ge=0, description="cap on synthetic:human rows")
+    shards: int = Field(
+        1, ge=1, le=256,
+        description="parallel pipeline tasks that synthesize and prepare (PII, overlap, MinHash) a share of the seeds each",
+    )
     teacher: TeacherSettings | None = Field(None, description="required when generator is 'teacher'")
     judge: JudgeSettings | None = Field(None, description="optional filter for the teacher's records")
 
@@ -314,7 +318,7 @@ class CanaryPolicy(_Strict):
 
 
 # The pipeline's step (task) names, as compiled: the keys of ``pipeline.profiles.<p>.steps``.
-PIPELINE_STEPS = ("build-base", "validate-data", "synthesize", "curate", "train", "evaluate", "gate",
+PIPELINE_STEPS = ("build-base", "validate-data", "plan-shards", "synthesize", "curate-shard", "curate", "train", "evaluate", "gate",
                   "register", "reject", "publish")
 
 

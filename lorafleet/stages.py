@@ -16,13 +16,15 @@ from lorafleet.records import Record, dump_records, read_records
 
 __all__ = [
     "build_base",
+    "curate_shard_stage",
     "curate_stage",
     "evaluate_stage",
     "gate_stage",
-    "merge_synthetic_stage",
     "production_adapter",
     "register_stage",
     "reject_stage",
+    "select_stage",
+    "shard_indices",
     "synthesize_stage",
     "train_stage",
     "validate_stage",
@@ -107,21 +109,61 @@ def synthesize_stage(
     return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
 
 
-def merge_synthetic_stage(seeds: str | Path, shards: list[str | Path], out: str | Path) -> dict:
-    """Merge the synthesize shards' outputs in seed order (the same file for any shard count)."""
-    from lorafleet.data.shard import merge_shard_files
-
-    merge_shard_files(shards, seeds, out)
-    return {"shards": len(shards), "records": len(read_records(out))}
-
-
 def curate_stage(expert: ExpertSpec, seeds: str | Path, synthetic: str | Path, eval_set: str | Path, out: str | Path) -> dict:
-    """PII, dedup, near-dedup, decontaminate and cap; returns stats with fingerprints of what was kept."""
+    """PII, dedup, near-dedup, decontaminate and cap in one process; stats with fingerprints."""
     from lorafleet.data.curate import curate
 
     result = curate(
         _records(seeds), _records(synthetic), _records(eval_set), expert.curation, expert.synthesis.max_synthetic_ratio,
         pii=expert.data.pii,
+    )
+    dump_records(out, result.records)
+    return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
+
+
+def shard_indices(expert: ExpertSpec) -> list[int]:
+    """The data shards of an expert, ``[0, ..., synthesis.shards - 1]`` (what the pipeline fans out over)."""
+    return list(range(expert.synthesis.shards))
+
+
+def curate_shard_stage(
+    expert: ExpertSpec,
+    seeds: str | Path,
+    synthetic: str | Path,
+    eval_set: str | Path,
+    out_dir: str | Path,
+    shard_index: int = 0,
+) -> dict:
+    """The per-row half of curation for one shard: this shard's seeds and its synthetic rows.
+
+    Args:
+        expert: the expert (``synthesis.shards`` is the shard count).
+        seeds: all seed records; the shard takes its round-robin share.
+        synthetic: this shard's synthetic records (the synthesize step of the same shard).
+        eval_set: the held-out records.
+        out_dir: where the prepared shard goes (a directory, see :class:`PreparedShard`).
+        shard_index: which shard this is.
+    """
+    from lorafleet.data.curate import prepare_shard
+    from lorafleet.data.shard import split_records
+
+    seed_records = _records(seeds)
+    human = split_records(seed_records, expert.synthesis.shards)[shard_index]
+    prepared = prepare_shard(
+        human, _records(synthetic), _records(eval_set), expert.curation, expert.data.pii,
+        seed_ids=[r.id for r in seed_records], shard=shard_index,
+    )
+    prepared.save(out_dir)
+    return {"shard": f"{shard_index + 1}/{expert.synthesis.shards}", "rows": len(prepared.rows), **prepared.counts}
+
+
+def select_stage(expert: ExpertSpec, prepared: list[str | Path], eval_set: str | Path, out: str | Path) -> dict:
+    """The one-pass half of curation over every prepared shard; stats with fingerprints."""
+    from lorafleet.data.curate import PreparedShard, select_rows
+
+    result = select_rows(
+        [PreparedShard.load(p) for p in prepared], expert.curation, expert.synthesis.max_synthetic_ratio,
+        pii=expert.data.pii, n_eval=len(_records(eval_set)),
     )
     dump_records(out, result.records)
     return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}

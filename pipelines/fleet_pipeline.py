@@ -1,8 +1,8 @@
 """The fleet pipeline: build the base once, then every expert side by side, then publish.
 
-Per expert: validate -> synthesize -> curate -> train -> evaluate -> gate, and only if
-the gate passes: register. A failed gate ends that expert's branch (``reject`` records
-why); the other experts go on. ``publish`` serves the base and every registered adapter.
+Per expert: validate -> synthesize and prepare each data shard (``dsl.ParallelFor``) ->
+curate -> train -> evaluate -> gate, and only if the gate passes: register. A failed
+gate ends that expert's branch (``reject`` records why); the other experts go on. ``publish`` serves the base and every registered adapter.
 
 Compile with ``lorafleet compile`` (writes ``fleet_pipeline.yaml`` beside this file).
 """
@@ -18,8 +18,10 @@ from kfp.dsl.graph_component import GraphComponent
 from lorafleet.components.stages import (
     build_base,
     curate,
+    curate_shard,
     evaluate,
     gate,
+    plan_shards,
     publish,
     register,
     reject,
@@ -58,12 +60,23 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
     @dsl.pipeline(name="lorafleet-expert", description="Build, evaluate and gate one LoRA expert.")
     def expert_pipeline(spec_json: str, expert: str, base: Input[Model]) -> str:
         data = validate_data(spec_json=spec_json, expert=expert)
-        syn = synthesize(spec_json=spec_json, expert=expert, seeds=data.outputs["seeds"])
+        # Synthesis and the per-row half of curation fan out over the expert's data shards;
+        # the order-dependent half (dedup, cap) runs once over all of them.
+        plan = plan_shards(spec_json=spec_json, expert=expert)
+        with dsl.ParallelFor(plan.output, name="data-shards") as shard:
+            syn = synthesize(spec_json=spec_json, expert=expert, shard=shard, seeds=data.outputs["seeds"])
+            prep = curate_shard(
+                spec_json=spec_json,
+                expert=expert,
+                shard=shard,
+                seeds=data.outputs["seeds"],
+                synthetic=syn.outputs["synthetic"],
+                eval_set=data.outputs["eval_set"],
+            )
         cur = curate(
             spec_json=spec_json,
             expert=expert,
-            seeds=data.outputs["seeds"],
-            synthetic=syn.outputs["synthetic"],
+            prepared=dsl.Collected(prep.outputs["prepared"]),
             eval_set=data.outputs["eval_set"],
         )
         trained = train(spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"])
@@ -91,7 +104,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
             )
         with dsl.Else(name="gate-failed"):
             rejected = reject(report=decision.outputs["report"])
-        for task in (data, syn, cur, trained, evaluated, decision, registered, rejected):
+        for task in (data, plan, syn, prep, cur, trained, evaluated, decision, registered, rejected):
             place(task)
         # The outcome is a JSON parameter: kfp.local resolves dsl.OneOf for parameters only.
         return dsl.OneOf(registered.output, rejected.output)

@@ -60,10 +60,10 @@ def test_near_duplicates_are_dropped_and_distinct_rows_kept() -> None:
 
 def test_near_duplicate_index_reports_what_it_matched() -> None:
     index = NearDuplicateIndex(threshold=0.7, num_perm=64, shingle_words=3)
-    assert index.add_if_new("a", words_of(LONG)) is None
-    assert index.add_if_new("b", words_of(LONG + " please")) == "a"
-    assert index.add_if_new("c", words_of("something else entirely, about logo design for a bakery")) is None
-    assert index.add_if_new("d", []) is None  # an empty text is indexed, not an error
+    assert index.add_if_new("a", index.signature(words_of(LONG))) is None
+    assert index.add_if_new("b", index.signature(words_of(LONG + " please"))) == "a"
+    assert index.add_if_new("c", index.signature(words_of("something else entirely, about logo design for a bakery"))) is None
+    assert index.add_if_new("d", index.signature([])) is None  # an empty text is indexed, not an error
 
 
 def test_pii_is_scrubbed_or_rejected_and_counted() -> None:
@@ -88,3 +88,38 @@ def test_every_row_carries_provenance() -> None:
 def test_an_eval_record_itself_is_never_trained_on() -> None:
     result = curate([EVAL[0].model_copy(update={"id": "h"})], [], EVAL, CurationSettings(), 1.0)
     assert result.records == [] and result.stats["dropped"] == {"eval-overlap-human": 1}
+
+
+def test_sharded_curation_decides_as_one_process(tmp_path) -> None:
+    # Given exact and near duplicates, eval overlap and the cap spread over the shards
+    from lorafleet.data.curate import PreparedShard, prepare_shard, select_rows
+    from lorafleet.data.shard import split_records
+
+    near = LONG.replace("finance team", "finance staff")
+    human = [_rec("h1", LONG), _rec("h2", "build me a shop"), _rec("h3", "write a blog post"), _rec("h4", "Build me a   SHOP")]
+    synthetic = [
+        _rec("s1", near, "synthetic", seed_ids=["h3"]),
+        _rec("s2", "build me a shop", "synthetic", seed_ids=["h4"]),
+        _rec("s3", "they said the quick brown fox jumps over the lazy dog near the river bank today", "synthetic", seed_ids=["h1"]),
+        _rec("s4", "translate a menu", "synthetic", seed_ids=["h2"]),
+        _rec("s5", "design a logo for a bakery", "synthetic", seed_ids=["h1"]),
+        _rec("s6", "edit a wedding video", "synthetic", seed_ids=["h3"]),
+        _rec("s7", "reach me at ana@example.com to build the shop", "synthetic", seed_ids=["h2"]),
+    ]
+    settings = CurationSettings(decontaminate_ngram=8, near_dup_threshold=0.6)
+    whole = curate(human, synthetic, EVAL, settings, max_synthetic_ratio=0.75)
+    assert whole.stats["dropped"]  # the case exercises drops, not only keeps
+    seed_ids = [r.id for r in human]
+    for count in (2, 3):
+        # When each shard takes its seeds and the synthetic rows of its seeds, prepared and
+        # saved apart (as ParallelFor tasks), then selected in one pass
+        rank = {sid: i for i, sid in enumerate(seed_ids)}
+        shards = []
+        for i, hs in enumerate(split_records(human, count)):
+            mine = [r for r in synthetic if rank[r.meta["seed_ids"][0]] % count == i]
+            shard = prepare_shard(hs, mine, EVAL, settings, "scrub", seed_ids=seed_ids, shard=i)
+            shards.append(PreparedShard.load(shard.save(tmp_path / f"{count}-{i}")))
+        result = select_rows(shards[::-1], settings, 0.75, "scrub", n_eval=len(EVAL))
+        # Then the kept rows and every count equal the one-process run
+        assert [r.to_json() for r in result.records] == [r.to_json() for r in whole.records]
+        assert {**result.stats, "shards": 1} == whole.stats

@@ -56,16 +56,24 @@ def test_split_rejects_zero_shards() -> None:
         split_records([], 0)
 
 
-def test_stage_shards_merge_to_the_unsharded_stage_output(tmp_path: Path) -> None:
-    # The functions the cluster pipeline's ParallelFor tasks and merge task call.
+def test_stage_shards_curate_to_the_unsharded_stage_output(tmp_path: Path) -> None:
+    # The functions the cluster pipeline's ParallelFor tasks (synthesize, curate-shard) and
+    # its curate task call, against the one-process stages; shards finish in any order.
     from lorafleet.fleet import load_fleet
-    from lorafleet.stages import merge_synthetic_stage, synthesize_stage
+    from lorafleet.stages import curate_shard_stage, curate_stage, select_stage, synthesize_stage
 
-    expert = load_fleet(SEEDS.parents[2] / "fleet.yaml").expert("proposal-writer")
-    outs = [tmp_path / f"shard-{i}.jsonl" for i in range(3)]
-    stats = [synthesize_stage(expert, SEEDS, out, shard_index=i, shard_count=3) for i, out in enumerate(outs)]
-    assert [s["shard"] for s in stats] == ["1/3", "2/3", "3/3"]
-    merged = merge_synthetic_stage(SEEDS, outs[::-1], tmp_path / "merged.jsonl")
-    synthesize_stage(expert, SEEDS, tmp_path / "whole.jsonl")
-    assert merged == {"shards": 3, "records": sum(s["records"] for s in stats)}
-    assert (tmp_path / "merged.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    fleet = load_fleet(SEEDS.parents[2] / "fleet.yaml").expert("proposal-writer")
+    expert = fleet.model_copy(update={"synthesis": fleet.synthesis.model_copy(update={"shards": 3})})
+    eval_set = SEEDS.with_name("eval.jsonl")
+    prepared = []
+    for i in range(3):
+        synthesize_stage(expert, SEEDS, tmp_path / f"syn-{i}.jsonl", shard_index=i, shard_count=3)
+        stats = curate_shard_stage(expert, SEEDS, tmp_path / f"syn-{i}.jsonl", eval_set, tmp_path / f"prep-{i}", shard_index=i)
+        assert stats["shard"] == f"{i + 1}/3" and stats["rows"] > 0
+        prepared.append(tmp_path / f"prep-{i}")
+    sharded = select_stage(expert, prepared[::-1], eval_set, tmp_path / "train-sharded.jsonl")
+    synthesize_stage(expert, SEEDS, tmp_path / "syn.jsonl")
+    whole = curate_stage(expert, SEEDS, tmp_path / "syn.jsonl", eval_set, tmp_path / "train-whole.jsonl")
+    assert (tmp_path / "train-sharded.jsonl").read_bytes() == (tmp_path / "train-whole.jsonl").read_bytes()
+    assert sharded.pop("shards") == 3 and whole.pop("shards") == 1
+    assert sharded == whole

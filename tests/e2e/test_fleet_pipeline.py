@@ -5,6 +5,8 @@ production) and answer a real HTTP chat request; the other has a bar its tiny mo
 cannot clear and must be stopped at the gate: nothing registered, nothing served.
 Run 2: a deliberately worse candidate of the first expert (two optimizer steps) beats
 nothing but the base, and must be refused against production.
+Run 3: a better candidate of the first expert (more epochs) passes against production
+and replaces it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ experts:
     task: job-analyzer
     seed_data: {DATA}/job-analyzer/seed.jsonl
     eval_data: {DATA}/job-analyzer/eval.jsonl
+    synthesis: {{per_seed: 1, shards: 2}}
   - name: proposal-writer
     task: proposal-writer
     seed_data: {DATA}/proposal-writer/seed.jsonl
@@ -70,6 +73,8 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     lineage = json.loads((adapter / "lineage.json").read_text())
     assert lineage["base"]["fingerprint"] and lineage["data"]["train_sha256"] and lineage["config"]["name"] == "job-analyzer"
     assert len(good["train"]["losses"]) == good["train"]["steps"] > 0
+    # its data went through two parallel shards (ParallelFor inside the expert's branch)
+    assert good["curation"]["shards"] == 2 and good["curation"]["output"]["synthetic"] > 0
 
     blocked = summary["experts"]["proposal-writer"]
     assert blocked["gate_passed"] is False
@@ -106,3 +111,21 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "registry" / "index.json").read_text())
     assert index["experts"]["job-analyzer"]["production"] == good["adapter_version"]
     assert len(index["experts"]["job-analyzer"]["versions"]) == 1
+
+    # Run 3: a better candidate (twice the epochs) passes every rule against production
+    # and becomes the new production version.
+    better = SPEC.replace(anchor, anchor + "    training: {epochs: 4, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n")
+    (tmp_path / "better.yaml").write_text(better)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "run", "better.yaml", "--run-id", "r3", "--expert", "job-analyzer"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    third = json.loads((tmp_path / "runs" / "r3" / "summary.json").read_text())["experts"]["job-analyzer"]
+    assert third["production_version"] == good["adapter_version"]
+    assert third["eval_loss_candidate"] < third["eval_loss_production"]
+    assert third["gate_passed"] is True, third["gate_reasons"]
+    assert any(r.startswith("PASS heldout-loss-vs-production") for r in third["gate_reasons"])
+    assert not [r for r in third["gate_reasons"] if r.startswith("FAIL")]
+    index = json.loads((tmp_path / "registry" / "index.json").read_text())
+    assert index["experts"]["job-analyzer"]["production"] == third["adapter_version"] != good["adapter_version"]
