@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile bench lint clean
+.PHONY: setup demo test test-unit compile bench lint clean image-test
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/eval_bench.py
+
+# Build the component and runtime images with podman from a local Debian base (offline)
+# and run a component and the runtime's health check inside them. Needs root and the
+# Debian packages podman, runc and debootstrap (.ci/run installs them). See docs/images.md.
+image-test: $(STAMP)
+	ci/image-test.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

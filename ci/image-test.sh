@@ -50,7 +50,8 @@ rm -f "$WORK"/wheelhouse/lorafleet-*.whl
 step "hadolint"
 "$(dirname "$PY")/hadolint" components/Dockerfile lorafleet/serve/Dockerfile
 
-OFFLINE=(--network none --volume "$WORK/wheelhouse:/wheels:ro"
+# Docker format keeps the runtime's HEALTHCHECK (the OCI format has no field for it).
+OFFLINE=(--format docker --network none --volume "$WORK/wheelhouse:/wheels:ro"
          --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg TORCH_FIND_LINKS=/wheels
          --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels)
 
@@ -58,7 +59,7 @@ step "build $IMAGE (components/Dockerfile)"
 podman build "${OFFLINE[@]}" -f components/Dockerfile -t "$IMAGE" .
 
 step "build $RUNTIME_IMAGE (lorafleet/serve/Dockerfile)"
-podman build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "LORAFLEET_IMAGE=$IMAGE" \
+podman build --format docker --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "LORAFLEET_IMAGE=$IMAGE" \
     -f lorafleet/serve/Dockerfile -t "$RUNTIME_IMAGE" .
 
 step "component image: non-root, CPU torch, validate a shipped seed file"
