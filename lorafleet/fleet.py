@@ -41,6 +41,7 @@ __all__ = [
     "TeacherSettings",
     "Toleration",
     "TrainingSettings",
+    "check_task",
     "load_fleet",
     "spec_from_json",
     "spec_to_json",
@@ -48,6 +49,13 @@ __all__ = [
 
 # Tasks with dedicated metrics and synthesis rules; "chat" is any other conversational expert.
 TASKS = ("proposal-writer", "job-analyzer", "profile-reviewer", "candidate-evaluator", "job-post-writer", "chat")
+
+
+def check_task(v: str) -> str:
+    """A pydantic field check: ``v`` must be one of :data:`TASKS`."""
+    if v not in TASKS:
+        raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
+    return v
 SLUG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS-1123 label: names become k8s objects
 
 
@@ -240,12 +248,7 @@ class ExpertSpec(_Strict):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GatePolicy = Field(default_factory=GatePolicy)
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
-        return v
+    _task = field_validator("task")(check_task)
 
 
 class ServingStorage(_Strict):

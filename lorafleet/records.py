@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorafleet.errors import DataError
-from lorafleet.fleet import TASKS
+from lorafleet.fleet import check_task
 from lorafleet.io import atomic_write_text
 
 __all__ = [
@@ -59,12 +59,7 @@ class Record(BaseModel):
     source: Literal["human", "synthetic"]
     meta: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("task")
-    @classmethod
-    def _task(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
-        return v
+    _task = field_validator("task")(check_task)
 
     def to_json(self) -> str:
         """The record as one compact JSON line (no newline)."""
