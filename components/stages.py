@@ -14,6 +14,7 @@ __all__ = [
     "build_base",
     "curate",
     "curate_shard",
+    "deploy",
     "evaluate",
     "gate",
     "plan_shards",
@@ -37,13 +38,14 @@ def build_base(spec_json: str, base: Output[Model]):
 
 @fleet_component
 def validate_data(spec_json: str, expert: str, seeds: Output[Dataset], eval_set: Output[Dataset],
-                  report: Output[Artifact], report_md: Output[Markdown]):
+                  report: Output[Artifact], report_md: Output[Markdown], report_html: Output[HTML]):
     """Run the expert's great-expectations suite on its seed and eval files."""
     from lorafleet.components.runtime import write_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import validate_stage
 
-    summary = validate_stage(spec_from_json(spec_json).expert(expert), seeds.path, eval_set.path, report.path)
+    summary = validate_stage(spec_from_json(spec_json).expert(expert), seeds.path, eval_set.path, report.path,
+                             html_out=report_html.path)
     write_markdown(report_md, summary["markdown"])
 
 
@@ -81,14 +83,17 @@ def curate_shard(spec_json: str, expert: str, shard: int, seeds: Input[Dataset],
 
 @fleet_component
 def curate(spec_json: str, expert: str, prepared: Input[list[Dataset]], eval_set: Input[Dataset],
-           train_set: Output[Dataset], stats: Output[Artifact]):
+           train_set: Output[Dataset], stats: Output[Artifact], stats_md: Output[Markdown]):
     """Exact and near dedup over every shard, drop eval overlap, cap synthetic rows."""
-    from lorafleet.components.runtime import write_json
+    from lorafleet.components.runtime import write_json, write_markdown
+    from lorafleet.data.report import stats_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import select_stage
 
-    write_json(stats, select_stage(spec_from_json(spec_json).expert(expert), [p.path for p in prepared], eval_set.path,
-                                   train_set.path))
+    result = select_stage(spec_from_json(spec_json).expert(expert), [p.path for p in prepared], eval_set.path,
+                          train_set.path)
+    write_json(stats, result)
+    write_markdown(stats_md, stats_markdown(result))
 
 
 @fleet_component
@@ -172,3 +177,18 @@ def publish(spec_json: str, base: Input[Model], outcomes: list,
 
     publish_fleet(spec_from_json(spec_json), base_path(base), [json.loads(o) for o in outcomes],
                   summary.path, report.path, summary_md.path)
+
+
+@fleet_component
+def deploy(spec_json: str, outcomes: list, rollouts: Output[Artifact], rollouts_md: Output[Markdown]):
+    """Put every newly registered adapter on a canary rollout, driven here or by the cluster's
+    rollout controller, as the spec's canary.handoff says (none: nothing)."""
+    import json
+
+    from lorafleet.components.runtime import write_json, write_markdown
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.rollout.deploy import deploy_rollouts, rollouts_markdown
+
+    result = deploy_rollouts(spec_from_json(spec_json), [json.loads(o) for o in outcomes])
+    write_json(rollouts, result)
+    write_markdown(rollouts_md, rollouts_markdown(result))
