@@ -2,19 +2,28 @@
 
 One base (the demo shape of ``examples/fleet.yaml``: 256 hidden, 4 layers), eight random
 rank-8 LoRA adapters on q/k/v/o, and one request trace: N chat requests, round-robin over
-the adapters, all arriving at once (a burst), greedy, ``--max-new-tokens`` each. Three
-arms run side by side in this process on the same model:
+the adapters, all arriving at once (a burst), greedy, ``--max-new-tokens`` each. The arms
+run side by side in this process on the same base weights:
 
-(a) the runtime's :class:`~lorafleet.serve.batching.MicroBatcher`: mixed-adapter batches;
-(b) naive serving: one request at a time, the adapter switched per request (batch of 1);
-(c) the runtime with the whole trace sent to one adapter.
+(a) the runtime's :class:`~lorafleet.serve.batching.MicroBatcher` with its default,
+    batched LoRA backend (stacked adapters, one pass per LoRA layer): mixed batches;
+(a_peft) the same, with PEFT's ``adapter_names`` backend (the per-adapter loop the
+    runtime used before; the reference);
+(b) naive serving: one request at a time, the adapter switched per request (batch of 1,
+    the same generator as (a));
+(c) the runtime (batched backend) with the whole trace sent to one adapter.
 
-(a) and (b) must produce identical text. Latency is measured from the burst to each
-request's answer. Memory: bytes of the weights resident in (i) the base with all eight
-adapters loaded and (ii) one merged model (base + one adapter, merged), and the RSS of a
-fresh process holding each. Reproduce:
+The arms run in ``--rounds`` interleaved rounds (default 3) and each reports its fastest
+round, so load from other processes mostly drops out of the ratios. (a), (a_peft) and (b)
+must produce identical text. Latency is measured from the burst to each request's answer;
+``--sweep`` reruns arm (a) at other max batch sizes. Memory: bytes of the distinct
+storages behind (i) the base with all eight adapters loaded, the stacked LoRA tables
+included, and (ii) one merged model (base + one adapter, merged), and the RSS of a fresh
+process holding each. Reproduce:
 
     .venv/bin/python bench/serve_bench.py                 # 128 requests, 16 new tokens
+    .venv/bin/python bench/serve_bench.py --batch-size 64
+    .venv/bin/python bench/serve_bench.py --threads 1 --sweep 8,16,32,64,128
     .venv/bin/python bench/serve_bench.py --requests 256 --max-new-tokens 32
 """
 
@@ -29,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ADAPTERS = 8
@@ -121,8 +131,10 @@ def _naive(generator, requests):
     return results, latencies, time.perf_counter() - start
 
 
-def _weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``: views of one stack count once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _resident(kind: str, base: str, adapters: dict[str, str]) -> dict:
@@ -132,8 +144,14 @@ def _resident(kind: str, base: str, adapters: dict[str, str]) -> dict:
     torch.set_num_threads(1)
     from lorafleet.generation import Generator
 
+    out = {}
     if kind == "fleet":
-        model = Generator(base, adapters).model
+        generator = Generator(base, adapters)
+        model = generator.model
+        tables = [t for x in generator.lora_bank.tables.values() for t in (x.a, x.b, x.scale)]
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        out["lora_table_bytes"] = generator.lora_bank.nbytes
+        out["lora_weight_bytes"] = sum(p.numel() * p.element_size() for p in lora)
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -141,9 +159,11 @@ def _resident(kind: str, base: str, adapters: dict[str, str]) -> dict:
         path = next(iter(adapters.values()))
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
         model = model.merge_and_unload()
+        tables = []
     with open("/proc/self/status") as fh:
         rss_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-    return {"weight_bytes": _weight_bytes(model), "rss_bytes": rss_kb * 1024}
+    weights = [*model.parameters(), *model.buffers(), *tables]
+    return {"weight_bytes": _storage_bytes(weights), "rss_bytes": rss_kb * 1024, **out}
 
 
 def _measure_memory(base: Path, adapters: dict[str, Path]) -> dict:
@@ -161,11 +181,33 @@ def _measure_memory(base: Path, adapters: dict[str, Path]) -> dict:
 
 
 def main() -> None:
+    from lorafleet.serve.batching import MAX_BATCH_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help="the runtime's max batch size (default: the runtime's, %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 because on a small machine shared with other jobs, more "
+        "intra-op threads turn outside load into stalls that hit batch-1 decoding hardest "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of all arms; each reports its fastest"
+    )
+    parser.add_argument(
+        "--sweep",
+        default="",
+        help="also run arm (a) at these max batch sizes, e.g. 8,16,32,64,128",
+    )
     parser.add_argument("--resident", help=argparse.SUPPRESS)  # internal: one memory probe
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -183,20 +225,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = _build(Path(tmp))
         generator = Generator(base, adapters)
-        generator.generate(_trace(ADAPTERS, 2, one_adapter=False))  # warm-up
+        reference = Generator(base, adapters, lora_backend="peft")
+        for warm in (generator, reference):
+            warm.generate(_trace(ADAPTERS, 2, one_adapter=False))
         mixed = _trace(args.requests, args.max_new_tokens, one_adapter=False)
-        a = asyncio.run(_batched(generator, mixed, args.batch_size))
-        b = _naive(generator, mixed)
-        c = asyncio.run(
-            _batched(generator, _trace(args.requests, args.max_new_tokens, True), args.batch_size)
-        )
-        if [r.text for r in a[0]] != [r.text for r in b[0]]:
-            raise SystemExit("mixed batches and one-at-a-time answers differ")
+        single = _trace(args.requests, args.max_new_tokens, one_adapter=True)
+        arm_runs: dict[str, Callable[[], tuple]] = {
+            "a": lambda: asyncio.run(_batched(generator, mixed, args.batch_size)),
+            "a_peft": lambda: asyncio.run(_batched(reference, mixed, args.batch_size)),
+            "b": lambda: _naive(generator, mixed),
+            "c": lambda: asyncio.run(_batched(generator, single, args.batch_size)),
+        }
+        # Rounds interleave the arms, so load from elsewhere lands on all of them alike;
+        # each arm reports its fastest round.
+        rounds = [{arm: run() for arm, run in arm_runs.items()} for _ in range(args.rounds)]
+        best = {arm: min((r[arm] for r in rounds), key=lambda run: run[2]) for arm in arm_runs}
+        texts = [r.text for r in best["a"][0]]
+        for r in rounds:
+            if any([x.text for x in r[arm][0]] != texts for arm in ("a", "a_peft", "b")):
+                raise SystemExit("batched, PEFT and one-at-a-time answers differ")
+        sweep = [
+            {
+                "batch_size": size,
+                **_summary(
+                    "a",
+                    *min(
+                        (asyncio.run(_batched(generator, mixed, size)) for _ in range(args.rounds)),
+                        key=lambda run: run[2],
+                    ),
+                ),
+            }
+            for size in map(int, filter(None, args.sweep.split(",")))
+        ]
         memory = _measure_memory(base, adapters)
     arms = {
-        "a_mixed_batches": _summary("a", *a),
-        "b_one_at_a_time": _summary("b", *b),
-        "c_one_adapter": _summary("c", *c),
+        "a_mixed_batches": _summary("a", *best["a"]),
+        "a_peft_mixed_batches": _summary("a_peft", *best["a_peft"]),
+        "b_one_at_a_time": _summary("b", *best["b"]),
+        "c_one_adapter": _summary("c", *best["c"]),
     }
     report = {
         "trace": {
@@ -205,6 +271,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
             "torch_threads": args.threads,
+            "rounds": args.rounds,
         },
         "arms": arms,
         "ratios": {
@@ -214,6 +281,11 @@ def main() -> None:
             "a_over_c_tokens_per_s": round(
                 arms["a_mixed_batches"]["tokens_per_s"] / arms["c_one_adapter"]["tokens_per_s"], 2
             ),
+            "a_over_a_peft_tokens_per_s": round(
+                arms["a_mixed_batches"]["tokens_per_s"]
+                / arms["a_peft_mixed_batches"]["tokens_per_s"],
+                2,
+            ),
             "fleet_over_merged_weight_bytes": round(
                 memory["fleet"]["weight_bytes"] / memory["merged"]["weight_bytes"], 3
             ),
@@ -222,6 +294,7 @@ def main() -> None:
             ),
         },
         "memory": memory,
+        "sweep_a": sweep,
         "load_average_1m": {
             "before": round(load_before[0], 2),
             "after": round(os.getloadavg()[0], 2),

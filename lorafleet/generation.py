@@ -2,29 +2,45 @@
 
 A :class:`Generator` holds a base model, its tokenizer and any number of named PEFT
 adapters. :meth:`Generator.generate` runs a list of requests, each for its own adapter
-(or for the base), as one left-padded batch: PEFT's ``adapter_names`` routes every row
-through its own adapter, so each row gets the tokens it would get alone. Decoding is
-greedy, hence deterministic. The evaluator and the serving runtime share this code.
+(or for the base), as one left-padded batch in which every row goes through its own
+adapter, so each row gets the tokens it would get alone. By default the adapters'
+weights are stacked per module and every LoRA layer adds all rows' updates in one pass
+(:mod:`lorafleet.serve.batched_lora`); PEFT's ``adapter_names`` path is the reference
+and the fallback for adapters the stack cannot hold. Decoding is greedy, hence
+deterministic. The evaluator and the serving runtime share this code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.batched_lora import BASE_ADAPTER, BatchedLora, LoraBank, LoraKernel
 
-__all__ = ["BASE_ADAPTER", "FinishReason", "GenerationRequest", "GenerationResult", "Generator"]
+__all__ = [
+    "BASE_ADAPTER",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "LoraBackend",
+]
 
-# PEFT's name for "no adapter" in ``adapter_names``.
-BASE_ADAPTER = "__base__"
+log = logging.getLogger(__name__)
 
 # "cancelled": the caller went away (a disconnected client) and the row stopped early.
 FinishReason = Literal["stop", "length", "cancelled"]
+
+# "batched": stacked adapters, one pass per LoRA layer; "peft": PEFT's adapter_names loop.
+LoraBackend = Literal["batched", "peft"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,11 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+def _prompt_chars(request: GenerationRequest) -> int:
+    """A cheap stand-in for a request's prompt length (what sorts a batch by length)."""
+    return len(request.prompt or "") + sum(len(m["content"]) for m in request.messages)
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many characters at the end of ``text`` may still change or vanish.
 
@@ -120,8 +141,9 @@ class _Row:
 class Generator:
     """A base model with named LoRA adapters that generates greedily in mixed-adapter batches.
 
-    Not thread-safe: callers run :meth:`generate`, :meth:`add_adapter` and
-    :meth:`remove_adapter` one at a time (the serving runtime uses one worker thread).
+    Thread-safe: :meth:`generate`, :meth:`next_token_logits`, :meth:`add_adapter` and
+    :meth:`remove_adapter` hold one lock, so an adapter load or unload never lands in the
+    middle of a batch (the serving runtime also runs them all on one worker thread).
 
     Args:
         base_dir: Hugging Face model directory (or hub id) whose tokenizer has a chat template.
@@ -129,6 +151,14 @@ class Generator:
         device: torch device to run on.
         dtype: weight dtype (``torch.bfloat16`` on a GPU); the checkpoint's when ``None``.
             Attention runs through PyTorch SDPA on every device.
+        lora_backend: how rows reach their adapters. ``"batched"``: the adapters' weights
+            stacked per module, every LoRA layer adds all rows' updates in one pass
+            (:class:`~lorafleet.serve.batched_lora.BatchedLora`); a batch that uses an
+            adapter the stack cannot hold (DoRA, ...) runs through PEFT instead.
+            ``"peft"``: PEFT's ``adapter_names`` path for every batch (the reference).
+        lora_kernel: the batched kernel, ``"grouped"`` or ``"gather"``; ``None`` lets each
+            layer pick by size on CPU and use "gather" elsewhere (see
+            :mod:`lorafleet.serve.batched_lora`).
     """
 
     def __init__(
@@ -137,6 +167,8 @@ class Generator:
         adapters: Mapping[str, str | Path] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        lora_backend: LoraBackend = "batched",
+        lora_kernel: LoraKernel | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,6 +184,8 @@ class Generator:
         )
         self._peft = None
         self._adapters: dict[str, Path] = {}
+        self._batched = BatchedLora(lora_kernel) if lora_backend == "batched" else None
+        self._lock = threading.Lock()
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
 
@@ -165,6 +199,16 @@ class Generator:
         """Loaded adapters: name -> directory, in load order."""
         return dict(self._adapters)
 
+    @property
+    def lora_bank(self) -> LoraBank | None:
+        """The stacked adapters of the batched backend; ``None`` with ``lora_backend="peft"``."""
+        return None if self._batched is None else self._batched.bank
+
+    @property
+    def peft_fallbacks(self) -> dict[str, str]:
+        """Adapters that run through PEFT under the batched backend: name -> why."""
+        return {} if self._batched is None else dict(self._batched.fallbacks)
+
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Load a PEFT LoRA adapter under ``name``.
 
@@ -172,17 +216,27 @@ class Generator:
             LorafleetError: if the name is taken or reserved, or ``path`` is no adapter directory.
         """
         path = Path(path)
-        if name == BASE_ADAPTER or name in self._adapters:
-            raise LorafleetError(f"adapter name {name!r} is reserved or already loaded")
-        if not (path / "adapter_config.json").is_file():
-            raise LorafleetError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
-        if self._peft is None:
-            from peft import PeftModel
+        with self._lock:
+            if name == BASE_ADAPTER or name in self._adapters:
+                raise LorafleetError(f"adapter name {name!r} is reserved or already loaded")
+            if not (path / "adapter_config.json").is_file():
+                raise LorafleetError(
+                    f"{path}: not a PEFT adapter directory (no adapter_config.json)"
+                )
+            if self._peft is None:
+                from peft import PeftModel
 
-            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
-        else:
-            self._peft.load_adapter(path, adapter_name=name)
-        self._adapters[name] = path
+                self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
+            else:
+                self._peft.load_adapter(path, adapter_name=name)
+            self._adapters[name] = path
+            self._sync_batched()
+            if name in self.peft_fallbacks:
+                log.warning(
+                    "adapter %r runs through PEFT's per-adapter path, not the batched one: %s",
+                    name,
+                    self.peft_fallbacks[name],
+                )
 
     def remove_adapter(self, name: str) -> None:
         """Unload the adapter ``name``; the base and the other adapters stay.
@@ -190,14 +244,20 @@ class Generator:
         Raises:
             LorafleetError: if no adapter of that name is loaded.
         """
-        self._adapter_key(name)
-        del self._adapters[name]
-        if self._adapters:
-            self._peft.delete_adapter(name)
-        else:
-            # PEFT cannot run with zero adapters; unload() strips the LoRA layers in place.
-            self._peft.unload()
-            self._peft = None
+        with self._lock:
+            self._adapter_key(name)
+            del self._adapters[name]
+            if self._adapters:
+                self._peft.delete_adapter(name)
+            else:
+                # PEFT cannot run with zero adapters; unload() strips the LoRA layers in place.
+                self._peft.unload()
+                self._peft = None
+            self._sync_batched()
+
+    def _sync_batched(self) -> None:
+        if self._batched is not None:
+            self._batched.sync(self._peft, list(self._adapters))
 
     def _adapter_key(self, name: str | None) -> str:
         if name is None:
@@ -217,6 +277,19 @@ class Generator:
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @contextlib.contextmanager
+    def _routing(self, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Send row ``i`` of the forward passes in the block through adapter ``keys[i]``;
+        yields the extra keyword arguments of those passes."""
+        adapters = [None if k == BASE_ADAPTER else k for k in keys]
+        if self._peft is None:
+            yield {}
+        elif self._batched is not None and self._batched.covers(adapters):
+            with self._batched.route(adapters):
+                yield {}
+        else:
+            yield {"adapter_names": list(keys)}
+
     @torch.inference_mode()
     def next_token_logits(self, request: GenerationRequest) -> torch.Tensor:
         """The logits of the first generated token for one request (no decoding).
@@ -224,11 +297,12 @@ class Generator:
         Returns:
             A float32 tensor of shape (V,) on the CPU.
         """
-        adapter = self._adapter_key(request.adapter)
-        input_ids = torch.tensor([self._prompt_ids(request)], device=self.device)  # (1, T)
-        routing = {"adapter_names": [adapter]} if self._peft is not None else {}
-        logits = self.model(input_ids=input_ids, **routing).logits  # (1, T, V)
-        return logits[0, -1].float().cpu()
+        with self._lock:
+            adapter = self._adapter_key(request.adapter)
+            input_ids = torch.tensor([self._prompt_ids(request)], device=self.device)  # (1, T)
+            with self._routing([adapter]) as routing:
+                logits = self.model(input_ids=input_ids, **routing).logits  # (1, T, V)
+            return logits[0, -1].float().cpu()
 
     @torch.inference_mode()
     def generate(
@@ -255,7 +329,52 @@ class Generator:
         """
         if not requests:
             return []
-        adapter_names = [self._adapter_key(r.adapter) for r in requests]
+        with self._lock:
+            keys = [self._adapter_key(r.adapter) for r in requests]
+            with self._routing(keys) as routing:
+                return self._decode(requests, routing, on_delta, is_cancelled)
+
+    def generate_all(
+        self,
+        requests: Sequence[GenerationRequest],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for any number of requests, in batches of one adapter and similar length.
+
+        Left padding makes every row of a batch as long as its longest prompt; batching
+        requests sorted by prompt length wastes little of the prefill on padding, and a
+        batch of one adapter needs no per-row LoRA routing. Greedy
+        results do not depend on a batch's other rows, so the answers are those of
+        :meth:`generate` on each request.
+
+        Args:
+            requests: the requests.
+            batch_size: the most requests per batch.
+            on_batch: called with the size of each finished batch (progress bars).
+
+        Returns:
+            One result per request, in the order of ``requests``.
+        """
+        # By adapter first: a batch of one adapter takes the plain-matmul LoRA path.
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].adapter or "", _prompt_chars(requests[i])))
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, result in zip(chunk, self.generate([requests[i] for i in chunk]), strict=True):
+                results[i] = result
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return results
+
+    def _decode(
+        self,
+        requests: Sequence[GenerationRequest],
+        routing: Mapping[str, Any],
+        on_delta: Callable[[int, str], None] | None,
+        is_cancelled: Callable[[int], bool] | None,
+    ) -> list[GenerationResult]:
+        """The decoding loop of :meth:`generate`; ``routing`` goes to every forward pass."""
         prompts = [self._prompt_ids(r) for r in requests]
         # Left padding puts every row's next token in the last column. Shape (B, T).
         width = max(map(len, prompts))
@@ -268,7 +387,6 @@ class Generator:
         # Positions count real tokens only, so a padded row sees what it would see alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         model = self.model
-        routing = {"adapter_names": adapter_names} if self._peft is not None else {}
         rows = [_Row(r) for r in requests]
         eos_id = self.tokenizer.eos_token_id
         past = None

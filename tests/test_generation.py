@@ -1,15 +1,19 @@
 """Batched greedy generation with mixed adapters, on the tiny demo base.
 
 Expected outputs are never hard-coded: a row of a mixed batch is compared with the same
-request run alone, which is what mixed-adapter batching promises.
+request run alone, which is what mixed-adapter batching promises, and the batched LoRA
+backend with PEFT's ``adapter_names`` backend (the reference). Every test that takes the
+``generator`` fixture runs on both backends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorafleet.errors import LorafleetError
 from lorafleet.generation import GenerationRequest, Generator
@@ -21,9 +25,9 @@ def chat(text: str, adapter: str | None = None, **kwargs) -> GenerationRequest:
     )
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_base: Path, tiny_adapters: dict[str, Path]) -> Generator:
-    return Generator(tiny_base, tiny_adapters)
+@pytest.fixture(scope="module", params=["batched", "peft"])
+def generator(request, tiny_base: Path, tiny_adapters: dict[str, Path]) -> Generator:
+    return Generator(tiny_base, tiny_adapters, lora_backend=request.param)
 
 
 def test_mixed_batch_rows_equal_single_runs(generator: Generator) -> None:
@@ -105,8 +109,11 @@ def test_deltas_add_up_to_text(generator: Generator) -> None:
         assert "".join(deltas[i]) == result.text
 
 
-def test_add_and_remove_adapters(tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
-    gen = Generator(tiny_base)
+@pytest.mark.parametrize("backend", ["batched", "peft"])
+def test_add_and_remove_adapters(
+    tiny_base: Path, tiny_adapters: dict[str, Path], backend: str
+) -> None:
+    gen = Generator(tiny_base, lora_backend=backend)
     request = chat("Write a proposal.", max_new_tokens=8)
     base_alone = gen.generate([request])[0]
     name, path = next(iter(tiny_adapters.items()))
@@ -176,3 +183,67 @@ def test_next_token_logits_match_the_first_generated_token(generator: Generator)
         logits = generator.next_token_logits(request)
         assert logits.shape == (generator.model.config.vocab_size,)
         assert int(logits.argmax()) == generator.generate([request])[0].token_ids[0]
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "gather"])
+def test_batched_backend_gives_the_reference_tokens(
+    tiny_base: Path, tiny_adapters: dict[str, Path], kernel: str
+) -> None:
+    # Given a mixed batch: base rows and both adapters (ranks 4 and 8, different modules)
+    names = [None, "job-analyzer", "proposal-writer", None, "proposal-writer", "job-analyzer"]
+    requests = [
+        chat(f"Request {i}: write a proposal for a data job.", n, max_new_tokens=10)
+        for i, n in enumerate(names)
+    ]
+    # When the batched backend and PEFT's adapter_names backend run it
+    batched = Generator(tiny_base, tiny_adapters, lora_kernel=kernel).generate(requests)
+    reference = Generator(tiny_base, tiny_adapters, lora_backend="peft").generate(requests)
+    # Then every row gets the same tokens
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in reference]
+    assert batched == reference
+
+
+def test_peft_model_keeps_its_own_behaviour(
+    tiny_base: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """The evaluator drives ``generator.model`` itself (``set_adapter``, ``disable_adapter``)
+    for held-out loss: the batched backend's hooks must not change what it computes."""
+    gen = Generator(tiny_base, tiny_adapters)
+    model, prompt = gen.model, "A client posts a job"
+    ids = gen.tokenizer(prompt, return_tensors="pt").input_ids  # what a prompt request sends
+    for name in ["job-analyzer", "proposal-writer"]:
+        model.set_adapter(name)
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, -1]
+        # float32, same weights; only the LoRA matmul order differs (measured < 2e-6)
+        expected = gen.next_token_logits(GenerationRequest(prompt=prompt, adapter=name))
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode(), model.disable_adapter():
+        base = model(input_ids=ids).logits[0, -1]
+    assert torch.equal(base, gen.next_token_logits(GenerationRequest(prompt=prompt)))
+
+
+def test_adapter_changes_wait_for_the_running_batch(
+    tiny_base: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    # Given a batch whose first streamed text starts a thread that unloads its adapter
+    gen = Generator(tiny_base, tiny_adapters)
+    request = chat("Write a proposal.", "job-analyzer", max_new_tokens=12)
+    expected = gen.generate([request])[0]
+    unload = threading.Thread(target=gen.remove_adapter, args=("job-analyzer",))
+    waited: list[bool] = []
+
+    def on_delta(i: int, text: str) -> None:
+        if not waited:
+            unload.start()
+            unload.join(timeout=0.3)  # an unload that took no lock would be done by now
+            waited.append(unload.is_alive())
+
+    # When the batch runs
+    result = gen.generate([request], on_delta=on_delta)[0]
+    unload.join(timeout=30)
+    # Then the unload waited for it, and the batch decoded with the adapter throughout
+    assert waited == [True]
+    assert result == expected
+    assert "job-analyzer" not in gen.adapters
+    assert set(gen.lora_bank.slots) == {"proposal-writer"}

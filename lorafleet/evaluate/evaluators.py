@@ -75,12 +75,7 @@ class EvalContext:
         from lorafleet.generation import GenerationRequest
 
         requests = [GenerationRequest(messages=m, adapter=self.adapter, max_new_tokens=self.max_new_tokens) for m in prompts]
-        out = []
-        for i in range(0, len(requests), self.batch_size):
-            out += self.generator.generate(requests[i : i + self.batch_size])
-            if self.on_samples is not None:
-                self.on_samples(len(requests[i : i + self.batch_size]))
-        return out
+        return self.generator.generate_all(requests, self.batch_size, on_batch=self.on_samples)
 
     @property
     def answers(self) -> list:

@@ -294,13 +294,18 @@ def check_adapter_files(
             module, part = _module_name(key)
             if part and module not in base.linear_shapes:
                 raise AdapterRejected(name, "shape", f"{key}: no linear module {module} in base")
-            if part:
+            if part and key.endswith(".bias"):  # lora_bias=True: B carries a bias of out_features
+                out_f = base.linear_shapes[module][1]
+                ok = part == "lora_B" and shape == (out_f,)
+                expected = f"({out_f},)" if part == "lora_B" else "no bias on lora_A"
+            elif part:
                 in_f, out_f = base.linear_shapes[module]
                 ok = len(shape) == 2 and (
                     shape[1] == in_f if part == "lora_A" else shape[0] == out_f
                 )
                 expected = f"(r, {in_f})" if part == "lora_A" else f"({out_f}, r)"
-                rank = max(rank, shape[0] if part == "lora_A" else shape[1])
+                if ok:
+                    rank = max(rank, shape[0] if part == "lora_A" else shape[1])
             else:
                 ok = base.param_shapes.get(module) == shape
                 expected = str(base.param_shapes.get(module, "no such parameter"))

@@ -21,7 +21,24 @@ from typing import Any
 
 from lorafleet.generation import GenerationRequest, GenerationResult, Generator
 
-__all__ = ["BatchRunner", "DeltaCallback", "MicroBatcher", "Overloaded", "run_subset"]
+__all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_WAIT_S",
+    "BatchRunner",
+    "DeltaCallback",
+    "MicroBatcher",
+    "Overloaded",
+    "run_subset",
+]
+
+# Defaults of the runtime, its command line and ServingSpec.max_batch_size (equal by test).
+# A cap: light load makes small batches anyway. On bench/serve_bench.py's burst of 128
+# requests over 8 adapters (docs/benchmarks.md#serving), 64 gives 8-19 % more tokens/s
+# than 32 and the lower p99, at a 7-15 % higher median; 128 is no steady gain and, as one
+# batch for the whole burst, has a higher median latency.
+MAX_BATCH_SIZE = 64
+# The first request of a batch waits this long for company (see docs/serving.md).
+MAX_WAIT_S = 0.01
 
 DeltaCallback = Callable[[str], None]
 # run_batch(requests, on_delta(i, text), is_cancelled(i)) -> one result or error per request.
@@ -86,8 +103,8 @@ class MicroBatcher:
     def __init__(
         self,
         generator: Generator,
-        max_batch_size: int = 8,
-        max_wait_s: float = 0.01,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        max_wait_s: float = MAX_WAIT_S,
         max_queue: int = 256,
         run_batch: BatchRunner | None = None,
     ) -> None:

@@ -135,6 +135,28 @@ def test_tensor_shape_mismatch_is_refused(
     assert key in err.detail and str(width + 16) in err.detail
 
 
+def test_lora_bias_is_checked_not_crashed_on(tiny_base: Path, tmp_path: Path, base_info: BaseModelInfo) -> None:
+    # lora_bias=True gives lora_B a 1-D bias of out_features: checked, and not a rank.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    path = tmp_path / "biased"
+    get_peft_model(model, config).save_pretrained(path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.bias") for k in tensors)  # the case exists before it is checked
+    assert check_adapter_files("biased", path, base_info, max_rank=4).rank == 4
+    key = next(k for k in tensors if k.endswith("lora_B.bias"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1)
+    save_file(tensors, path / "adapter_model.safetensors")
+    err = rejected(path, base_info)
+    assert err.reason == "shape" and key in err.detail
+
+
 def test_adapter_that_changes_nothing_is_refused(tiny_base: Path, tmp_path: Path) -> None:
     # PEFT's default init zeroes B: the adapter is a no-op until trained.
     noop = make_adapter(tiny_base, tmp_path / "untrained", seed=0, init_random=False)

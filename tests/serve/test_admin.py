@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
+from lorafleet.generation import GenerationRequest, Generator
 from lorafleet.serve.runtime import LorafleetRuntime, build_runtime, mount
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -75,7 +76,9 @@ async def test_admin_is_off_without_a_token(tiny_base: Path) -> None:
     assert response.status_code == 403
 
 
-async def test_load_new_version_and_unload(served, fleet_adapters: dict[str, Path]) -> None:
+async def test_load_new_version_and_unload(
+    served, fleet_adapters: dict[str, Path], tiny_base: Path
+) -> None:
     runtime, client = served
     # Given expert-2 loaded at runtime
     put = await client.put(
@@ -92,10 +95,15 @@ async def test_load_new_version_and_unload(served, fleet_adapters: dict[str, Pat
         "/admin/adapters/writer", json={"source": str(fleet_adapters["expert-3"])}, headers=AUTH
     )
     assert put.status_code == 200, put.text
-    # Then the name answers with the new weights, and only one version stays loaded
+    # Then the name answers with the new weights (PEFT's answer for them, so the stacked
+    # tables were rebuilt, not left stale), and only one version stays loaded
     v2 = text_of(await answer(client, "writer"))
     assert v2 != v1
+    reference = Generator(tiny_base, {"v2": fleet_adapters["expert-3"]}, lora_backend="peft")
+    request = GenerationRequest(messages=ask("v2")["messages"], adapter="v2", max_new_tokens=6)
+    assert v2 == reference.generate([request])[0].text
     assert sum(k.startswith("writer__") for k in runtime._generator.adapters) == 1
+    assert set(runtime._generator.lora_bank.slots) == set(runtime._generator.adapters)
     # And after unloading, the name is gone
     assert (await client.delete("/admin/adapters/writer", headers=AUTH)).status_code == 200
     gone = await client.post("/openai/v1/chat/completions", json=ask("writer"))

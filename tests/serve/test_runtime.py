@@ -19,7 +19,9 @@ import openai
 import pytest
 
 from lorafleet.errors import LorafleetError
+from lorafleet.fleet import ServingSpec
 from lorafleet.generation import GenerationRequest, Generator
+from lorafleet.serve.batching import MAX_BATCH_SIZE
 from lorafleet.serve.runtime import LorafleetRuntime, MicroBatcher, main, run_server_subprocess
 
 pytestmark = pytest.mark.integration
@@ -182,6 +184,17 @@ async def test_micro_batcher_shares_generate_calls(generator: Generator) -> None
     # Then two generate calls served them, with the answers each gets alone
     assert batcher.batch_sizes == Counter({4: 1, 2: 1})
     assert results == [generator.generate([r])[0] for r in requests]
+
+
+def test_fleet_spec_and_runtime_share_the_batch_size_default() -> None:
+    assert ServingSpec.model_fields["max_batch_size"].default == MAX_BATCH_SIZE
+    assert LorafleetRuntime("base", "unused", {}).max_batch_size == MAX_BATCH_SIZE
+    # `lorafleet serve` spells its default out (the CLI imports no serving code): keep it equal.
+    import inspect
+
+    from lorafleet.cli import serve
+
+    assert inspect.signature(serve).parameters["max_batch_size"].default == MAX_BATCH_SIZE
 
 
 def test_adapter_may_not_take_the_base_name(
