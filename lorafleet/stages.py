@@ -169,12 +169,36 @@ def select_stage(expert: ExpertSpec, prepared: list[str | Path], eval_set: str |
     return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
 
 
-def train_stage(expert: ExpertSpec, base_dir: str, train_set: str | Path, adapter_out: str | Path, on_step=None) -> dict:
-    """Fine-tune the expert's adapter."""
-    from lorafleet.train.recipe import train_adapter
+def train_stage(
+    expert: ExpertSpec, base_dir: str, train_set: str | Path, adapter_out: str | Path, on_step=None, kube_api=None
+) -> dict:
+    """Fine-tune the expert's adapter where ``training.launcher`` says.
 
-    result = train_adapter(base_dir, _records(train_set), expert.lora, expert.training, adapter_out, on_step=on_step)
-    return result.to_dict()
+    ``local``: in this process; ``torchrun``: ``gpus_per_node`` DDP ranks on this machine;
+    ``trainjob``: a Kubeflow TrainJob (or PyTorchJob) on ``nodes`` nodes, followed until it
+    ends, its status changes in this step's log (:func:`lorafleet.train.cluster.run_on_cluster`).
+
+    Args:
+        kube_api: the ``kubernetes`` ApiClient for ``trainjob`` (default: from the
+            kubeconfig or the pod's service account).
+    """
+    training = expert.training
+    if training.launcher == "local":
+        from lorafleet.train.recipe import train_adapter
+
+        result = train_adapter(base_dir, _records(train_set), expert.lora, training, adapter_out, on_step=on_step)
+        return result.to_dict()
+    from lorafleet.train.job import TrainJobConfig
+
+    job = TrainJobConfig(base_dir=str(base_dir), train_set=str(train_set), output_dir=str(adapter_out),
+                         lora=expert.lora, training=training)
+    if training.launcher == "torchrun":
+        from lorafleet.train.launch import run_torchrun
+
+        return run_torchrun(job, training.gpus_per_node)
+    from lorafleet.train.cluster import run_on_cluster
+
+    return run_on_cluster(expert.name, base_dir, train_set, adapter_out, job, training, api=kube_api)
 
 
 def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> dict | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DistContext", "init_distributed"]
+__all__ = ["DistContext", "close_distributed", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,13 @@ class DistContext:
         rank: global rank, 0 writes files.
         world_size: number of processes.
         device: ``"cuda:N"`` or ``"cpu"``.
+        owns_group: this process created the process group (and so destroys it).
     """
 
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -43,8 +45,23 @@ def init_distributed() -> DistContext:
         return DistContext(device=device)
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         if device.startswith("cuda"):
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns)
+
+
+def close_distributed(ctx: DistContext) -> None:
+    """Leave the process group that :func:`init_distributed` created.
+
+    No barrier: after a failure on one rank the others may be inside a collective, and a
+    barrier would hang them; torchrun ends the other ranks when one exits with an error.
+    """
+    if not ctx.owns_group:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,17 +1,19 @@
 """One training job as a JSON file, and the process entry point that runs it.
 
 The same job file drives a plain process, each ``torchrun`` rank (DDP) and each pod of a
-Kubeflow TrainJob: ``python -m lorafleet.train.job JOB.json``. Passing a file keeps the
+Kubeflow TrainJob: ``python -m lorafleet.train.job JOB.json`` (pods read it from an
+environment variable: ``--env VAR``). Passing a file keeps the
 command line short and every setting typed (the spec's own pydantic models).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.fleet import LoraSettings, TrainingSettings
 from lorafleet.io import atomic_write_json
@@ -64,14 +66,27 @@ def run_job(job: TrainJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lorafleet.train.job JOB.json``: user mistakes exit 2 with one line."""
+    """``python -m lorafleet.train.job JOB.json`` (or ``--env VAR``: the job's JSON is in
+    environment variable VAR, as in a cluster job's pods): user mistakes exit 2 with one line."""
     from lorafleet.errors import LorafleetError
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.exit("usage: python -m lorafleet.train.job JOB.json")
+    if not (len(args) == 1 or (len(args) == 2 and args[0] == "--env")):
+        sys.exit("usage: python -m lorafleet.train.job JOB.json | --env VAR")
+    source = f"${args[1]}" if args[0] == "--env" else args[0]
     try:
-        job = TrainJobConfig.model_validate(json.loads(Path(args[0]).read_text()))
+        try:
+            text = os.environ[args[1]] if args[0] == "--env" else Path(args[0]).read_text()
+            job = TrainJobConfig.model_validate(json.loads(text))
+        except KeyError:
+            raise LorafleetError(f"{source}: no such environment variable") from None
+        except OSError as exc:
+            raise LorafleetError(f"{source}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise LorafleetError(f"{source}: not JSON: {exc}") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise LorafleetError(f"{source}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         result = run_job(job)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

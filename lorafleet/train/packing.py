@@ -1,9 +1,10 @@
-"""Padding-free packing: several tokenized examples share one row, none sees another.
+"""Padding-free packing: several tokenized examples share one sequence, none sees another.
 
-Each example keeps its own position ids (restarting at 0). Given ``position_ids`` and no
-``attention_mask``, transformers (5.x) finds the example boundaries where positions restart
-and builds a block-diagonal causal mask (SDPA / eager on CPU) or calls FlashAttention's
-variable-length kernel (GPU), so attention never crosses from one example to the next.
+Examples are grouped into rows of at most ``max_seq_len`` tokens (first-fit); a micro-batch
+of rows is then laid end to end as one sequence with no padding. Each example keeps its own
+position ids (restarting at 0) and the example boundaries travel as ``cu_seq_lens``, which
+the recipe's attention (:mod:`lorafleet.train.attention`, or FlashAttention's varlen kernel
+on GPU) uses so that attention never crosses from one example to the next.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample
 
-__all__ = ["collate_rows", "pack_rows"]
+__all__ = ["collate_packed", "pack_rows"]
 
 
 def pack_rows(lengths: Sequence[int], max_len: int, rng: random.Random, packing: bool = True) -> list[list[int]]:
@@ -26,7 +27,7 @@ def pack_rows(lengths: Sequence[int], max_len: int, rng: random.Random, packing:
         lengths: token count of each example (each at most ``max_len``).
         max_len: row capacity in tokens.
         rng: the source of randomness; the same state gives the same rows.
-        packing: ``False`` puts one example per row (ordinary padded batches).
+        packing: ``False`` puts one example per row.
 
     Returns:
         Rows of example indices.
@@ -50,38 +51,41 @@ def pack_rows(lengths: Sequence[int], max_len: int, rng: random.Random, packing:
     return rows
 
 
-def collate_rows(rows: Sequence[Sequence[TokenizedExample]], pad_id: int):
-    """Concatenate each row's examples and right-pad the rows to one width.
+def collate_packed(rows: Sequence[Sequence[TokenizedExample]]):
+    """Lay the rows' examples end to end as one sequence, with no padding at all.
 
-    The first label of every example is ignored, so the last token of one example is
-    never trained to predict the first token of the next. Padding gets its own positions
-    (restarting at 0), so it forms a separate block that no real token attends to.
+    Rows only decide which examples share a micro-batch; attention never crosses an
+    example boundary (:mod:`lorafleet.train.attention` or FlashAttention's varlen kernel
+    read ``cu_seq_lens``), so the sequence needs no padding and no mask. The first label of
+    every example is ignored, so the last token of one example is never trained to predict
+    the first token of the next. The loss needs logits only where the next token is a label:
+    ``logit_index`` lists those positions and ``targets`` the tokens they must predict, so the
+    LM head and the cross-entropy run on assistant positions only.
 
     Args:
         rows: the examples of each row.
-        pad_id: the token id used for padding.
 
     Returns:
-        ``input_ids``, ``position_ids``, ``labels``: LongTensors of shape (B, T_max), and
-        ``n_tokens``: the number of real (non-pad) tokens.
+        A dict with ``input_ids``, ``position_ids``: LongTensors of shape (1, T);
+        ``cu_seq_lens``: (S + 1,) start offsets of the S examples, then T; ``max_length``: the
+        longest example; ``logit_index``: (K,) positions whose logits the loss uses;
+        ``targets``: (K,) the token each must predict; ``n_tokens``: T, every one a real token.
     """
     import torch
 
-    ids, pos, labels = [], [], []
-    for row in rows:
-        ids.append([t for e in row for t in e.input_ids])
-        pos.append([p for e in row for p in range(len(e.input_ids))])
-        labels.append([t for e in row for t in [IGNORE_INDEX, *e.labels[1:]]])
-    width = max(len(r) for r in ids)
-    n_tokens = sum(len(r) for r in ids)
-    for i in range(len(rows)):
-        pad = width - len(ids[i])
-        ids[i] += [pad_id] * pad
-        pos[i] += list(range(pad))
-        labels[i] += [IGNORE_INDEX] * pad
+    examples = [e for row in rows for e in row]
+    ids = [t for e in examples for t in e.input_ids]
+    pos = [p for e in examples for p in range(len(e.input_ids))]
+    labels = torch.tensor([t for e in examples for t in [IGNORE_INDEX, *e.labels[1:]]], dtype=torch.long)
+    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
+    nxt = labels[1:]  # position p predicts token p + 1
+    logit_index = torch.nonzero(nxt != IGNORE_INDEX).squeeze(1)
     return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "position_ids": torch.tensor(pos, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "n_tokens": n_tokens,
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "cu_seq_lens": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "max_length": int(lengths.max()),
+        "logit_index": logit_index,
+        "targets": nxt[logit_index],
+        "n_tokens": len(ids),
     }

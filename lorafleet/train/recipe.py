@@ -19,12 +19,13 @@ from pathlib import Path
 from lorafleet.base import fingerprint_model
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample, encode_chat
 from lorafleet.fleet import LoraSettings, TrainingSettings
-from lorafleet.io import atomic_dir, atomic_write_text, sha256_json
+from lorafleet.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from lorafleet.records import Record
+from lorafleet.train.attention import training_attention
 from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lorafleet.train.distributed import DistContext, init_distributed
+from lorafleet.train.distributed import DistContext, close_distributed, init_distributed
 from lorafleet.train.errors import NonFiniteLossError, QLoraUnavailableError, TrainingOOMError
-from lorafleet.train.packing import collate_rows, pack_rows
+from lorafleet.train.packing import collate_packed, pack_rows
 
 __all__ = ["LoRARecipe", "TrainResult", "collate", "load_base", "train_adapter"]
 
@@ -49,7 +50,13 @@ class TrainResult:
         return asdict(self)
 
 
-def load_base(base_dir: str | Path, dtype: str = "auto", device: str | None = None, quantize_4bit: bool = False):
+def load_base(
+    base_dir: str | Path,
+    dtype: str = "auto",
+    device: str | None = None,
+    quantize_4bit: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load a base model and its tokenizer (float32 on CPU, bf16 on GPU unless told).
 
     Args:
@@ -57,9 +64,11 @@ def load_base(base_dir: str | Path, dtype: str = "auto", device: str | None = No
         dtype: ``"auto"`` or a torch dtype name.
         device: where to put the model; default the first GPU if there is one, else CPU.
         quantize_4bit: load the weights as 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes).
+        attn_implementation: transformers' attention implementation; default FlashAttention 2
+            on a GPU where it is installed, else SDPA.
 
     Returns:
-        ``(model, tokenizer)``; the model uses FlashAttention 2 when installed, else SDPA.
+        ``(model, tokenizer)``.
     """
     import importlib.util
 
@@ -75,7 +84,7 @@ def load_base(base_dir: str | Path, dtype: str = "auto", device: str | None = No
     else:
         torch_dtype = getattr(torch, dtype)
     flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
-    kwargs = {"dtype": torch_dtype, "attn_implementation": "flash_attention_2" if flash else "sdpa"}
+    kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation or ("flash_attention_2" if flash else "sdpa")}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -198,7 +207,8 @@ class LoRARecipe:
     def _setup_model(base_dir: str, lora: LoraSettings, device: str, gradient_checkpointing: bool):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        model, tokenizer = load_base(base_dir, device=device, quantize_4bit=lora.qlora)
+        attention = training_attention(device)
+        model, tokenizer = load_base(base_dir, device=device, quantize_4bit=lora.qlora, attn_implementation=attention)
         if lora.qlora:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         elif gradient_checkpointing:
@@ -262,29 +272,39 @@ class LoRARecipe:
     def _forward_backward(self, rows: list[list[TokenizedExample]], n_labels: int):
         """Loss (summed over assistant tokens, divided by the step's ``n_labels``) and its gradients.
 
+        This rank's rows run as one padding-free sequence (:func:`collate_packed`), and the
+        LM head and cross-entropy run only at the positions whose next token is a label:
+        the same loss as transformers' full-logits loss, without the other positions' logits.
+
         Returns:
             ``(loss, real tokens)`` for this rank's share of the micro-batch.
         """
         import torch
+        import torch.nn.functional as F
 
         dist = self.dist
         mine = rows[dist.rank :: dist.world_size]
         weight = 1.0
         if not mine:  # every rank must join the gradient all-reduce, even without data
             mine, weight = rows[:1], 0.0
-        batch = collate_rows(mine, self.tokenizer.pad_token_id)
+        batch = collate_packed(mine)
         device = torch.device(dist.device)
+        cu = batch["cu_seq_lens"].to(device, dtype=torch.int32)
         # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
         scale = n_labels / dist.world_size
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = self.ddp_model(
                 input_ids=batch["input_ids"].to(device),
                 position_ids=batch["position_ids"].to(device),
-                labels=batch["labels"].to(device),
-                num_items_in_batch=scale,
-                use_cache=False,  # a KV cache would hide the packed positions from the attention mask
+                logits_to_keep=batch["logit_index"].to(device),
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=batch["max_length"],
+                max_length_k=batch["max_length"],
+                use_cache=False,
             )
-        loss = out.loss * weight
+        logits = out.logits[0].float()  # (K, vocab): only the positions the loss looks at
+        loss = F.cross_entropy(logits, batch["targets"].to(device), reduction="sum") / scale * weight
         loss.backward()
         return loss.detach(), batch["n_tokens"] if weight else 0
 
@@ -335,8 +355,9 @@ class LoRARecipe:
                     f"rows of up to {self.training.max_seq_len} tokens: lower training.batch_size (raise grad_accum "
                     "to keep the effective batch) or set training.gradient_checkpointing: true"
                 ) from exc
-            step_loss, tokens = self._all_reduce([float(loss_sum) / self.dist.world_size, float(tokens)])
-            step_loss *= self.dist.world_size
+            # Each rank's loss is its label tokens' share scaled by world size (see _forward_backward).
+            step_loss, tokens = self._all_reduce([float(loss_sum), float(tokens)])
+            step_loss /= self.dist.world_size
             if not math.isfinite(step_loss):
                 kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise NonFiniteLossError(
@@ -384,13 +405,16 @@ class LoRARecipe:
             with atomic_dir(self.output_dir) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            atomic_write_json(self.run_dir / "result.json", result.to_dict())
         return result
 
     def cleanup(self) -> None:
+        """Free the model and optimizer; leave the process group this recipe joined."""
         del self.model, self.ddp_model, self.optimizer, self.scheduler
         import gc
 
         gc.collect()
+        close_distributed(self.dist)
 
 
 def _check_qlora() -> None:

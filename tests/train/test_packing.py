@@ -1,4 +1,4 @@
-"""Packed rows give the same logits as each example run alone: no attention across examples."""
+"""Packed sequences give the same logits as each example run alone: no attention across examples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample
-from lorafleet.train.packing import collate_rows, pack_rows
+from lorafleet.train.attention import VARLEN, register_varlen_attention
+from lorafleet.train.packing import collate_packed, pack_rows
 
 
 def test_pack_rows_fills_rows_first_fit_and_keeps_every_example() -> None:
@@ -21,38 +22,53 @@ def test_pack_rows_fills_rows_first_fit_and_keeps_every_example() -> None:
     assert sorted(pack_rows(lengths, 10, random.Random(0), packing=False)) == [[i] for i in range(6)]
 
 
-def test_collate_rows_restarts_positions_and_masks_boundaries() -> None:
+def test_collate_packed_lays_examples_end_to_end_with_their_boundaries() -> None:
     a = TokenizedExample(input_ids=[1, 2, 3], labels=[IGNORE_INDEX, 2, 3])
     b = TokenizedExample(input_ids=[4, 5], labels=[4, 5])
-    batch = collate_rows([[a, b], [b]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [4, 5, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
-    # b's first label is dropped: 3 must not be trained to predict 4 across the boundary
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5], [IGNORE_INDEX, 5] + [IGNORE_INDEX] * 3]
+    batch = collate_packed([[a, b], [b]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 4, 5]]  # no padding anywhere
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 7]
+    assert batch["max_length"] == 3
+    # Logits are kept where the next token is a label: position p predicts token p + 1. Position 2
+    # is not kept: b's first label is dropped, so 3 is never trained to predict 4 across the boundary.
+    assert batch["logit_index"].tolist() == [0, 1, 3, 5]
+    assert batch["targets"].tolist() == [2, 3, 5, 5]
     assert batch["n_tokens"] == 7
 
 
-def test_a_packed_row_gives_each_example_its_own_logits(tiny_base: Path) -> None:
-    """Given three examples packed in one row, when the model runs once on the row,
-    then each example's slice of logits equals the logits of that example run alone."""
+@pytest.mark.parametrize("attention", [VARLEN, "sdpa"])
+def test_a_packed_sequence_gives_each_example_its_own_logits(tiny_base: Path, attention: str) -> None:
+    """Given three examples packed into one sequence, when the model runs once on it,
+    then each example's slice of logits equals the logits of that example run alone.
+
+    ``lorafleet_varlen`` is the recipe's attention on CPU (boundaries from ``cu_seq_lens``);
+    ``sdpa`` is transformers' own path (boundaries found where position ids restart).
+    """
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
+    register_varlen_attention()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation=attention).eval()
+    alone_model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
     lengths = [7, 12, 5]
     examples = [
         TokenizedExample(input_ids=torch.randint(3, 300, (n,)).tolist(), labels=[IGNORE_INDEX] * n) for n in lengths
     ]
-    batch = collate_rows([examples], pad_id=0)
+    batch = collate_packed([examples[:2], examples[2:]])
     with torch.no_grad():
         # use_cache=False: transformers only looks for packed positions when no KV cache is built.
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+            cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+            max_length_q=batch["max_length"], max_length_k=batch["max_length"],
+        ).logits[0]
         start = 0
         for e in examples:
-            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            alone = alone_model(input_ids=torch.tensor([e.input_ids])).logits[0]
             torch.testing.assert_close(packed[start : start + len(e.input_ids)], alone, rtol=1e-5, atol=1e-5)
             start += len(e.input_ids)
-        # Without position ids the row is one long sequence: the later examples see the earlier ones.
-        unpacked = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-    assert not torch.allclose(unpacked[lengths[0] :], packed[lengths[0] :], atol=1e-3)
+        # As one plain sequence (one boundary-free example) the later examples see the earlier ones.
+        whole = alone_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(whole[lengths[0] :], packed[lengths[0] :], atol=1e-3)

@@ -52,3 +52,80 @@ def test_the_recipe_checks_its_inputs(tiny_base: Path, tmp_path: Path) -> None:
     no_answers = [Record(id="a", task="chat", source="human", messages=[{"role": "user", "content": "hi"}])]
     with pytest.raises(ValueError, match="no assistant turns"):
         LoRARecipe(tiny_base, no_answers, LoraSettings(), TrainingSettings(), tmp_path)
+
+
+def test_the_label_only_loss_equals_the_full_logits_loss(tiny_base: Path, tmp_path: Path) -> None:
+    """Given a micro-batch of packed rows, the recipe's loss (one padding-free sequence,
+    varlen attention, LM head and cross-entropy at assistant positions only) and its
+    gradients equal transformers' own loss on the same examples as an ordinary right-padded
+    batch through SDPA with logits at every position.
+
+    Expected numbers come from that reference, computed here; the tolerances only admit
+    float32 rounding (different matmul shapes sum in a different order).
+    """
+    import torch
+
+    from lorafleet.chat import IGNORE_INDEX
+    from lorafleet.train.recipe import collate
+
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    training = TrainingSettings(packing=True, batch_size=2, max_seq_len=256, seed=0)
+    recipe = LoRARecipe(tiny_base, _records(), lora, training, tmp_path / "out")
+    recipe.setup()
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero in PEFT: make it non-zero so that A gets gradients too
+        for name, p in recipe.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    _, _, rows = next(recipe._micro_batches(0, 0))
+    examples = [e for r in rows for e in r]
+    assert sum(len(r) for r in rows) > len(rows)  # rows really are packed
+    n_labels = sum(e.n_label_tokens - (e.labels[0] != IGNORE_INDEX) for e in examples)
+
+    loss, tokens = recipe._forward_backward(rows, n_labels)
+    got = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    recipe.model.zero_grad(set_to_none=True)
+
+    recipe.model.base_model.model.set_attn_implementation("sdpa")
+    padded = collate(examples, recipe.tokenizer.pad_token_id)
+    reference = recipe.model(**padded, num_items_in_batch=n_labels, use_cache=False).loss
+    reference.backward()
+    want = {n: p.grad for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+    assert tokens == sum(len(e.input_ids) for e in examples)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
+    assert got.keys() == want.keys() and len(want) == 2 * 7 * 2  # 2 layers x 7 linear modules x A, B
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base: Path, tmp_path: Path) -> None:
+    """Given a 10-step run with 20% warmup, then ``<run_dir>/metrics.jsonl`` has one line
+    per step with its loss, learning rate and tokens/s; the learning rates follow linear
+    warmup then cosine decay; and the train component's KFP Metrics artifact gets the summary.
+
+    Expected learning rates: lr x factor, with factor (s + 1) / (warmup + 1) for the
+    warmup steps s < 2, then 0.5 x (1 + cos(pi x (s - 2) / 8)).
+    """
+    import math
+
+    from kfp.dsl import Metrics
+
+    from lorafleet.components.runtime import log_train_metrics
+
+    training = TrainingSettings(max_steps=10, learning_rate=1e-2, batch_size=4, warmup_ratio=0.2, packing=True)
+    result = train_adapter(
+        tiny_base, _records(), LoraSettings(r=4, alpha=8, dropout=0.0), training, tmp_path / "adapter", run_dir=tmp_path / "run"
+    )
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 11))
+    assert all(m["loss"] > 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["label_tokens"] > 0 for m in lines)
+    factors = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert [m["lr"] for m in lines] == pytest.approx([1e-2 * f for f in factors], rel=1e-12)
+    assert [m["loss"] for m in lines] == result.losses
+
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "kfp-metrics"), metadata={})
+    log_train_metrics(metrics, result.to_dict())
+    assert metrics.metadata == {
+        "final_loss": round(result.losses[-1], 5), "steps": 10, "tokens_per_s": result.tokens_per_s,
+    }  # fmt: skip
