@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile bench lint clean image-test
+.PHONY: setup demo test test-unit compile bench lint clean image-test e2e-canary
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The canary drill on loopback (runtime, router, load, three fault scenarios); one JSON line
+# per scenario. `make test` runs the same tests (tests/rollout, marked e2e).
+e2e-canary: $(STAMP)
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/rollout/test_e2e_canary.py
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not e2e"

@@ -6,11 +6,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from lorafleet.commands import data, deploy, submit
+from lorafleet.commands import data, deploy, rollout, submit, train
 from lorafleet.commands import eval as eval_cmd
 from lorafleet.console import console
 from lorafleet.errors import LorafleetError
@@ -30,6 +30,8 @@ app.add_typer(base_app, name="base")
 app.add_typer(data.app, name="data")
 app.add_typer(deploy.app, name="deploy")
 app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(train.app, name="train")
 app.command("submit")(submit.submit)
 # end of sub-command groups
 
@@ -100,7 +102,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
-    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its batch.")] = 10.0,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")] = 256,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included; later 503.")] = 120.0,
@@ -108,6 +110,7 @@ def serve(
     require_lineage: Annotated[bool, typer.Option(help="Refuse adapters without lineage.json.")] = False,
     routes: Annotated[Path | None, typer.Option(help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.')] = None,
     admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the /admin bearer token; unset disables /admin.")] = "LORAFLEET_ADMIN_TOKEN",
+    lora_backend: Annotated[str, typer.Option(help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference).")] = "batched",
 ) -> None:
     """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
 
@@ -117,6 +120,8 @@ def serve(
     from lorafleet.serve.router import RouteTable
     from lorafleet.serve.runtime import serve as run_server
 
+    if lora_backend not in ("batched", "peft"):
+        raise LorafleetError(f"--lora-backend {lora_backend!r}: expected batched or peft")
     adapters = {}
     for item in adapter or []:
         adapter_name, sep, path = item.partition("=")
@@ -139,11 +144,17 @@ def serve(
         max_rank=max_rank,
         require_lineage=require_lineage,
         routes=RouteTable.from_file(routes) if routes else None,
+        lora_backend=lora_backend,
     )
 
 
-def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+def main(command: typer.Typer | None = None, **options: Any) -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2.
+
+    Args:
+        command: the app to run (default: ``lorafleet``; the kubectl plugin passes its own).
+        **options: passed to click (``prog_name``, ``obj``).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     level = os.environ.get("LORAFLEET_LOG", "WARNING")
@@ -153,7 +164,7 @@ def main() -> None:
         handler.setLevel(level)
     try:
         # Outside standalone mode click returns the code of a typer.Exit instead of exiting.
-        code = app(standalone_mode=False)
+        code = (command or app)(standalone_mode=False, **options)
         sys.exit(code if isinstance(code, int) else 0)
     except LorafleetError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -164,10 +175,11 @@ def main() -> None:
     except Exception as exc:  # click usage errors and aborts carry their own exit codes
         import click
 
-        if isinstance(exc, click.ClickException):
+        # Recent typer versions raise their own copy of click's exceptions (typer.TyperException).
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.exceptions.Abort | typer.Abort):
             sys.exit(130)
         raise
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,8 @@ __all__ = [
     "PIPELINE_STEPS",
     "TASKS",
     "BaseSpec",
+    "CanaryAnalysis",
+    "CanaryJudge",
     "CanaryPolicy",
     "DataRules",
     "ExpertSpec",
@@ -40,6 +43,7 @@ __all__ = [
     "SynthesisSettings",
     "TeacherSettings",
     "Toleration",
+    "TrainCluster",
     "TrainingSettings",
     "check_task",
     "load_fleet",
@@ -201,6 +205,35 @@ class TrainingSettings(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    # Where the trainer runs (docs/training.md): the recipe is the same everywhere.
+    launcher: Literal["local", "torchrun", "trainjob"] = Field(
+        "local", description="local: in process; torchrun: gpus_per_node ranks here (DDP); trainjob: a Kubeflow job on nodes x gpus_per_node"
+    )
+    nodes: int = Field(1, ge=1, description="nodes of a trainjob (more than 1 only with launcher trainjob)")
+    gpus_per_node: int = Field(1, ge=1, description="ranks per node: GPUs, or CPU processes without GPUs")
+    cluster: TrainCluster | None = Field(None, description="the Kubernetes side of launcher trainjob")
+
+    @model_validator(mode="after")
+    def _launcher(self) -> TrainingSettings:
+        if self.nodes > 1 and self.launcher != "trainjob":
+            raise ValueError("nodes > 1 needs launcher: trainjob (one pod cannot span nodes)")
+        if self.launcher == "trainjob" and self.cluster is None:
+            raise ValueError("launcher trainjob needs a cluster block (image, namespace, volume)")
+        return self
+
+
+class TrainCluster(_Strict):
+    """Where a ``trainjob`` runs: a Kubeflow Trainer TrainJob, or a PyTorchJob where Trainer is absent."""
+
+    image: str = Field(min_length=1, description="container image with lorafleet installed (components/Dockerfile)")
+    namespace: str = Field("lorafleet", pattern=SLUG, description="namespace of the job")
+    runtime: str = Field("torch-distributed", min_length=1, description="the TrainJob's ClusterTrainingRuntime")
+    volume: PvcMount = Field(description="shared PVC holding base, data and outputs; job paths must be under mount_path")
+    accelerator: str | None = Field("nvidia.com/gpu", description="resource name requested gpus_per_node times per node; null = CPU")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node label -> value for the trainer pods")
+    tolerations: list[Toleration] = Field(default_factory=list, description="e.g. of a GPU node pool's taint")
+    service_account: str | None = Field(None, description="ServiceAccount of the trainer pods")
+    timeout_s: float = Field(24 * 3600, gt=0, description="how long to wait for the job before giving up")
 
 
 class GateJudge(_Strict):
@@ -282,7 +315,8 @@ class ServingSpec(_Strict):
     runtime: Literal["lorafleet", "vllm"] = "lorafleet"
     profile: Literal["local", "aws", "gcp", "onprem"] = "local"
     gpus: int = Field(0, ge=0)
-    max_batch_size: int = Field(8, ge=1)
+    # = lorafleet.serve.batching.MAX_BATCH_SIZE (not imported: the spec needs no torch).
+    max_batch_size: int = Field(64, ge=1)
     max_lora_rank: int = Field(64, ge=1)
     adapter_store: str = Field("", description="s3://, gs://, pvc:// or a directory; empty = registry")
     # Cluster serving (`lorafleet deploy render`); every field has a default for local runs.
@@ -302,15 +336,103 @@ class ServingSpec(_Strict):
         return self
 
 
-class CanaryPolicy(_Strict):
-    """Step-wise traffic shift from production to candidate."""
+# PromQL templates per canary mode; ``$route``, ``$version`` (the adapter or revision being
+# measured), ``$namespace`` and ``$interval`` (e.g. ``30s``) are filled in per query.
+ROUTER_QUERIES = {
+    "requests": 'sum(increase(lorafleet_requests_total{model="$route",adapter="$version"}[$interval]))',
+    # 5xx only: a client's own mistakes (4xx) say nothing about the candidate.
+    "error_rate": 'sum(increase(lorafleet_requests_total{model="$route",adapter="$version",status=~"5.."}[$interval]))'
+    ' / sum(increase(lorafleet_requests_total{model="$route",adapter="$version"}[$interval]))',
+    "p95_latency_ms": "1000 * histogram_quantile(0.95, sum by (le) (increase("
+    'lorafleet_request_latency_seconds_bucket{model="$route",adapter="$version"}[$interval])))',
+}
+# Knative's queue-proxy metrics: a revision canary runs on KServe's Serverless mode.
+REVISION_QUERIES = {
+    "requests": 'sum(increase(revision_request_count{namespace_name="$namespace",revision_name="$version"}[$interval]))',
+    "error_rate": 'sum(increase(revision_request_count{namespace_name="$namespace",revision_name="$version",'
+    'response_code_class="5xx"}[$interval])) / sum(increase(revision_request_count{namespace_name="$namespace",'
+    'revision_name="$version"}[$interval]))',
+    "p95_latency_ms": "histogram_quantile(0.95, sum by (le) (increase(revision_request_latencies_bucket{"
+    'namespace_name="$namespace",revision_name="$version"}[$interval])))',
+}
+QUERY_PLACEHOLDERS = ("route", "version", "namespace", "interval")
 
+
+class CanaryJudge(_Strict):
+    """An online judge's sampled scores of live answers, as a metric the rollout reads."""
+
+    min_score: float = Field(description="the canary's mean judge score per interval must reach this")
+    metric: str = Field(
+        "lorafleet_judge_score",
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="router source: a histogram/summary labelled model and adapter (mean = _sum / _count)",
+    )
+    query: str | None = Field(None, description="prometheus source: PromQL template of the mean score")
+    min_samples: int = Field(1, ge=1, description="fewer scored answers in an interval: inconclusive")
+
+
+class CanaryAnalysis(_Strict):
+    """Where each analysis reads its measurements, and how often."""
+
+    source: Literal["router", "prometheus"] = Field(
+        "router", description="router: scrape the router's /metrics; prometheus: PromQL over the HTTP API"
+    )
+    interval_seconds: float = Field(30, gt=0, description="seconds between analyses")
+    min_requests: int = Field(20, ge=1, description="fewer canary requests in an interval: inconclusive")
+    error_limit: int = Field(
+        4, ge=1, description="consecutive analyses that could not measure (source down) before the rollout aborts"
+    )
+    prometheus_url: str = Field("", description="prometheus source: the server, e.g. http://prometheus.monitoring:9090")
+    queries: dict[Literal["requests", "error_rate", "p95_latency_ms"], str] = Field(
+        default_factory=dict, description="PromQL templates replacing the mode's defaults (docs/rollout.md)"
+    )
+    judge: CanaryJudge | None = Field(None, description="optional: also gate on an online judge's score")
+
+    @model_validator(mode="after")
+    def _source(self) -> CanaryAnalysis:
+        if self.source == "prometheus" and not self.prometheus_url:
+            raise ValueError("source 'prometheus' needs prometheus_url")
+        templates = [*self.queries.values(), *([self.judge.query] if self.judge and self.judge.query else [])]
+        for template in templates:
+            unknown = sorted(set(re.findall(r"\$\{?([A-Za-z_]\w*)", template)) - set(QUERY_PLACEHOLDERS))
+            if unknown:
+                raise ValueError(f"unknown placeholder ${unknown[0]}; known: ${', $'.join(QUERY_PLACEHOLDERS)}")
+        if self.source == "prometheus" and self.judge is not None and not self.judge.query:
+            raise ValueError("judge with source 'prometheus' needs judge.query")
+        return self
+
+
+class CanaryPolicy(_Strict):
+    """Step-wise traffic shift from production to candidate, judged on metrics (docs/rollout.md)."""
+
+    mode: Literal["router", "revision"] = Field(
+        "router",
+        description="router: adapter weights in the lorafleet router (other adapters untouched); "
+        "revision: the InferenceService's canaryTrafficPercent (KServe Serverless mode)",
+    )
     steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100])
-    pause_seconds: int = Field(60, ge=0)
+    pause_seconds: int = Field(60, ge=0, description="least time at each step before the next")
     max_error_rate: float = Field(0.01, ge=0, le=1)
     max_p95_latency_ms: float = Field(2000, gt=0)
-    failure_limit: int = Field(1, ge=1)
-    inconclusive_limit: int = Field(2, ge=1)
+    failure_limit: int = Field(1, ge=1, description="failed analyses that roll the canary back (1: the first)")
+    inconclusive_limit: int = Field(2, ge=1, description="inconclusive analyses in a row that pause the rollout")
+    analysis: CanaryAnalysis = Field(default_factory=CanaryAnalysis)
+    handoff: Literal["none", "drive", "controller"] = Field(
+        "none",
+        description="the pipeline's deploy step: none (no rollout), drive (run it to the end in the step) "
+        "or controller (start it; the in-cluster controller drives it)",
+    )
+    drive_timeout_seconds: int = Field(3600, ge=1, description="handoff drive: give up waiting (the rollout stays)")
+    router_urls: list[str] = Field(
+        default_factory=list,
+        description="router mode, deploy step: every router replica's URL (default: the InferenceService's "
+        "transformer Service, or its predictor without serving.router)",
+    )
+    runtime_urls: list[str] = Field(
+        default_factory=list,
+        description="router mode, deploy step: every lorafleet runtime replica's URL, where the candidate is "
+        "loaded (default: the predictor Service)",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -319,10 +441,21 @@ class CanaryPolicy(_Strict):
             raise ValueError("steps must be increasing percentages in (0, 100], ending at 100")
         return v
 
+    @model_validator(mode="after")
+    def _mode(self) -> CanaryPolicy:
+        if self.mode == "revision" and self.analysis.source != "prometheus":
+            raise ValueError("mode 'revision' needs analysis.source 'prometheus' (the router's metrics are per adapter)")
+        return self
+
+    def queries(self) -> dict[str, str]:
+        """The PromQL templates in force: the mode's defaults, then ``analysis.queries``."""
+        defaults = REVISION_QUERIES if self.mode == "revision" else ROUTER_QUERIES
+        return {**defaults, **self.analysis.queries}
+
 
 # The pipeline's step (task) names, as compiled: the keys of ``pipeline.profiles.<p>.steps``.
 PIPELINE_STEPS = ("build-base", "validate-data", "plan-shards", "synthesize", "curate-shard", "curate", "train", "evaluate", "gate",
-                  "register", "reject", "publish")
+                  "register", "reject", "publish", "deploy")
 
 
 class Toleration(_Strict):

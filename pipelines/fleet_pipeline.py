@@ -3,6 +3,8 @@
 Per expert: validate -> synthesize and prepare each data shard (``dsl.ParallelFor``) ->
 curate -> train -> evaluate -> gate, and only if the gate passes: register. A failed
 gate ends that expert's branch (``reject`` records why); the other experts go on. ``publish`` serves the base and every registered adapter.
+``deploy`` then puts the new versions on a canary rollout as the spec's ``canary.handoff`` says
+(:mod:`lorafleet.rollout.deploy`; ``none``, the local default, does nothing).
 
 Compile with ``lorafleet compile`` (writes ``fleet_pipeline.yaml`` beside this file).
 """
@@ -19,6 +21,7 @@ from lorafleet.components.stages import (
     build_base,
     curate,
     curate_shard,
+    deploy,
     evaluate,
     gate,
     plan_shards,
@@ -115,8 +118,11 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         with dsl.ParallelFor(experts, parallelism=MAX_PARALLEL_EXPERTS, name="experts") as expert:
             outcome = expert_pipeline(spec_json=spec_json, expert=expert, base=base.outputs["base"])
         published = publish(spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output))
+        # After the smoke test: canary rollouts of the new versions (canary.handoff; none locally).
+        deployed = deploy(spec_json=spec_json, outcomes=dsl.Collected(outcome.output)).after(published)
         place(base)
         place(published)
+        place(deployed)
         return FleetOutputs(summary=published.outputs["summary"], report=published.outputs["report"])
 
     return fleet_pipeline

@@ -341,7 +341,9 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
 
     Returns:
         Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, ServingRuntime,
-        InferenceService, PodDisruptionBudget, NetworkPolicy, ServiceMonitor.
+        InferenceService, PodDisruptionBudget, NetworkPolicy, ServiceMonitor; then the
+        canary rollout controller (:mod:`lorafleet.rollout.manifests`) when
+        ``canary.handoff`` is ``controller``.
 
     Raises:
         LorafleetError: if the spec does not fit the profile (storage scheme, identity).
@@ -410,7 +412,12 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
             },
         },
     ]
-    return k8s.ApiClient().sanitize_for_serialization(objects)
+    manifests = k8s.ApiClient().sanitize_for_serialization(objects)
+    if spec.canary.handoff == "controller":
+        from lorafleet.rollout.manifests import controller_objects
+
+        manifests += controller_objects(spec)
+    return manifests
 
 
 def dump_yaml(objects: list[dict[str, Any]]) -> str:

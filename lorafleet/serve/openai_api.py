@@ -253,6 +253,11 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
                 param="model",
                 code="model_not_found",
             )
+        injected = await runtime.faults.inject(served)  # canary drills only; no fault: None
+        if injected is not None:
+            call.done(injected)
+            message = f"injected fault on {served!r} (canary drill, /admin/faults)"
+            return _error(injected, message, code="injected_fault", headers=call.headers)
         request = body.generation_request(adapter, default_max_tokens)
         head = {
             "id": f"{body.id_prefix}-{uuid.uuid4().hex}",

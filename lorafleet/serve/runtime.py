@@ -38,7 +38,7 @@ import httpx
 from kserve import Model, ModelServer
 
 from lorafleet.errors import LorafleetError
-from lorafleet.generation import GenerationRequest, GenerationResult, Generator
+from lorafleet.generation import GenerationRequest, GenerationResult, Generator, LoraBackend
 from lorafleet.serve.adapters import (
     AdapterInfo,
     AdapterRejected,
@@ -49,11 +49,14 @@ from lorafleet.serve.adapters import (
     validate_name,
 )
 from lorafleet.serve.batching import (
+    MAX_BATCH_SIZE,
+    MAX_WAIT_S,
     DeltaCallback,
     MicroBatcher,
     Overloaded,
     run_subset,
 )
+from lorafleet.serve.faults import FaultTable, parse_fault
 from lorafleet.serve.metrics import ServingMetrics
 from lorafleet.serve.router import RouteTable
 
@@ -90,7 +93,11 @@ class LorafleetRuntime(Model):
         adapter_cache: where s3:// and gs:// adapters are downloaded.
         routes: public model name -> weighted adapter versions.
         metrics: where to count; a fresh registry when ``None``.
+        faults: injected faults for canary drills (:mod:`lorafleet.serve.faults`); none
+            when ``None``.
         probe: the user message of the "adapter changes the output" check.
+        lora_backend: ``"batched"`` (stacked adapters, one pass per LoRA layer) or
+            ``"peft"`` (PEFT's per-adapter loop, the reference); see :class:`Generator`.
 
     Raises:
         LorafleetError: if an adapter has the base model's name or an invalid name.
@@ -101,8 +108,8 @@ class LorafleetRuntime(Model):
         name: str,
         base_dir: str | Path,
         adapters: Mapping[str, str | Path],
-        max_batch_size: int = 8,
-        max_wait_s: float = 0.01,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        max_wait_s: float = MAX_WAIT_S,
         *,
         max_queue: int = 256,
         request_timeout_s: float = 120.0,
@@ -111,7 +118,9 @@ class LorafleetRuntime(Model):
         adapter_cache: str | Path | None = None,
         routes: RouteTable | None = None,
         metrics: ServingMetrics | None = None,
+        faults: FaultTable | None = None,
         probe: str = "Write a short answer.",
+        lora_backend: LoraBackend = "batched",
     ) -> None:
         super().__init__(name)
         if name in adapters:
@@ -130,9 +139,11 @@ class LorafleetRuntime(Model):
         self.require_lineage = require_lineage
         self.routes = routes or RouteTable()
         self.metrics = metrics or ServingMetrics()
+        self.faults = faults or FaultTable()
         self.batcher: MicroBatcher | None = None
         self._sources = dict(adapters)
         self._probe = probe
+        self.lora_backend = lora_backend
         self._cache = Path(adapter_cache or tempfile.mkdtemp(prefix="lorafleet-adapters-"))
         self._infos: dict[str, AdapterInfo] = {}
         self._keys: dict[str, str] = {}  # served name -> generator key of the serving version
@@ -153,7 +164,10 @@ class LorafleetRuntime(Model):
 
         cuda = torch.cuda.is_available()
         self._generator = Generator(
-            self.base_dir, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else None
+            self.base_dir,
+            device="cuda" if cuda else "cpu",
+            dtype=torch.bfloat16 if cuda else None,
+            lora_backend=self.lora_backend,
         )
         self._base_info = BaseModelInfo.from_model(
             self._generator.model, fingerprint_model(self.base_dir)
@@ -318,8 +332,8 @@ def build_runtime(
     base_dir: str | Path,
     adapters: Mapping[str, str | Path],
     name: str = "base",
-    max_batch_size: int = 8,
-    max_wait_s: float = 0.01,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_wait_s: float = MAX_WAIT_S,
     **options: Any,
 ) -> LorafleetRuntime:
     """Build and load a runtime (arguments and ``options`` as for :class:`LorafleetRuntime`)."""
@@ -336,8 +350,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     name: str = "base",
-    max_batch_size: int = 8,
-    max_wait_s: float = 0.01,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_wait_s: float = MAX_WAIT_S,
     admin_token: str | None = None,
     **options: Any,
 ) -> None:
@@ -366,8 +380,8 @@ def serve(
 
 
 def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> None:
-    """Add the runtime's own routes to a FastAPI app: ``/openai/v1``, ``/admin/adapters``
-    and ``/admin/routes`` (KServe adds health, v1/v2 and ``/metrics`` itself).
+    """Add the runtime's own routes to a FastAPI app: ``/openai/v1``, ``/admin/adapters``,
+    ``/admin/routes`` and ``/admin/faults`` (KServe adds health, v1/v2 and ``/metrics`` itself).
 
     Args:
         app: the app (KServe's, or a bare one in tests).
@@ -375,12 +389,14 @@ def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> N
         admin_token: bearer token of ``/admin``; ``None`` disables it.
     """
     from lorafleet.serve.admin import adapters_admin_router
+    from lorafleet.serve.faults import faults_admin_router
     from lorafleet.serve.openai_api import openai_router
     from lorafleet.serve.router import routes_admin_router
 
     app.include_router(openai_router(runtime))
     app.include_router(adapters_admin_router(runtime, admin_token))
     app.include_router(routes_admin_router(runtime.routes, admin_token, runtime.has_adapter))
+    app.include_router(faults_admin_router(runtime.faults, admin_token))
 
 
 def wait_ready(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
@@ -509,13 +525,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--max-batch-size",
         type=int,
-        default=8,
+        default=MAX_BATCH_SIZE,
         help="most requests per batch (default: %(default)s)",
     )
     parser.add_argument(
         "--max-wait-ms",
         type=float,
-        default=10.0,
+        default=MAX_WAIT_S * 1000,
         help="how long a request waits for others to share its batch (default: %(default)s)",
     )
     parser.add_argument(
@@ -546,11 +562,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument("--adapter-cache", help="download directory of s3:// and gs:// adapters")
+    parser.add_argument(
+        "--lora-backend",
+        choices=["batched", "peft"],
+        default="batched",
+        help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's "
+        "per-adapter loop, the slower reference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="canary drills only: make adapter NAME fail or slow down, e.g. "
+        "NAME:error_rate=0.3,added_latency_ms=500 (keys: error_rate, added_latency_ms, status); "
+        "off by default, also settable at /admin/faults",
+    )
     args = parser.parse_args(argv)
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
         parser.error("adapter names must be unique")
     try:
+        faults = FaultTable(dict(parse_fault(f) for f in args.fault))
         serve(
             args.base,
             adapters,
@@ -566,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             require_lineage=args.require_lineage,
             routes=RouteTable.from_file(args.routes) if args.routes else None,
             adapter_cache=args.adapter_cache,
+            faults=faults,
+            lora_backend=args.lora_backend,
         )
     except LorafleetError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -1,0 +1,147 @@
+"""The pipeline's deploy step (:func:`lorafleet.rollout.deploy.deploy_rollouts`) against kmock.
+
+kmock's KubernetesEmulator stands in for the API server (official ``kubernetes`` client):
+the step reads and merge-patches the InferenceService and keeps the rollout in a ConfigMap
+there. kmock runs no KServe controller, so the test writes the revision names into the
+InferenceService's status. Metrics come from the Prometheus-API-shaped server. The router
+mode's deploy step runs in tests/rollout/test_e2e_canary.py, against a real runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import yaml
+from kubernetes.client import CustomObjectsApi
+
+from lorafleet.fleet import FleetSpec
+from lorafleet.registry import Registry
+from lorafleet.rollout.deploy import deploy_rollouts, rollouts_markdown
+from lorafleet.rollout.store import ConfigMapStore
+
+ROOT = Path(__file__).resolve().parents[2]
+NS, NAME = "lorafleet", "marketplace-prod"
+OLD, NEW = "marketplace-prod-predictor-00001", "marketplace-prod-predictor-00002"
+ARGS = ["--max-batch-size", "64", "--adapter", "proposal-writer=/mnt/models/adapters/proposal-writer/v1",
+        "--adapter", "job-analyzer=/mnt/models/adapters/job-analyzer/v1"]  # fmt: skip
+OUTCOMES = [
+    {
+        "expert": "proposal-writer",
+        "registered": True,
+        "production_version": "v1",
+        "adapter_version": "v2",
+    },
+    {
+        "expert": "job-analyzer",
+        "registered": False,
+        "production_version": "v1",
+        "adapter_version": None,
+    },
+]
+
+
+def _spec(
+    handoff: str, prometheus_url: str = "http://127.0.0.1:9", registry: Path | None = None
+) -> FleetSpec:
+    raw = yaml.safe_load((ROOT / "tests" / "deploy" / "fleet.yaml").read_text())
+    raw["serving"] = {**raw["serving"], "runtime": "lorafleet", "gpus": 0}
+    raw["canary"] = {
+        "mode": "revision", "handoff": handoff, "steps": [10, 50, 100], "pause_seconds": 0, "drive_timeout_seconds": 60,
+        "analysis": {"source": "prometheus", "prometheus_url": prometheus_url, "interval_seconds": 0.2, "min_requests": 5},
+    }  # fmt: skip
+    if registry is not None:
+        raw["registry"] = {"uri": str(registry)}
+    return FleetSpec.model_validate(raw)
+
+
+def _create_isvc(api) -> None:
+    body = {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"predictor": {"model": {"modelFormat": {"name": "lorafleet"}, "args": ARGS}}},
+        "status": {"components": {"predictor": {"latestCreatedRevision": NEW, "latestReadyRevision": NEW,
+                                                "previousRolledoutRevision": OLD}}},
+    }  # fmt: skip
+    CustomObjectsApi(api).create_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", NS, "inferenceservices", body
+    )
+
+
+def _isvc(api) -> dict:
+    return CustomObjectsApi(api).get_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", NS, "inferenceservices", NAME
+    )
+
+
+def test_handoff_none_starts_nothing() -> None:
+    result = deploy_rollouts(_spec("none"), OUTCOMES)  # no API needed: none is reached
+    assert result["rollouts"] == []
+    assert result["skipped"] == [
+        {"expert": "proposal-writer", "version": "v2", "reason": "canary.handoff is none"}
+    ]
+    assert "proposal-writer v2: no rollout (canary.handoff is none)" in rollouts_markdown(result)
+
+
+async def test_handoff_controller_moves_the_isvc_and_leaves_the_rollout_to_the_controller(
+    k8s,
+) -> None:
+    await asyncio.to_thread(_create_isvc, k8s)
+    first = await asyncio.to_thread(deploy_rollouts, _spec("controller"), OUTCOMES, k8s)
+    live = await asyncio.to_thread(_isvc, k8s)
+    predictor = live["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10
+    assert "proposal-writer=/mnt/models/adapters/proposal-writer/v2" in predictor["model"]["args"]
+    assert (
+        "job-analyzer=/mnt/models/adapters/job-analyzer/v1" in predictor["model"]["args"]
+    )  # not registered: stays
+    [rollout] = first["rollouts"]
+    assert (rollout["name"], rollout["phase"], rollout["weight"]) == (NAME, "Progressing", 10)
+    assert rollout["experts"] == {"proposal-writer": {"from": "v1", "to": "v2"}}
+    # The step retried (KFP retries): the same rollout, nothing moved twice
+    again = await asyncio.to_thread(deploy_rollouts, _spec("controller"), OUTCOMES, k8s)
+    state = await asyncio.to_thread(ConfigMapStore(k8s, NS).load, NAME)
+    assert again["rollouts"][0]["phase"] == "Progressing" and len(state.history) == 1
+
+
+async def test_handoff_drive_promotes_a_healthy_canary(k8s, prometheus) -> None:
+    await asyncio.to_thread(_create_isvc, k8s)
+    prometheus.set(OLD, requests=90, error_rate=0.0, p95_latency_ms=80)
+    prometheus.set(NEW, requests=10, error_rate=0.0, p95_latency_ms=90)
+    result = await asyncio.to_thread(
+        deploy_rollouts, _spec("drive", prometheus.url), OUTCOMES, k8s, poll_s=0.05
+    )
+    [rollout] = result["rollouts"]
+    assert (rollout["phase"], rollout["stable"], rollout["canary"]) == ("Promoted", "", "")
+    assert (
+        rollout["last_decision"]["canary"]["version"] == NEW
+    )  # from the InferenceService's status
+    live = await asyncio.to_thread(_isvc, k8s)
+    assert (
+        live["spec"]["predictor"].get("canaryTrafficPercent") is None
+    )  # KServe: all to the latest revision
+    assert "| marketplace-prod | stable -> canary | Promoted | 100% |" in rollouts_markdown(result)
+
+
+async def test_handoff_drive_rolls_back_and_gives_production_back(
+    k8s, prometheus, tmp_path, tiny_adapters
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    for _ in range(2):
+        registry.register(
+            "proposal-writer",
+            tiny_adapters["proposal-writer"],
+            {"base": {"fingerprint": "f"}},
+            lambda v: v,
+        )
+    registry.set_production("proposal-writer", "v2")  # what the pipeline's register step did
+    await asyncio.to_thread(_create_isvc, k8s)
+    prometheus.set(NEW, requests=10, error_rate=0.4, p95_latency_ms=90)
+    spec = _spec("drive", prometheus.url, tmp_path / "registry")
+    result = await asyncio.to_thread(deploy_rollouts, spec, OUTCOMES, k8s, poll_s=0.05)
+    [rollout] = result["rollouts"]
+    assert rollout["phase"] == "RolledBack"
+    assert rollout["last_decision"]["reasons"][0] == "error rate 40.0% > max 1.0%"
+    assert rollout["registry"] == "production reverted to proposal-writer v1"
+    assert registry.production("proposal-writer")["version"] == "v1"
+    assert (await asyncio.to_thread(_isvc, k8s))["spec"]["predictor"]["canaryTrafficPercent"] == 0
