@@ -66,22 +66,11 @@ def apply_cmd(
 ) -> None:
     """Apply the rendered objects idempotently (create, or merge-patch what differs) and
     wait until KServe reports the InferenceService Ready."""
-    from kubernetes import config
-    from kubernetes.client import ApiClient
-    from kubernetes.config.config_exception import ConfigException
-
     from lorafleet.deploy.apply import apply_objects, wait_ready
-    from lorafleet.errors import LorafleetError
+    from lorafleet.kube import kube_api
 
     objects = _rendered(file, profile, registry)
-    try:
-        if kubeconfig is None and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists():
-            config.load_incluster_config()
-        else:
-            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)
-    except ConfigException as exc:
-        raise LorafleetError(f"kubeconfig: {exc}") from None
-    with ApiClient() as api:
+    with kube_api(kubeconfig) as api:
         for result in apply_objects(api, objects):
             console.print(f"{result.kind}/{result.name}: {result.action}")
         if timeout > 0:

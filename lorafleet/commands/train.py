@@ -79,7 +79,8 @@ def submit_cmd(
     training.cluster.volume.mount_path. Exits 2 when the job fails or times out.
     """
     from lorafleet.errors import LorafleetError
-    from lorafleet.train.cluster import build_trainjob, kube_api, submit_job, wait_for_job
+    from lorafleet.kube import kube_api
+    from lorafleet.train.cluster import build_trainjob, submit_job, wait_for_job
 
     settings, job = _job(spec, expert, base, train_set, output, resume=True)
     if settings.training.launcher != "trainjob":

@@ -41,7 +41,6 @@ __all__ = [
     "build_trainjob",
     "check_job_paths",
     "job_state",
-    "kube_api",
     "run_on_cluster",
     "submit_job",
     "trainer_command",
@@ -381,26 +380,6 @@ def wait_for_job(
         delay = min(poll_s, delay * 2)
 
 
-def kube_api(kubeconfig: str | Path | None = None):
-    """An ``ApiClient`` from ``kubeconfig``, ``$KUBECONFIG`` / ``~/.kube/config``, or in-cluster.
-
-    Raises:
-        LorafleetError: when no configuration can be loaded.
-    """
-    from kubernetes import config
-    from kubernetes.client import ApiClient
-    from kubernetes.config.config_exception import ConfigException
-
-    try:
-        if kubeconfig is None and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists():
-            config.load_incluster_config()
-        else:
-            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)
-    except ConfigException as exc:
-        raise LorafleetError(f"kubeconfig: {exc}") from None
-    return ApiClient()
-
-
 def _stage_in(src: str | Path, dst: Path) -> Path:
     """Copy a file or directory onto the shared volume (replacing an earlier copy), atomically."""
     src = Path(src)
@@ -478,7 +457,10 @@ def run_on_cluster(
         "base_dir": str(work / "base"), "train_set": str(work / "train.jsonl"), "output_dir": str(work / "adapter"),
         "run_dir": str(work / "adapter.run"), "resume": True,
     })
-    api = api or kube_api()
+    if api is None:
+        from lorafleet.kube import kube_api
+
+        api = kube_api()
     report = lambda line: log.info("%s: %s", job_name, line)  # noqa: E731 (one line per status change)
     try:
         kind, created = submit_job(api, job_name, remote, training)
