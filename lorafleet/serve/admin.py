@@ -13,11 +13,12 @@ without one the admin API answers 403 to everything.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.adapters import AdapterRejected
@@ -25,7 +26,7 @@ from lorafleet.serve.adapters import AdapterRejected
 if TYPE_CHECKING:
     from lorafleet.serve.runtime import LorafleetRuntime
 
-__all__ = ["LoadAdapter", "adapters_admin_router", "bearer_auth"]
+__all__ = ["LoadAdapter", "adapters_admin_router", "bearer_auth", "table_admin_router"]
 
 
 def bearer_auth(token: str | None):
@@ -45,6 +46,76 @@ def bearer_auth(token: str | None):
             )
 
     return check
+
+
+class AdminTable(Protocol):
+    """A named table the admin API edits (the router's routes, the runtime's faults)."""
+
+    def as_dict(self) -> dict[str, Any]: ...
+    def get(self, key: str) -> BaseModel | None: ...
+    def set(self, key: str, value: Any) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+def table_admin_router(
+    path: str,
+    model: type[BaseModel],
+    table: AdminTable,
+    token: str | None,
+    missing: Callable[[str], str],
+    deleted: Callable[[str], dict],
+    check: Callable[[str, Any], str | None] | None = None,
+) -> APIRouter:
+    """``GET /admin/<path>`` and ``GET/PUT/DELETE /admin/<path>/{key}`` behind the bearer token.
+
+    Args:
+        path: the collection's path segment; the listing is ``{path: table.as_dict()}``.
+        model: the body of a PUT, validated (422 naming the field on a mistake).
+        table: what the routes read and change.
+        token: the admin bearer token (``None``: admin API disabled).
+        missing: the 404 message for a key the table does not hold.
+        deleted: the body answering a DELETE.
+        check: a PUT's extra check after the body parsed: a 422 message, or ``None``; it
+            may raise :class:`AdapterRejected` (a bad key), as ``table.set`` may.
+    """
+    router = APIRouter(prefix="/admin", dependencies=[Depends(bearer_auth(token))])
+
+    @router.get(f"/{path}")
+    async def list_items() -> dict:
+        return {path: table.as_dict()}
+
+    @router.get(f"/{path}/{{key}}")
+    async def get_item(key: str) -> dict:
+        item = table.get(key)
+        if item is None:
+            raise HTTPException(404, missing(key))
+        return item.model_dump()
+
+    @router.put(f"/{path}/{{key}}")
+    async def put_item(key: str, request: Request):
+        try:
+            item = model.model_validate_json(await request.body())
+            problem = check(key, item) if check is not None else None
+            if problem:
+                return JSONResponse({"error": {"message": problem}}, 422)
+            table.set(key, item)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"])) or "body"
+            return JSONResponse({"error": {"message": f"{where}: {err['msg']}"}}, 422)
+        except AdapterRejected as exc:
+            return JSONResponse({"error": {"message": str(exc)}}, 422)
+        return item.model_dump()
+
+    @router.delete(f"/{path}/{{key}}")
+    async def delete_item(key: str) -> dict:
+        try:
+            table.delete(key)
+        except KeyError:
+            raise HTTPException(404, missing(key)) from None
+        return deleted(key)
+
+    return router
 
 
 class LoadAdapter(BaseModel):

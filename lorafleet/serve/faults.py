@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter
 from pydantic import BaseModel, Field, ValidationError
 
 from lorafleet.errors import LorafleetError
@@ -115,40 +114,10 @@ def parse_fault(text: str) -> tuple[str, Fault]:
 
 def faults_admin_router(table: FaultTable, token: str | None) -> APIRouter:
     """``GET /admin/faults`` and ``GET/PUT/DELETE /admin/faults/{adapter}`` behind the bearer token."""
-    from lorafleet.serve.admin import bearer_auth
+    from lorafleet.serve.admin import table_admin_router
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(bearer_auth(token))])
-
-    @router.get("/faults")
-    async def list_faults() -> dict:
-        return {"faults": table.as_dict()}
-
-    @router.get("/faults/{adapter}")
-    async def get_fault(adapter: str) -> dict:
-        fault = table.get(adapter)
-        if fault is None:
-            raise HTTPException(404, f"no fault on {adapter!r}")
-        return fault.model_dump()
-
-    @router.put("/faults/{adapter}")
-    async def put_fault(adapter: str, request: Request):
-        try:
-            fault = Fault.model_validate_json(await request.body())
-            table.set(adapter, fault)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"])) or "body"
-            return JSONResponse({"error": {"message": f"{where}: {err['msg']}"}}, 422)
-        except AdapterRejected as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, 422)
-        return fault.model_dump()
-
-    @router.delete("/faults/{adapter}")
-    async def delete_fault(adapter: str) -> dict:
-        try:
-            table.delete(adapter)
-        except KeyError:
-            raise HTTPException(404, f"no fault on {adapter!r}") from None
-        return {"adapter": adapter, "status": "cleared"}
-
-    return router
+    return table_admin_router(
+        "faults", Fault, table, token,
+        missing=lambda adapter: f"no fault on {adapter!r}",
+        deleted=lambda adapter: {"adapter": adapter, "status": "cleared"},
+    )  # fmt: skip

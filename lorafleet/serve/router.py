@@ -32,9 +32,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.adapters import AdapterRejected, validate_name
@@ -153,48 +153,19 @@ def routes_admin_router(
         known: says whether an adapter name is served; a PUT naming an unknown target is
             refused (422). ``None`` (a proxy that cannot tell) accepts any name.
     """
-    from lorafleet.serve.admin import bearer_auth
+    from lorafleet.serve.admin import table_admin_router
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(bearer_auth(token))])
-
-    @router.get("/routes")
-    async def list_routes() -> dict:
-        return {"routes": table.as_dict()}
-
-    @router.get("/routes/{name}")
-    async def get_route(name: str) -> dict:
-        route = table.get(name)
-        if route is None:
-            raise HTTPException(404, f"no route {name!r}")
-        return route.model_dump()
-
-    @router.put("/routes/{name}")
-    async def put_route(name: str, request: Request):
-        try:
-            route = Route.model_validate_json(await request.body())
-            validate_name(name)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"])) or "body"
-            return JSONResponse({"error": {"message": f"{where}: {err['msg']}"}}, 422)
-        except AdapterRejected as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, 422)
+    def check(name: str, route: Route) -> str | None:
+        validate_name(name)
         unknown = [t.adapter for t in route.targets if known is not None and not known(t.adapter)]
-        if unknown:
-            message = f"route {name!r}: adapters not loaded: {', '.join(unknown)}"
-            return JSONResponse({"error": {"message": message}}, 422)
-        table.set(name, route)
-        return route.model_dump()
+        return f"route {name!r}: adapters not loaded: {', '.join(unknown)}" if unknown else None
 
-    @router.delete("/routes/{name}")
-    async def delete_route(name: str) -> dict:
-        try:
-            table.delete(name)
-        except KeyError:
-            raise HTTPException(404, f"no route {name!r}") from None
-        return {"name": name, "status": "deleted"}
-
-    return router
+    return table_admin_router(
+        "routes", Route, table, token,
+        missing=lambda name: f"no route {name!r}",
+        deleted=lambda name: {"name": name, "status": "deleted"},
+        check=check,
+    )  # fmt: skip
 
 
 def _usage(body: bytes) -> tuple[int, int]:
