@@ -4,11 +4,12 @@ A packed micro-batch is one sequence of several examples laid end to end. FlashA
 (GPU, when installed) takes the example boundaries (``cu_seq_lens``) and never computes
 attention across them. Without it, transformers' SDPA path builds a dense block-diagonal
 ``T x T`` mask, and a masked SDPA call computes every one of the ``T^2`` scores (a mask
-also stops the kernels from skipping the causal upper triangle). Here the tokens are
-instead regrouped into one zero-padded batch of examples, ``(n_examples, longest, ...)``,
-and a single causal SDPA call runs on it: the work is ``n_examples x longest^2 / 2``
-instead of ``T^2``, and the result is exactly per-example attention. Right padding is
-never seen by a real token under a causal mask, and the padded rows' outputs are dropped.
+also stops the kernels from skipping the causal upper triangle). Here each example gets
+its own causal SDPA call on a slice of the packed sequence (a view: nothing is copied or
+padded), so the work is ``sum(len_i^2) / 2``, exactly the scores per-example attention
+needs. An earlier version padded the examples to the longest one for a single batched
+call; with examples of 334-884 tokens that wasted about 40 % of the attention work, and
+the per-example calls run the attention forward and backward 1.55x faster on CPU.
 
 The function follows transformers' attention interface, so a model loaded with
 ``attn_implementation=VARLEN`` (after :func:`register_varlen_attention`) uses it in every
@@ -17,6 +18,8 @@ keyword arguments that FlashAttention 2 reads too.
 """
 
 from __future__ import annotations
+
+import itertools
 
 __all__ = ["VARLEN", "register_varlen_attention", "training_attention", "varlen_attention"]
 
@@ -47,7 +50,7 @@ def varlen_attention(
         scaling: the softmax scale (default ``1/sqrt(D)``).
         cu_seq_lens_q: (S + 1,) int offsets of the S examples in the ``B * T`` tokens
             read row after row; ``None`` makes each row one example.
-        max_length_q: the longest example (computed when not given).
+        max_length_q: the longest example (FlashAttention reads it; unused here).
         **kwargs: other transformers keyword arguments, ignored.
 
     Returns:
@@ -65,28 +68,22 @@ def varlen_attention(
     h_kv = key.shape[1]
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.arange(0, b * t + 1, t, device=query.device)
-    cu = cu_seq_lens_q.to(device=query.device, dtype=torch.long)
-    lengths = cu[1:] - cu[:-1]
-    longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
-    # valid[s, j]: the j-th token of example s exists; True cells in row-major order are the tokens in order.
-    valid = torch.arange(longest, device=query.device)[None, :] < lengths[:, None]
+    bounds = cu_seq_lens_q.tolist()
 
-    def by_example(x, heads: int):
-        tokens = x.transpose(1, 2).reshape(b * t, heads, d)
-        padded = tokens.new_zeros((len(lengths), longest, heads, d))
-        padded[valid] = tokens
-        return padded.transpose(1, 2)  # (S, heads, longest, D)
+    def tokens(x):  # (1, heads, b * t, D): the rows one after another; a view when b == 1
+        return x if b == 1 else x.transpose(0, 1).reshape(1, x.shape[1], b * t, d)
 
-    out = F.scaled_dot_product_attention(
-        by_example(query, h),
-        by_example(key, h_kv),
-        by_example(value, h_kv),
-        dropout_p=dropout,
-        is_causal=True,
-        scale=scaling,
-        enable_gqa=h != h_kv,
-    )
-    return out.transpose(1, 2)[valid].reshape(b, t, h, d), None
+    q, k, v = tokens(query), tokens(key), tokens(value)
+    parts = [
+        F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=h != h_kv,
+        )
+        for s, e in itertools.pairwise(bounds)
+        if e > s
+    ]
+    out = torch.cat(parts, dim=2)  # (1, H, b * t, D)
+    return out.transpose(1, 2).reshape(b, t, h, d), None
 
 
 def register_varlen_attention() -> str:
@@ -101,7 +98,7 @@ def training_attention(device: str) -> str:
     """The attention implementation for packed training on ``device``.
 
     FlashAttention 2 on a CUDA device where ``flash_attn`` is installed (its varlen kernel),
-    else :data:`VARLEN` (SDPA per example, batched).
+    else :data:`VARLEN` (one SDPA call per example).
     """
     import importlib.util
 

@@ -214,6 +214,10 @@ class LoRARecipe:
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, _lora_config(lora))
+        if device == "cpu":  # CUDA's dropout kernel is cheap; on CPU the per-element draw is not
+            from lorafleet.train.dropout import use_geometric_lora_dropout
+
+            use_geometric_lora_dropout(model)
         return model, tokenizer
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -72,3 +73,49 @@ def test_a_packed_sequence_gives_each_example_its_own_logits(tiny_base: Path, at
         # As one plain sequence (one boundary-free example) the later examples see the earlier ones.
         whole = alone_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
     assert not torch.allclose(whole[lengths[0] :], packed[lengths[0] :], atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_varlen_attention_equals_causal_attention_run_per_example(rows: int) -> None:
+    """Given grouped-query q/k/v of ``rows`` rows and example boundaries across them, when
+    varlen attention runs, then each example's output (and its gradients) equals causal SDPA
+    on that example alone; with no boundaries each row is one example."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from lorafleet.train.attention import varlen_attention
+
+    torch.manual_seed(0)
+    t, d = 10, 8
+    q = torch.randn(rows, 4, t, d, requires_grad=True)
+    k = torch.randn(rows, 2, t, d, requires_grad=True)
+    v = torch.randn(rows, 2, t, d, requires_grad=True)
+    cuts = sorted({0, rows * t, *torch.randint(1, rows * t, (rows + 1,)).tolist()})
+    for cu in (None, torch.tensor(cuts, dtype=torch.int32)):
+        out, _ = varlen_attention(None, q, k, v, None, cu_seq_lens_q=cu)
+        assert out.shape == (rows, t, 4, d)
+        bounds = list(range(0, rows * t + 1, t)) if cu is None else cuts
+
+        def flat(x):  # (heads, rows * t, D): the rows one after another
+            return x.transpose(0, 1).reshape(x.shape[1], rows * t, d)
+
+        fq, fk, fv = flat(q), flat(k), flat(v)
+        want = torch.cat([
+            F.scaled_dot_product_attention(fq[:, s:e], fk[:, s:e], fv[:, s:e], is_causal=True, enable_gqa=True)
+            for s, e in itertools.pairwise(bounds)
+        ], dim=1)  # (H, rows * t, D)
+        got = out.reshape(rows * t, 4, d).transpose(0, 1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        g_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+        g_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+        for a, b in zip(g_got, g_want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_refuses_a_padding_mask() -> None:
+    torch = pytest.importorskip("torch")
+    from lorafleet.train.attention import varlen_attention
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="not an attention mask"):
+        varlen_attention(None, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
