@@ -23,6 +23,7 @@ from lorafleet.registry import Registry
 __all__ = [
     "PORT",
     "RUNTIME_IMAGE",
+    "TRAINING_ROLE",
     "VLLM_IMAGE",
     "dump_yaml",
     "render",
@@ -38,6 +39,7 @@ UID = 10001  # the runtime image's user (lorafleet/serve/Dockerfile)
 BASE_MOUNT = "/mnt/models/base"
 ADAPTER_MOUNT = "/mnt/models/adapters"
 PIPELINE_SA = "lorafleet-pipeline"
+TRAINING_ROLE = "lorafleet-pipeline-training"  # the pipeline's grant where trainjob experts train
 SERVING_SA = "lorafleet-serving"
 # Namespaces whose pods may call the predictor: the ingress gateway and Prometheus.
 INGRESS_NAMESPACES = ("istio-system", "monitoring")
@@ -82,9 +84,14 @@ def _labels(spec: FleetSpec, component: str) -> dict[str, str]:
     }
 
 
-def _meta(spec: FleetSpec, name: str, component: str, annotations: dict | None = None) -> k8s.V1ObjectMeta:
+def _meta(
+    spec: FleetSpec, name: str, component: str, annotations: dict | None = None, namespace: str | None = None
+) -> k8s.V1ObjectMeta:
     return k8s.V1ObjectMeta(
-        name=name, namespace=spec.serving.namespace, labels=_labels(spec, component), annotations=annotations or None
+        name=name,
+        namespace=namespace or spec.serving.namespace,
+        labels=_labels(spec, component),
+        annotations=annotations or None,
     )
 
 
@@ -331,6 +338,52 @@ def _rbac(spec: FleetSpec, meta) -> list[Any]:
     return [role, binding]
 
 
+def _training_rbac(spec: FleetSpec) -> list[Any]:
+    """Role and RoleBinding ``lorafleet-pipeline-training`` in each namespace of a trainjob expert.
+
+    The pipeline's ``train`` step (:func:`lorafleet.train.cluster.run_on_cluster`) runs as
+    the pipeline ServiceAccount and creates the job in ``training.cluster.namespace``, then
+    reads it until it ends. API discovery of ``trainer.kubeflow.org`` needs no grant: the
+    built-in ``system:discovery`` ClusterRole allows it to every authenticated user.
+
+    Args:
+        spec: the fleet.
+
+    Returns:
+        Role, RoleBinding per distinct namespace (in expert order); none when no expert
+        uses ``training.launcher: trainjob``.
+    """
+    # launcher trainjob comes with a cluster block (TrainingSettings checks it).
+    namespaces = dict.fromkeys(e.training.cluster.namespace for e in spec.experts if e.training.launcher == "trainjob")
+    objects: list[Any] = []
+    for namespace in namespaces:
+        meta = _meta(spec, TRAINING_ROLE, "training", namespace=namespace)
+        role = k8s.V1Role(
+            api_version="rbac.authorization.k8s.io/v1",
+            kind="Role",
+            metadata=meta,
+            rules=[
+                # The step creates the job (a TrainJob, or a PyTorchJob where Kubeflow Trainer is
+                # absent) and reads it by name until it ends; a retried step gets the job it
+                # created before (the name is a hash of the inputs). Jobs are never listed,
+                # watched, updated or deleted.
+                k8s.V1PolicyRule(api_groups=["trainer.kubeflow.org"], resources=["trainjobs"], verbs=["get", "create"]),
+                k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs"], verbs=["get", "create"]),
+                # Diagnostics of the job's pods.
+                k8s.V1PolicyRule(api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]),
+            ],
+        )
+        binding = k8s.V1RoleBinding(
+            api_version="rbac.authorization.k8s.io/v1",
+            kind="RoleBinding",
+            metadata=meta,
+            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=TRAINING_ROLE),
+            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace)],
+        )
+        objects += [role, binding]
+    return objects
+
+
 def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict[str, Any]]:
     """Every object that serves ``spec`` on a cluster of the given profile.
 
@@ -340,10 +393,11 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         adapters: expert name -> adapter version (see :func:`resolve_adapters`).
 
     Returns:
-        Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, ServingRuntime,
-        InferenceService, PodDisruptionBudget, NetworkPolicy, ServiceMonitor; then the
-        canary rollout controller (:mod:`lorafleet.rollout.manifests`) when
-        ``canary.handoff`` is ``controller``.
+        Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, the training RBAC
+        (Role and RoleBinding ``lorafleet-pipeline-training`` in each ``training.cluster.namespace``
+        of the experts with ``training.launcher: trainjob``), ServingRuntime, InferenceService,
+        PodDisruptionBudget, NetworkPolicy, ServiceMonitor; then the canary rollout controller
+        (:mod:`lorafleet.rollout.manifests`) when ``canary.handoff`` is ``controller``.
 
     Raises:
         LorafleetError: if the spec does not fit the profile (storage scheme, identity).
@@ -366,6 +420,7 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         ),
         k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=meta(PIPELINE_SA, "pipeline")),
         *_rbac(spec, meta),
+        *_training_rbac(spec),
         _serving_runtime(spec),
         _inference_service(spec, prof, adapters),
         k8s.V1PodDisruptionBudget(

@@ -33,12 +33,27 @@ OVERRIDES = {
         "storage": {"pvc": "lorafleet-models"},
     },
 }
+# Experts that train through a cluster job (training.launcher: trainjob), per profile: the render
+# then grants the pipeline those jobs in their namespace (the default, lorafleet), as
+# values-onprem.yaml (training.rbac) and the onprem overlay (components/training) do.
+TRAINJOB_EXPERTS = {
+    "onprem": {
+        "job-analyzer": {
+            "launcher": "trainjob",
+            "nodes": 2,
+            "cluster": {"image": "ghcr.io/lorafleet/lorafleet:0.1.0", "volume": {"claim": "lorafleet-data", "mount_path": "/data"}},
+        }
+    },
+}
 
 
 def fleet_for(profile: str) -> FleetSpec:
     """tests/deploy/fleet.yaml as served on ``profile``."""
     raw = yaml.safe_load((HERE / "fleet.yaml").read_text())
     raw["serving"] = {**raw["serving"], "profile": profile, **OVERRIDES[profile]}
+    for expert in raw["experts"]:
+        if expert["name"] in TRAINJOB_EXPERTS.get(profile, {}):
+            expert["training"] = TRAINJOB_EXPERTS[profile][expert["name"]]
     return FleetSpec.model_validate(raw)
 
 

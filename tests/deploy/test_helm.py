@@ -6,6 +6,9 @@ import pytest
 import yaml
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
+from lorafleet.deploy.render import TRAINING_ROLE, render
+from lorafleet.fleet import FleetSpec
+
 
 @pytest.fixture(scope="module")
 def chart(kit):
@@ -29,6 +32,8 @@ def test_chart_lints_clean_for_every_profile(chart, profile):
         ({"router": {"enabled": True, "replicas": 2}}, "at '/router': additional properties 'replicas' not allowed"),
         ({"images": {"lorafleet": "ghcr.io/lorafleet/lorafleet-runtime:latest", "vllm": "docker.io/vllm/vllm-openai:v0.11.0"}}, "at '/images/lorafleet'"),
         ({"canaryTrafficPercent": 120}, "at '/canaryTrafficPercent'"),
+        ({"training": {"rbac": True, "namespaces": ["ml"]}}, "at '/training': additional properties 'namespaces' not allowed"),
+        ({"training": {"namespace": "ML_Training"}}, "at '/training/namespace'"),
     ],
 )
 def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, message):
@@ -51,3 +56,23 @@ def test_helm_test_hook_lists_every_adapter(helm_rendered, kit):
     assert '["proposal-writer","job-analyzer"]' in script
     assert "/v1/models" in pods["aws"]["spec"]["containers"][0]["args"][0]  # vLLM's
     compile(script, "helm-test", "exec")  # the hook's Python is valid
+
+
+def test_training_rbac_in_the_jobs_namespace_matches_deploy_render(chart, kit):
+    # Given the onprem fleet with its trainjob expert's jobs moved to ml-training
+    raw = kit.fleet_for("onprem").model_dump(by_alias=True)
+    trainjob = [e for e in raw["experts"] if e["training"]["launcher"] == "trainjob"]
+    assert len(trainjob) == 1
+    trainjob[0]["training"]["cluster"]["namespace"] = "ml-training"
+    want = [o for o in render(FleetSpec.model_validate(raw), "onprem", kit.ADAPTERS) if o["metadata"]["name"] == TRAINING_ROLE]
+    # When the chart renders training.rbac for that namespace
+    values = {"training": {"rbac": True, "namespace": "ml-training"}}
+    files = Chart.load(chart).render(values, name="lorafleet", namespace="lorafleet")
+    got = [d for d in yaml.safe_load_all(files["lorafleet/templates/training-rbac.yaml"]) if d]
+    # Then both grant the same: Role and RoleBinding in ml-training, subject in the release namespace
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in want] == [("Role", "ml-training"), ("RoleBinding", "ml-training")]
+    for helm_obj, reference in zip(got, want, strict=True):
+        labels = helm_obj["metadata"].pop("labels")
+        assert reference["metadata"].pop("labels").items() <= labels.items()
+        assert helm_obj == reference
+    assert want[1]["subjects"][0]["namespace"] == "lorafleet"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.deploy.render import RUNTIME_IMAGE, VLLM_IMAGE, dump_yaml, render, resolve_adapters
+from lorafleet.deploy.render import (
+    RUNTIME_IMAGE,
+    TRAINING_ROLE,
+    VLLM_IMAGE,
+    dump_yaml,
+    render,
+    resolve_adapters,
+)
 from lorafleet.deploy.validate import validate_manifests
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
@@ -88,6 +95,66 @@ def test_pipeline_rbac_is_namespaced_and_never_deletes(rendered):
     binding = _kind(rendered["aws"], "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "lorafleet"}]
     assert not any(o["kind"].startswith("Cluster") for o in rendered["aws"])
+
+
+def _trainjob(namespace: str) -> dict:
+    return {
+        "launcher": "trainjob",
+        "cluster": {"image": "ghcr.io/lorafleet/lorafleet:0.1.0", "namespace": namespace,
+                    "volume": {"claim": "lorafleet-data", "mount_path": "/data"}},
+    }  # fmt: skip
+
+
+def test_no_training_rbac_without_a_trainjob_expert(rendered):
+    # Given the aws fleet, whose experts train in the step's own process (launcher local)
+    names = {o["metadata"]["name"] for o in rendered["aws"]}
+    assert "lorafleet-pipeline" in names  # the serving RBAC is there
+    # Then nothing grants training jobs
+    assert TRAINING_ROLE not in names
+
+
+def test_training_rbac_per_trainjob_namespace(kit):
+    # Given two experts training through cluster jobs in two namespaces
+    raw = kit.fleet_for("aws").model_dump(by_alias=True)
+    raw["serving"]["namespace"] = "serving-ns"
+    raw["experts"][0]["training"] = _trainjob("ml-training")
+    raw["experts"][1]["training"] = _trainjob("ml-batch")
+    # When the fleet is rendered
+    objects = render(FleetSpec.model_validate(raw), "aws", kit.ADAPTERS)
+    training = [o for o in objects if o["metadata"]["name"] == TRAINING_ROLE]
+    # Then each namespace has one Role and one RoleBinding for the pipeline, in expert order
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in training] == [
+        ("Role", "ml-training"), ("RoleBinding", "ml-training"), ("Role", "ml-batch"), ("RoleBinding", "ml-batch"),
+    ]  # fmt: skip
+    for role in (o for o in training if o["kind"] == "Role"):
+        grants = {
+            (group, resource): rule["verbs"]
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+        }
+        # run_on_cluster creates the job and gets it by name: no list, update or delete
+        assert grants == {
+            ("trainer.kubeflow.org", "trainjobs"): ["get", "create"],
+            ("kubeflow.org", "pytorchjobs"): ["get", "create"],
+            ("", "pods"): ["get", "list", "watch"],
+            ("", "events"): ["get", "list", "watch"],
+        }
+        assert role["metadata"]["labels"]["app.kubernetes.io/component"] == "training"
+    for binding in (o for o in training if o["kind"] == "RoleBinding"):
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TRAINING_ROLE}
+        # the pipeline's ServiceAccount lives where the fleet is served
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "serving-ns"}]
+    validate_manifests(training, "training rbac")
+
+
+def test_experts_sharing_a_namespace_share_its_training_rbac(kit):
+    raw = kit.fleet_for("aws").model_dump(by_alias=True)
+    for expert in raw["experts"]:
+        expert["training"] = _trainjob("ml-training")
+    objects = render(FleetSpec.model_validate(raw), "aws", kit.ADAPTERS)
+    training = [(o["kind"], o["metadata"]["namespace"]) for o in objects if o["metadata"]["name"] == TRAINING_ROLE]
+    assert training == [("Role", "ml-training"), ("RoleBinding", "ml-training")]
 
 
 @pytest.mark.parametrize(
