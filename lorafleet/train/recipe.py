@@ -293,7 +293,10 @@ class LoRARecipe:
             mine, weight = rows[:1], 0.0
         batch = collate_packed(mine)
         device = torch.device(dist.device)
-        cu = batch["cu_seq_lens"].to(device, dtype=torch.int32)
+        cu = batch["cu_seq_lens"].to(dtype=torch.int32)
+        if self.model.config._attn_implementation == "flash_attention_2":
+            cu = cu.to(device)  # FlashAttention's varlen kernel reads them on the GPU
+        # else the recipe's varlen attention slices by them: on the CPU they cost no device sync
         # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
         scale = n_labels / dist.world_size
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
