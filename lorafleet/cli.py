@@ -107,16 +107,20 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")] = 256,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included; later 503.")] = 120.0,
     max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
-    require_lineage: Annotated[bool, typer.Option(help="Refuse adapters without lineage.json.")] = False,
+    require_lineage: Annotated[bool, typer.Option(help="Refuse adapters without lineage.json (default: check it when present).")] = False,
     routes: Annotated[Path | None, typer.Option(help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.')] = None,
     admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the /admin bearer token; unset disables /admin.")] = "LORAFLEET_ADMIN_TOKEN",
+    adapter_cache: Annotated[Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")] = None,
     lora_backend: Annotated[str, typer.Option(help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference).")] = "batched",
+    fault: Annotated[list[str] | None, typer.Option(help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults.")] = None,
 ) -> None:
     """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
 
     Every adapter is checked before it serves (safetensors, rank, target modules, base
     fingerprint, shapes, effect on the output); a failed check is one line and exit code 2.
+    The runtime image runs the same command as python -m lorafleet.serve.runtime.
     """
+    from lorafleet.serve.faults import FaultTable, parse_fault
     from lorafleet.serve.router import RouteTable
     from lorafleet.serve.runtime import serve as run_server
 
@@ -130,6 +134,7 @@ def serve(
         if adapter_name in adapters:
             raise LorafleetError(f"--adapter {item!r}: name {adapter_name!r} given twice")
         adapters[adapter_name] = path
+    faults = FaultTable(dict(parse_fault(f) for f in fault or []))
     run_server(
         base,
         adapters,
@@ -144,8 +149,15 @@ def serve(
         max_rank=max_rank,
         require_lineage=require_lineage,
         routes=RouteTable.from_file(routes) if routes else None,
+        adapter_cache=str(adapter_cache) if adapter_cache else None,
+        faults=faults,
         lora_backend=lora_backend,
     )
+
+
+# `python -m lorafleet.serve.runtime` (the runtime image's entry point): the serve command alone.
+serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+serve_app.command()(serve)
 
 
 def main(command: typer.Typer | None = None, **options: Any) -> None:

@@ -68,3 +68,15 @@ def test_run_refuses_an_unknown_expert(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: fleet.yaml: experts: no expert named nope; the spec has ja"
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_runtime_entry_point_is_lorafleet_serve() -> None:
+    """`python -m lorafleet.serve.runtime` (the runtime image) and `lorafleet serve` take one option set."""
+    from typer.main import get_command
+
+    from lorafleet.cli import app, serve_app
+
+    serve = get_command(app).commands["serve"]
+    runtime = get_command(serve_app)
+    assert [p.opts for p in runtime.params] == [p.opts for p in serve.params]
+    assert {"--fault", "--adapter-cache", "--lora-backend", "--routes"} <= {o for p in serve.params for o in p.opts}

@@ -19,7 +19,6 @@ Run it with ``python -m lorafleet.serve.runtime --base DIR --adapter NAME=SOURCE
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -56,7 +55,7 @@ from lorafleet.serve.batching import (
     Overloaded,
     run_subset,
 )
-from lorafleet.serve.faults import FaultTable, parse_fault
+from lorafleet.serve.faults import FaultTable
 from lorafleet.serve.metrics import ServingMetrics
 from lorafleet.serve.router import RouteTable
 
@@ -488,122 +487,16 @@ def run_server_subprocess(
                 process.wait()
 
 
-def _adapter_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not (name and sep and path):
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m lorafleet.serve.runtime --base DIR [--adapter NAME=DIR ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lorafleet.serve.runtime",
-        description="Serve a base model and its LoRA adapters: KServe v1/v2 health and "
-        "metadata, /metrics, an OpenAI-compatible API under /openai/v1 (model = adapter or "
-        "route name) and an admin API under /admin (bearer token).",
-    )
-    parser.add_argument("--base", required=True, help="base model directory (Hugging Face format)")
-    parser.add_argument(
-        "--adapter",
-        type=_adapter_arg,
-        action="append",
-        default=[],
-        metavar="NAME=SOURCE",
-        help="a PEFT LoRA adapter (directory, pvc://, s3://, gs://), served as model NAME; "
-        "repeat for more",
-    )
-    parser.add_argument(
-        "--name", default="base", help="served name of the base model (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on; 0.0.0.0 in a pod (default: %(default)s)",
-    )
-    parser.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
-    parser.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=MAX_BATCH_SIZE,
-        help="most requests per batch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=MAX_WAIT_S * 1000,
-        help="how long a request waits for others to share its batch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=256,
-        help="most requests waiting; more get 429 + Retry-After (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--request-timeout",
-        type=float,
-        default=120.0,
-        help="seconds a request may take, queueing included; later 503 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-rank", type=int, default=64, help="largest LoRA rank admitted (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--require-lineage",
-        action="store_true",
-        help="refuse adapters without lineage.json (default: check it when present)",
-    )
-    parser.add_argument("--routes", help='JSON file: {"routes": {NAME: {"targets": [...]}}}')
-    parser.add_argument(
-        "--admin-token-env",
-        default="LORAFLEET_ADMIN_TOKEN",
-        help="environment variable holding the admin bearer token; unset disables /admin "
-        "(default: %(default)s)",
-    )
-    parser.add_argument("--adapter-cache", help="download directory of s3:// and gs:// adapters")
-    parser.add_argument(
-        "--lora-backend",
-        choices=["batched", "peft"],
-        default="batched",
-        help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's "
-        "per-adapter loop, the slower reference (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        metavar="NAME:KEY=VALUE,...",
-        help="canary drills only: make adapter NAME fail or slow down, e.g. "
-        "NAME:error_rate=0.3,added_latency_ms=500 (keys: error_rate, added_latency_ms, status); "
-        "off by default, also settable at /admin/faults",
-    )
-    args = parser.parse_args(argv)
-    adapters = dict(args.adapter)
-    if len(adapters) != len(args.adapter):
-        parser.error("adapter names must be unique")
-    try:
-        faults = FaultTable(dict(parse_fault(f) for f in args.fault))
-        serve(
-            args.base,
-            adapters,
-            args.host,
-            args.port,
-            args.name,
-            args.max_batch_size,
-            args.max_wait_ms / 1000,
-            admin_token=os.environ.get(args.admin_token_env) or None,
-            max_queue=args.max_queue,
-            request_timeout_s=args.request_timeout,
-            max_rank=args.max_rank,
-            require_lineage=args.require_lineage,
-            routes=RouteTable.from_file(args.routes) if args.routes else None,
-            adapter_cache=args.adapter_cache,
-            faults=faults,
-            lora_backend=args.lora_backend,
-        )
-    except LorafleetError as exc:
-        parser.exit(2, f"error: {exc}\n")
+    """Command line: ``python -m lorafleet.serve.runtime --base DIR [--adapter NAME=DIR ...]``.
+
+    The same options as ``lorafleet serve`` (:func:`lorafleet.cli.serve`, one definition);
+    a user mistake is one ``error:`` line and exit code 2.
+    """
+    from lorafleet.cli import main as cli_main
+    from lorafleet.cli import serve_app
+
+    cli_main(serve_app, args=None if argv is None else list(argv), prog_name="python -m lorafleet.serve.runtime")
 
 
 if __name__ == "__main__":
