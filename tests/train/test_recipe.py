@@ -129,3 +129,57 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base
     assert metrics.metadata == {
         "final_loss": round(result.losses[-1], 5), "steps": 10, "tokens_per_s": result.tokens_per_s,
     }  # fmt: skip
+
+
+def _step_grads(recipe: LoRARecipe) -> tuple[float, dict]:
+    """Loss and LoRA gradients of the recipe's first micro-batch, from a fixed RNG state."""
+    import torch
+
+    _, _, rows = next(recipe._micro_batches(0, 0))
+    n_labels = sum(e.n_label_tokens for r in rows for e in r)
+    recipe.model.train()  # as train() does: dropout and checkpointing act in training mode only
+    assert recipe.model.is_activation_checkpointing == recipe.training.gradient_checkpointing
+    torch.manual_seed(7)  # the same dropout masks on both sides
+    loss, _ = recipe._forward_backward(rows, n_labels)
+    return float(loss), {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(tiny_base: Path, tmp_path: Path) -> None:
+    """Given the same weights, data and RNG state, a step with gradient checkpointing gives
+    the loss and LoRA gradients of a step without it (recomputation changes memory, not math;
+    with LoRA dropout on, the recomputed forward must reuse the first forward's masks)."""
+    import torch
+
+    lora = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear")
+    sides = []
+    for checkpointing in (False, True):
+        training = TrainingSettings(batch_size=2, max_seq_len=256, gradient_checkpointing=checkpointing)
+        recipe = LoRARecipe(tiny_base, _records(), lora, training, tmp_path / f"out-{checkpointing}")
+        recipe.setup()
+        torch.manual_seed(1)
+        with torch.no_grad():  # non-zero B, so that A gets gradients too
+            for name, p in recipe.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        sides.append(_step_grads(recipe))
+        recipe.cleanup()
+    (loss_a, grads_a), (loss_b, grads_b) = sides
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}])
+def test_dora_and_rslora_train_and_save_their_settings(tiny_base: Path, tmp_path: Path, variant: dict) -> None:
+    """DoRA and rsLoRA run through the recipe (with LoRA dropout), lower the loss, and the
+    saved adapter says which variant it is."""
+    lora = LoraSettings(r=8, alpha=16, dropout=0.05, target_modules="all-linear", **variant)
+    result = train_adapter(
+        tiny_base, _records(), lora, TrainingSettings(epochs=15, learning_rate=3e-3, batch_size=4, warmup_ratio=0.0),
+        tmp_path / "adapter",
+    )
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.85 * first, result.losses
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in variant} == variant
