@@ -46,8 +46,6 @@ LLAMA_1B = {
     "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 4096, "rope_theta": 500000.0,
     "tie_word_embeddings": True,
 }
-# Dense bf16 peak of known GPUs, TFLOP/s (the vendors' datasheets, without sparsity).
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def _records(name: str) -> list:
@@ -91,12 +89,9 @@ def _peak_tflops(args) -> float | None:
     """The device's dense bf16 peak: ``--peak-tflops``, else known GPUs, else unknown (CPU)."""
     import torch
 
-    if args.peak_tflops:
-        return args.peak_tflops
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if all(w in name for w in key.split())), None)
+    from lorafleet.train.flops import device_peak_tflops
+
+    return args.peak_tflops or device_peak_tflops("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _flops(model, examples, logits_everywhere: bool, epochs: int) -> float:

@@ -71,6 +71,10 @@ def log_train_metrics(metrics, result: dict) -> None:
     metrics.log_metric("final_loss", round(result["losses"][-1], 5))
     metrics.log_metric("steps", result["steps"])
     metrics.log_metric("tokens_per_s", result["tokens_per_s"])
+    if result.get("tflops_per_s"):
+        metrics.log_metric("model_tflops_per_s", result["tflops_per_s"])
+    if result.get("mfu") is not None:
+        metrics.log_metric("mfu", result["mfu"])
 
 
 def log_eval_metrics(metrics, result: dict) -> None:

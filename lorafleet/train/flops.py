@@ -29,7 +29,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LinearCosts", "TrainingFlops", "linear_costs", "training_flops"]
+__all__ = ["PEAK_TFLOPS", "LinearCosts", "TrainingFlops", "device_peak_tflops", "linear_costs", "training_flops"]
+
+# Dense bf16 peak of known GPUs in TFLOP/s (vendors' datasheets, without sparsity); a key
+# matches a device name that contains all of its words, first match wins.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+PEAK_ENV = "LORAFLEET_PEAK_TFLOPS"
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,28 @@ def training_flops(costs: LinearCosts, lengths: Sequence[int], logit_positions: 
     return TrainingFlops(
         linear=costs.per_token * sum(lengths), head=costs.per_logit * logit_positions, attention=attention
     )
+
+
+def device_peak_tflops(device: str) -> float | None:
+    """The dense bf16 peak of ``device`` for MFU: ``$LORAFLEET_PEAK_TFLOPS`` when set, else
+    :data:`PEAK_TFLOPS` by the CUDA device's name, else ``None`` (CPU, unknown GPUs).
+
+    Raises:
+        ValueError: if ``$LORAFLEET_PEAK_TFLOPS`` is not a positive number.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get(PEAK_ENV):
+        try:
+            peak = float(os.environ[PEAK_ENV])
+        except ValueError:
+            peak = 0.0
+        if not peak > 0:
+            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a positive number of TFLOP/s")
+        return peak
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in PEAK_TFLOPS.items() if all(w in name for w in key.split())), None)

@@ -25,6 +25,7 @@ from lorafleet.train.attention import training_attention
 from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorafleet.train.distributed import DistContext, close_distributed, init_distributed
 from lorafleet.train.errors import NonFiniteLossError, QLoraUnavailableError, TrainingOOMError
+from lorafleet.train.flops import device_peak_tflops, linear_costs, training_flops
 from lorafleet.train.packing import collate_packed, pack_rows
 
 __all__ = ["LoRARecipe", "TrainResult", "collate", "load_base", "train_adapter"]
@@ -45,9 +46,16 @@ class TrainResult:
     tokens_per_s: float
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
+    tflops_per_s: float = 0.0  # model FLOPs (lorafleet.train.flops) over the steps' wall time, all ranks
+    mfu: float | None = None  # tflops_per_s over the peak of all ranks' devices, where it is known
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _sig(x: float) -> float:
+    """``x`` to 4 significant digits (throughput figures from tiny CPU runs to large GPU ones)."""
+    return float(f"{x:.4g}")
 
 
 def load_base(
@@ -195,6 +203,9 @@ class LoRARecipe:
         micro = sum(math.ceil(len(self._epoch_rows(e)) / self.training.batch_size) for e in range(self.training.epochs))
         self.total_steps = self.training.max_steps or math.ceil(micro / self.training.grad_accum)
         self.optimizer, self.scheduler = self._setup_optimizer(self.model, self.training, self.total_steps)
+        # Model FLOPs per step (lorafleet.train.flops) for TFLOP/s and, where the peak is known, MFU.
+        self.costs = linear_costs(self.model)
+        self.peak_tflops = device_peak_tflops(self.dist.device)
         self.ddp_model = self._setup_ddp(self.model, self.dist)
         self.identity = {
             "base_fingerprint": fingerprint_model(self.base_dir),
@@ -378,10 +389,15 @@ class LoRARecipe:
             step += 1
             epoch, row = micro[-1][0], micro[-1][1]
             wall = time.perf_counter() - t0
+            examples = [e for _, _, rows in micro for r in rows for e in r]  # every rank's share
+            flops = training_flops(self.costs, [len(e.input_ids) for e in examples], n_labels).total
             entry = {
                 "step": step, "loss": step_loss, "lr": lr, "tokens": int(tokens),
                 "label_tokens": n_labels, "tokens_per_s": round(tokens / wall, 1),
+                "tflops": flops / 1e12, "tflops_per_s": _sig(flops / 1e12 / wall),
             }
+            if self.peak_tflops:
+                entry["mfu"] = _sig(flops / 1e12 / wall / (self.peak_tflops * self.dist.world_size))
             metrics.append(entry)
             if self.dist.is_main:
                 with open(live, "a", encoding="utf-8") as fh:
@@ -397,6 +413,8 @@ class LoRARecipe:
         wall = time.perf_counter() - start
         self.model.eval()
         tokens_done = sum(m["tokens"] for m in metrics)
+        step_walls = sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"])
+        tflops_per_s = sum(m.get("tflops", 0.0) for m in metrics) / step_walls if step_walls else 0.0
         result = TrainResult(
             adapter_dir=str(self.output_dir),
             steps=self.total_steps,
@@ -404,9 +422,11 @@ class LoRARecipe:
             train_tokens=tokens_done,
             label_tokens=sum(m["label_tokens"] for m in metrics),
             wall_s=round(wall, 3),
-            tokens_per_s=round(tokens_done / sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"]), 1),
+            tokens_per_s=round(tokens_done / step_walls, 1),
             losses=[m["loss"] for m in metrics],
             learning_rates=[m["lr"] for m in metrics],
+            tflops_per_s=_sig(tflops_per_s),
+            mfu=_sig(tflops_per_s / (self.peak_tflops * self.dist.world_size)) if self.peak_tflops else None,
         )
         if self.dist.is_main:
             with atomic_dir(self.output_dir) as tmp:

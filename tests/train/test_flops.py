@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,31 @@ def test_linear_costs_leaves_the_rng_where_it_was(tiny_base: Path) -> None:
     state = torch.get_rng_state()
     linear_costs(model)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_reports_mfu_against_the_peak_it_is_given(tiny_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """With ``$LORAFLEET_PEAK_TFLOPS`` set (a CPU has no known peak), every step and the
+    result carry MFU = model TFLOP/s over that peak."""
+    from lorafleet.train.recipe import train_adapter
+
+    monkeypatch.setenv("LORAFLEET_PEAK_TFLOPS", "0.5")
+    result = train_adapter(
+        tiny_base, _records(), LoraSettings(r=4, alpha=8, dropout=0.0),
+        TrainingSettings(max_steps=3, batch_size=2, max_seq_len=64), tmp_path / "adapter",
+    )
+    lines = [json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5, rel=1e-2, abs=1e-4)
+    assert result.mfu == pytest.approx(result.tflops_per_s / 0.5, rel=1e-2, abs=1e-4)
+    assert result.mfu > 0
+
+
+@pytest.mark.parametrize("value", ["zero", "0", "-3"])
+def test_a_bad_peak_in_the_environment_is_named(value: str, monkeypatch) -> None:
+    from lorafleet.train.flops import device_peak_tflops
+
+    monkeypatch.setenv("LORAFLEET_PEAK_TFLOPS", value)
+    with pytest.raises(ValueError, match=r"LORAFLEET_PEAK_TFLOPS=.*positive number"):
+        device_peak_tflops("cpu")
+    monkeypatch.delenv("LORAFLEET_PEAK_TFLOPS")
+    assert device_peak_tflops("cpu") is None

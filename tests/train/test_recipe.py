@@ -120,6 +120,11 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 11))
     assert all(m["loss"] > 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["label_tokens"] > 0 for m in lines)
+    # Model FLOPs of each step (lorafleet.train.flops): no MFU on a CPU, whose peak is unknown.
+    assert all(m["tflops"] > 0 and m["tflops_per_s"] > 0 and "mfu" not in m for m in lines)
+    walls = sum(m["tokens"] / m["tokens_per_s"] for m in lines)
+    assert result.tflops_per_s == pytest.approx(sum(m["tflops"] for m in lines) / walls, rel=1e-3)
+    assert result.mfu is None
     factors = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert [m["lr"] for m in lines] == pytest.approx([1e-2 * f for f in factors], rel=1e-12)
     assert [m["loss"] for m in lines] == result.losses
@@ -128,6 +133,7 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base
     log_train_metrics(metrics, result.to_dict())
     assert metrics.metadata == {
         "final_loss": round(result.losses[-1], 5), "steps": 10, "tokens_per_s": result.tokens_per_s,
+        "model_tflops_per_s": result.tflops_per_s,
     }  # fmt: skip
 
 
