@@ -425,13 +425,14 @@ class CanaryPolicy(_Strict):
     drive_timeout_seconds: int = Field(3600, ge=1, description="handoff drive: give up waiting (the rollout stays)")
     router_urls: list[str] = Field(
         default_factory=list,
-        description="router mode, deploy step: every router replica's URL (default: the InferenceService's "
-        "transformer Service, or its predictor without serving.router)",
+        description="router mode, deploy step: every router replica's URL, or k8s://NAMESPACE/SERVICE[:PORT] "
+        "for a Service's ready pods, found again on every tick (default: the InferenceService's transformer "
+        "Service, or its predictor without serving.router, as k8s://)",
     )
     runtime_urls: list[str] = Field(
         default_factory=list,
-        description="router mode, deploy step: every lorafleet runtime replica's URL, where the candidate is "
-        "loaded (default: the predictor Service)",
+        description="router mode, deploy step: every lorafleet runtime replica's URL (or k8s:// Service), "
+        "where the candidate is loaded (default: the predictor Service's ready pods)",
     )
 
     @field_validator("steps")

@@ -107,9 +107,10 @@ def _controller(ctx: typer.Context, namespace: str | None, state_dir: Path | Non
     if namespace is not None or cluster_default:
         api, context_namespace = _kube(kubeconfig, context)
         return Controller(ConfigMapStore(api, namespace or context_namespace), api)
-    api = _kube(kubeconfig, context)[0] if kubeconfig or context else None
+    # Local rollouts read a kubeconfig only when one needs the cluster (a router Service).
     return Controller(
-        FileStore(state_dir or os.environ.get("LORAFLEET_ROLLOUT_DIR") or DEFAULT_STATE_DIR), api
+        FileStore(state_dir or os.environ.get("LORAFLEET_ROLLOUT_DIR") or DEFAULT_STATE_DIR),
+        connect=lambda: _kube(kubeconfig, context)[0],
     )
 
 
@@ -190,7 +191,17 @@ def start(
         list[str] | None,
         typer.Option(
             "--router-url",
-            help="Router mode: base URL of a router replica (admin API and /metrics); repeat for each.",
+            help="Router mode: base URL of a router replica (admin API and /metrics), or "
+            "k8s://NAMESPACE/SERVICE[:PORT] for every ready pod of a Service; repeat for each.",
+        ),
+    ] = None,
+    router_service: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--router-service",
+            help="Router mode: a Kubernetes Service whose ready pods are the router replicas, as "
+            "[NAMESPACE/]SERVICE[:PORT] (PORT: the pods' port name or number, e.g. 8080; NAMESPACE: "
+            "-n or the kubeconfig context's); found again on every tick; repeat for more.",
         ),
     ] = None,
     sticky_header: Annotated[
@@ -210,6 +221,7 @@ def start(
     """Start a canary at the strategy's first step (the same start again is a no-op)."""
     from pydantic import ValidationError
 
+    from lorafleet.rollout.discovery import SCHEME
     from lorafleet.rollout.state import Target
 
     policy = _policy(spec, set_ or [])
@@ -219,8 +231,13 @@ def start(
         raise LorafleetError(
             f"rollout {name!r}: a revision canary lives in the cluster: pass -n NAMESPACE"
         )
+    services = [
+        f"{SCHEME}{s}" if "/" in s else f"{SCHEME}{where or _kube(kubeconfig, context)[1]}/{s}"
+        for s in router_service or []
+    ]
     try:
-        target = Target(mode=policy.mode, route=route, stable=stable, canary=canary, router_urls=router_url or [],
+        target = Target(mode=policy.mode, route=route, stable=stable, canary=canary,
+                        router_urls=[*(router_url or []), *services],
                         sticky_header=sticky_header, token_env=token_env, namespace=where, isvc=isvc)  # fmt: skip
     except ValidationError as exc:
         raise LorafleetError(

@@ -31,7 +31,14 @@ class ActuatorError(LorafleetError):
 
 
 class Actuator(Protocol):
-    """What the controller needs from an actuator."""
+    """What the controller needs from an actuator.
+
+    Attributes:
+        target: what it moves; a router target's ``router_urls`` are this tick's replicas
+            (a Service already resolved to its endpoints), which the metrics source scrapes too.
+    """
+
+    target: Target
 
     def apply(self, weight: int) -> bool:
         """Make the canary's share ``weight`` percent; ``True`` if anything was written."""
@@ -74,7 +81,8 @@ class RouterActuator:
     """Weights of one route on every router replica, through the route admin API.
 
     Args:
-        target: a router target (route, stable, canary, router URLs, token variable).
+        target: a router target (route, stable, canary, token variable) whose
+            ``router_urls`` are replica URLs (``k8s://`` Services resolved by the controller).
         timeout_s: per request.
 
     Raises:

@@ -33,10 +33,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import CanaryPolicy
 from lorafleet.rollout.actuators import Actuator, RevisionActuator, RouterActuator
+from lorafleet.rollout.discovery import is_service, resolve_urls
 from lorafleet.rollout.sources import PrometheusSource, RouterSource
 from lorafleet.rollout.state import Decision, Measurement, RolloutState, Target, Verdict
 from lorafleet.rollout.store import Conflict, NotFound, StateStore
@@ -104,26 +106,60 @@ class Controller:
     Args:
         store: where the states live (:class:`~lorafleet.rollout.store.ConfigMapStore` or
             :class:`~lorafleet.rollout.store.FileStore`).
-        api: a ``kubernetes.client.ApiClient`` (revision mode); ``None`` where none is needed.
+        api: a ``kubernetes.client.ApiClient`` (revision mode, router Services); ``None``
+            where none is needed.
         clock: seconds since the epoch (tests pass their own).
+        connect: makes the ``ApiClient`` the first time one is needed, where ``api`` is
+            ``None`` (a local run that reads a kubeconfig only for a rollout that needs it).
     """
 
-    def __init__(self, store: StateStore, api=None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        api=None,
+        clock: Callable[[], float] = time.time,
+        connect: Callable[[], Any] | None = None,
+    ) -> None:
         self.store = store
         self.api = api
         self.clock = clock
+        self.connect = connect
 
     # -- wiring -------------------------------------------------------------------------------
 
-    def actuator(self, state: RolloutState) -> Actuator:
-        """The actuator of a rollout's target."""
-        if state.target.mode == "router":
-            return RouterActuator(state.target)
+    def kube(self, why: str):
+        """The ``ApiClient`` (made by ``connect`` on first use).
+
+        Raises:
+            LorafleetError: if there is none, saying ``why`` one was needed.
+        """
+        if self.api is None and self.connect is not None:
+            self.api = self.connect()
         if self.api is None:
-            raise LorafleetError(
-                f"rollout {state.name!r}: a revision canary needs a Kubernetes API (kubeconfig)"
-            )
-        return RevisionActuator(self.api, state.target)
+            raise LorafleetError(f"{why} needs a Kubernetes API (kubeconfig)")
+        return self.api
+
+    def replicas(self, state: RolloutState) -> Target:
+        """The router target as this tick sees it: each ``k8s://`` Service replaced by the
+        URLs of its ready endpoints (:func:`~lorafleet.rollout.discovery.resolve_urls`).
+
+        Raises:
+            LorafleetError: if a named Service has no ready endpoint, or there is no API.
+        """
+        urls = state.target.router_urls
+        if not any(map(is_service, urls)):
+            return state.target
+        api = self.kube(
+            f"rollout {state.name!r}: a router Service ({', '.join(filter(is_service, urls))})"
+        )
+        return state.target.model_copy(update={"router_urls": resolve_urls(urls, api)})
+
+    def actuator(self, state: RolloutState) -> Actuator:
+        """The actuator of a rollout's target, on this tick's router replicas."""
+        if state.target.mode == "router":
+            return RouterActuator(self.replicas(state))
+        api = self.kube(f"rollout {state.name!r}: a revision canary")
+        return RevisionActuator(api, state.target)
 
     @staticmethod
     def source(state: RolloutState) -> RouterSource | PrometheusSource:
@@ -190,7 +226,7 @@ class Controller:
         source = self.source(state)
         if source.needs_baseline:
             try:
-                baseline = source.snapshot(state.target, actuator.versions())
+                baseline = source.snapshot(actuator.target, actuator.versions())
             except LorafleetError as exc:  # the first tick takes it
                 log.warning("rollout %s: no baseline at start: %s", name, exc)
             else:
@@ -343,12 +379,12 @@ class Controller:
         try:
             versions = actuator.versions()
             if source.needs_baseline and state.baseline is None:
-                baseline = source.snapshot(state.target, versions)
+                baseline = source.snapshot(actuator.target, versions)
                 return self._store_tick(
                     state, lambda s: _with(s, baseline=baseline, last_analysis_at=now), actuator
                 )
             stable, canary, baseline = source.measure(
-                state.target, state.policy, versions, state.baseline
+                actuator.target, state.policy, versions, state.baseline
             )
         except LorafleetError as exc:
             verdict, reasons, baseline = "Error", [str(exc)], state.baseline

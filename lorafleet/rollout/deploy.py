@@ -13,7 +13,11 @@ An expert is put on a canary only when a production version served before this r
 first version of an expert is served as is. In ``router`` mode each expert is one rollout
 (named after it): the candidate is loaded on every lorafleet runtime replica as
 ``EXPERT-VERSION`` from the adapter store (``PUT /admin/adapters``), and the route
-``EXPERT`` moves from the served ``EXPERT`` adapter to it. In ``revision`` mode the fleet is
+``EXPERT`` moves from the served ``EXPERT`` adapter to it. The replicas are, unless
+``canary.runtime_urls`` / ``canary.router_urls`` list them, the ready pods of the
+InferenceService's Services (``k8s://NS/NAME-predictor:8080``, and ``-transformer`` for the
+router), found through their EndpointSlices: the step always runs with the API (the
+rollout is a ConfigMap), and the controller finds the router's pods again on every tick. In ``revision`` mode the fleet is
 one rollout (named after the fleet): the InferenceService's adapter arguments move to the
 new versions together with ``canaryTrafficPercent`` (one new KServe revision), and the
 controller moves the revision's traffic.
@@ -28,9 +32,11 @@ from typing import Any
 
 import httpx
 
+from lorafleet.deploy.render import PORT
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
 from lorafleet.rollout.controller import Controller
+from lorafleet.rollout.discovery import SCHEME, resolve_urls
 from lorafleet.rollout.state import RolloutState, Target
 from lorafleet.rollout.store import ConfigMapStore
 
@@ -54,10 +60,15 @@ def _in_cluster_api():
 
 
 def _service(spec: FleetSpec, component: str) -> str:
-    return f"http://{spec.name}-{component}.{spec.serving.namespace}.svc"
+    """A KServe component's Service as a ``k8s://`` URL, resolved to its ready pods on use.
+
+    The router and the runtime keep routes and loaded adapters per replica, so a call
+    through the Service's virtual IP would reach only one of them.
+    """
+    return f"{SCHEME}{spec.serving.namespace}/{spec.name}-{component}:{PORT}"
 
 
-def _load_candidate(spec: FleetSpec, expert: str, version: str, served: str) -> None:
+def _load_candidate(api, spec: FleetSpec, expert: str, version: str, served: str) -> None:
     """Load the candidate on every runtime replica through the adapter admin API."""
     if spec.serving.runtime != "lorafleet":
         raise LorafleetError(
@@ -72,7 +83,7 @@ def _load_candidate(spec: FleetSpec, expert: str, version: str, served: str) -> 
         )
     store = (spec.serving.adapter_store or spec.registry.uri).rstrip("/")
     source = f"{store}/{expert}/{version}"
-    for url in spec.canary.runtime_urls or [_service(spec, "predictor")]:
+    for url in resolve_urls(spec.canary.runtime_urls or [_service(spec, "predictor")], api):
         try:
             response = httpx.put(f"{url.rstrip('/')}/admin/adapters/{served}", json={"source": source},
                                  headers={"authorization": f"Bearer {token}"}, timeout=600)  # fmt: skip
@@ -88,7 +99,7 @@ def _load_candidate(spec: FleetSpec, expert: str, version: str, served: str) -> 
 
 def _start_router(controller: Controller, spec: FleetSpec, expert: str, old: str, new: str) -> str:
     served = f"{expert}-{new}"
-    _load_candidate(spec, expert, new, served)
+    _load_candidate(controller.api, spec, expert, new, served)
     router = "transformer" if spec.serving.router else "predictor"  # the runtime routes by itself
     target = Target(route=expert, stable=expert, canary=served, namespace=spec.serving.namespace,
                     router_urls=spec.canary.router_urls or [_service(spec, router)])  # fmt: skip

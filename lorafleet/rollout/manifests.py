@@ -4,9 +4,10 @@
 the Helm chart renders the same objects with ``rolloutController.enabled``
 (tests/rollout/test_helm_controller.py keeps the two in step). The controller is one
 replica of ``lorafleet rollout controller`` in the fleet's namespace: it reads and writes the
-rollout ConfigMaps, patches InferenceServices (revision canaries) and calls the router's
-admin API with the router's admin token (adapter canaries). The pipeline's ServiceAccount
-is bound to the same Role, so the pipeline's deploy step can start rollouts.
+rollout ConfigMaps, patches InferenceServices (revision canaries), lists the EndpointSlices
+of a router Service (its replicas) and calls each replica's admin API with the router's
+admin token (adapter canaries). The pipeline's ServiceAccount is bound to the same Role,
+so the pipeline's deploy step can start rollouts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
                 api_groups=[KSERVE],
                 resources=["inferenceservices"],
                 verbs=["get", "list", "watch", "patch"],
+            ),
+            # Router canaries on a k8s:// Service: its ready endpoints are the router replicas.
+            k8s.V1PolicyRule(
+                api_groups=["discovery.k8s.io"], resources=["endpointslices"], verbs=["list"]
             ),
         ],
     )

@@ -5,7 +5,8 @@ counters of the two versions of one route (requests, 5xx answers, latency histog
 buckets, and an online judge's score sum and count when there is one), and measures an
 interval as the difference between two scrapes: the previous scrape is the *baseline*
 stored in the rollout state, so a restarted controller measures from where the last one
-stopped. A counter that went down (a replica restarted) counts from zero. p95 is
+stopped. A counter that went down (a replica restarted) counts from zero; a replica that
+was not in the baseline (a Service's new endpoint) counts from the next scrape. p95 is
 interpolated inside the histogram bucket that holds it, as Prometheus'
 ``histogram_quantile`` does.
 
@@ -207,14 +208,21 @@ class RouterSource:
     def measure(
         self, target: Target, policy: CanaryPolicy, versions: tuple[str, str], baseline: dict | None
     ) -> tuple[Measurement, Measurement, dict]:
-        """(stable, canary) over the interval since ``baseline``, and the new baseline."""
+        """(stable, canary) over the interval since ``baseline``, and the new baseline.
+
+        The replicas are ``target.router_urls`` now; they may differ from the baseline's
+        (a Service's endpoints come and go). A replica in both is measured; one that left
+        is not scraped and its baseline is dropped; one that joined (or came back) counts
+        from the next interval: its counters cover an unknown span, maybe hours or earlier
+        steps, which must not be judged as this interval.
+        """
         now = self.snapshot(target, versions)
         baseline = baseline or {}
         stable, canary = (
             # Per replica, then summed: a restarted replica counts from zero without hiding the others.
-            # A replica missing from the baseline is new: all it counted is in this interval.
             _measurement(
-                v, _sum([_delta(now[url][v], (baseline.get(url) or {}).get(v)) for url in now])
+                v,
+                _sum([_delta(now[url][v], baseline[url].get(v)) for url in now if url in baseline]),
             )
             for v in versions
         )

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from lorafleet.fleet import SLUG, CanaryPolicy
+from lorafleet.rollout.discovery import ServiceRef, is_service
 
 __all__ = [
     "FINAL",
@@ -54,7 +55,10 @@ class Target(BaseModel):
             read from the InferenceService's status).
         canary: the candidate adapter or revision (likewise).
         route: router: the public model name whose weights move.
-        router_urls: router: base URLs of every router replica (admin API and /metrics).
+        router_urls: router: base URLs of the router replicas (admin API and /metrics),
+            each one replica or a Kubernetes Service whose ready endpoints are the replicas
+            (``k8s://NAMESPACE/SERVICE[:PORT]``, found again on every tick; see
+            :mod:`lorafleet.rollout.discovery`).
         sticky_header: router: keep a user on one version while the weights hold.
         token_env: router: the environment variable holding the admin bearer token (the
             token itself is never stored).
@@ -81,6 +85,8 @@ class Target(BaseModel):
                 raise ValueError(f"a router canary needs {', '.join(missing)}")
             if self.stable == self.canary:
                 raise ValueError("stable and canary must be different adapters")
+            for url in filter(is_service, self.router_urls):
+                ServiceRef.parse(url)
         elif not self.isvc:
             raise ValueError("a revision canary needs the InferenceService's name (isvc)")
         return self
