@@ -397,7 +397,8 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         (Role and RoleBinding ``lorafleet-pipeline-training`` in each ``training.cluster.namespace``
         of the experts with ``training.launcher: trainjob``), ServingRuntime, InferenceService,
         PodDisruptionBudget, NetworkPolicy, ServiceMonitor; then the canary rollout controller
-        (:mod:`lorafleet.rollout.manifests`) when ``canary.handoff`` is ``controller``.
+        (:mod:`lorafleet.rollout.manifests`) when ``canary.handoff`` is ``controller``, or
+        only its Role and RoleBinding (for the pipeline's ServiceAccount) when it is ``drive``.
 
     Raises:
         LorafleetError: if the spec does not fit the profile (storage scheme, identity).
@@ -472,6 +473,10 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         from lorafleet.rollout.manifests import controller_objects
 
         manifests += controller_objects(spec)
+    elif spec.canary.handoff == "drive":  # the deploy step drives the rollout itself: its grant only
+        from lorafleet.rollout.manifests import rollout_rbac
+
+        manifests += k8s.ApiClient().sanitize_for_serialization(rollout_rbac(spec, controller=False))
     return manifests
 
 

@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 
 from lorafleet.fleet import FleetSpec
 
-__all__ = ["CONTROLLER", "HEARTBEAT", "ROLLOUT_SA", "controller_objects"]
+__all__ = ["CONTROLLER", "HEARTBEAT", "ROLLOUT_SA", "controller_objects", "rollout_rbac"]
 
 ROLLOUT_SA = "lorafleet-rollout"
 CONTROLLER = "lorafleet-rollout-controller"
@@ -27,26 +27,18 @@ HEARTBEAT = "/tmp/heartbeat"
 HEARTBEAT_MAX_AGE_S = 120
 
 
-def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
-    """ServiceAccount, Role, RoleBinding, Deployment and NetworkPolicy of the rollout controller.
+def rollout_rbac(spec: FleetSpec, controller: bool) -> list[Any]:
+    """Role and RoleBinding ``lorafleet-rollout`` (typed models): rollout states, revision
+    canaries, router Services' EndpointSlices.
 
     Args:
-        spec: the fleet (its name, serving namespace and router admin Secret).
-
-    Returns:
-        Plain manifests, in apply order.
+        spec: the fleet.
+        controller: bind the controller's ServiceAccount too; the pipeline's is always bound
+            (its deploy step starts rollouts, and drives them with ``handoff: drive``).
     """
-    from lorafleet.deploy.render import (
-        KSERVE,
-        PIPELINE_SA,
-        RUNTIME_IMAGE,
-        UID,
-        _meta,
-        _security_context,
-    )
+    from lorafleet.deploy.render import KSERVE, PIPELINE_SA, _meta
 
     namespace = spec.serving.namespace
-    selector = {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/component": "rollout"}
     role = k8s.V1Role(
         api_version="rbac.authorization.k8s.io/v1",
         kind="Role",
@@ -76,11 +68,33 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
         metadata=_meta(spec, ROLLOUT_SA, "rollout"),
         role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=ROLLOUT_SA),
         subjects=[
-            k8s.RbacV1Subject(kind="ServiceAccount", name=ROLLOUT_SA, namespace=namespace),
+            *([k8s.RbacV1Subject(kind="ServiceAccount", name=ROLLOUT_SA, namespace=namespace)] if controller else []),
             # The pipeline's deploy step starts rollouts (and drives them with handoff: drive).
             k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=namespace),
         ],
     )
+    return [role, binding]
+
+
+def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
+    """ServiceAccount, Role, RoleBinding, Deployment and NetworkPolicy of the rollout controller.
+
+    Args:
+        spec: the fleet (its name, serving namespace and router admin Secret).
+
+    Returns:
+        Plain manifests, in apply order.
+    """
+    from lorafleet.deploy.render import (
+        RUNTIME_IMAGE,
+        UID,
+        _meta,
+        _security_context,
+    )
+
+    namespace = spec.serving.namespace
+    selector = {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/component": "rollout"}
+    role, binding = rollout_rbac(spec, controller=True)
     probe = f"import os, sys, time; sys.exit(time.time() - os.path.getmtime('{HEARTBEAT}') > {HEARTBEAT_MAX_AGE_S})"
     container = k8s.V1Container(
         name="controller",

@@ -34,9 +34,9 @@ def _spec(handoff: str) -> FleetSpec:
     return FleetSpec.model_validate(raw)
 
 
-def _helm(enabled: bool) -> list[dict]:
+def _helm(enabled: bool, pipeline_rbac: bool = False) -> list[dict]:
     values = yaml.safe_load((CHART / "values-aws.yaml").read_text())
-    values["rolloutController"] = {"enabled": enabled}
+    values["rolloutController"] = {"enabled": enabled, "pipelineRbac": pipeline_rbac}
     files = Chart.load(CHART).render(values, name="lorafleet", namespace="lorafleet")
     return [
         d
@@ -115,6 +115,34 @@ def test_deploy_render_adds_the_controller_only_for_handoff_controller() -> None
         for o in _helm(False)
         if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "rollout"
     ]
+
+
+def test_handoff_drive_grants_the_pipeline_the_rollout_role_without_a_controller() -> None:
+    """With ``handoff: drive`` the pipeline's deploy step keeps the rollout's ConfigMap and
+    finds router replicas itself: deploy render adds the rollout Role bound to the pipeline's
+    ServiceAccount alone, and the chart's ``rolloutController.pipelineRbac`` the same objects."""
+    adapters = {"proposal-writer": "v2", "job-analyzer": "v1"}
+    plain = render(_spec("none"), "aws", adapters)
+    drive = render(_spec("drive"), "aws", adapters)
+    extra = drive[len(plain) :]
+    assert drive[: len(plain)] == plain
+    assert [(o["kind"], o["metadata"]["name"]) for o in extra] == [
+        ("Role", "lorafleet-rollout"), ("RoleBinding", "lorafleet-rollout"),
+    ]  # fmt: skip
+    role, binding = extra
+    assert [s["name"] for s in binding["subjects"]] == ["lorafleet-pipeline"]
+    granted = {(r["apiGroups"][0], res, v) for r in role["rules"] for res in r["resources"] for v in r["verbs"]}
+    assert {("", "configmaps", "create"), ("", "configmaps", "update"), ("discovery.k8s.io", "endpointslices", "list")} <= granted
+    validate_manifests(drive, "deploy render, handoff drive")
+    helm = [
+        o for o in _helm(False, pipeline_rbac=True)
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "rollout"
+    ]  # fmt: skip
+    assert len(helm) == 2
+    for want, got in zip(extra, helm, strict=True):
+        got, want = copy.deepcopy(got), copy.deepcopy(want)
+        assert want["metadata"].pop("labels").items() <= got["metadata"].pop("labels").items()
+        assert _canonical(got) == _canonical(want)
 
 
 def test_chart_lints_with_the_controller_and_refuses_unknown_keys() -> None:
