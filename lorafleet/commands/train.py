@@ -56,7 +56,11 @@ def run_cmd(
     else:
         with console.status(f"training {expert}"):
             summary = run_job(job)
-    console.print(f"{output}: {summary['steps']} steps, {summary['train_tokens']} tokens, {summary['tokens_per_s']} tokens/s")
+    mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+    console.print(
+        f"{output}: {summary['steps']} steps, {summary['train_tokens']} tokens, {summary['tokens_per_s']} tokens/s, "
+        f"{summary.get('tflops_per_s', 0):g} model TFLOP/s{mfu}"
+    )
 
 
 @app.command("submit")
