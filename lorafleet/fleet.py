@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -356,6 +357,25 @@ REVISION_QUERIES = {
     'namespace_name="$namespace",revision_name="$version"}[$interval])))',
 }
 QUERY_PLACEHOLDERS = ("route", "version", "namespace", "interval")
+# What the rollout fills in when it queries; a template must be valid PromQL with these.
+QUERY_SAMPLE = {"route": "writer", "version": "writer-v2", "namespace": "lorafleet", "interval": "30s"}
+
+
+def check_promql(template: str, where: str) -> None:
+    """Parse a query template, placeholders filled, with a PromQL parser (promql-parser,
+    the Rust parser GreptimeDB uses), so a malformed query fails when the spec is read,
+    not at the first analysis of a live rollout.
+
+    Raises:
+        ValueError: ``where``, then the parser's message.
+    """
+    import promql_parser
+
+    query = string.Template(template).safe_substitute(QUERY_SAMPLE)
+    try:
+        promql_parser.parse(query)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not valid PromQL ({exc})") from None
 
 
 class CanaryJudge(_Strict):
@@ -392,11 +412,14 @@ class CanaryAnalysis(_Strict):
     def _source(self) -> CanaryAnalysis:
         if self.source == "prometheus" and not self.prometheus_url:
             raise ValueError("source 'prometheus' needs prometheus_url")
-        templates = [*self.queries.values(), *([self.judge.query] if self.judge and self.judge.query else [])]
-        for template in templates:
+        templates = {f"queries.{k}": q for k, q in self.queries.items()}
+        if self.judge and self.judge.query:
+            templates["judge.query"] = self.judge.query
+        for where, template in templates.items():
             unknown = sorted(set(re.findall(r"\$\{?([A-Za-z_]\w*)", template)) - set(QUERY_PLACEHOLDERS))
             if unknown:
                 raise ValueError(f"unknown placeholder ${unknown[0]}; known: ${', $'.join(QUERY_PLACEHOLDERS)}")
+            check_promql(template, where)
         if self.source == "prometheus" and self.judge is not None and not self.judge.query:
             raise ValueError("judge with source 'prometheus' needs judge.query")
         return self

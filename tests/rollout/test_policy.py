@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,39 @@ def test_mistakes_name_file_line_and_field(
     assert (err.value.line, err.value.field) == (line, field)
     assert message in err.value.message
     assert str(err.value).startswith(f"{tmp_path / 'f.yaml'}:{line}: {field}: ")
+
+
+@pytest.mark.parametrize("mode_queries", ["router", "revision"])
+def test_every_default_query_is_valid_promql(mode_queries: str) -> None:
+    """The default PromQL of both canary modes parses with a PromQL parser, placeholders
+    filled as the rollout fills them (revision mode's never met a real Prometheus here)."""
+    import promql_parser
+
+    from lorafleet.fleet import QUERY_SAMPLE, REVISION_QUERIES, ROUTER_QUERIES, check_promql
+
+    queries = ROUTER_QUERIES if mode_queries == "router" else REVISION_QUERIES
+    for name, template in queries.items():
+        check_promql(template, name)
+        expr = promql_parser.parse(string.Template(template).substitute(QUERY_SAMPLE))
+        assert "$" not in str(expr)
+
+
+@pytest.mark.parametrize(
+    ("analysis", "message"),
+    [
+        ({"queries": {"requests": "sum(increase(x[$interval])"}}, "queries.requests: not valid PromQL"),
+        ({"queries": {"error_rate": "rate(x{a=}[$interval])"}}, "queries.error_rate: not valid PromQL"),
+        (
+            {"source": "prometheus", "prometheus_url": "http://p:9090",
+             "judge": {"min_score": 0.5, "query": "avg(score{adapter=\"$version\"}[[$interval])"}},
+            "judge.query: not valid PromQL",
+        ),
+    ],
+)
+def test_a_malformed_query_is_refused_when_the_spec_is_read(analysis: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    from lorafleet.fleet import CanaryAnalysis
+
+    with pytest.raises(ValidationError, match=message):
+        CanaryAnalysis.model_validate(analysis)
