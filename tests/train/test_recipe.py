@@ -186,6 +186,6 @@ def test_dora_and_rslora_train_and_save_their_settings(tiny_base: Path, tmp_path
         tmp_path / "adapter",
     )
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
-    assert last < 0.85 * first, result.losses
+    assert last < 0.9 * first, result.losses  # seen: 0.81 (DoRA), 0.76 (rsLoRA)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert {k: config[k] for k in variant} == variant
