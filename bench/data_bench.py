@@ -25,7 +25,11 @@ def make_records(n: int, seed: int = 0) -> list:
     """``n`` job-analyzer-shaped records grounded in the shipped seeds (see the module docstring)."""
     from lorafleet.records import Message, Record, read_records
 
-    seeds = [r for p in sorted((ROOT / "examples" / "data").glob("*/seed.jsonl")) for _, r in read_records(p)]
+    seeds = [
+        r
+        for p in sorted((ROOT / "examples" / "data").glob("*/seed.jsonl"))
+        for _, r in read_records(p)
+    ]
     vocab = sorted({w for s in seeds for m in s.messages for w in m.content.split()})
     analyzers = [s for s in seeds if s.task == "job-analyzer"]
     rng = random.Random(seed)
@@ -41,13 +45,24 @@ def make_records(n: int, seed: int = 0) -> list:
             rate = rng.uniform(0.05, 0.3)
             question = " ".join(rng.choice(vocab) if rng.random() < rate else w for w in words)
         template = rng.choice(analyzers)
-        out.append(Record(id=f"b{i}", task="job-analyzer", source="human",
-                          messages=[template.messages[0], Message(role="user", content=question), template.messages[2]]))
+        out.append(
+            Record(
+                id=f"b{i}",
+                task="job-analyzer",
+                source="human",
+                messages=[
+                    template.messages[0],
+                    Message(role="user", content=question),
+                    template.messages[2],
+                ],
+            )
+        )
     return out
 
 
 def plain_pandas_checks(df, rules) -> int:
     """The suite's expectations written directly in pandas on the same frame; returns bad rows."""
+
     def parses(text: str) -> bool:
         try:
             json.loads(text)
@@ -85,8 +100,15 @@ def bench_validation(records: list) -> dict:
     plain_pandas_checks(df, rules)
     t_pandas = time.perf_counter() - t0
     t_gx = t_suite - t_frame
-    return {"records": len(records), "frame_s": round(t_frame, 2), "gx_s": round(t_gx, 2), "suite_total_s": round(t_suite, 2),
-            "pandas_s": round(t_pandas, 2), "gx_over_pandas": round(t_gx / t_pandas, 2), "failures": len(report.failures)}
+    return {
+        "records": len(records),
+        "frame_s": round(t_frame, 2),
+        "gx_s": round(t_gx, 2),
+        "suite_total_s": round(t_suite, 2),
+        "pandas_s": round(t_pandas, 2),
+        "gx_over_pandas": round(t_gx / t_pandas, 2),
+        "failures": len(report.failures),
+    }
 
 
 def bench_dedup(records: list, sizes: list[int]) -> list[dict]:
@@ -107,9 +129,15 @@ def bench_dedup(records: list, sizes: list[int]) -> list[dict]:
         t1 = time.perf_counter()
         result = select_rows([shard], settings, max_synthetic_ratio=0, pii="off")
         t2 = time.perf_counter()
-        rows.append({"records": n, "seconds": round(t2 - t0, 2), "prepare_s": round(t1 - t0, 2),
-                     "select_s": round(t2 - t1, 2),
-                     "near_duplicates": result.stats["dropped"].get("near-duplicate-human", 0)})
+        rows.append(
+            {
+                "records": n,
+                "seconds": round(t2 - t0, 2),
+                "prepare_s": round(t1 - t0, 2),
+                "select_s": round(t2 - t1, 2),
+                "near_duplicates": result.stats["dropped"].get("near-duplicate-human", 0),
+            }
+        )
     base = rows[0]
     for r in rows:
         r["time_ratio"] = round(r["seconds"] / base["seconds"], 2)

@@ -37,7 +37,10 @@ def _prepare(spec_path: Path, n: int, adapters_dir: Path, mixed: bool):
         cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
         get_peft_model(model, cfg).save_pretrained(adapters_dir / e.name)
         adapters[e.name] = adapters_dir / e.name
-    per_expert = [[(e.name, prompt_messages(r.messages)) for _, r in read_records(e.eval_data)] for e in spec.experts]
+    per_expert = [
+        [(e.name, prompt_messages(r.messages)) for _, r in read_records(e.eval_data)]
+        for e in spec.experts
+    ]
     if mixed:  # round-robin over experts: every batch mixes adapters, as serving traffic does
         prompts = [p for group in zip(*per_expert, strict=False) for p in group][:n]
     else:  # expert by expert, as the evaluator runs: one adapter per batch
@@ -58,10 +61,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=16)
     # The gate's own generation budget by default: what the evaluator really decodes.
-    parser.add_argument("--max-new-tokens", type=int, default=GatePolicy.model_fields["max_new_tokens"].default)
-    parser.add_argument("--traffic", choices=["per-adapter", "mixed"], default="per-adapter",
-                        help="per-adapter: the evaluator's batches; mixed: the runtime's")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both arms; the best of each counts")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=GatePolicy.model_fields["max_new_tokens"].default
+    )
+    parser.add_argument(
+        "--traffic",
+        choices=["per-adapter", "mixed"],
+        default="per-adapter",
+        help="per-adapter: the evaluator's batches; mixed: the runtime's",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of both arms; the best of each counts",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--lora-backend", choices=["batched", "peft"], default="batched")
     args = parser.parse_args()
@@ -69,9 +83,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        base, adapters, prompts = _prepare(args.spec, args.samples, Path(tmp), args.traffic == "mixed")
+        base, adapters, prompts = _prepare(
+            args.spec, args.samples, Path(tmp), args.traffic == "mixed"
+        )
         gen = Generator(base, adapters, lora_backend=args.lora_backend)
-        requests = [GenerationRequest(messages=m, adapter=a, max_new_tokens=args.max_new_tokens) for a, m in prompts]
+        requests = [
+            GenerationRequest(messages=m, adapter=a, max_new_tokens=args.max_new_tokens)
+            for a, m in prompts
+        ]
         gen.generate(requests[:2])  # warm-up
 
         # Rounds alternate the arms, so load from other jobs on the machine hits both alike;

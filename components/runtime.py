@@ -11,8 +11,17 @@ from pathlib import Path
 
 from lorafleet.io import atomic_write_json, atomic_write_text
 
-__all__ = ["base_path", "export_base", "gate_markdown", "limit_threads", "log_eval_metrics", "log_train_metrics",
-           "read_json", "write_json", "write_markdown"]
+__all__ = [
+    "base_path",
+    "export_base",
+    "gate_markdown",
+    "limit_threads",
+    "log_eval_metrics",
+    "log_train_metrics",
+    "read_json",
+    "write_json",
+    "write_markdown",
+]
 
 REF_FILE = "MODEL_REF"
 
@@ -87,6 +96,7 @@ def log_eval_metrics(metrics, result: dict) -> None:
 def gate_markdown(report: dict) -> str:
     verdict = "PASSED" if report["gate_passed"] else "FAILED"
     rows = "\n".join(
-        f"| {r['rule']} | {'pass' if r['passed'] else 'FAIL'} | {r['value']} | {r['threshold']} |" for r in report["gate_rules"]
+        f"| {r['rule']} | {'pass' if r['passed'] else 'FAIL'} | {r['value']} | {r['threshold']} |"
+        for r in report["gate_rules"]
     )
     return f"## Gate for `{report['expert']}`: {verdict}\n\n| rule | result | value | threshold |\n|---|---|---|---|\n{rows}\n"

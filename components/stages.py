@@ -3,7 +3,6 @@
 Bodies import inside the function: KFP ships each one as standalone source.
 """
 
-
 from typing import NamedTuple
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -37,15 +36,27 @@ def build_base(spec_json: str, base: Output[Model]):
 
 
 @fleet_component
-def validate_data(spec_json: str, expert: str, seeds: Output[Dataset], eval_set: Output[Dataset],
-                  report: Output[Artifact], report_md: Output[Markdown], report_html: Output[HTML]):
+def validate_data(
+    spec_json: str,
+    expert: str,
+    seeds: Output[Dataset],
+    eval_set: Output[Dataset],
+    report: Output[Artifact],
+    report_md: Output[Markdown],
+    report_html: Output[HTML],
+):
     """Run the expert's great-expectations suite on its seed and eval files."""
     from lorafleet.components.runtime import write_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import validate_stage
 
-    summary = validate_stage(spec_from_json(spec_json).expert(expert), seeds.path, eval_set.path, report.path,
-                             html_out=report_html.path)
+    summary = validate_stage(
+        spec_from_json(spec_json).expert(expert),
+        seeds.path,
+        eval_set.path,
+        report.path,
+        html_out=report_html.path,
+    )
     write_markdown(report_md, summary["markdown"])
 
 
@@ -59,60 +70,108 @@ def plan_shards(spec_json: str, expert: str) -> list:
 
 
 @fleet_component
-def synthesize(spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Output[Dataset]):
+def synthesize(
+    spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Output[Dataset]
+):
     """Expand one shard of the gold seeds synthetically."""
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import synthesize_stage
 
     chosen = spec_from_json(spec_json).expert(expert)
-    stats = synthesize_stage(chosen, seeds.path, synthetic.path, shard_index=int(shard), shard_count=chosen.synthesis.shards)
+    stats = synthesize_stage(
+        chosen,
+        seeds.path,
+        synthetic.path,
+        shard_index=int(shard),
+        shard_count=chosen.synthesis.shards,
+    )
     synthetic.metadata.update(stats)
 
 
 @fleet_component
-def curate_shard(spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Input[Dataset],
-                 eval_set: Input[Dataset], prepared: Output[Dataset]):
+def curate_shard(
+    spec_json: str,
+    expert: str,
+    shard: int,
+    seeds: Input[Dataset],
+    synthetic: Input[Dataset],
+    eval_set: Input[Dataset],
+    prepared: Output[Dataset],
+):
     """Per-row curation of one shard: PII, eval overlap, MinHash signatures."""
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import curate_shard_stage
 
-    stats = curate_shard_stage(spec_from_json(spec_json).expert(expert), seeds.path, synthetic.path, eval_set.path,
-                               prepared.path, shard_index=int(shard))
+    stats = curate_shard_stage(
+        spec_from_json(spec_json).expert(expert),
+        seeds.path,
+        synthetic.path,
+        eval_set.path,
+        prepared.path,
+        shard_index=int(shard),
+    )
     prepared.metadata.update({"shard": stats["shard"], "rows": stats["rows"]})
 
 
 @fleet_component
-def curate(spec_json: str, expert: str, prepared: Input[list[Dataset]], eval_set: Input[Dataset],
-           train_set: Output[Dataset], stats: Output[Artifact], stats_md: Output[Markdown]):
+def curate(
+    spec_json: str,
+    expert: str,
+    prepared: Input[list[Dataset]],
+    eval_set: Input[Dataset],
+    train_set: Output[Dataset],
+    stats: Output[Artifact],
+    stats_md: Output[Markdown],
+):
     """Exact and near dedup over every shard, drop eval overlap, cap synthetic rows."""
     from lorafleet.components.runtime import write_json, write_markdown
     from lorafleet.data.report import stats_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import select_stage
 
-    result = select_stage(spec_from_json(spec_json).expert(expert), [p.path for p in prepared], eval_set.path,
-                          train_set.path)
+    result = select_stage(
+        spec_from_json(spec_json).expert(expert),
+        [p.path for p in prepared],
+        eval_set.path,
+        train_set.path,
+    )
     write_json(stats, result)
     write_markdown(stats_md, stats_markdown(result))
 
 
 @fleet_component
-def train(spec_json: str, expert: str, base: Input[Model], train_set: Input[Dataset],
-          adapter: Output[Model], train_log: Output[Artifact], metrics: Output[Metrics]):
+def train(
+    spec_json: str,
+    expert: str,
+    base: Input[Model],
+    train_set: Input[Dataset],
+    adapter: Output[Model],
+    train_log: Output[Artifact],
+    metrics: Output[Metrics],
+):
     """Fine-tune the expert's LoRA adapter."""
     from lorafleet.components.runtime import base_path, limit_threads, log_train_metrics, write_json
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import train_stage
 
     limit_threads()
-    result = train_stage(spec_from_json(spec_json).expert(expert), base_path(base), train_set.path, adapter.path)
+    result = train_stage(
+        spec_from_json(spec_json).expert(expert), base_path(base), train_set.path, adapter.path
+    )
     write_json(train_log, result)
     log_train_metrics(metrics, result)
 
 
 @fleet_component
-def evaluate(spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], eval_set: Input[Dataset],
-             evaluation: Output[Artifact], metrics: Output[Metrics]):
+def evaluate(
+    spec_json: str,
+    expert: str,
+    base: Input[Model],
+    adapter: Input[Model],
+    eval_set: Input[Dataset],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+):
     """Held-out loss and task metrics, candidate vs base."""
     from lorafleet.components.runtime import base_path, limit_threads, log_eval_metrics, write_json
     from lorafleet.fleet import spec_from_json
@@ -126,8 +185,15 @@ def evaluate(spec_json: str, expert: str, base: Input[Model], adapter: Input[Mod
 
 
 @fleet_component
-def gate(spec_json: str, expert: str, evaluation: Input[Artifact], train_log: Input[Artifact], curation: Input[Artifact],
-         report: Output[Artifact], report_md: Output[Markdown]) -> NamedTuple("GateOutputs", passed=bool):
+def gate(
+    spec_json: str,
+    expert: str,
+    evaluation: Input[Artifact],
+    train_log: Input[Artifact],
+    curation: Input[Artifact],
+    report: Output[Artifact],
+    report_md: Output[Markdown],
+) -> NamedTuple("GateOutputs", passed=bool):
     """Apply the expert's gate policy; ``passed`` drives ``dsl.If``."""
     from collections import namedtuple
 
@@ -135,14 +201,21 @@ def gate(spec_json: str, expert: str, evaluation: Input[Artifact], train_log: In
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import gate_stage
 
-    result = gate_stage(spec_from_json(spec_json).expert(expert), read_json(evaluation), read_json(train_log), read_json(curation))
+    result = gate_stage(
+        spec_from_json(spec_json).expert(expert),
+        read_json(evaluation),
+        read_json(train_log),
+        read_json(curation),
+    )
     write_json(report, result)
     write_markdown(report_md, gate_markdown(result))
     return namedtuple("GateOutputs", ["passed"])(result["gate_passed"])
 
 
 @fleet_component
-def register(spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], report: Input[Artifact]) -> str:
+def register(
+    spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], report: Input[Artifact]
+) -> str:
     """Register the adapter that passed its gate; returns the expert's outcome (JSON)."""
     import json
 
@@ -151,7 +224,9 @@ def register(spec_json: str, expert: str, base: Input[Model], adapter: Input[Mod
     from lorafleet.stages import register_stage
 
     spec = spec_from_json(spec_json)
-    return json.dumps(register_stage(spec, spec.expert(expert), base_path(base), adapter.path, read_json(report)))
+    return json.dumps(
+        register_stage(spec, spec.expert(expert), base_path(base), adapter.path, read_json(report))
+    )
 
 
 @fleet_component
@@ -166,8 +241,14 @@ def reject(report: Input[Artifact]) -> str:
 
 
 @fleet_component
-def publish(spec_json: str, base: Input[Model], outcomes: list,
-            summary: Output[Artifact], report: Output[HTML], summary_md: Output[Markdown]):
+def publish(
+    spec_json: str,
+    base: Input[Model],
+    outcomes: list,
+    summary: Output[Artifact],
+    report: Output[HTML],
+    summary_md: Output[Markdown],
+):
     """Serve the base and every registered adapter, ask each one question, write the fleet report."""
     import json
 
@@ -175,12 +256,20 @@ def publish(spec_json: str, base: Input[Model], outcomes: list,
     from lorafleet.fleet import spec_from_json
     from lorafleet.publish import publish_fleet
 
-    publish_fleet(spec_from_json(spec_json), base_path(base), [json.loads(o) for o in outcomes],
-                  summary.path, report.path, summary_md.path)
+    publish_fleet(
+        spec_from_json(spec_json),
+        base_path(base),
+        [json.loads(o) for o in outcomes],
+        summary.path,
+        report.path,
+        summary_md.path,
+    )
 
 
 @fleet_component
-def deploy(spec_json: str, outcomes: list, rollouts: Output[Artifact], rollouts_md: Output[Markdown]):
+def deploy(
+    spec_json: str, outcomes: list, rollouts: Output[Artifact], rollouts_md: Output[Markdown]
+):
     """Put every newly registered adapter on a canary rollout, driven here or by the cluster's
     rollout controller, as the spec's canary.handoff says (none: nothing)."""
     import json

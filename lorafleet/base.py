@@ -119,7 +119,9 @@ def _pretrain(model, tokenizer, texts: Sequence[str], cfg: DemoBaseConfig) -> li
     for _ in range(cfg.pretrain_steps):
         if len(order) < cfg.pretrain_batch_size:
             order += rng.sample(range(len(chunks)), len(chunks))
-        batch = torch.tensor([chunks[order.pop()] for _ in range(min(cfg.pretrain_batch_size, len(chunks)))])
+        batch = torch.tensor(
+            [chunks[order.pop()] for _ in range(min(cfg.pretrain_batch_size, len(chunks)))]
+        )
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,7 +133,9 @@ def _pretrain(model, tokenizer, texts: Sequence[str], cfg: DemoBaseConfig) -> li
     return losses
 
 
-def build_demo_base(texts: Sequence[str], cfg: DemoBaseConfig, cache_dir: Path | None = None) -> Path:
+def build_demo_base(
+    texts: Sequence[str], cfg: DemoBaseConfig, cache_dir: Path | None = None
+) -> Path:
     """Build (or reuse from cache) the demo base model for a corpus.
 
     Args:
@@ -145,7 +149,9 @@ def build_demo_base(texts: Sequence[str], cfg: DemoBaseConfig, cache_dir: Path |
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fp = sha256_json({"version": BUILD_VERSION, "config": asdict(cfg), "corpus": sha256_json(list(texts))})[:16]
+    fp = sha256_json(
+        {"version": BUILD_VERSION, "config": asdict(cfg), "corpus": sha256_json(list(texts))}
+    )[:16]
     out = (cache_dir or cache_root()) / "base" / f"demo-{fp}"
     if (out / MARKER).is_file():
         log.info("reusing cached demo base %s", out)
@@ -194,5 +200,7 @@ def fingerprint_model(model: str | Path) -> str:
     marker = path / MARKER
     if marker.is_file():
         return json.loads(marker.read_text())["fingerprint"]
-    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    files = sorted(
+        p for p in path.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"
+    )
     return sha256_json({p.name: sha256_file(p) for p in files})[:16]

@@ -53,7 +53,9 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_chat(tokenizer, messages: Sequence[Message | dict], max_length: int | None = None) -> TokenizedExample:
+def encode_chat(
+    tokenizer, messages: Sequence[Message | dict], max_length: int | None = None
+) -> TokenizedExample:
     """Tokenize a conversation; only assistant turns carry labels.
 
     Args:

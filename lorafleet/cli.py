@@ -44,7 +44,9 @@ def spec_check(file: SpecFile) -> None:
     from lorafleet.fleet import load_fleet
 
     spec = load_fleet(file)
-    console.print(f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}")
+    console.print(
+        f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}"
+    )
 
 
 @base_app.command("build")
@@ -60,9 +62,22 @@ def base_build(file: SpecFile = Path("examples/fleet.yaml")) -> None:
 
 @app.command("compile")
 def compile_pipeline(
-    out: Annotated[Path | None, typer.Option(help="Output YAML (default: the committed pipelines/fleet_pipeline[-PROFILE].yaml).")] = None,
-    spec: Annotated[Path | None, typer.Option(help="Fleet spec whose pipeline.profiles hold --profile's settings.")] = None,
-    profile: Annotated[str | None, typer.Option(help="Cluster profile (aws, gcp, onprem): add its Kubernetes settings to every step.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output YAML (default: the committed pipelines/fleet_pipeline[-PROFILE].yaml)."
+        ),
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="Fleet spec whose pipeline.profiles hold --profile's settings."),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Cluster profile (aws, gcp, onprem): add its Kubernetes settings to every step."
+        ),
+    ] = None,
 ) -> None:
     """Compile the fleet pipeline to the IR YAML you upload in the Kubeflow Pipelines UI."""
     from lorafleet.pipelines.compile import GOLDEN, compile_fleet, profile_golden
@@ -78,8 +93,12 @@ def compile_pipeline(
 def run(
     file: SpecFile,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
-    run_id: Annotated[str | None, typer.Option(help="Name of the run folder (default: a timestamp).")] = None,
-    expert: Annotated[list[str] | None, typer.Option(help="Run only this expert; repeat for more (default: all).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Name of the run folder (default: a timestamp).")
+    ] = None,
+    expert: Annotated[
+        list[str] | None, typer.Option(help="Run only this expert; repeat for more (default: all).")
+    ] = None,
 ) -> None:
     """Run the whole fleet pipeline locally through kfp.local: validate, synthesize, curate,
     train, evaluate, gate, register and serve every expert; write runs/<id>/summary.json and report.html."""
@@ -92,27 +111,65 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     console.print(rich_table(summary))
-    console.print(f"run {summary['run_id']} finished in {summary['wall_time_s']} s: {run_dir}/summary.json, {run_dir}/report.html")
+    console.print(
+        f"run {summary['run_id']} finished in {summary['wall_time_s']} s: {run_dir}/summary.json, {run_dir}/report.html"
+    )
 
 
 @app.command("serve")
 def serve(
     base: Annotated[str, typer.Option(help="Base model directory or hub id.")],
-    adapter: Annotated[list[str] | None, typer.Option(help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more.")] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
     max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its batch.")] = 10.0,
-    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")] = 256,
-    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included; later 503.")] = 120.0,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a request waits for others to share its batch.")
+    ] = 10.0,
+    max_queue: Annotated[
+        int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take, queueing included; later 503.")
+    ] = 120.0,
     max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
-    require_lineage: Annotated[bool, typer.Option(help="Refuse adapters without lineage.json (default: check it when present).")] = False,
-    routes: Annotated[Path | None, typer.Option(help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.')] = None,
-    admin_token_env: Annotated[str, typer.Option(help="Environment variable holding the /admin bearer token; unset disables /admin.")] = "LORAFLEET_ADMIN_TOKEN",
-    adapter_cache: Annotated[Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")] = None,
-    lora_backend: Annotated[str, typer.Option(help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference).")] = "batched",
-    fault: Annotated[list[str] | None, typer.Option(help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults.")] = None,
+    require_lineage: Annotated[
+        bool,
+        typer.Option(help="Refuse adapters without lineage.json (default: check it when present)."),
+    ] = False,
+    routes: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.'
+        ),
+    ] = None,
+    admin_token_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the /admin bearer token; unset disables /admin."
+        ),
+    ] = "LORAFLEET_ADMIN_TOKEN",
+    adapter_cache: Annotated[
+        Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")
+    ] = None,
+    lora_backend: Annotated[
+        str,
+        typer.Option(
+            help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference)."
+        ),
+    ] = "batched",
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults."
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
 

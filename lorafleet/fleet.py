@@ -53,7 +53,14 @@ __all__ = [
 ]
 
 # Tasks with dedicated metrics and synthesis rules; "chat" is any other conversational expert.
-TASKS = ("proposal-writer", "job-analyzer", "profile-reviewer", "candidate-evaluator", "job-post-writer", "chat")
+TASKS = (
+    "proposal-writer",
+    "job-analyzer",
+    "profile-reviewer",
+    "candidate-evaluator",
+    "job-post-writer",
+    "chat",
+)
 
 
 def check_task(v: str) -> str:
@@ -61,6 +68,8 @@ def check_task(v: str) -> str:
     if v not in TASKS:
         raise ValueError(f"unknown task {v!r}; known: {', '.join(TASKS)}")
     return v
+
+
 SLUG = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS-1123 label: names become k8s objects
 
 
@@ -107,7 +116,8 @@ class DataRules(_Strict):
     max_total_chars: int = Field(24000, ge=1, description="longest allowed conversation")
     max_line_bytes: int = Field(1 << 20, ge=256, description="longest allowed JSONL line, in bytes")
     pii: Literal["scrub", "reject", "off"] = Field(
-        "scrub", description="e-mails, phones, payment details, off-platform asks: replace with [KIND] or refuse"
+        "scrub",
+        description="e-mails, phones, payment details, off-platform asks: replace with [KIND] or refuse",
     )
 
     @model_validator(mode="after")
@@ -120,24 +130,39 @@ class DataRules(_Strict):
 class TeacherSettings(_Strict):
     """A teacher LLM behind any OpenAI-compatible endpoint (vLLM on KServe, a hosted API)."""
 
-    base_url: str = Field(description="the API root, e.g. http://teacher/openai/v1 (it ends before /chat/completions)")
+    base_url: str = Field(
+        description="the API root, e.g. http://teacher/openai/v1 (it ends before /chat/completions)"
+    )
     model: str = Field(min_length=1, description="the served model name")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
-    api_key_file: Path | None = Field(None, description="a file holding the key (a mounted Kubernetes secret); wins over api_key_env")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key"
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="a file holding the key (a mounted Kubernetes secret); wins over api_key_env",
+    )
     concurrency: int = Field(4, ge=1, le=256, description="requests in flight at once")
     timeout_s: float = Field(120.0, gt=0, description="per request")
-    max_retries: int = Field(4, ge=0, le=20, description="retries of a failed request (timeouts, 429, 5xx)")
+    max_retries: int = Field(
+        4, ge=0, le=20, description="retries of a failed request (timeouts, 429, 5xx)"
+    )
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
     max_tokens: int = Field(1024, ge=1, description="completion budget per request")
     temperature: float = Field(0.8, ge=0, le=2)
-    examples_per_prompt: int = Field(2, ge=1, le=8, description="seed records shown to the teacher per request")
+    examples_per_prompt: int = Field(
+        2, ge=1, le=8, description="seed records shown to the teacher per request"
+    )
 
 
 class JudgeSettings(_Strict):
     """An LLM judge that scores each generated record on a rubric; low scores are dropped."""
 
-    model: str | None = Field(None, description="the judge's served model name (default: the teacher's)")
-    min_score: int = Field(4, ge=1, le=5, description="keep records the judge scores at least this (1-5)")
+    model: str | None = Field(
+        None, description="the judge's served model name (default: the teacher's)"
+    )
+    min_score: int = Field(
+        4, ge=1, le=5, description="keep records the judge scores at least this (1-5)"
+    )
 
 
 class SynthesisSettings(_Strict):
@@ -148,11 +173,17 @@ class SynthesisSettings(_Strict):
     seed: int = 0
     max_synthetic_ratio: float = Field(4.0, ge=0, description="cap on synthetic:human rows")
     shards: int = Field(
-        1, ge=1, le=256,
+        1,
+        ge=1,
+        le=256,
         description="parallel pipeline tasks that synthesize and prepare (PII, overlap, MinHash) a share of the seeds each",
     )
-    teacher: TeacherSettings | None = Field(None, description="required when generator is 'teacher'")
-    judge: JudgeSettings | None = Field(None, description="optional filter for the teacher's records")
+    teacher: TeacherSettings | None = Field(
+        None, description="required when generator is 'teacher'"
+    )
+    judge: JudgeSettings | None = Field(
+        None, description="optional filter for the teacher's records"
+    )
 
     @model_validator(mode="after")
     def _teacher(self) -> SynthesisSettings:
@@ -168,11 +199,18 @@ class CurationSettings(_Strict):
 
     # 13-grams (as in the GPT-3 decontamination study): long enough that shared
     # boilerplate (JSON keys, post templates) never matches, short enough to catch copies.
-    decontaminate_ngram: int = Field(13, ge=3, le=50, description="word n-gram shared with eval => drop")
-    near_dup_threshold: float = Field(
-        0.9, gt=0, le=1, description="estimated Jaccard similarity at which a row is a near-duplicate (1 = exact only)"
+    decontaminate_ngram: int = Field(
+        13, ge=3, le=50, description="word n-gram shared with eval => drop"
     )
-    minhash_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more = sharper estimate, slower")
+    near_dup_threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="estimated Jaccard similarity at which a row is a near-duplicate (1 = exact only)",
+    )
+    minhash_num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations: more = sharper estimate, slower"
+    )
     shingle_words: int = Field(5, ge=1, le=20, description="words per MinHash shingle")
 
 
@@ -187,7 +225,9 @@ class LoraSettings(_Strict):
     )
     use_rslora: bool = False
     use_dora: bool = False
-    qlora: bool = Field(False, description="load the base in 4-bit (needs a CUDA GPU and bitsandbytes)")
+    qlora: bool = Field(
+        False, description="load the base in 4-bit (needs a CUDA GPU and bitsandbytes)"
+    )
 
 
 class TrainingSettings(_Strict):
@@ -202,17 +242,30 @@ class TrainingSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_seq_len: int = Field(768, ge=16)
     seed: int = 0
-    packing: bool = Field(False, description="pack several examples per row (batch_size counts rows)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
-    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    packing: bool = Field(
+        False, description="pack several examples per row (batch_size counts rows)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations: less memory, ~30% slower"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N steps"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     # Where the trainer runs (docs/training.md): the recipe is the same everywhere.
     launcher: Literal["local", "torchrun", "trainjob"] = Field(
-        "local", description="local: in process; torchrun: gpus_per_node ranks here (DDP); trainjob: a Kubeflow job on nodes x gpus_per_node"
+        "local",
+        description="local: in process; torchrun: gpus_per_node ranks here (DDP); trainjob: a Kubeflow job on nodes x gpus_per_node",
     )
-    nodes: int = Field(1, ge=1, description="nodes of a trainjob (more than 1 only with launcher trainjob)")
-    gpus_per_node: int = Field(1, ge=1, description="ranks per node: GPUs, or CPU processes without GPUs")
-    cluster: TrainCluster | None = Field(None, description="the Kubernetes side of launcher trainjob")
+    nodes: int = Field(
+        1, ge=1, description="nodes of a trainjob (more than 1 only with launcher trainjob)"
+    )
+    gpus_per_node: int = Field(
+        1, ge=1, description="ranks per node: GPUs, or CPU processes without GPUs"
+    )
+    cluster: TrainCluster | None = Field(
+        None, description="the Kubernetes side of launcher trainjob"
+    )
 
     @model_validator(mode="after")
     def _launcher(self) -> TrainingSettings:
@@ -226,15 +279,30 @@ class TrainingSettings(_Strict):
 class TrainCluster(_Strict):
     """Where a ``trainjob`` runs: a Kubeflow Trainer TrainJob, or a PyTorchJob where Trainer is absent."""
 
-    image: str = Field(min_length=1, description="container image with lorafleet installed (components/Dockerfile)")
+    image: str = Field(
+        min_length=1, description="container image with lorafleet installed (components/Dockerfile)"
+    )
     namespace: str = Field("lorafleet", pattern=SLUG, description="namespace of the job")
-    runtime: str = Field("torch-distributed", min_length=1, description="the TrainJob's ClusterTrainingRuntime")
-    volume: PvcMount = Field(description="shared PVC holding base, data and outputs; job paths must be under mount_path")
-    accelerator: str | None = Field("nvidia.com/gpu", description="resource name requested gpus_per_node times per node; null = CPU")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="node label -> value for the trainer pods")
-    tolerations: list[Toleration] = Field(default_factory=list, description="e.g. of a GPU node pool's taint")
+    runtime: str = Field(
+        "torch-distributed", min_length=1, description="the TrainJob's ClusterTrainingRuntime"
+    )
+    volume: PvcMount = Field(
+        description="shared PVC holding base, data and outputs; job paths must be under mount_path"
+    )
+    accelerator: str | None = Field(
+        "nvidia.com/gpu",
+        description="resource name requested gpus_per_node times per node; null = CPU",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node label -> value for the trainer pods"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="e.g. of a GPU node pool's taint"
+    )
     service_account: str | None = Field(None, description="ServiceAccount of the trainer pods")
-    timeout_s: float = Field(24 * 3600, gt=0, description="how long to wait for the job before giving up")
+    timeout_s: float = Field(
+        24 * 3600, gt=0, description="how long to wait for the job before giving up"
+    )
 
 
 class GateJudge(_Strict):
@@ -246,7 +314,9 @@ class GateJudge(_Strict):
     min_win_rate_lower_bound: float = Field(
         0.5, ge=0, le=1, description="the win rate's lower confidence bound must be >= this"
     )
-    confidence: float = Field(0.95, gt=0, lt=1, description="two-sided level of the bootstrap interval")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="two-sided level of the bootstrap interval"
+    )
     resamples: int = Field(1000, ge=100, description="bootstrap resamples (seeded)")
     max_items: int | None = Field(None, ge=1, description="judge only the first N eval records")
 
@@ -265,7 +335,9 @@ class GatePolicy(_Strict):
         0.05, ge=0, description="each task metric may drop below production's by at most this much"
     )
     max_new_tokens: int = Field(96, ge=1, description="generation budget for task metrics")
-    judge: GateJudge | None = Field(None, description="pairwise LLM judge; its rule applies when set")
+    judge: GateJudge | None = Field(
+        None, description="pairwise LLM judge; its rule applies when set"
+    )
 
 
 class ExpertSpec(_Strict):
@@ -289,8 +361,12 @@ class ServingStorage(_Strict):
     """Cluster identity and storage access of the serving pods (see docs/deployment.md)."""
 
     role_arn: str = Field("", description="aws: IAM role for IRSA (eks.amazonaws.com/role-arn)")
-    gcp_service_account: str = Field("", description="gcp: Google service account for Workload Identity")
-    s3_endpoint: str = Field("", description="onprem: S3-compatible endpoint (MinIO), e.g. http://minio.minio:9000")
+    gcp_service_account: str = Field(
+        "", description="gcp: Google service account for Workload Identity"
+    )
+    s3_endpoint: str = Field(
+        "", description="onprem: S3-compatible endpoint (MinIO), e.g. http://minio.minio:9000"
+    )
     credentials_secret: str = Field("", description="onprem: Secret with the MinIO/S3 access keys")
     pvc: str = Field("", description="onprem: PVC holding base and adapters (pvc:// URIs)")
 
@@ -298,7 +374,9 @@ class ServingStorage(_Strict):
 class ServingAutoscaling(_Strict):
     """KServe autoscaling knobs of the predictor."""
 
-    min_replicas: int = Field(1, ge=1, description="replicas kept running (RawDeployment mode: no scale to zero)")
+    min_replicas: int = Field(
+        1, ge=1, description="replicas kept running (RawDeployment mode: no scale to zero)"
+    )
     max_replicas: int = Field(2, ge=1)
     scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
     scale_target: int = Field(8, ge=1, description="target value of scale_metric per replica")
@@ -319,16 +397,30 @@ class ServingSpec(_Strict):
     # = lorafleet.serve.batching.MAX_BATCH_SIZE (not imported: the spec needs no torch).
     max_batch_size: int = Field(64, ge=1)
     max_lora_rank: int = Field(64, ge=1)
-    adapter_store: str = Field("", description="s3://, gs://, pvc:// or a directory; empty = registry")
+    adapter_store: str = Field(
+        "", description="s3://, gs://, pvc:// or a directory; empty = registry"
+    )
     # Cluster serving (`lorafleet deploy render`); every field has a default for local runs.
-    namespace: str = Field("lorafleet", pattern=SLUG, description="namespace of every rendered object")
-    base_uri: str = Field("", description="storage URI of the base weights; empty = hf://<base.model>")
+    namespace: str = Field(
+        "lorafleet", pattern=SLUG, description="namespace of every rendered object"
+    )
+    base_uri: str = Field(
+        "", description="storage URI of the base weights; empty = hf://<base.model>"
+    )
     storage: ServingStorage = Field(default_factory=ServingStorage)
-    node_selector: dict[str, str] | None = Field(None, description="GPU node labels; None = the profile's")
-    tolerations: list[Toleration] | None = Field(None, description="None = the profile's GPU taints")
+    node_selector: dict[str, str] | None = Field(
+        None, description="GPU node labels; None = the profile's"
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, description="None = the profile's GPU taints"
+    )
     autoscaling: ServingAutoscaling = Field(default_factory=ServingAutoscaling)
-    router: bool = Field(False, description="put the lorafleet router in front as a KServe transformer")
-    canary_traffic_percent: int | None = Field(None, ge=0, le=100, description="ISVC revision canary")
+    router: bool = Field(
+        False, description="put the lorafleet router in front as a KServe transformer"
+    )
+    canary_traffic_percent: int | None = Field(
+        None, ge=0, le=100, description="ISVC revision canary"
+    )
 
     @model_validator(mode="after")
     def _runtime(self) -> ServingSpec:
@@ -358,7 +450,12 @@ REVISION_QUERIES = {
 }
 QUERY_PLACEHOLDERS = ("route", "version", "namespace", "interval")
 # What the rollout fills in when it queries; a template must be valid PromQL with these.
-QUERY_SAMPLE = {"route": "writer", "version": "writer-v2", "namespace": "lorafleet", "interval": "30s"}
+QUERY_SAMPLE = {
+    "route": "writer",
+    "version": "writer-v2",
+    "namespace": "lorafleet",
+    "interval": "30s",
+}
 
 
 def check_promql(template: str, where: str) -> None:
@@ -381,32 +478,48 @@ def check_promql(template: str, where: str) -> None:
 class CanaryJudge(_Strict):
     """An online judge's sampled scores of live answers, as a metric the rollout reads."""
 
-    min_score: float = Field(description="the canary's mean judge score per interval must reach this")
+    min_score: float = Field(
+        description="the canary's mean judge score per interval must reach this"
+    )
     metric: str = Field(
         "lorafleet_judge_score",
         pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
         description="router source: a histogram/summary labelled model and adapter (mean = _sum / _count)",
     )
-    query: str | None = Field(None, description="prometheus source: PromQL template of the mean score")
-    min_samples: int = Field(1, ge=1, description="fewer scored answers in an interval: inconclusive")
+    query: str | None = Field(
+        None, description="prometheus source: PromQL template of the mean score"
+    )
+    min_samples: int = Field(
+        1, ge=1, description="fewer scored answers in an interval: inconclusive"
+    )
 
 
 class CanaryAnalysis(_Strict):
     """Where each analysis reads its measurements, and how often."""
 
     source: Literal["router", "prometheus"] = Field(
-        "router", description="router: scrape the router's /metrics; prometheus: PromQL over the HTTP API"
+        "router",
+        description="router: scrape the router's /metrics; prometheus: PromQL over the HTTP API",
     )
     interval_seconds: float = Field(30, gt=0, description="seconds between analyses")
-    min_requests: int = Field(20, ge=1, description="fewer canary requests in an interval: inconclusive")
+    min_requests: int = Field(
+        20, ge=1, description="fewer canary requests in an interval: inconclusive"
+    )
     error_limit: int = Field(
-        4, ge=1, description="consecutive analyses that could not measure (source down) before the rollout aborts"
+        4,
+        ge=1,
+        description="consecutive analyses that could not measure (source down) before the rollout aborts",
     )
-    prometheus_url: str = Field("", description="prometheus source: the server, e.g. http://prometheus.monitoring:9090")
+    prometheus_url: str = Field(
+        "", description="prometheus source: the server, e.g. http://prometheus.monitoring:9090"
+    )
     queries: dict[Literal["requests", "error_rate", "p95_latency_ms"], str] = Field(
-        default_factory=dict, description="PromQL templates replacing the mode's defaults (docs/rollout.md)"
+        default_factory=dict,
+        description="PromQL templates replacing the mode's defaults (docs/rollout.md)",
     )
-    judge: CanaryJudge | None = Field(None, description="optional: also gate on an online judge's score")
+    judge: CanaryJudge | None = Field(
+        None, description="optional: also gate on an online judge's score"
+    )
 
     @model_validator(mode="after")
     def _source(self) -> CanaryAnalysis:
@@ -416,9 +529,13 @@ class CanaryAnalysis(_Strict):
         if self.judge and self.judge.query:
             templates["judge.query"] = self.judge.query
         for where, template in templates.items():
-            unknown = sorted(set(re.findall(r"\$\{?([A-Za-z_]\w*)", template)) - set(QUERY_PLACEHOLDERS))
+            unknown = sorted(
+                set(re.findall(r"\$\{?([A-Za-z_]\w*)", template)) - set(QUERY_PLACEHOLDERS)
+            )
             if unknown:
-                raise ValueError(f"unknown placeholder ${unknown[0]}; known: ${', $'.join(QUERY_PLACEHOLDERS)}")
+                raise ValueError(
+                    f"unknown placeholder ${unknown[0]}; known: ${', $'.join(QUERY_PLACEHOLDERS)}"
+                )
             check_promql(template, where)
         if self.source == "prometheus" and self.judge is not None and not self.judge.query:
             raise ValueError("judge with source 'prometheus' needs judge.query")
@@ -437,15 +554,21 @@ class CanaryPolicy(_Strict):
     pause_seconds: int = Field(60, ge=0, description="least time at each step before the next")
     max_error_rate: float = Field(0.01, ge=0, le=1)
     max_p95_latency_ms: float = Field(2000, gt=0)
-    failure_limit: int = Field(1, ge=1, description="failed analyses that roll the canary back (1: the first)")
-    inconclusive_limit: int = Field(2, ge=1, description="inconclusive analyses in a row that pause the rollout")
+    failure_limit: int = Field(
+        1, ge=1, description="failed analyses that roll the canary back (1: the first)"
+    )
+    inconclusive_limit: int = Field(
+        2, ge=1, description="inconclusive analyses in a row that pause the rollout"
+    )
     analysis: CanaryAnalysis = Field(default_factory=CanaryAnalysis)
     handoff: Literal["none", "drive", "controller"] = Field(
         "none",
         description="the pipeline's deploy step: none (no rollout), drive (run it to the end in the step) "
         "or controller (start it; the in-cluster controller drives it)",
     )
-    drive_timeout_seconds: int = Field(3600, ge=1, description="handoff drive: give up waiting (the rollout stays)")
+    drive_timeout_seconds: int = Field(
+        3600, ge=1, description="handoff drive: give up waiting (the rollout stays)"
+    )
     router_urls: list[str] = Field(
         default_factory=list,
         description="router mode, deploy step: every router replica's URL, or k8s://NAMESPACE/SERVICE[:PORT] "
@@ -468,7 +591,9 @@ class CanaryPolicy(_Strict):
     @model_validator(mode="after")
     def _mode(self) -> CanaryPolicy:
         if self.mode == "revision" and self.analysis.source != "prometheus":
-            raise ValueError("mode 'revision' needs analysis.source 'prometheus' (the router's metrics are per adapter)")
+            raise ValueError(
+                "mode 'revision' needs analysis.source 'prometheus' (the router's metrics are per adapter)"
+            )
         return self
 
     def queries(self) -> dict[str, str]:
@@ -478,14 +603,29 @@ class CanaryPolicy(_Strict):
 
 
 # The pipeline's step (task) names, as compiled: the keys of ``pipeline.profiles.<p>.steps``.
-PIPELINE_STEPS = ("build-base", "validate-data", "plan-shards", "synthesize", "curate-shard", "curate", "train", "evaluate", "gate",
-                  "register", "reject", "publish", "deploy")
+PIPELINE_STEPS = (
+    "build-base",
+    "validate-data",
+    "plan-shards",
+    "synthesize",
+    "curate-shard",
+    "curate",
+    "train",
+    "evaluate",
+    "gate",
+    "register",
+    "reject",
+    "publish",
+    "deploy",
+)
 
 
 class Toleration(_Strict):
     """A Kubernetes toleration for a step's pod (e.g. of a GPU node pool's taint)."""
 
-    key: str | None = Field(None, description="the taint key; empty with operator Exists tolerates every taint")
+    key: str | None = Field(
+        None, description="the taint key; empty with operator Exists tolerates every taint"
+    )
     operator: Literal["Equal", "Exists"] = "Equal"
     value: str | None = Field(None, description="the taint value (operator Equal)")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
@@ -508,8 +648,12 @@ class SecretEnv(_Strict):
 class StepPlatform(_Strict):
     """Where and with what a pipeline step's pod runs on Kubernetes."""
 
-    accelerator_type: str | None = Field(None, description="e.g. nvidia.com/gpu (the resource name)")
-    accelerator_count: int = Field(1, ge=1, description="accelerators per pod, when accelerator_type is set")
+    accelerator_type: str | None = Field(
+        None, description="e.g. nvidia.com/gpu (the resource name)"
+    )
+    accelerator_count: int = Field(
+        1, ge=1, description="accelerators per pod, when accelerator_type is set"
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="node label -> value")
     tolerations: list[Toleration] = Field(default_factory=list)
     pvcs: list[PvcMount] = Field(default_factory=list)
@@ -519,7 +663,9 @@ class StepPlatform(_Strict):
 class PlatformProfile(_Strict):
     """Kubernetes settings of the compiled pipeline on one cluster profile."""
 
-    all_steps: StepPlatform = Field(default_factory=StepPlatform, description="applied to every step")
+    all_steps: StepPlatform = Field(
+        default_factory=StepPlatform, description="applied to every step"
+    )
     steps: dict[Literal[PIPELINE_STEPS], StepPlatform] = Field(
         default_factory=dict, description="step name -> settings added on top of all_steps"
     )
@@ -536,7 +682,9 @@ class PipelineSpec(_Strict):
 class RegistrySpec(_Strict):
     """Where registered adapters are kept."""
 
-    uri: str = Field(".lorafleet/registry", description="a directory (relative to the spec) or s3:// gs://")
+    uri: str = Field(
+        ".lorafleet/registry", description="a directory (relative to the spec) or s3:// gs://"
+    )
 
 
 class FleetSpec(_Strict):
@@ -575,7 +723,9 @@ class FleetSpec(_Strict):
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -586,7 +736,9 @@ def _locate(node: yaml.Node | None, loc: tuple) -> tuple[int | None, int]:
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
             node = node.value[part]
         else:
             node = None
@@ -631,14 +783,20 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise SpecError(path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))) from None
+        raise SpecError(
+            path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))
+        ) from None
     if not isinstance(raw, dict):
         raise SpecError(path, 1, "spec", "the top level must be a mapping")
     defaults = raw.pop("expert_defaults", None) or {}
     if not isinstance(defaults, dict):
-        raise SpecError(path, _line_of(root, ("expert_defaults",)), "expert_defaults", "must be a mapping")
+        raise SpecError(
+            path, _line_of(root, ("expert_defaults",)), "expert_defaults", "must be a mapping"
+        )
     if isinstance(raw.get("experts"), list):
-        raw["experts"] = [_deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]]
+        raw["experts"] = [
+            _deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]
+        ]
     try:
         spec = FleetSpec.model_validate(raw)
     except ValidationError as exc:
@@ -655,7 +813,12 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
             p = getattr(e, attr)
             resolved = p if p.is_absolute() else folder / p
             if check_files and not resolved.is_file():
-                raise SpecError(path, _line_of(root, ("experts", i, attr)), f"experts.{i}.{attr}", f"file not found: {p}")
+                raise SpecError(
+                    path,
+                    _line_of(root, ("experts", i, attr)),
+                    f"experts.{i}.{attr}",
+                    f"file not found: {p}",
+                )
             setattr(e, attr, resolved)
     reg = spec.registry.uri
     if "://" not in reg and not Path(reg).is_absolute():

@@ -35,7 +35,11 @@ class GateDecision:
         return [f"{'PASS' if r.passed else 'FAIL'} {r.rule}: {r.message}" for r in self.rules]
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "reasons": self.reasons, "rules": [asdict(r) for r in self.rules]}
+        return {
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "rules": [asdict(r) for r in self.rules],
+        }
 
 
 def decide(
@@ -77,7 +81,13 @@ def decide(
         ok = value is not None and value >= floor
         shown = "missing" if value is None else f"{value:.3f}"
         decision.rules.append(
-            RuleResult(rule=f"min-{name}", passed=ok, value=value, threshold=floor, message=f"{name} {shown} (min {floor})")
+            RuleResult(
+                rule=f"min-{name}",
+                passed=ok,
+                value=value,
+                threshold=floor,
+                message=f"{name} {shown} (min {floor})",
+            )
         )
     if policy.judge is not None:
         decision.rules.append(_judge_rule(policy.judge.min_win_rate_lower_bound, judge))
@@ -115,7 +125,13 @@ def decide(
 def _judge_rule(floor: float, judge: dict | None) -> RuleResult:
     """The candidate's judged win rate, on its lower confidence bound, must reach ``floor``."""
     if not judge or judge.get("ci_low") is None:
-        return RuleResult("judge-win-rate-lower-bound", False, None, floor, f"no judge verdicts (min lower bound {floor})")
+        return RuleResult(
+            "judge-win-rate-lower-bound",
+            False,
+            None,
+            floor,
+            f"no judge verdicts (min lower bound {floor})",
+        )
     low = judge["ci_low"]
     outcomes = judge["outcomes"]
     return RuleResult(

@@ -357,7 +357,10 @@ class Generator:
             One result per request, in the order of ``requests``.
         """
         # By adapter first: a batch of one adapter takes the plain-matmul LoRA path.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].adapter or "", _prompt_chars(requests[i])))
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: (requests[i].adapter or "", _prompt_chars(requests[i])),
+        )
         results: list[GenerationResult | None] = [None] * len(requests)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]

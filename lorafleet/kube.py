@@ -23,7 +23,10 @@ def kube_api(kubeconfig: str | Path | None = None):
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        if kubeconfig is None and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists():
+        if (
+            kubeconfig is None
+            and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists()
+        ):
             config.load_incluster_config()
         else:
             config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)

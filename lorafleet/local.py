@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 LOCAL_PARALLEL_TASKS = 2  # what kfp.local's ParallelFor executor runs at once
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROGRESS = re.compile(r"(Executing task|finished with status|Skipping conditional task|failed with exception)")
+_PROGRESS = re.compile(
+    r"(Executing task|finished with status|Skipping conditional task|failed with exception)"
+)
 
 
 class PipelineFailed(RuntimeError):
@@ -48,7 +50,9 @@ class _ProgressLog:
         for line in lines:
             if _PROGRESS.search(line):
                 shown = line.split(" - INFO - ")[-1].split(" - ERROR - ")[-1]
-                self.terminal.write((shown if self.terminal.isatty() else _ANSI.sub("", shown)) + "\n")
+                self.terminal.write(
+                    (shown if self.terminal.isatty() else _ANSI.sub("", shown)) + "\n"
+                )
                 self.terminal.flush()
         return len(text)
 
@@ -74,7 +78,10 @@ def preflight(spec: FleetSpec) -> None:
 
 
 def run_local(
-    spec_path: str | Path, runs_dir: str | Path = "runs", run_id: str | None = None, experts: list[str] | None = None
+    spec_path: str | Path,
+    runs_dir: str | Path = "runs",
+    run_id: str | None = None,
+    experts: list[str] | None = None,
 ) -> tuple[Path, dict]:
     """Check the spec and data, run the fleet pipeline through ``kfp.local``, collect the outputs.
 
@@ -96,20 +103,32 @@ def run_local(
     names = [e.name for e in spec.experts]
     unknown = sorted(set(experts or []) - set(names))
     if unknown:
-        raise SpecError(spec_path, None, "experts", f"no expert named {', '.join(unknown)}; the spec has {', '.join(names)}")
+        raise SpecError(
+            spec_path,
+            None,
+            "experts",
+            f"no expert named {', '.join(unknown)}; the spec has {', '.join(names)}",
+        )
     selected = [n for n in names if n in experts] if experts else names
     preflight(spec)
     run_dir = Path(runs_dir) / (run_id or new_run_id())
     if run_dir.exists():
-        raise DataError(run_dir, None, "run-exists", "a run with this id exists; choose another --run-id")
+        raise DataError(
+            run_dir, None, "run-exists", "a run with this id exists; choose another --run-id"
+        )
     root = run_dir / "pipeline"
     root.mkdir(parents=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root.resolve()))
     # kfp.local runs two ParallelFor iterations at once: give each its share of the CPU.
     if len(selected) > 1:
-        os.environ.setdefault("LORAFLEET_THREADS_PER_TASK", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS)))
+        os.environ.setdefault(
+            "LORAFLEET_THREADS_PER_TASK", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS))
+        )
     log_path = run_dir / "pipeline.log"
-    with open(log_path, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(_ProgressLog(fh, sys.stderr)):
+    with (
+        open(log_path, "w", encoding="utf-8") as fh,
+        contextlib.redirect_stdout(_ProgressLog(fh, sys.stderr)),
+    ):
         try:
             task = fleet_pipeline(spec_json=spec_to_json(spec), experts=selected)
         except RuntimeError as exc:

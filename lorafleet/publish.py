@@ -16,7 +16,9 @@ __all__ = ["ask_each_adapter", "publish_fleet"]
 log = logging.getLogger(__name__)
 
 
-def ask_each_adapter(base_url: str, probes: dict[str, list[dict]], max_tokens: int = 48) -> dict[str, dict]:
+def ask_each_adapter(
+    base_url: str, probes: dict[str, list[dict]], max_tokens: int = 48
+) -> dict[str, dict]:
     """Send one chat completion per adapter (``model`` = adapter name) and record the answer."""
     import httpx
 
@@ -24,7 +26,10 @@ def ask_each_adapter(base_url: str, probes: dict[str, list[dict]], max_tokens: i
     with httpx.Client(base_url=base_url, timeout=120) as client:
         for name, messages in probes.items():
             start = time.perf_counter()
-            r = client.post("/openai/v1/chat/completions", json={"model": name, "messages": messages, "max_tokens": max_tokens})
+            r = client.post(
+                "/openai/v1/chat/completions",
+                json={"model": name, "messages": messages, "max_tokens": max_tokens},
+            )
             body = r.json()
             ok = r.status_code == 200
             replies[name] = {
@@ -36,8 +41,14 @@ def ask_each_adapter(base_url: str, probes: dict[str, list[dict]], max_tokens: i
     return replies
 
 
-def publish_fleet(spec: FleetSpec, base_dir: str, outcomes: list[dict], summary_path: str | Path,
-                  report_path: str | Path, markdown_path: str | Path) -> dict:
+def publish_fleet(
+    spec: FleetSpec,
+    base_dir: str,
+    outcomes: list[dict],
+    summary_path: str | Path,
+    report_path: str | Path,
+    markdown_path: str | Path,
+) -> dict:
     """Serve what passed its gate, check it answers, and write summary/report.
 
     Args:
@@ -57,7 +68,9 @@ def publish_fleet(spec: FleetSpec, base_dir: str, outcomes: list[dict], summary_
     replies: dict[str, dict] = {}
     if adapters:
         with run_server_subprocess(base_dir, adapters) as base_url:
-            replies = ask_each_adapter(base_url, {o["expert"]: o["probe"] for o in outcomes if o["expert"] in adapters})
+            replies = ask_each_adapter(
+                base_url, {o["expert"]: o["probe"] for o in outcomes if o["expert"] in adapters}
+            )
     experts = {}
     for o in sorted(outcomes, key=lambda o: [e.name for e in spec.experts].index(o["expert"])):
         reply = replies.get(o["expert"])
@@ -66,7 +79,12 @@ def publish_fleet(spec: FleetSpec, base_dir: str, outcomes: list[dict], summary_
             "served": bool(reply and reply["status"] == 200),
             "reply": reply,
         }
-    summary = {"fleet": spec.name, "base": spec.base.model, "base_dir": base_dir, "experts": experts}
+    summary = {
+        "fleet": spec.name,
+        "base": spec.base.model,
+        "base_dir": base_dir,
+        "experts": experts,
+    }
     atomic_write_json(summary_path, summary)
     atomic_write_text(report_path, render_html(summary))
     atomic_write_text(markdown_path, render_markdown(summary))

@@ -115,7 +115,9 @@ def parse_record(text: str) -> Record:
     except json.JSONDecodeError as exc:
         raise DataError("", None, "json", exc.msg) from None
     if not isinstance(obj, dict):
-        raise DataError("", None, "not-an-object", f"expected a JSON object, got {type(obj).__name__}")
+        raise DataError(
+            "", None, "not-an-object", f"expected a JSON object, got {type(obj).__name__}"
+        )
     try:
         return Record.model_validate(obj)
     except ValidationError as exc:
@@ -130,11 +132,15 @@ def _lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
         while raw := fh.readline(max_line_bytes + 1):
             lineno += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                raise DataError(path, lineno, "line-too-long", f"line is over {max_line_bytes} bytes")
+                raise DataError(
+                    path, lineno, "line-too-long", f"line is over {max_line_bytes} bytes"
+                )
             yield lineno, raw
 
 
-def iter_records(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Record]]:
+def iter_records(
+    path: str | Path, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, Record]]:
     """Stream ``(line_number, record)`` from a ``.jsonl`` or ``.jsonl.gz`` file.
 
     Blank lines are skipped; ``\\r\\n`` line endings are accepted.
@@ -156,17 +162,29 @@ def iter_records(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iter
     try:
         for lineno, raw in _lines(path, max_line_bytes):
             if lineno == 1 and raw.startswith(BOM):
-                raise DataError(path, 1, "utf8-bom", "the file starts with a byte order mark; save it as UTF-8 without BOM")
+                raise DataError(
+                    path,
+                    1,
+                    "utf8-bom",
+                    "the file starts with a byte order mark; save it as UTF-8 without BOM",
+                )
             if NUL in raw:
                 raise DataError(path, lineno, "nul-byte", f"NUL byte at byte {raw.index(NUL) + 1}")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(path, lineno, "utf8", f"invalid UTF-8 at byte {exc.start}") from None
+                raise DataError(
+                    path, lineno, "utf8", f"invalid UTF-8 at byte {exc.start}"
+                ) from None
             if not text.strip():
                 continue
             if first and text.lstrip().startswith("["):
-                raise DataError(path, lineno, "json-array", "the file is a JSON array; write one JSON object a line (JSONL)")
+                raise DataError(
+                    path,
+                    lineno,
+                    "json-array",
+                    "the file is a JSON array; write one JSON object a line (JSONL)",
+                )
             first = False
             try:
                 record = parse_record(text)
@@ -177,7 +195,9 @@ def iter_records(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iter
         raise DataError(path, None, "gzip", f"not a readable gzip file: {exc}") from None
 
 
-def read_records(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, Record]]:
+def read_records(
+    path: str | Path, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[tuple[int, Record]]:
     """Read a whole file; see :func:`iter_records`."""
     return list(iter_records(path, max_line_bytes))
 

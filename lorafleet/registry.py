@@ -34,7 +34,9 @@ class Registry:
 
     def __init__(self, root: str | Path) -> None:
         if "://" in str(root):
-            raise ValueError(f"registry {root}: only local directories are supported in this version")
+            raise ValueError(
+                f"registry {root}: only local directories are supported in this version"
+            )
         self.root = Path(root)
 
     @contextmanager
@@ -82,7 +84,9 @@ class Registry:
         versions = self.versions(expert)
         return versions[-1] if versions else None
 
-    def register(self, expert: str, adapter_dir: str | Path, lineage: dict, card: Callable[[str], str]) -> dict:
+    def register(
+        self, expert: str, adapter_dir: str | Path, lineage: dict, card: Callable[[str], str]
+    ) -> dict:
         """Copy an adapter in as the expert's next version.
 
         Args:
@@ -110,7 +114,9 @@ class Registry:
             with atomic_dir(target) as tmp:
                 for f in ADAPTER_FILES:
                     shutil.copy2(adapter_dir / f, tmp / f)
-                atomic_write_json(tmp / "lineage.json", {**lineage, "expert": expert, "version": version})
+                atomic_write_json(
+                    tmp / "lineage.json", {**lineage, "expert": expert, "version": version}
+                )
                 (tmp / "README.md").write_text(card(version))
             entry = {
                 "version": version,

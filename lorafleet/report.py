@@ -44,7 +44,8 @@ def loss_svg(losses: Sequence[float], width: int = 320, height: int = 120) -> st
     pad = 8
     n = max(1, len(losses) - 1)
     pts = " ".join(
-        f"{pad + i * (width - 2 * pad) / n:.1f},{pad + (hi - v) * (height - 2 * pad) / span:.1f}" for i, v in enumerate(losses)
+        f"{pad + i * (width - 2 * pad) / n:.1f},{pad + (hi - v) * (height - 2 * pad) / span:.1f}"
+        for i, v in enumerate(losses)
     )
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -82,14 +83,20 @@ def metric_bars_svg(rows: dict[str, dict[str, float | None]], width: int = 520) 
         parts.append(f'<text x="{x + 14}" y="{pad + 9}" font-size="10" fill="#333">{arm}</text>')
     for g, (metric, values) in enumerate(rows.items()):
         top = pad + 16 + g * group_h
-        parts.append(f'<text x="{label_w - 6}" y="{top + group_h / 2}" font-size="10" text-anchor="end" fill="#333">{_escape(metric)}</text>')
+        parts.append(
+            f'<text x="{label_w - 6}" y="{top + group_h / 2}" font-size="10" text-anchor="end" fill="#333">{_escape(metric)}</text>'
+        )
         for i, arm in enumerate(arms):
             value = values.get(arm)
             y = top + i * bar
             w = 0.0 if value is None else max(0.0, min(1.0, value)) * plot_w
             shown = "-" if value is None else f"{value:.3f}"
-            parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 1}" fill="{ARMS[arm]}"><title>{arm} {shown}</title></rect>')
-            parts.append(f'<text x="{label_w + w + 3:.1f}" y="{y + bar - 2}" font-size="8" fill="#555">{shown}</text>')
+            parts.append(
+                f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 1}" fill="{ARMS[arm]}"><title>{arm} {shown}</title></rect>'
+            )
+            parts.append(
+                f'<text x="{label_w + w + 3:.1f}" y="{y + bar - 2}" font-size="8" fill="#555">{shown}</text>'
+            )
     return "".join(parts) + "</svg>"
 
 
@@ -109,7 +116,9 @@ def render_eval_markdown(report: dict) -> str:
     """One expert's evaluation and gate as Markdown: verdict, rules, metrics per arm, judge."""
     arms = [a for a in ARMS if f"metrics_{a}" in report]
     head = "| metric | " + " | ".join(arms) + " |\n|---|" + "---|" * len(arms) + "\n"
-    loss = "| held-out loss | " + " | ".join(f"{report[f'eval_loss_{a}']:.4f}" for a in arms) + " |\n"
+    loss = (
+        "| held-out loss | " + " | ".join(f"{report[f'eval_loss_{a}']:.4f}" for a in arms) + " |\n"
+    )
     rows = "".join(
         f"| {k} | " + " | ".join("-" if v.get(a) is None else f"{v[a]:.3f}" for a in arms) + " |\n"
         for k, v in comparison(report).items()
@@ -118,7 +127,8 @@ def render_eval_markdown(report: dict) -> str:
     if "gate_passed" in report:
         out += f": gate {'PASSED' if report['gate_passed'] else 'FAILED'}\n\n| rule | result | value | threshold |\n|---|---|---|---|\n"
         out += "".join(
-            f"| {r['rule']} | {'pass' if r['passed'] else 'FAIL'} | {r['value']} | {r['threshold']} |\n" for r in report["gate_rules"]
+            f"| {r['rule']} | {'pass' if r['passed'] else 'FAIL'} | {r['value']} | {r['threshold']} |\n"
+            for r in report["gate_rules"]
         )
     out += "\n" + head + loss + rows
     judge = _judge_line(report)
@@ -133,7 +143,13 @@ def kfp_metrics(report: dict) -> dict[str, float]:
         out.update({f"{arm}_{k}": v for k, v in report[f"metrics_{arm}"].items()})
     judge = report.get("judge")
     if judge and judge.get("win_rate") is not None:
-        out.update({"judge_win_rate": judge["win_rate"], "judge_ci_low": judge["ci_low"], "judge_ci_high": judge["ci_high"]})
+        out.update(
+            {
+                "judge_win_rate": judge["win_rate"],
+                "judge_ci_low": judge["ci_low"],
+                "judge_ci_high": judge["ci_high"],
+            }
+        )
     if "gate_passed" in report:
         out["gate_passed"] = float(report["gate_passed"])
     return out
@@ -180,16 +196,25 @@ def _eval_block(x: dict) -> str:
     e = _escape
     rows = comparison(x)
     arms = [a for a in ARMS if f"metrics_{a}" in x]
-    metrics = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{v.get(a)}</td>" for a in arms) + "</tr>" for k, v in rows.items())
+    metrics = "".join(
+        f"<tr><td>{e(k)}</td>" + "".join(f"<td>{v.get(a)}</td>" for a in arms) + "</tr>"
+        for k, v in rows.items()
+    )
     judge = _judge_line(x)
     losses = " · ".join(f"{a} <b>{x[f'eval_loss_{a}']:.4f}</b>" for a in arms)
-    production = f" (production: {e(x['production_version'])})" if x.get("production_version") else ""
+    production = (
+        f" (production: {e(x['production_version'])})" if x.get("production_version") else ""
+    )
     return (
         f"<p>held-out loss: {losses}{production}</p>"
-        "<div class='row'><table><tr><th>metric</th>" + "".join(f"<th>{a}</th>" for a in arms) + f"</tr>{metrics}</table>"
+        "<div class='row'><table><tr><th>metric</th>"
+        + "".join(f"<th>{a}</th>" for a in arms)
+        + f"</tr>{metrics}</table>"
         f"<div>{metric_bars_svg(rows)}</div></div>"
         + (f"<p>{e(judge)}</p>" if judge else "")
-        + "<ul>" + "".join(f"<li>{e(r)}</li>" for r in x.get("gate_reasons", [])) + "</ul>"
+        + "<ul>"
+        + "".join(f"<li>{e(r)}</li>" for r in x.get("gate_reasons", []))
+        + "</ul>"
     )
 
 
@@ -201,7 +226,10 @@ def render_eval_html(report: dict) -> str:
     """One evaluation (``lorafleet eval run``) as an HTML page that opens offline."""
     title = f"{report.get('expert') or report.get('task', '')}: candidate {report.get('adapter') or ''}".strip()
     verdict = _verdict(report) if "gate_passed" in report else ""
-    return _page(f"lorafleet eval: {title}", f"<h1>Evaluation</h1><section><h2>{_escape(title)} {verdict}</h2>{_eval_block(report)}</section>")
+    return _page(
+        f"lorafleet eval: {title}",
+        f"<h1>Evaluation</h1><section><h2>{_escape(title)} {verdict}</h2>{_eval_block(report)}</section>",
+    )
 
 
 def render_html(summary: dict) -> str:
@@ -218,7 +246,11 @@ def render_html(summary: dict) -> str:
             f"{x['train']['tokens_per_s']:.0f} tokens/s</p>"
             f"<p>adapter: {e(str(x.get('adapter_path') or 'not registered'))}</p></div></div>"
             + _eval_block(x)
-            + (f"<p>served reply ({reply.get('status')}): <code>{e(reply.get('text', '')[:300])}</code></p>" if reply else "")
+            + (
+                f"<p>served reply ({reply.get('status')}): <code>{e(reply.get('text', '')[:300])}</code></p>"
+                if reply
+                else ""
+            )
             + "</section>"
         )
     overview = render_markdown(summary).split("\n", 2)[2]
@@ -241,7 +273,9 @@ def rich_eval_table(reports: dict[str, dict]):
     between the first and the last report's candidate when there are several."""
     from rich.table import Table
 
-    columns = [(label, arm) for label, r in reports.items() for arm in ARMS if f"metrics_{arm}" in r]
+    columns = [
+        (label, arm) for label, r in reports.items() for arm in ARMS if f"metrics_{arm}" in r
+    ]
     table = Table(title="evaluation")
     table.add_column("metric")
     for label, arm in columns:
@@ -267,7 +301,10 @@ def rich_eval_table(reports: dict[str, dict]):
     for metric in dict.fromkeys(k for r in reports.values() for k in comparison(r)):
         row(metric, lambda r, arm, metric=metric: r.get(f"metrics_{arm}", {}).get(metric))
     if any("gate_passed" in r for r in reports.values()):
-        gates = ["[green]pass[/]" if reports[label].get("gate_passed") else "[red]FAIL[/]" for label, _ in columns]
+        gates = [
+            "[green]pass[/]" if reports[label].get("gate_passed") else "[red]FAIL[/]"
+            for label, _ in columns
+        ]
         table.add_row("gate", *gates, *([""] if compare else []))
     return table
 

@@ -44,12 +44,22 @@ def build_base(spec: FleetSpec) -> str:
     from lorafleet.base import DemoBaseConfig, build_demo_base
 
     # Pre-train on the seeds' plain text only: never on eval sets, never in chat format.
-    texts = [m.content for e in spec.experts for r in _records(e.seed_data) for m in r.messages if m.role != "system"]
+    texts = [
+        m.content
+        for e in spec.experts
+        for r in _records(e.seed_data)
+        for m in r.messages
+        if m.role != "system"
+    ]
     return str(build_demo_base(texts, DemoBaseConfig(**spec.base.demo.model_dump())))
 
 
 def validate_stage(
-    expert: ExpertSpec, seeds_out: str | Path, eval_out: str | Path, report_out: str | Path, html_out: str | Path | None = None
+    expert: ExpertSpec,
+    seeds_out: str | Path,
+    eval_out: str | Path,
+    report_out: str | Path,
+    html_out: str | Path | None = None,
 ) -> dict:
     """Validate the expert's seed and eval files; copy them on only if both pass.
 
@@ -63,7 +73,9 @@ def validate_stage(
     from lorafleet.data.report import validation_html, validation_markdown
     from lorafleet.data.validate import validate_file
 
-    reports = [validate_file(p, expert.task, expert.data) for p in (expert.seed_data, expert.eval_data)]
+    reports = [
+        validate_file(p, expert.task, expert.data) for p in (expert.seed_data, expert.eval_data)
+    ]
     summary = {"expert": expert.name, "files": [r.to_dict() for r in reports]}
     atomic_write_json(report_out, summary)
     if html_out is not None:
@@ -109,12 +121,22 @@ def synthesize_stage(
     return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
 
 
-def curate_stage(expert: ExpertSpec, seeds: str | Path, synthetic: str | Path, eval_set: str | Path, out: str | Path) -> dict:
+def curate_stage(
+    expert: ExpertSpec,
+    seeds: str | Path,
+    synthetic: str | Path,
+    eval_set: str | Path,
+    out: str | Path,
+) -> dict:
     """PII, dedup, near-dedup, decontaminate and cap in one process; stats with fingerprints."""
     from lorafleet.data.curate import curate
 
     result = curate(
-        _records(seeds), _records(synthetic), _records(eval_set), expert.curation, expert.synthesis.max_synthetic_ratio,
+        _records(seeds),
+        _records(synthetic),
+        _records(eval_set),
+        expert.curation,
+        expert.synthesis.max_synthetic_ratio,
         pii=expert.data.pii,
     )
     dump_records(out, result.records)
@@ -150,27 +172,46 @@ def curate_shard_stage(
     seed_records = _records(seeds)
     human = split_records(seed_records, expert.synthesis.shards)[shard_index]
     prepared = prepare_shard(
-        human, _records(synthetic), _records(eval_set), expert.curation, expert.data.pii,
-        seed_ids=[r.id for r in seed_records], shard=shard_index,
+        human,
+        _records(synthetic),
+        _records(eval_set),
+        expert.curation,
+        expert.data.pii,
+        seed_ids=[r.id for r in seed_records],
+        shard=shard_index,
     )
     prepared.save(out_dir)
-    return {"shard": f"{shard_index + 1}/{expert.synthesis.shards}", "rows": len(prepared.rows), **prepared.counts}
+    return {
+        "shard": f"{shard_index + 1}/{expert.synthesis.shards}",
+        "rows": len(prepared.rows),
+        **prepared.counts,
+    }
 
 
-def select_stage(expert: ExpertSpec, prepared: list[str | Path], eval_set: str | Path, out: str | Path) -> dict:
+def select_stage(
+    expert: ExpertSpec, prepared: list[str | Path], eval_set: str | Path, out: str | Path
+) -> dict:
     """The one-pass half of curation over every prepared shard; stats with fingerprints."""
     from lorafleet.data.curate import PreparedShard, select_rows
 
     result = select_rows(
-        [PreparedShard.load(p) for p in prepared], expert.curation, expert.synthesis.max_synthetic_ratio,
-        pii=expert.data.pii, n_eval=len(_records(eval_set)),
+        [PreparedShard.load(p) for p in prepared],
+        expert.curation,
+        expert.synthesis.max_synthetic_ratio,
+        pii=expert.data.pii,
+        n_eval=len(_records(eval_set)),
     )
     dump_records(out, result.records)
     return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
 
 
 def train_stage(
-    expert: ExpertSpec, base_dir: str, train_set: str | Path, adapter_out: str | Path, on_step=None, kube_api=None
+    expert: ExpertSpec,
+    base_dir: str,
+    train_set: str | Path,
+    adapter_out: str | Path,
+    on_step=None,
+    kube_api=None,
 ) -> dict:
     """Fine-tune the expert's adapter where ``training.launcher`` says.
 
@@ -186,19 +227,28 @@ def train_stage(
     if training.launcher == "local":
         from lorafleet.train.recipe import train_adapter
 
-        result = train_adapter(base_dir, _records(train_set), expert.lora, training, adapter_out, on_step=on_step)
+        result = train_adapter(
+            base_dir, _records(train_set), expert.lora, training, adapter_out, on_step=on_step
+        )
         return result.to_dict()
     from lorafleet.train.job import TrainJobConfig
 
-    job = TrainJobConfig(base_dir=str(base_dir), train_set=str(train_set), output_dir=str(adapter_out),
-                         lora=expert.lora, training=training)
+    job = TrainJobConfig(
+        base_dir=str(base_dir),
+        train_set=str(train_set),
+        output_dir=str(adapter_out),
+        lora=expert.lora,
+        training=training,
+    )
     if training.launcher == "torchrun":
         from lorafleet.train.launch import run_torchrun
 
         return run_torchrun(job, training.gpus_per_node)
     from lorafleet.train.cluster import run_on_cluster
 
-    return run_on_cluster(expert.name, base_dir, train_set, adapter_out, job, training, api=kube_api)
+    return run_on_cluster(
+        expert.name, base_dir, train_set, adapter_out, job, training, api=kube_api
+    )
 
 
 def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> dict | None:
@@ -212,12 +262,22 @@ def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> di
     if entry is None:
         return None
     if entry.get("base_fingerprint") != fingerprint_model(base_dir):
-        log.warning("%s: production %s was trained on another base; not compared", expert.name, entry["version"])
+        log.warning(
+            "%s: production %s was trained on another base; not compared",
+            expert.name,
+            entry["version"],
+        )
         return None
     return entry
 
 
-def evaluate_stage(spec: FleetSpec, expert: ExpertSpec, base_dir: str, adapter_dir: str | Path, eval_set: str | Path) -> dict:
+def evaluate_stage(
+    spec: FleetSpec,
+    expert: ExpertSpec,
+    base_dir: str,
+    adapter_dir: str | Path,
+    eval_set: str | Path,
+) -> dict:
     """Evaluate the candidate, the base model and production with the same evaluators.
 
     Generation goes through the runtime's own batched code path (:class:`Generator`).
@@ -236,8 +296,12 @@ def evaluate_stage(spec: FleetSpec, expert: ExpertSpec, base_dir: str, adapter_d
     if production:
         adapters["production"] = production["path"]
     generator = Generator(base_dir, adapters)
-    arms = {"candidate": "candidate", "base": None} | ({"production": "production"} if production else {})
-    report = evaluate_candidate(generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge)
+    arms = {"candidate": "candidate", "base": None} | (
+        {"production": "production"} if production else {}
+    )
+    report = evaluate_candidate(
+        generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge
+    )
     return {
         "expert": expert.name,
         "task": expert.task,
@@ -272,13 +336,19 @@ def gate_stage(expert: ExpertSpec, evaluation: dict, train: dict, curation: dict
         "gate_passed": decision.passed,
         "gate_reasons": decision.reasons,
         "gate_rules": decision.to_dict()["rules"],
-        "train": {k: train[k] for k in ("steps", "epochs_run", "train_tokens", "wall_s", "tokens_per_s", "losses")},
+        "train": {
+            k: train[k]
+            for k in ("steps", "epochs_run", "train_tokens", "wall_s", "tokens_per_s", "losses")
+        },
         "curation": curation,
     }
 
 
 def _model_card(expert: ExpertSpec, report: dict, base: str, version: str) -> str:
-    metrics = "\n".join(f"| {k} | {report['metrics_base'].get(k)} | {v} |" for k, v in report["metrics_candidate"].items())
+    metrics = "\n".join(
+        f"| {k} | {report['metrics_base'].get(k)} | {v} |"
+        for k, v in report["metrics_candidate"].items()
+    )
     return (
         f"# {expert.name} {version}\n\nLoRA adapter for the `{expert.task}` task on base `{base}`.\n\n"
         f"- held-out loss: base {report['eval_loss_base']}, this adapter {report['eval_loss_candidate']}\n"
@@ -291,7 +361,9 @@ def _model_card(expert: ExpertSpec, report: dict, base: str, version: str) -> st
     )
 
 
-def register_stage(spec: FleetSpec, expert: ExpertSpec, base: str, adapter_dir: str | Path, report: dict) -> dict:
+def register_stage(
+    spec: FleetSpec, expert: ExpertSpec, base: str, adapter_dir: str | Path, report: dict
+) -> dict:
     """Register a candidate that passed its gate; returns the expert's outcome."""
     from lorafleet.base import fingerprint_model
     from lorafleet.registry import Registry
@@ -299,8 +371,14 @@ def register_stage(spec: FleetSpec, expert: ExpertSpec, base: str, adapter_dir: 
     if not report["gate_passed"]:
         raise ValueError(f"{expert.name}: refusing to register a candidate that failed its gate")
     lineage = {
-        "base": {"model": spec.base.model if spec.base.model != "demo" else base, "fingerprint": fingerprint_model(base)},
-        "data": {"train_sha256": report["curation"]["train_sha256"], "eval_sha256": report["curation"]["eval_sha256"]},
+        "base": {
+            "model": spec.base.model if spec.base.model != "demo" else base,
+            "fingerprint": fingerprint_model(base),
+        },
+        "data": {
+            "train_sha256": report["curation"]["train_sha256"],
+            "eval_sha256": report["curation"]["eval_sha256"],
+        },
         "config": json.loads(expert.model_dump_json()),
         "config_fingerprint": sha256_json(json.loads(expert.model_dump_json())),
         "metrics": {
@@ -311,13 +389,22 @@ def register_stage(spec: FleetSpec, expert: ExpertSpec, base: str, adapter_dir: 
         "gate": report["gate_rules"],
     }
     registry = Registry(spec.registry.uri)
-    entry = registry.register(expert.name, adapter_dir, lineage, lambda version: _model_card(expert, report, base, version))
+    entry = registry.register(
+        expert.name,
+        adapter_dir,
+        lineage,
+        lambda version: _model_card(expert, report, base, version),
+    )
     # No canary stage runs locally yet: a candidate that passed its gate becomes production.
     registry.set_production(expert.name, entry["version"])
-    return {**report, "adapter_path": entry["path"], "adapter_version": entry["version"], "registered": True}
+    return {
+        **report,
+        "adapter_path": entry["path"],
+        "adapter_version": entry["version"],
+        "registered": True,
+    }
 
 
 def reject_stage(report: dict) -> dict:
     """The outcome of a candidate that failed its gate: nothing is registered."""
     return {**report, "adapter_path": None, "adapter_version": None, "registered": False}
-

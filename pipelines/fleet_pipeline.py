@@ -9,7 +9,6 @@ gate ends that expert's branch (``reject`` records why); the other experts go on
 Compile with ``lorafleet compile`` (writes ``fleet_pipeline.yaml`` beside this file).
 """
 
-
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -67,7 +66,9 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         # the order-dependent half (dedup, cap) runs once over all of them.
         plan = plan_shards(spec_json=spec_json, expert=expert)
         with dsl.ParallelFor(plan.output, name="data-shards") as shard:
-            syn = synthesize(spec_json=spec_json, expert=expert, shard=shard, seeds=data.outputs["seeds"])
+            syn = synthesize(
+                spec_json=spec_json, expert=expert, shard=shard, seeds=data.outputs["seeds"]
+            )
             prep = curate_shard(
                 spec_json=spec_json,
                 expert=expert,
@@ -82,7 +83,9 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
             prepared=dsl.Collected(prep.outputs["prepared"]),
             eval_set=data.outputs["eval_set"],
         )
-        trained = train(spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"])
+        trained = train(
+            spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"]
+        )
         evaluated = evaluate(
             spec_json=spec_json,
             expert=expert,
@@ -107,23 +110,43 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
             )
         with dsl.Else(name="gate-failed"):
             rejected = reject(report=decision.outputs["report"])
-        for task in (data, plan, syn, prep, cur, trained, evaluated, decision, registered, rejected):
+        for task in (
+            data,
+            plan,
+            syn,
+            prep,
+            cur,
+            trained,
+            evaluated,
+            decision,
+            registered,
+            rejected,
+        ):
             place(task)
         # The outcome is a JSON parameter: kfp.local resolves dsl.OneOf for parameters only.
         return dsl.OneOf(registered.output, rejected.output)
 
-    @dsl.pipeline(name="lorafleet-fleet", description="Build, gate and publish a fleet of LoRA experts on one base.")
+    @dsl.pipeline(
+        name="lorafleet-fleet",
+        description="Build, gate and publish a fleet of LoRA experts on one base.",
+    )
     def fleet_pipeline(spec_json: str, experts: list) -> FleetOutputs:
         base = build_base(spec_json=spec_json)
         with dsl.ParallelFor(experts, parallelism=MAX_PARALLEL_EXPERTS, name="experts") as expert:
             outcome = expert_pipeline(spec_json=spec_json, expert=expert, base=base.outputs["base"])
-        published = publish(spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output))
+        published = publish(
+            spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output)
+        )
         # After the smoke test: canary rollouts of the new versions (canary.handoff; none locally).
-        deployed = deploy(spec_json=spec_json, outcomes=dsl.Collected(outcome.output)).after(published)
+        deployed = deploy(spec_json=spec_json, outcomes=dsl.Collected(outcome.output)).after(
+            published
+        )
         place(base)
         place(published)
         place(deployed)
-        return FleetOutputs(summary=published.outputs["summary"], report=published.outputs["report"])
+        return FleetOutputs(
+            summary=published.outputs["summary"], report=published.outputs["report"]
+        )
 
     return fleet_pipeline
 

@@ -33,15 +33,21 @@ def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineT
         ``task``, changed in place.
     """
     if settings.accelerator_type:
-        task.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(settings.accelerator_count)
+        task.set_accelerator_type(settings.accelerator_type).set_accelerator_limit(
+            settings.accelerator_count
+        )
     for label, value in settings.node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     for tol in settings.tolerations:
-        kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+        kubernetes.add_toleration(
+            task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
+        )
     for pvc in settings.pvcs:
         kubernetes.mount_pvc(task, pvc_name=pvc.claim, mount_path=pvc.mount_path)
     for secret in settings.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env=dict(secret.env))
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret.secret, secret_key_to_env=dict(secret.env)
+        )
     return task
 
 
@@ -77,9 +83,13 @@ def spec_profile(spec: str | Path | None, profile: str) -> PlatformProfile:
         LorafleetError: with no spec; SpecError if the spec is invalid or lacks the profile.
     """
     if spec is None:
-        raise LorafleetError(f"--profile {profile} needs --spec: the profile's settings live in the fleet spec")
+        raise LorafleetError(
+            f"--profile {profile} needs --spec: the profile's settings live in the fleet spec"
+        )
     profiles = load_fleet(spec, check_files=False).pipeline.profiles
     if profile not in profiles:
         known = ", ".join(profiles) or "none"
-        raise SpecError(spec, None, f"pipeline.profiles.{profile}", f"no such profile; the spec has: {known}")
+        raise SpecError(
+            spec, None, f"pipeline.profiles.{profile}", f"no such profile; the spec has: {known}"
+        )
     return profiles[profile]

@@ -70,10 +70,16 @@ def submit_fleet(
             client = kfp.Client(host=host, namespace=namespace or "kubeflow")
             pipeline_id = client.get_pipeline_id(name)
             if pipeline_id is None:
-                pipeline_id = client.upload_pipeline(package, pipeline_name=name, namespace=namespace).pipeline_id
-                versions = client.list_pipeline_versions(pipeline_id, sort_by="created_at desc", page_size=1)
+                pipeline_id = client.upload_pipeline(
+                    package, pipeline_name=name, namespace=namespace
+                ).pipeline_id
+                versions = client.list_pipeline_versions(
+                    pipeline_id, sort_by="created_at desc", page_size=1
+                )
                 if not versions.pipeline_versions:
-                    raise LorafleetError(f"{host}: pipeline {name} ({pipeline_id}) was uploaded but has no version")
+                    raise LorafleetError(
+                        f"{host}: pipeline {name} ({pipeline_id}) was uploaded but has no version"
+                    )
                 version_id = versions.pipeline_versions[0].pipeline_version_id
             else:
                 version_id = client.upload_pipeline_version(
@@ -89,7 +95,13 @@ def submit_fleet(
                 service_account=service_account,
             )
     except ApiException as exc:
-        raise LorafleetError(f"{host}: Kubeflow Pipelines answered {exc.status} {exc.reason}: {str(exc.body)[:200]}") from None
+        raise LorafleetError(
+            f"{host}: Kubeflow Pipelines answered {exc.status} {exc.reason}: {str(exc.body)[:200]}"
+        ) from None
     except HTTPError as exc:
-        raise LorafleetError(f"{host}: cannot reach Kubeflow Pipelines ({type(exc).__name__}: {exc})") from None
-    return Submission(pipeline_id=pipeline_id, version_id=version_id, run_id=run.run_id, run_name=run_name)
+        raise LorafleetError(
+            f"{host}: cannot reach Kubeflow Pipelines ({type(exc).__name__}: {exc})"
+        ) from None
+    return Submission(
+        pipeline_id=pipeline_id, version_id=version_id, run_id=run.run_id, run_name=run_name
+    )

@@ -34,7 +34,10 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_base: Path) -> None:
         spans.append(tok.decode(current))
     assert spans == ["What style do you like?<|im_end|>\n", "Title: Minimal blue logo<|im_end|>\n"]
     # The whole conversation tokenizes to the same ids as the template's rendering.
-    assert ex.input_ids == tok(tok.apply_chat_template(CONV, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert (
+        ex.input_ids
+        == tok(tok.apply_chat_template(CONV, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_truncation_and_prompt(tiny_base: Path) -> None:

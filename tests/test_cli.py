@@ -13,8 +13,18 @@ REC = {
     "messages": [
         {"role": "user", "content": "Need a React dev"},
         # The job-analyzer suite checks answers against its JSON schema (docs/data-format.md).
-        {"role": "assistant", "content": json.dumps({"skills": ["React"], "deliverables": [], "timeline": None, "open_questions": [],
-                                                     "budget": {"type": "hourly", "min": None, "max": None, "currency": "USD"}})},
+        {
+            "role": "assistant",
+            "content": json.dumps(
+                {
+                    "skills": ["React"],
+                    "deliverables": [],
+                    "timeline": None,
+                    "open_questions": [],
+                    "budget": {"type": "hourly", "min": None, "max": None, "currency": "USD"},
+                }
+            ),
+        },
     ],
     "source": "human",
     "meta": {},
@@ -22,11 +32,21 @@ REC = {
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_run_with_bad_data_stops_before_any_task(tmp_path: Path) -> None:
-    lines = [json.dumps(REC), json.dumps({**REC, "id": "a2"}), json.dumps(REC)]  # line 3 repeats id a1
+    lines = [
+        json.dumps(REC),
+        json.dumps({**REC, "id": "a2"}),
+        json.dumps(REC),
+    ]  # line 3 repeats id a1
     (tmp_path / "seed.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "eval.jsonl").write_text(json.dumps({**REC, "id": "e1"}) + "\n")
     (tmp_path / "fleet.yaml").write_text(
@@ -45,7 +65,10 @@ def test_data_validate_lists_every_bad_line(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text(json.dumps(REC) + "\n" + json.dumps(bad) + "\n{oops\n")
     proc = _cli("data", "validate", "d.jsonl", "--task", "job-analyzer", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: d.jsonl:3: json: Expecting property name enclosed in double quotes"
+    assert (
+        proc.stderr.strip()
+        == "error: d.jsonl:3: json: Expecting property name enclosed in double quotes"
+    )
     (tmp_path / "d.jsonl").write_text(json.dumps(REC) + "\n" + json.dumps(bad) + "\n")
     proc = _cli("data", "validate", "d.jsonl", "--task", "job-analyzer", cwd=tmp_path)
     assert proc.returncode == 2
@@ -66,7 +89,9 @@ def test_run_refuses_an_unknown_expert(tmp_path: Path) -> None:
     )
     proc = _cli("run", "fleet.yaml", "--expert", "nope", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: fleet.yaml: experts: no expert named nope; the spec has ja"
+    assert (
+        proc.stderr.strip() == "error: fleet.yaml: experts: no expert named nope; the spec has ja"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -79,4 +104,6 @@ def test_the_runtime_entry_point_is_lorafleet_serve() -> None:
     serve = get_command(app).commands["serve"]
     runtime = get_command(serve_app)
     assert [p.opts for p in runtime.params] == [p.opts for p in serve.params]
-    assert {"--fault", "--adapter-cache", "--lora-backend", "--routes"} <= {o for p in serve.params for o in p.opts}
+    assert {"--fault", "--adapter-cache", "--lora-backend", "--routes"} <= {
+        o for p in serve.params for o in p.opts
+    }

@@ -52,15 +52,42 @@ def test_defaults_merge_and_paths_resolve(spec_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "line", "field", "message"),
     [
-        (("    task: job-analyzer\n", "    task: job-analyser\n"), 7, "experts.0.task", "unknown task 'job-analyser'"),
-        (("  lora: {r: 4, alpha: 8}\n", "  lora: {r: four, alpha: 8}\n"), 4, "experts.0.lora.r", "valid integer"),
-        (("    eval_data: eval.jsonl\n", "    eval_data: eval.jsonl\n    epochs: 3\n"), 10, "experts.0.epochs", "unknown field"),
+        (
+            ("    task: job-analyzer\n", "    task: job-analyser\n"),
+            7,
+            "experts.0.task",
+            "unknown task 'job-analyser'",
+        ),
+        (
+            ("  lora: {r: 4, alpha: 8}\n", "  lora: {r: four, alpha: 8}\n"),
+            4,
+            "experts.0.lora.r",
+            "valid integer",
+        ),
+        (
+            ("    eval_data: eval.jsonl\n", "    eval_data: eval.jsonl\n    epochs: 3\n"),
+            10,
+            "experts.0.epochs",
+            "unknown field",
+        ),
         (("name: tiny\n", "name: Tiny_Fleet\n"), 2, "name", "should match pattern"),
-        (("    eval_data: eval.jsonl\n", "    eval_data: missing.jsonl\n"), 9, "experts.0.eval_data", "file not found"),
-        (("experts:\n", "canary: {steps: [50, 25, 100]}\nexperts:\n"), 5, "canary.steps", "increasing"),
+        (
+            ("    eval_data: eval.jsonl\n", "    eval_data: missing.jsonl\n"),
+            9,
+            "experts.0.eval_data",
+            "file not found",
+        ),
+        (
+            ("experts:\n", "canary: {steps: [50, 25, 100]}\nexperts:\n"),
+            5,
+            "canary.steps",
+            "increasing",
+        ),
     ],
 )
-def test_errors_name_file_line_and_field(spec_dir: Path, change, line: int, field: str, message: str) -> None:
+def test_errors_name_file_line_and_field(
+    spec_dir: Path, change, line: int, field: str, message: str
+) -> None:
     (spec_dir / "f.yaml").write_text(GOOD.replace(*change))
     with pytest.raises(SpecError) as err:
         load_fleet(spec_dir / "f.yaml")
@@ -86,10 +113,15 @@ def test_yaml_syntax_error_has_a_line(spec_dir: Path) -> None:
 def test_cli_spec_check_prints_one_line_and_exits_2(spec_dir: Path) -> None:
     (spec_dir / "f.yaml").write_text(GOOD.replace("r: 4", "r: 0"))
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "spec", "check", str(spec_dir / "f.yaml")], capture_output=True, text=True
+        [sys.executable, "-m", "lorafleet.cli", "spec", "check", str(spec_dir / "f.yaml")],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0] == f"error: {spec_dir / 'f.yaml'}:4: experts.0.lora.r: Input should be greater than or equal to 1"
+    assert (
+        lines[0]
+        == f"error: {spec_dir / 'f.yaml'}:4: experts.0.lora.r: Input should be greater than or equal to 1"
+    )
     assert "Traceback" not in proc.stderr

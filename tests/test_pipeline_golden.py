@@ -19,7 +19,9 @@ def test_compiled_pipeline_matches_the_committed_yaml(tmp_path: Path) -> None:
     if os.environ.get("UPDATE_GOLDENS") == "1":
         GOLDEN.write_text(fresh)
     assert GOLDEN.is_file(), "run `lorafleet compile` to create the golden"
-    assert fresh == GOLDEN.read_text(), "pipeline changed: review, then `UPDATE_GOLDENS=1 make test`"
+    assert fresh == GOLDEN.read_text(), (
+        "pipeline changed: review, then `UPDATE_GOLDENS=1 make test`"
+    )
 
 
 def test_golden_reloads_and_has_the_fleet_shape() -> None:
@@ -31,15 +33,29 @@ def test_golden_reloads_and_has_the_fleet_shape() -> None:
     loop = next(t for t in dag.values() if "parameterIterator" in t)
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
     expert_tasks = spec["components"]["comp-lorafleet-expert"]["dag"]["tasks"]
-    assert {"validate-data", "plan-shards", "curate", "train", "evaluate", "gate"} <= set(expert_tasks)
+    assert {"validate-data", "plan-shards", "curate", "train", "evaluate", "gate"} <= set(
+        expert_tasks
+    )
     # synthesis and per-row curation fan out over the expert's data shards
     shard_loop = next(t for t in expert_tasks.values() if "parameterIterator" in t)
     assert shard_loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-shards-Output")
-    assert {"synthesize", "curate-shard"} == set(spec["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"])
-    assert expert_tasks["curate"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    assert {"synthesize", "curate-shard"} == set(
+        spec["components"][shard_loop["componentRef"]["name"]]["dag"]["tasks"]
+    )
+    assert expert_tasks["curate"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"][
+        "producerTask"
+    ].startswith("for-loop")
     # register runs only in the branch where the gate passed, reject in the other
-    branches = next(c for name, c in spec["components"].items() if name.startswith("comp-condition-branches"))["dag"]["tasks"]
-    conditions = {spec["components"][t["componentRef"]["name"]]["dag"]["tasks"].popitem()[0]: t["triggerPolicy"]["condition"]
-                  for t in branches.values()}
-    assert conditions["register"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    branches = next(
+        c for name, c in spec["components"].items() if name.startswith("comp-condition-branches")
+    )["dag"]["tasks"]
+    conditions = {
+        spec["components"][t["componentRef"]["name"]]["dag"]["tasks"].popitem()[0]: t[
+            "triggerPolicy"
+        ]["condition"]
+        for t in branches.values()
+    }
+    assert (
+        conditions["register"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    )
     assert conditions["reject"].startswith("!(")

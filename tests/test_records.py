@@ -25,7 +25,9 @@ OK = {
 
 
 def _write(path: Path, *lines: str | bytes) -> Path:
-    path.write_bytes(b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines))
+    path.write_bytes(
+        b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines)
+    )
     return path
 
 
@@ -36,13 +38,19 @@ def _write(path: Path, *lines: str | bytes) -> Path:
         ("[1, 2]", "not-an-object", "got list"),
         (json.dumps({k: v for k, v in OK.items() if k != "task"}), "missing-field", "task"),
         (json.dumps({**OK, "extra": 1}), "unknown-field", "extra"),
-        (json.dumps({**OK, "messages": [{"role": "robot", "content": "x"}]}), "unknown-role", "messages.0.role"),
+        (
+            json.dumps({**OK, "messages": [{"role": "robot", "content": "x"}]}),
+            "unknown-role",
+            "messages.0.role",
+        ),
         (json.dumps({**OK, "source": "scraped"}), "unknown-source", "source"),
         (json.dumps({**OK, "task": "poet"}), "unknown-task", "unknown task 'poet'"),
         (json.dumps({**OK, "messages": "hello"}), "wrong-type", "messages"),
     ],
 )
-def test_malformed_line_is_reported_with_its_line(tmp_path: Path, line: str, rule: str, detail: str) -> None:
+def test_malformed_line_is_reported_with_its_line(
+    tmp_path: Path, line: str, rule: str, detail: str
+) -> None:
     path = _write(tmp_path / "d.jsonl", json.dumps(OK), line)
     with pytest.raises(DataError) as err:
         read_records(path)
@@ -57,7 +65,11 @@ def test_line_numbers_count_blank_lines_and_crlf_is_accepted(tmp_path: Path) -> 
 
 
 def test_line_limit_is_a_parameter(tmp_path: Path) -> None:
-    path = _write(tmp_path / "d.jsonl", json.dumps(OK), json.dumps({**OK, "id": "r2", "meta": {"x": "y" * 300}}))
+    path = _write(
+        tmp_path / "d.jsonl",
+        json.dumps(OK),
+        json.dumps({**OK, "id": "r2", "meta": {"x": "y" * 300}}),
+    )
     assert len(read_records(path)) == 2
     with pytest.raises(DataError) as err:
         read_records(path, max_line_bytes=256)

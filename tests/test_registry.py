@@ -21,15 +21,22 @@ def _adapter(tmp_path: Path) -> Path:
 def test_versions_increment_and_lineage_is_kept(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     src = _adapter(tmp_path)
-    first = reg.register("job-analyzer", src, {"base": {"fingerprint": "abc"}}, lambda v: f"# card {v}\n")
-    second = reg.register("job-analyzer", src, {"base": {"fingerprint": "abc"}}, lambda v: f"# card {v}\n")
+    first = reg.register(
+        "job-analyzer", src, {"base": {"fingerprint": "abc"}}, lambda v: f"# card {v}\n"
+    )
+    second = reg.register(
+        "job-analyzer", src, {"base": {"fingerprint": "abc"}}, lambda v: f"# card {v}\n"
+    )
     assert (first["version"], second["version"]) == ("v1", "v2")
     v2 = Path(second["path"])
     assert (v2 / "README.md").read_text() == "# card v2\n"
     lineage = json.loads((v2 / "lineage.json").read_text())
     assert lineage == {"base": {"fingerprint": "abc"}, "expert": "job-analyzer", "version": "v2"}
     assert reg.latest("job-analyzer")["version"] == "v2"
-    assert [v["version"] for v in Registry(tmp_path / "reg").versions("job-analyzer")] == ["v1", "v2"]
+    assert [v["version"] for v in Registry(tmp_path / "reg").versions("job-analyzer")] == [
+        "v1",
+        "v2",
+    ]
 
 
 def test_production_pointer(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ def _expert(passed: bool, reply: str | None) -> dict:
         "metrics_base": {"json_valid": 0.0},
         "metrics_candidate": {"json_valid": 0.5},
         "gate_passed": passed,
-        "gate_reasons": ["PASS heldout-loss-vs-base: ok" if passed else "FAIL min-json_valid: 0.5 (min 0.9)"],
+        "gate_reasons": [
+            "PASS heldout-loss-vs-base: ok" if passed else "FAIL min-json_valid: 0.5 (min 0.9)"
+        ],
         "train": {"losses": [3.0, 2.0, 1.0], "steps": 3, "tokens_per_s": 100.0},
         "curation": {"output": {"total": 10, "human": 5, "synthetic": 5}},
         "adapter_path": "/reg/a/v1" if passed else None,
@@ -52,7 +54,11 @@ def test_html_is_self_contained_and_escaped() -> None:
 
 
 def test_markdown_has_a_row_per_expert() -> None:
-    rows = [ln for ln in render_markdown(SUMMARY).splitlines() if ln.startswith("| good") or ln.startswith("| blocked")]
+    rows = [
+        ln
+        for ln in render_markdown(SUMMARY).splitlines()
+        if ln.startswith("| good") or ln.startswith("| blocked")
+    ]
     assert rows == [
         "| good | 2.0000 | 1.5000 | json_valid: 0.0 → 0.5 | pass | v1 | yes |",
         "| blocked | 2.0000 | 1.5000 | json_valid: 0.0 → 0.5 | FAIL | - | no |",
@@ -66,24 +72,43 @@ def test_loss_svg_draws_every_point() -> None:
 
 EVALUATION = {
     "expert": "ja",
-    "eval_loss_candidate": 1.2, "eval_loss_base": 2.0, "eval_loss_production": 1.3,
+    "eval_loss_candidate": 1.2,
+    "eval_loss_base": 2.0,
+    "eval_loss_production": 1.3,
     "metrics_candidate": {"json_valid": 0.75, "safety_pass_rate": 1.0},
     "metrics_base": {"json_valid": 0.0, "safety_pass_rate": 0.5},
     "metrics_production": {"json_valid": 0.5},
-    "judge": {"model": "j", "reference": "production", "items": 4, "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75,
-              "confidence": 0.95, "outcomes": {"win": 4, "loss": 2, "tie": 1, "unparseable": 1}},
+    "judge": {
+        "model": "j",
+        "reference": "production",
+        "items": 4,
+        "win_rate": 0.625,
+        "ci_low": 0.5,
+        "ci_high": 0.75,
+        "confidence": 0.95,
+        "outcomes": {"win": 4, "loss": 2, "tie": 1, "unparseable": 1},
+    },
     "gate_passed": False,
-    "gate_rules": [{"rule": "no-regression-json_valid", "passed": False, "value": 0.75, "threshold": 0.8}],
+    "gate_rules": [
+        {"rule": "no-regression-json_valid", "passed": False, "value": 0.75, "threshold": 0.8}
+    ],
 }
 
 
 def test_metric_bars_draw_one_bar_per_arm_and_metric() -> None:
-    svg = metric_bars_svg({"json_valid": {"candidate": 0.75, "base": 0.0, "production": None}, "<x>": {"candidate": 1.0, "base": 0.5, "production": 1.0}})
+    svg = metric_bars_svg(
+        {
+            "json_valid": {"candidate": 0.75, "base": 0.0, "production": None},
+            "<x>": {"candidate": 1.0, "base": 0.5, "production": 1.0},
+        }
+    )
     assert svg.count("<title>") == 6
     assert "<title>candidate 0.750</title>" in svg and "<title>production -</title>" in svg
     assert "&lt;x&gt;" in svg and "<x>" not in svg
     # Bar widths scale with the value: 1.0 is twice 0.5.
-    widths = [float(w) for w in re.findall(r'<rect x="150" y="[\d.]+" width="([\d.]+)" height="8"', svg)]
+    widths = [
+        float(w) for w in re.findall(r'<rect x="150" y="[\d.]+" width="([\d.]+)" height="8"', svg)
+    ]
     assert len(widths) == 6
     assert widths[3] == 2 * widths[4] > 0 and widths[1] == widths[2] == 0
 
@@ -95,12 +120,19 @@ def test_eval_markdown_shows_rules_arms_and_judge() -> None:
     assert "| metric | candidate | base | production |" in md
     assert "| held-out loss | 1.2000 | 2.0000 | 1.3000 |" in md
     assert "| safety_pass_rate | 1.000 | 0.500 | - |" in md
-    assert "win rate 0.625 (95% CI 0.500-0.750) over 4 items x 2 orders: 4 won, 2 lost, 1 tied, 1 unparseable" in md
+    assert (
+        "win rate 0.625 (95% CI 0.500-0.750) over 4 items x 2 orders: 4 won, 2 lost, 1 tied, 1 unparseable"
+        in md
+    )
 
 
 def test_kfp_metrics_are_flat_numbers() -> None:
     m = kfp_metrics(EVALUATION)
-    assert m["candidate_json_valid"] == 0.75 and m["production_json_valid"] == 0.5 and m["eval_loss_base"] == 2.0
+    assert (
+        m["candidate_json_valid"] == 0.75
+        and m["production_json_valid"] == 0.5
+        and m["eval_loss_base"] == 2.0
+    )
     assert m["judge_ci_low"] == 0.5 and m["gate_passed"] == 0.0
     assert all(isinstance(v, float) for v in m.values())
 
@@ -110,4 +142,7 @@ def test_eval_html_is_one_offline_page_with_the_bars() -> None:
     assert page.startswith("<!doctype html>") and page.count("<svg") == 1
     assert "<script" not in page and "src=" not in page
     assert "&lt;ja&gt;" in page and "gate failed" in page
-    assert "held-out loss: candidate <b>1.2000</b> · base <b>2.0000</b> · production <b>1.3000</b>" in page
+    assert (
+        "held-out loss: candidate <b>1.2000</b> · base <b>2.0000</b> · production <b>1.3000</b>"
+        in page
+    )

@@ -18,10 +18,17 @@ import typer
 from lorafleet.console import console
 from lorafleet.errors import LorafleetError
 
-app = typer.Typer(help="Validate, synthesize, curate and describe data files (JSONL records).", no_args_is_help=True)
+app = typer.Typer(
+    help="Validate, synthesize, curate and describe data files (JSONL records).",
+    no_args_is_help=True,
+)
 
-SpecOpt = Annotated[Path | None, typer.Option("--spec", help="A fleet spec; its expert's data settings are used.")]
-ExpertOpt = Annotated[str | None, typer.Option("--expert", help="The expert of --spec whose settings apply.")]
+SpecOpt = Annotated[
+    Path | None, typer.Option("--spec", help="A fleet spec; its expert's data settings are used.")
+]
+ExpertOpt = Annotated[
+    str | None, typer.Option("--expert", help="The expert of --spec whose settings apply.")
+]
 
 
 def _expert(spec: Path | None, expert: str | None):
@@ -37,7 +44,9 @@ def _expert(spec: Path | None, expert: str | None):
     if expert is None and len(names) == 1:
         return fleet.experts[0]
     if expert not in names:
-        raise LorafleetError(f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}")
+        raise LorafleetError(
+            f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}"
+        )
     return fleet.expert(expert)
 
 
@@ -47,8 +56,13 @@ def _progress(description: str, total: int | None) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not console.is_terminal, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
@@ -57,14 +71,36 @@ def _progress(description: str, total: int | None) -> Iterator:
 @app.command("validate")
 def data_validate(
     file: Annotated[Path, typer.Argument(help="A .jsonl or .jsonl.gz file of records.")],
-    task: Annotated[str | None, typer.Option(help="The expert task every record must carry (or take it from --spec).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="The expert task every record must carry (or take it from --spec)."),
+    ] = None,
     spec: SpecOpt = None,
     expert: ExpertOpt = None,
-    min_chars: Annotated[int | None, typer.Option(help="Shortest allowed message (default: the spec's, else 1).")] = None,
-    max_chars: Annotated[int | None, typer.Option(help="Longest allowed message (default: the spec's, else 8000).")] = None,
-    pii: Annotated[str | None, typer.Option(help="Personal data policy: scrub, reject or off (default: the spec's, else scrub).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write a clean copy here (PII scrubbed under 'scrub'), only if the file passes.")] = None,
-    report: Annotated[Path | None, typer.Option(help="Write validation.json, validation.html and validation.md into this folder.")] = None,
+    min_chars: Annotated[
+        int | None, typer.Option(help="Shortest allowed message (default: the spec's, else 1).")
+    ] = None,
+    max_chars: Annotated[
+        int | None, typer.Option(help="Longest allowed message (default: the spec's, else 8000).")
+    ] = None,
+    pii: Annotated[
+        str | None,
+        typer.Option(
+            help="Personal data policy: scrub, reject or off (default: the spec's, else scrub)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a clean copy here (PII scrubbed under 'scrub'), only if the file passes."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write validation.json, validation.html and validation.md into this folder."
+        ),
+    ] = None,
 ) -> None:
     """Run the great-expectations suite on one data file.
 
@@ -77,12 +113,24 @@ def data_validate(
     task = task or (chosen.task if chosen else None)
     if task is None:
         raise LorafleetError("--task is required (or --spec with --expert)")
-    overrides = {k: v for k, v in {"min_chars": min_chars, "max_chars": max_chars, "pii": pii}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"min_chars": min_chars, "max_chars": max_chars, "pii": pii}.items()
+        if v is not None
+    }
     try:
-        rules = DataRules.model_validate({**(chosen.data.model_dump() if chosen else {}), **overrides})
+        rules = DataRules.model_validate(
+            {**(chosen.data.model_dump() if chosen else {}), **overrides}
+        )
     except ValueError as exc:
-        raise LorafleetError(f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
-    with console.status(f"validating {file}", spinner="dots") if console.is_terminal else contextlib.nullcontext():
+        raise LorafleetError(
+            f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+        ) from None
+    with (
+        console.status(f"validating {file}", spinner="dots")
+        if console.is_terminal
+        else contextlib.nullcontext()
+    ):
         result = validate_file(file, task, rules)
     if report is not None:
         from lorafleet.data.report import validation_html, validation_markdown
@@ -102,7 +150,9 @@ def data_validate(
         from lorafleet.records import dump_records, iter_records
 
         records = (r for _, r in iter_records(file, rules.max_line_bytes))
-        dump_records(out, (scrub_record(r)[0] for r in records) if rules.pii == "scrub" else records)
+        dump_records(
+            out, (scrub_record(r)[0] for r in records) if rules.pii == "scrub" else records
+        )
     pii_note = ", ".join(f"{k} {v}" for k, v in result.pii.items())
     console.print(
         f"{file}: ok — {result.rows} records pass {len(result.expectations)} expectations"
@@ -113,23 +163,53 @@ def data_validate(
 
 @app.command("synthesize")
 def data_synthesize(
-    seeds: Annotated[Path, typer.Argument(help="The seed records to expand (.jsonl or .jsonl.gz).")],
+    seeds: Annotated[
+        Path, typer.Argument(help="The seed records to expand (.jsonl or .jsonl.gz).")
+    ],
     out: Annotated[Path, typer.Option(help="Where the synthetic records go (JSONL).")],
     spec: SpecOpt = None,
     expert: ExpertOpt = None,
-    task: Annotated[str | None, typer.Option(help="The expert task (default: the spec's, else the seeds' first task).")] = None,
-    generator: Annotated[str | None, typer.Option(help="programmatic or teacher (default: the spec's, else programmatic).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="The expert task (default: the spec's, else the seeds' first task)."),
+    ] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(help="programmatic or teacher (default: the spec's, else programmatic)."),
+    ] = None,
     per_seed: Annotated[int | None, typer.Option(help="New records per seed.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Synthesis seed (deterministic output for a seed).")] = None,
-    teacher_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root, e.g. http://host/openai/v1.")] = None,
-    teacher_model: Annotated[str | None, typer.Option(help="The teacher's served model name.")] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help="File holding the API key (a mounted Kubernetes secret).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Teacher requests in flight at once.")] = None,
-    judge_model: Annotated[str | None, typer.Option(help="Score each record with this judge model; drop low scores.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Synthesis seed (deterministic output for a seed).")
+    ] = None,
+    teacher_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible API root, e.g. http://host/openai/v1.")
+    ] = None,
+    teacher_model: Annotated[
+        str | None, typer.Option(help="The teacher's served model name.")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the API key.")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="File holding the API key (a mounted Kubernetes secret).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Teacher requests in flight at once.")
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="Score each record with this judge model; drop low scores.")
+    ] = None,
     min_score: Annotated[int | None, typer.Option(help="Lowest judge score (1-5) kept.")] = None,
-    work_dir: Annotated[Path | None, typer.Option(help="The teacher's resumable shards (default: OUT.work). Rerun to resume.")] = None,
-    shard: Annotated[str, typer.Option(help="Expand only shard I of N of the seeds (I/N, 1-based); merge with `data curate --synthetic` repeated.")] = "1/1",
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(help="The teacher's resumable shards (default: OUT.work). Rerun to resume."),
+    ] = None,
+    shard: Annotated[
+        str,
+        typer.Option(
+            help="Expand only shard I of N of the seeds (I/N, 1-based); merge with `data curate --synthetic` repeated."
+        ),
+    ] = "1/1",
 ) -> None:
     """Expand seed records with the programmatic generator or a teacher LLM.
 
@@ -150,40 +230,76 @@ def data_synthesize(
     settings = chosen.synthesis.model_dump() if chosen else {}
     flat = {"generator": generator, "per_seed": per_seed, "seed": seed}
     settings.update({k: v for k, v in flat.items() if v is not None})
-    teacher = {"base_url": teacher_url, "model": teacher_model, "api_key_env": api_key_env,
-               "api_key_file": api_key_file, "concurrency": concurrency}
+    teacher = {
+        "base_url": teacher_url,
+        "model": teacher_model,
+        "api_key_env": api_key_env,
+        "api_key_file": api_key_file,
+        "concurrency": concurrency,
+    }
     if any(v is not None for v in teacher.values()):
-        settings["teacher"] = {**(settings.get("teacher") or {}), **{k: v for k, v in teacher.items() if v is not None}}
+        settings["teacher"] = {
+            **(settings.get("teacher") or {}),
+            **{k: v for k, v in teacher.items() if v is not None},
+        }
     if judge_model is not None or min_score is not None:
         judge = {"model": judge_model, "min_score": min_score}
-        settings["judge"] = {**(settings.get("judge") or {}), **{k: v for k, v in judge.items() if v is not None}}
+        settings["judge"] = {
+            **(settings.get("judge") or {}),
+            **{k: v for k, v in judge.items() if v is not None},
+        }
     try:
         synthesis = SynthesisSettings.model_validate(settings)
     except ValueError as exc:
         err = exc.errors()[0]
-        raise LorafleetError(f"invalid option: {'.'.join(map(str, err['loc'])) or 'synthesis'}: {err['msg']}") from None
+        raise LorafleetError(
+            f"invalid option: {'.'.join(map(str, err['loc'])) or 'synthesis'}: {err['msg']}"
+        ) from None
     total = len(records) * synthesis.per_seed if synthesis.generator == "teacher" else None
     with _progress(f"synthesizing ({synthesis.generator})", total) as advance:
-        result = synthesize(records, synthesis, task, chosen.data if chosen else None,
-                            work_dir or Path(str(out) + ".work"), on_job=advance, pool=pool_records)
+        result = synthesize(
+            records,
+            synthesis,
+            task,
+            chosen.data if chosen else None,
+            work_dir or Path(str(out) + ".work"),
+            on_job=advance,
+            pool=pool_records,
+        )
     dump_records(out, result.records)
     dropped = result.stats.get("dropped") or {}
-    console.print(f"wrote {out}: {len(result.records)} synthetic records"
-                  + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else ""))
+    console.print(
+        f"wrote {out}: {len(result.records)} synthetic records"
+        + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else "")
+    )
 
 
 @app.command("curate")
 def data_curate(
     seeds: Annotated[Path, typer.Option(help="The human seed records.")],
-    eval_set: Annotated[Path, typer.Option("--eval", help="The held-out eval records nothing may overlap.")],
+    eval_set: Annotated[
+        Path, typer.Option("--eval", help="The held-out eval records nothing may overlap.")
+    ],
     out: Annotated[Path, typer.Option(help="Where the curated training set goes (JSONL).")],
-    synthetic: Annotated[list[Path] | None, typer.Option(help="Synthetic records; repeat for shards (merged in seed order).")] = None,
-    stats: Annotated[Path | None, typer.Option(help="Write the stats artifact (JSON) here, and Markdown beside it.")] = None,
+    synthetic: Annotated[
+        list[Path] | None,
+        typer.Option(help="Synthetic records; repeat for shards (merged in seed order)."),
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="Write the stats artifact (JSON) here, and Markdown beside it."),
+    ] = None,
     spec: SpecOpt = None,
     expert: ExpertOpt = None,
-    max_synthetic_ratio: Annotated[float | None, typer.Option(help="At most this many synthetic rows per human row.")] = None,
-    near_dup_threshold: Annotated[float | None, typer.Option(help="Estimated Jaccard similarity that makes a near-duplicate.")] = None,
-    pii: Annotated[str | None, typer.Option(help="scrub, reject or off (default: the spec's, else scrub).")] = None,
+    max_synthetic_ratio: Annotated[
+        float | None, typer.Option(help="At most this many synthetic rows per human row.")
+    ] = None,
+    near_dup_threshold: Annotated[
+        float | None, typer.Option(help="Estimated Jaccard similarity that makes a near-duplicate.")
+    ] = None,
+    pii: Annotated[
+        str | None, typer.Option(help="scrub, reject or off (default: the spec's, else scrub).")
+    ] = None,
 ) -> None:
     """Scrub personal data, drop exact and near duplicates and eval overlap, cap synthetic rows.
 
@@ -201,13 +317,24 @@ def data_curate(
     shards = [[r for _, r in read_records(p)] for p in synthetic or []]
     eval_records = [r for _, r in read_records(eval_set)]
     try:
-        settings = CurationSettings.model_validate({
-            **(chosen.curation.model_dump() if chosen else {}),
-            **({"near_dup_threshold": near_dup_threshold} if near_dup_threshold is not None else {}),
-        })
-        ratio = max_synthetic_ratio if max_synthetic_ratio is not None else (
-            chosen.synthesis if chosen else SynthesisSettings()).max_synthetic_ratio
-        policy = DataRules.model_validate({"pii": pii or (chosen.data.pii if chosen else "scrub")}).pii
+        settings = CurationSettings.model_validate(
+            {
+                **(chosen.curation.model_dump() if chosen else {}),
+                **(
+                    {"near_dup_threshold": near_dup_threshold}
+                    if near_dup_threshold is not None
+                    else {}
+                ),
+            }
+        )
+        ratio = (
+            max_synthetic_ratio
+            if max_synthetic_ratio is not None
+            else (chosen.synthesis if chosen else SynthesisSettings()).max_synthetic_ratio
+        )
+        policy = DataRules.model_validate(
+            {"pii": pii or (chosen.data.pii if chosen else "scrub")}
+        ).pii
     except ValueError as exc:
         err = exc.errors()[0]
         raise LorafleetError(f"invalid option: {err['loc'][0]}: {err['msg']}") from None
@@ -220,13 +347,17 @@ def data_curate(
         atomic_write_text(stats.with_suffix(".md"), stats_markdown(result.stats))
     o = result.stats["output"]
     dropped = ", ".join(f"{k} {v}" for k, v in result.stats["dropped"].items()) or "nothing"
-    console.print(f"wrote {out}: {o['total']} records ({o['human']} human, {o['synthetic']} synthetic); dropped {dropped}")
+    console.print(
+        f"wrote {out}: {o['total']} records ({o['human']} human, {o['synthetic']} synthetic); dropped {dropped}"
+    )
 
 
 @app.command("stats")
 def data_stats(
     files: Annotated[list[Path], typer.Argument(help="Data files (.jsonl or .jsonl.gz).")],
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")
+    ] = None,
 ) -> None:
     """Describe data files: records by task, source and generator, turns, lengths, personal data."""
     from rich.table import Table
@@ -235,10 +366,24 @@ def data_stats(
     from lorafleet.io import atomic_write_json
     from lorafleet.records import iter_records
 
-    table = Table("file", "records", "tasks", "sources", "generators", "turns (mean)", "chars (mean)", "personal data")
+    table = Table(
+        "file",
+        "records",
+        "tasks",
+        "sources",
+        "generators",
+        "turns (mean)",
+        "chars (mean)",
+        "personal data",
+    )
     numbers = {}
     for path in files:
-        counts: dict[str, Counter] = {"task": Counter(), "source": Counter(), "generator": Counter(), "pii": Counter()}
+        counts: dict[str, Counter] = {
+            "task": Counter(),
+            "source": Counter(),
+            "generator": Counter(),
+            "pii": Counter(),
+        }
         n = turns = chars = 0
         with _progress(f"reading {path.name}", None) as advance:
             for _, r in iter_records(path):
@@ -247,13 +392,28 @@ def data_stats(
                 chars += sum(len(m.content) for m in r.messages)
                 counts["task"][r.task] += 1
                 counts["source"][r.source] += 1
-                counts["generator"][r.meta.get("generator", "human" if r.source == "human" else "?")] += 1
+                counts["generator"][
+                    r.meta.get("generator", "human" if r.source == "human" else "?")
+                ] += 1
                 counts["pii"] += record_pii(r)
                 advance()
-        numbers[str(path)] = {"records": n, "mean_turns": round(turns / max(n, 1), 2),
-                              "mean_chars": round(chars / max(n, 1), 1), **{k: dict(v) for k, v in counts.items()}}
-        table.add_row(str(path), str(n), *(", ".join(f"{k} {v}" for k, v in counts[c].most_common()) for c in ("task", "source", "generator")),
-                      f"{turns / max(n, 1):.1f}", f"{chars / max(n, 1):.0f}", ", ".join(f"{k} {v}" for k, v in counts["pii"].items()) or "none")
+        numbers[str(path)] = {
+            "records": n,
+            "mean_turns": round(turns / max(n, 1), 2),
+            "mean_chars": round(chars / max(n, 1), 1),
+            **{k: dict(v) for k, v in counts.items()},
+        }
+        table.add_row(
+            str(path),
+            str(n),
+            *(
+                ", ".join(f"{k} {v}" for k, v in counts[c].most_common())
+                for c in ("task", "source", "generator")
+            ),
+            f"{turns / max(n, 1):.1f}",
+            f"{chars / max(n, 1):.0f}",
+            ", ".join(f"{k} {v}" for k, v in counts["pii"].items()) or "none",
+        )
     console.print(table)
     if json_out is not None:
         atomic_write_json(json_out, numbers)

@@ -13,15 +13,25 @@ import typer
 
 from lorafleet.console import console
 
-app = typer.Typer(help="Render and apply the fleet's serving objects (KServe) for a cluster.", no_args_is_help=True)
+app = typer.Typer(
+    help="Render and apply the fleet's serving objects (KServe) for a cluster.",
+    no_args_is_help=True,
+)
 
 SpecArg = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
 ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", help="Cluster profile: aws, gcp or onprem (default: the spec's serving.profile).")
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Cluster profile: aws, gcp or onprem (default: the spec's serving.profile).",
+    ),
 ]
 RegistryOpt = Annotated[
     Path | None,
-    typer.Option("--registry", help="A local registry (or a copy of a remote one's index.json) naming the adapter versions."),
+    typer.Option(
+        "--registry",
+        help="A local registry (or a copy of a remote one's index.json) naming the adapter versions.",
+    ),
 ]
 
 
@@ -42,7 +52,10 @@ def render_cmd(
     file: SpecArg,
     profile: ProfileOpt = None,
     registry: RegistryOpt = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write one YAML file per object here (default: stdout).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("-o", "--out", help="Write one YAML file per object here (default: stdout)."),
+    ] = None,
 ) -> None:
     """Render and validate the ServiceAccounts, RBAC, ServingRuntime, InferenceService,
     PodDisruptionBudget, NetworkPolicy and ServiceMonitor that serve the fleet."""
@@ -61,8 +74,14 @@ def apply_cmd(
     file: SpecArg,
     profile: ProfileOpt = None,
     registry: RegistryOpt = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the InferenceService to be Ready (0: do not wait).")] = 900,
-    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).")] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the InferenceService to be Ready (0: do not wait)."),
+    ] = 900,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
+    ] = None,
 ) -> None:
     """Apply the rendered objects idempotently (create, or merge-patch what differs) and
     wait until KServe reports the InferenceService Ready."""
@@ -75,6 +94,10 @@ def apply_cmd(
             console.print(f"{result.kind}/{result.name}: {result.action}")
         if timeout > 0:
             isvc = next(o for o in objects if o["kind"] == "InferenceService")
-            with console.status(f"waiting for InferenceService/{isvc['metadata']['name']} to be Ready") as status:
-                wait_ready(api, isvc, timeout, on_poll=lambda s: status.update(f"InferenceService: {s}"))
+            with console.status(
+                f"waiting for InferenceService/{isvc['metadata']['name']} to be Ready"
+            ) as status:
+                wait_ready(
+                    api, isvc, timeout, on_poll=lambda s: status.update(f"InferenceService: {s}")
+                )
             console.print(f"InferenceService/{isvc['metadata']['name']}: Ready")

@@ -19,7 +19,11 @@ import typer
 from lorafleet.console import console
 from lorafleet.errors import LorafleetError
 
-app = typer.Typer(help="Evaluate adapters (candidate vs base vs production) and compare evaluations.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate adapters (candidate vs base vs production) and compare evaluations.",
+    no_args_is_help=True,
+)
+
 
 @contextlib.contextmanager
 def _bars(totals: dict[str, int]) -> Iterator[Callable[[str, int], None]]:
@@ -27,14 +31,25 @@ def _bars(totals: dict[str, int]) -> Iterator[Callable[[str, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not console.is_terminal, transient=True,
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
     ) as bar:
         tasks = {name: bar.add_task(name, total=total) for name, total in totals.items()}
         yield lambda name, n: bar.advance(tasks[name], n)
 
 
-def _policy(spec: Path | None, expert: str | None, judge_url: str | None, judge_model: str | None, judge_key_env: str | None):
+def _policy(
+    spec: Path | None,
+    expert: str | None,
+    judge_url: str | None,
+    judge_model: str | None,
+    judge_key_env: str | None,
+):
     """The gate policy: the expert's from ``--spec``, else the defaults; ``--judge-*`` set its judge."""
     from lorafleet.fleet import GateJudge, GatePolicy, load_fleet
 
@@ -42,7 +57,9 @@ def _policy(spec: Path | None, expert: str | None, judge_url: str | None, judge_
         fleet = load_fleet(spec, check_files=False)
         names = [e.name for e in fleet.experts]
         if expert not in names:
-            raise LorafleetError(f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}")
+            raise LorafleetError(
+                f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}"
+            )
         policy = fleet.expert(expert).gate
     elif expert is not None:
         raise LorafleetError("--expert needs --spec")
@@ -51,28 +68,64 @@ def _policy(spec: Path | None, expert: str | None, judge_url: str | None, judge_
     if (judge_url is None) != (judge_model is None):
         raise LorafleetError("--judge-url and --judge-model go together")
     if judge_url is not None:
-        policy = policy.model_copy(update={"judge": GateJudge(base_url=judge_url, model=judge_model, api_key_env=judge_key_env)})
+        policy = policy.model_copy(
+            update={
+                "judge": GateJudge(base_url=judge_url, model=judge_model, api_key_env=judge_key_env)
+            }
+        )
     return policy
 
 
 @app.command("run")
 def eval_run(
-    base: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The base model directory.")],
-    adapter: Annotated[Path, typer.Option(exists=True, file_okay=False, help="The candidate PEFT adapter directory.")],
-    eval_file: Annotated[Path, typer.Option("--eval", exists=True, dir_okay=False, help="Held-out records (.jsonl).")],
-    task: Annotated[str, typer.Option(help="The expert task, e.g. job-analyzer (selects the task metrics).")],
+    base: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="The base model directory.")
+    ],
+    adapter: Annotated[
+        Path,
+        typer.Option(exists=True, file_okay=False, help="The candidate PEFT adapter directory."),
+    ],
+    eval_file: Annotated[
+        Path, typer.Option("--eval", exists=True, dir_okay=False, help="Held-out records (.jsonl).")
+    ],
+    task: Annotated[
+        str, typer.Option(help="The expert task, e.g. job-analyzer (selects the task metrics).")
+    ],
     production: Annotated[
-        Path | None, typer.Option(exists=True, file_okay=False, help="The production adapter to hold the candidate against.")
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="The production adapter to hold the candidate against.",
+        ),
     ] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON report here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Also write the Markdown report here.")] = None,
-    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML report with charts here.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generation budget per answer (default: the policy's).")] = None,
-    spec: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="A fleet spec whose expert's gate policy applies.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the JSON report here.")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the Markdown report here.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a self-contained HTML report with charts here.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Generation budget per answer (default: the policy's)."),
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="A fleet spec whose expert's gate policy applies."
+        ),
+    ] = None,
     expert: Annotated[str | None, typer.Option(help="The expert of --spec.")] = None,
-    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root of a pairwise judge.")] = None,
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible API root of a pairwise judge.")
+    ] = None,
     judge_model: Annotated[str | None, typer.Option(help="The judge's served model name.")] = None,
-    judge_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the judge's API key.")] = None,
+    judge_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the judge's API key.")
+    ] = None,
 ) -> None:
     """Evaluate a candidate adapter against the base model (and --production), then apply the gate."""
     from lorafleet.evaluate.metrics import PRIMARY_METRIC
@@ -92,21 +145,51 @@ def eval_run(
         raise LorafleetError(f"{eval_file}: no records to evaluate")
     adapters = {"candidate": adapter} | ({"production": production} if production else {})
     generator = Generator(base, adapters)
-    arms = {"candidate": "candidate", "base": None} | ({"production": "production"} if production else {})
+    arms = {"candidate": "candidate", "base": None} | (
+        {"production": "production"} if production else {}
+    )
     totals = {arm: arm_samples(records) for arm in arms}
     if policy.judge is not None:
         totals["judge"] = min(policy.judge.max_items or len(records), len(records))
     with _bars(totals) as advance:
         report = evaluate_candidate(
-            generator, records, task, arms, max_new_tokens or policy.max_new_tokens, policy.judge,
-            on_samples=advance, on_judged=lambda: advance("judge", 1),
+            generator,
+            records,
+            task,
+            arms,
+            max_new_tokens or policy.max_new_tokens,
+            policy.judge,
+            on_samples=advance,
+            on_judged=lambda: advance("judge", 1),
         )
-    prod = {"version": str(production), "eval_loss": report["eval_loss_production"], "metrics": report["metrics_production"]} if production else None
-    decision = decide(policy, report["eval_loss_base"], report["eval_loss_candidate"], report["metrics_candidate"], prod, report["judge"])
+    prod = (
+        {
+            "version": str(production),
+            "eval_loss": report["eval_loss_production"],
+            "metrics": report["metrics_production"],
+        }
+        if production
+        else None
+    )
+    decision = decide(
+        policy,
+        report["eval_loss_base"],
+        report["eval_loss_candidate"],
+        report["metrics_candidate"],
+        prod,
+        report["judge"],
+    )
     report = {
-        "task": task, "primary_metric": PRIMARY_METRIC.get(task, "token_f1"), "base": str(base), "adapter": str(adapter),
-        "production_version": str(production) if production else None, "eval_file": str(eval_file), **report,
-        "gate_passed": decision.passed, "gate_reasons": decision.reasons, "gate_rules": decision.to_dict()["rules"],
+        "task": task,
+        "primary_metric": PRIMARY_METRIC.get(task, "token_f1"),
+        "base": str(base),
+        "adapter": str(adapter),
+        "production_version": str(production) if production else None,
+        "eval_file": str(eval_file),
+        **report,
+        "gate_passed": decision.passed,
+        "gate_reasons": decision.reasons,
+        "gate_rules": decision.to_dict()["rules"],
     }
     if output:
         atomic_write_json(output, report)
@@ -118,13 +201,22 @@ def eval_run(
         atomic_write_text(html, render_eval_html(report))
     console.print(rich_eval_table({"run": report}))
     for reason in decision.reasons:
-        console.print(("[green]" if reason.startswith("PASS") else "[red]") + reason, markup=True, highlight=False)
+        console.print(
+            ("[green]" if reason.startswith("PASS") else "[red]") + reason,
+            markup=True,
+            highlight=False,
+        )
 
 
 @app.command("compare")
 def eval_compare(
-    first: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A report from `lorafleet eval run -o`.")],
-    second: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Another report to set beside it.")],
+    first: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, help="A report from `lorafleet eval run -o`."),
+    ],
+    second: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Another report to set beside it.")
+    ],
 ) -> None:
     """Show two evaluation reports side by side: held-out loss, every candidate metric, the gate."""
     import json
@@ -139,5 +231,7 @@ def eval_compare(
             raise LorafleetError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from exc
         missing = {"eval_loss_candidate", "metrics_candidate"} - set(reports[str(path)])
         if missing:
-            raise LorafleetError(f"{path}: not an evaluation report (no {', '.join(sorted(missing))})")
+            raise LorafleetError(
+                f"{path}: not an evaluation report (no {', '.join(sorted(missing))})"
+            )
     console.print(rich_eval_table(reports))

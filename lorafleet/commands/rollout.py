@@ -97,8 +97,13 @@ def _kube(kubeconfig: Path | None, context: str | None) -> tuple[Any, str]:
         raise LorafleetError(f"kubeconfig: {exc}") from None
 
 
-def _controller(ctx: typer.Context, namespace: str | None, state_dir: Path | None, kubeconfig: Path | None,
-                context: str | None):  # fmt: skip
+def _controller(
+    ctx: typer.Context,
+    namespace: str | None,
+    state_dir: Path | None,
+    kubeconfig: Path | None,
+    context: str | None,
+):
     """The controller on the store the options (and the plugin's default) choose."""
     from lorafleet.rollout.controller import Controller
     from lorafleet.rollout.store import ConfigMapStore, FileStore
@@ -236,9 +241,17 @@ def start(
         for s in router_service or []
     ]
     try:
-        target = Target(mode=policy.mode, route=route, stable=stable, canary=canary,
-                        router_urls=[*(router_url or []), *services],
-                        sticky_header=sticky_header, token_env=token_env, namespace=where, isvc=isvc)  # fmt: skip
+        target = Target(
+            mode=policy.mode,
+            route=route,
+            stable=stable,
+            canary=canary,
+            router_urls=[*(router_url or []), *services],
+            sticky_header=sticky_header,
+            token_env=token_env,
+            namespace=where,
+            isvc=isvc,
+        )
     except ValidationError as exc:
         raise LorafleetError(
             f"rollout {name!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"

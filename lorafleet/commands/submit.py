@@ -13,14 +13,33 @@ __all__ = ["submit"]
 
 
 def submit(
-    spec: Annotated[Path, typer.Argument(help="The fleet spec (YAML); its data paths must be where the pods see them.")],
-    host: Annotated[str, typer.Option(help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow.")],
-    profile: Annotated[str | None, typer.Option(help="Cluster profile of the spec's pipeline.profiles (aws, gcp, onprem).")] = None,
-    namespace: Annotated[str | None, typer.Option(help="User namespace of a multi-user Kubeflow deployment.")] = None,
-    service_account: Annotated[str | None, typer.Option(help="ServiceAccount the run's pods use.")] = None,
+    spec: Annotated[
+        Path,
+        typer.Argument(
+            help="The fleet spec (YAML); its data paths must be where the pods see them."
+        ),
+    ],
+    host: Annotated[
+        str,
+        typer.Option(help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow."),
+    ],
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Cluster profile of the spec's pipeline.profiles (aws, gcp, onprem)."),
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="User namespace of a multi-user Kubeflow deployment.")
+    ] = None,
+    service_account: Annotated[
+        str | None, typer.Option(help="ServiceAccount the run's pods use.")
+    ] = None,
 ) -> None:
     """Compile the fleet pipeline (with --profile's Kubernetes settings), upload it and start a run."""
     from lorafleet.pipelines.submit import submit_fleet
 
-    done = submit_fleet(spec, host, profile=profile, namespace=namespace, service_account=service_account)
-    console.print(f"run {done.run_name} started: run {done.run_id}, pipeline {done.pipeline_id}, version {done.version_id}")
+    done = submit_fleet(
+        spec, host, profile=profile, namespace=namespace, service_account=service_account
+    )
+    console.print(
+        f"run {done.run_name} started: run {done.run_id}, pipeline {done.pipeline_id}, version {done.version_id}"
+    )

@@ -11,13 +11,24 @@ import typer
 
 from lorafleet.console import console
 
-app = typer.Typer(help="Train an expert's LoRA adapter: here, under torchrun (DDP), or as a Kubeflow job.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train an expert's LoRA adapter: here, under torchrun (DDP), or as a Kubeflow job.",
+    no_args_is_help=True,
+)
 
 SpecArg = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
-ExpertOpt = Annotated[str, typer.Option(help="The expert to train (its lora: and training: blocks).")]
-BaseOpt = Annotated[str, typer.Option("--base", help="Base model directory (as the trainer sees it).")]
-TrainSetOpt = Annotated[str, typer.Option("--train-set", help="Training records, JSONL (as the trainer sees it).")]
-OutputOpt = Annotated[str, typer.Option("--output", help="Where the adapter goes; checkpoints go to OUTPUT.run.")]
+ExpertOpt = Annotated[
+    str, typer.Option(help="The expert to train (its lora: and training: blocks).")
+]
+BaseOpt = Annotated[
+    str, typer.Option("--base", help="Base model directory (as the trainer sees it).")
+]
+TrainSetOpt = Annotated[
+    str, typer.Option("--train-set", help="Training records, JSONL (as the trainer sees it).")
+]
+OutputOpt = Annotated[
+    str, typer.Option("--output", help="Where the adapter goes; checkpoints go to OUTPUT.run.")
+]
 
 
 def _job(spec: Path, expert: str, base: str, train_set: str, output: str, resume: bool):
@@ -26,9 +37,13 @@ def _job(spec: Path, expert: str, base: str, train_set: str, output: str, resume
 
     settings = load_fleet(spec).expert(expert)
     job = TrainJobConfig(
-        base_dir=base, train_set=train_set, output_dir=output, resume=resume,
-        lora=settings.lora, training=settings.training,
-    )  # fmt: skip
+        base_dir=base,
+        train_set=train_set,
+        output_dir=output,
+        resume=resume,
+        lora=settings.lora,
+        training=settings.training,
+    )
     return settings, job
 
 
@@ -39,7 +54,9 @@ def run_cmd(
     base: BaseOpt,
     train_set: TrainSetOpt,
     output: OutputOpt,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in OUTPUT.run.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in OUTPUT.run.")
+    ] = False,
 ) -> None:
     """Train on this machine: in this process (launcher: local) or as
     training.gpus_per_node DDP ranks under torchrun (launcher: torchrun)."""
@@ -50,7 +67,9 @@ def run_cmd(
     settings, job = _job(spec, expert, base, train_set, output, resume)
     launcher = settings.training.launcher
     if launcher == "trainjob":
-        raise LorafleetError(f"experts.{expert}.training.launcher is 'trainjob': use `lorafleet train submit`")
+        raise LorafleetError(
+            f"experts.{expert}.training.launcher is 'trainjob': use `lorafleet train submit`"
+        )
     if launcher == "torchrun":
         summary = run_torchrun(job, settings.training.gpus_per_node)
     else:
@@ -70,11 +89,22 @@ def submit_cmd(
     base: BaseOpt,
     train_set: TrainSetOpt,
     output: OutputOpt,
-    name: Annotated[str | None, typer.Option(help="Job name (default: lorafleet-EXPERT-TIMESTAMP).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the job object (JSON) instead of creating it.")] = False,
-    wait: Annotated[bool, typer.Option(help="Follow the job until it ends, printing each status change.")] = True,
-    poll: Annotated[float, typer.Option(help="Seconds between status reads while following.")] = 10.0,
-    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Job name (default: lorafleet-EXPERT-TIMESTAMP).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the job object (JSON) instead of creating it.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the job until it ends, printing each status change.")
+    ] = True,
+    poll: Annotated[
+        float, typer.Option(help="Seconds between status reads while following.")
+    ] = 10.0,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
+    ] = None,
 ) -> None:
     """Create the expert's multi-node training job (launcher: trainjob) and follow it.
 
@@ -88,7 +118,9 @@ def submit_cmd(
 
     settings, job = _job(spec, expert, base, train_set, output, resume=True)
     if settings.training.launcher != "trainjob":
-        raise LorafleetError(f"experts.{expert}.training.launcher is {settings.training.launcher!r}; submit needs 'trainjob'")
+        raise LorafleetError(
+            f"experts.{expert}.training.launcher is {settings.training.launcher!r}; submit needs 'trainjob'"
+        )
     name = name or f"lorafleet-{expert}-{time.strftime('%Y%m%d%H%M%S')}"[:63]
     if dry_run:
         typer.echo(json.dumps(build_trainjob(name, job, settings.training), indent=2))
@@ -99,4 +131,12 @@ def submit_cmd(
         console.print(f"{kind.kind}/{name} created in {namespace}")
         if wait:
             cluster = settings.training.cluster
-            wait_for_job(api, kind, namespace, name, cluster.timeout_s, poll, lambda line: console.print(f"{kind.kind}/{name}: {line}"))
+            wait_for_job(
+                api,
+                kind,
+                namespace,
+                name,
+                cluster.timeout_s,
+                poll,
+                lambda line: console.print(f"{kind.kind}/{name}: {line}"),
+            )

@@ -33,8 +33,16 @@ from lorafleet.fleet import CurationSettings
 from lorafleet.records import Record, record_text
 
 __all__ = [
-    "CurationResult", "NearDuplicateIndex", "PreparedShard", "conversation_key", "curate", "ngrams", "prepare_shard",
-    "provenance", "select_rows", "words_of",
+    "CurationResult",
+    "NearDuplicateIndex",
+    "PreparedShard",
+    "conversation_key",
+    "curate",
+    "ngrams",
+    "prepare_shard",
+    "provenance",
+    "select_rows",
+    "words_of",
 ]
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -53,7 +61,9 @@ def ngrams(text: str | list[str], n: int) -> set[tuple[str, ...]]:
 
 def conversation_key(record: Record) -> str:
     """A hash of the conversation up to case and whitespace: equal keys are exact duplicates."""
-    norm = "\x1e".join(f"{m.role}\x1f{' '.join(m.content.lower().split())}" for m in record.messages)
+    norm = "\x1e".join(
+        f"{m.role}\x1f{' '.join(m.content.lower().split())}" for m in record.messages
+    )
     return hashlib.sha256(norm.encode()).hexdigest()
 
 
@@ -90,7 +100,9 @@ class NearDuplicateIndex:
 
         cache = self._word_hashes
         wh = np.fromiter(
-            (cache.get(w) or cache.setdefault(w, zlib.crc32(w.encode()) | 1) for w in words), dtype=np.uint64, count=len(words)
+            (cache.get(w) or cache.setdefault(w, zlib.crc32(w.encode()) | 1) for w in words),
+            dtype=np.uint64,
+            count=len(words),
         )
         k = min(self.shingle_words, len(wh)) or 1
         if len(wh) == 0:
@@ -105,8 +117,13 @@ class NearDuplicateIndex:
     def _minhash(self, hashvalues=None):
         from datasketch import MinHash
 
-        return MinHash(num_perm=self.num_perm, hashfunc=_identity, permutations=self._permutations,
-                       scheme="affine32", hashvalues=hashvalues)
+        return MinHash(
+            num_perm=self.num_perm,
+            hashfunc=_identity,
+            permutations=self._permutations,
+            scheme="affine32",
+            hashvalues=hashvalues,
+        )
 
     def signature(self, words: list[str]):
         """The MinHash values of a text given as its words: a ``[num_perm]`` uint64 array."""
@@ -179,8 +196,15 @@ class PreparedShard:
 
         with atomic_dir(directory) as tmp:
             with open(tmp / "rows.jsonl", "w", encoding="utf-8") as f:
-                for r, o, k, c in zip(self.rows, self.order, self.keys, self.contaminated, strict=True):
-                    f.write(json.dumps({"order": o, "key": k, "contaminated": c, "record": r.model_dump()}) + "\n")
+                for r, o, k, c in zip(
+                    self.rows, self.order, self.keys, self.contaminated, strict=True
+                ):
+                    f.write(
+                        json.dumps(
+                            {"order": o, "key": k, "contaminated": c, "record": r.model_dump()}
+                        )
+                        + "\n"
+                    )
             if self.signatures is not None:
                 np.save(tmp / "signatures.npy", self.signatures)
             (tmp / "counts.json").write_text(json.dumps(self.counts))
@@ -192,7 +216,10 @@ class PreparedShard:
         import numpy as np
 
         directory = Path(directory)
-        lines = [json.loads(line) for line in (directory / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+        lines = [
+            json.loads(line)
+            for line in (directory / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
         sig = directory / "signatures.npy"
         return cls(
             rows=[Record.model_validate(x["record"]) for x in lines],
@@ -245,11 +272,18 @@ def prepare_shard(
 
     from lorafleet.data.pii import scrub_record
 
-    rank = {sid: i for i, sid in enumerate(seed_ids if seed_ids is not None else [r.id for r in human])}
+    rank = {
+        sid: i for i, sid in enumerate(seed_ids if seed_ids is not None else [r.id for r in human])
+    }
     n = settings.decontaminate_ngram
     eval_grams, eval_keys = _eval_index(eval_records, n)
-    hasher = NearDuplicateIndex(settings.near_dup_threshold, settings.minhash_num_perm, settings.shingle_words) \
-        if settings.near_dup_threshold < 1 else None
+    hasher = (
+        NearDuplicateIndex(
+            settings.near_dup_threshold, settings.minhash_num_perm, settings.shingle_words
+        )
+        if settings.near_dup_threshold < 1
+        else None
+    )
     out = PreparedShard([], [], [], [], None, {})
     found: Counter[str] = Counter()
     drops: Counter[str] = Counter()
@@ -272,13 +306,22 @@ def prepare_shard(
         out.rows.append(r)
         out.order.append(order)
         out.keys.append(key)
-        out.contaminated.append(key in eval_keys or bool(eval_grams and ngrams(words, n) & eval_grams))
+        out.contaminated.append(
+            key in eval_keys or bool(eval_grams and ngrams(words, n) & eval_grams)
+        )
         if hasher is not None:
             signatures.append(hasher.signature(words))
     if hasher is not None:
-        out.signatures = np.stack(signatures) if signatures else np.zeros((0, settings.minhash_num_perm), dtype=np.uint64)
-    out.counts = {"input": {"human": len(human), "synthetic": len(synthetic)},
-                  "pii": dict(found), "dropped": dict(drops)}
+        out.signatures = (
+            np.stack(signatures)
+            if signatures
+            else np.zeros((0, settings.minhash_num_perm), dtype=np.uint64)
+        )
+    out.counts = {
+        "input": {"human": len(human), "synthetic": len(synthetic)},
+        "pii": dict(found),
+        "dropped": dict(drops),
+    }
     return out
 
 
@@ -306,8 +349,13 @@ def select_rows(
     Returns:
         The kept records (with ``meta.provenance``) and the stats artifact.
     """
-    near = NearDuplicateIndex(settings.near_dup_threshold, settings.minhash_num_perm, settings.shingle_words) \
-        if settings.near_dup_threshold < 1 else None
+    near = (
+        NearDuplicateIndex(
+            settings.near_dup_threshold, settings.minhash_num_perm, settings.shingle_words
+        )
+        if settings.near_dup_threshold < 1
+        else None
+    )
     drops: Counter[str] = Counter()
     found: Counter[str] = Counter()
     inputs: Counter[str] = Counter()
@@ -353,9 +401,11 @@ def select_rows(
         out.append(r.model_copy(update={"meta": {**r.meta, "provenance": provenance(r)}}))
     stats = {
         "input": {"human": inputs["human"], "synthetic": inputs["synthetic"], "eval": n_eval},
-        "stages": {"input": inputs["human"] + inputs["synthetic"],
-                   **{s: after[s] for s in ("pii", "exact-dedup", "near-dedup", "decontaminate")},
-                   "ratio-cap": len(out)},
+        "stages": {
+            "input": inputs["human"] + inputs["synthetic"],
+            **{s: after[s] for s in ("pii", "exact-dedup", "near-dedup", "decontaminate")},
+            "ratio-cap": len(out),
+        },
         "dropped": dict(sorted(drops.items())),
         "pii": dict(sorted(found.items())),
         "pii_policy": pii,

@@ -49,8 +49,23 @@ OFF_PLATFORM = re.compile(
 # Cheap prefilters (C-speed scans) so the full patterns only run on text that can match:
 # every phone, card and IBAN has a run of 8+ digits and separators.
 NUMBER_RUN = re.compile(r"\d[\d \-().]{6,}\d")
-OFF_PLATFORM_WORDS = ("whats", "telegram", "skype", "signal", "wechat", "viber", "discord", "directly", "outside", "off",
-                      "my e", "my phone", "my number", "my cell", "my personal")
+OFF_PLATFORM_WORDS = (
+    "whats",
+    "telegram",
+    "skype",
+    "signal",
+    "wechat",
+    "viber",
+    "discord",
+    "directly",
+    "outside",
+    "off",
+    "my e",
+    "my phone",
+    "my number",
+    "my cell",
+    "my personal",
+)
 
 
 @dataclass(frozen=True)

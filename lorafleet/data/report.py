@@ -29,7 +29,11 @@ MAX_LISTED = 200  # findings listed per file; the JSON result keeps them all
 def _status(ok: bool, severity: str) -> str:
     if ok:
         return '<span class="ok">ok</span>'
-    return '<span class="bad">FAILED</span>' if severity == "critical" else '<span class="warn">warning</span>'
+    return (
+        '<span class="bad">FAILED</span>'
+        if severity == "critical"
+        else '<span class="warn">warning</span>'
+    )
 
 
 def _findings_html(title: str, findings: list) -> str:
@@ -39,7 +43,11 @@ def _findings_html(title: str, findings: list) -> str:
         f"<tr><td>{f.line or '-'}</td><td><code>{_escape(f.rule)}</code></td><td>{_escape(f.detail)}</td></tr>"
         for f in findings[:MAX_LISTED]
     )
-    more = f'<p class="muted">and {len(findings) - MAX_LISTED} more in the JSON result</p>' if len(findings) > MAX_LISTED else ""
+    more = (
+        f'<p class="muted">and {len(findings) - MAX_LISTED} more in the JSON result</p>'
+        if len(findings) > MAX_LISTED
+        else ""
+    )
     return f"<h3>{title}</h3><table><tr><th>line</th><th>rule</th><th>detail</th></tr>{rows}</table>{more}"
 
 
@@ -49,21 +57,22 @@ def validation_html(reports: list[ValidationReport], title: str = "Data validati
     for r in reports:
         exp_rows = "".join(
             f"<tr><td><code>{_escape(e['rule'])}</code></td><td>{e['severity']}</td>"
-            f"<td class=\"muted\">{_escape(e['expectation'])}</td><td>{_status(e['success'], e['severity'])}</td>"
+            f'<td class="muted">{_escape(e["expectation"])}</td><td>{_status(e["success"], e["severity"])}</td>'
             f"<td>{e['unexpected_count']}</td></tr>"
             for e in r.expectations
         )
         pii = ", ".join(f"{k}: {v}" for k, v in r.pii.items()) or "none found"
         sections.append(
-            f"<h2>{_escape(Path(r.file).name)} <span class=\"muted\">({_escape(r.task)})</span> "
-            + ('<span class="ok">PASSED</span>' if r.success else '<span class="bad">FAILED</span>') + "</h2>"
+            f'<h2>{_escape(Path(r.file).name)} <span class="muted">({_escape(r.task)})</span> '
+            + ('<span class="ok">PASSED</span>' if r.success else '<span class="bad">FAILED</span>')
+            + "</h2>"
             f"<p>{r.rows} records · {len(r.failures)} failing records · {len(r.warnings)} warnings · personal data: {html.escape(pii)}</p>"
             f"<table><tr><th>rule</th><th>severity</th><th>GX expectation</th><th>result</th><th>bad rows</th></tr>{exp_rows}</table>"
             + _findings_html("Failures", r.failures)
             + _findings_html("Warnings", r.warnings)
         )
     return (
-        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n"
     )
 
@@ -82,7 +91,8 @@ def validation_markdown(reports: list[ValidationReport]) -> str:
         out.append(
             f"### Validation of `{Path(r.file).name}` ({r.task}): {'PASSED' if r.success else 'FAILED'}\n\n"
             f"{r.rows} records, {len(r.failures)} failing, {len(r.warnings)} warnings; personal data: {pii}.\n\n"
-            f"| rule | severity | result | bad rows |\n|---|---|---|---|\n{rows}\n" + (f"\n{listed}" if listed else "")
+            f"| rule | severity | result | bad rows |\n|---|---|---|---|\n{rows}\n"
+            + (f"\n{listed}" if listed else "")
         )
     return "\n".join(out)
 
@@ -90,7 +100,9 @@ def validation_markdown(reports: list[ValidationReport]) -> str:
 def stats_markdown(stats: dict) -> str:
     """The curation stats (counts per stage, drops per reason) as Markdown."""
     stages = "\n".join(f"| {k} | {v} |" for k, v in stats.get("stages", {}).items())
-    drops = "\n".join(f"| {k} | {v} |" for k, v in stats.get("dropped", {}).items()) or "| (none) | 0 |"
+    drops = (
+        "\n".join(f"| {k} | {v} |" for k, v in stats.get("dropped", {}).items()) or "| (none) | 0 |"
+    )
     pii = "\n".join(f"| {k} | {v} |" for k, v in stats.get("pii", {}).items()) or "| (none) | 0 |"
     out = stats.get("output", {})
     return (

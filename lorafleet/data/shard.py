@@ -39,7 +39,10 @@ def split_file(path: str | Path, count: int, out_dir: str | Path) -> list[Path]:
     """
     records = [r for _, r in read_records(path)]
     out_dir = Path(out_dir)
-    return [dump_records(out_dir / shard_name(i, count), shard) for i, shard in enumerate(split_records(records, count))]
+    return [
+        dump_records(out_dir / shard_name(i, count), shard)
+        for i, shard in enumerate(split_records(records, count))
+    ]
 
 
 def merge_records(shards: list[list[Record]], seeds: list[Record]) -> list[Record]:
@@ -59,7 +62,9 @@ def merge_records(shards: list[list[Record]], seeds: list[Record]) -> list[Recor
         ids = r.meta.get("seed_ids") or [r.id]
         return rank.get(ids[0], len(rank))
 
-    tagged = [(first_seed(r), s, i, r) for s, shard in enumerate(shards) for i, r in enumerate(shard)]
+    tagged = [
+        (first_seed(r), s, i, r) for s, shard in enumerate(shards) for i, r in enumerate(shard)
+    ]
     return [r for *_, r in sorted(tagged, key=lambda t: t[:3])]
 
 

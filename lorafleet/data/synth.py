@@ -47,8 +47,26 @@ SKILL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("WordPress", "Webflow"),
 )
 FIRST_NAMES = (
-    "Amara", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jonas",
-    "Keiko", "Lucia", "Mateo", "Nadia", "Omar", "Priya", "Rafael", "Sofia", "Tariq", "Yuki",
+    "Amara",
+    "Bruno",
+    "Chen",
+    "Dalia",
+    "Emeka",
+    "Farah",
+    "Goran",
+    "Hana",
+    "Ivan",
+    "Jonas",
+    "Keiko",
+    "Lucia",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Rafael",
+    "Sofia",
+    "Tariq",
+    "Yuki",
 )
 # Client phrasings that mean the same thing; only user turns are rephrased.
 PHRASES: tuple[tuple[str, ...], ...] = (
@@ -99,7 +117,9 @@ class _Plan:
 
     def describe(self) -> list[str]:
         out = [f"money x{self.factor:g}"] if self.factor != 1 else []
-        out += [f"{a} -> {b}" for d in (self.names, self.skills, self.phrases) for a, b in d.items()]
+        out += [
+            f"{a} -> {b}" for d in (self.names, self.skills, self.phrases) for a, b in d.items()
+        ]
         out += [f"{a} -> {b} (duration)" for a, b in self.durations.items()]
         return out
 
@@ -107,7 +127,11 @@ class _Plan:
 def _sub_words(text: str, mapping: dict[str, str]) -> str:
     if not mapping:
         return text
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True)) + r")(?![\w])")
+    pattern = re.compile(
+        r"(?<![\w.])("
+        + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True))
+        + r")(?![\w])"
+    )
     return pattern.sub(lambda m: mapping[m.group(1)], text)
 
 
@@ -128,12 +152,18 @@ class ProgrammaticGenerator:
         durations = {}
         for n in sorted({int(m.group(1)) for m in DURATION.finditer(text)}):
             durations[n] = max(1, n + rng.choice((-1, 1, 2)))
-        names = {n: rng.choice([f for f in FIRST_NAMES if f != n]) for n in set(NAME_LINE.findall(text))}
+        names = {
+            n: rng.choice([f for f in FIRST_NAMES if f != n]) for n in set(NAME_LINE.findall(text))
+        }
         skills = {}
         for group in SKILL_GROUPS:
             for s in group:
                 if re.search(rf"(?<![\w.]){re.escape(s)}(?!\w)", text) and rng.random() < 0.6:
-                    choices = [g for g in group if g != s and not re.search(rf"(?<![\w.]){re.escape(g)}(?!\w)", text)]
+                    choices = [
+                        g
+                        for g in group
+                        if g != s and not re.search(rf"(?<![\w.]){re.escape(g)}(?!\w)", text)
+                    ]
                     if choices:
                         skills[s] = rng.choice(choices)
         phrases = {}
@@ -172,10 +202,16 @@ class ProgrammaticGenerator:
             return _fmt_money(money(value), "," in raw, bool(k))
 
         text = MONEY.sub(money_sub, text)
-        text = re.sub(r"(\$\d[\d,]*)-(\d[\d,]*)(?=/hr)", lambda m: f"{m.group(1)}-{money(int(m.group(2).replace(',', '')))}", text)
+        text = re.sub(
+            r"(\$\d[\d,]*)-(\d[\d,]*)(?=/hr)",
+            lambda m: f"{m.group(1)}-{money(int(m.group(2).replace(',', '')))}",
+            text,
+        )
         text = DURATION.sub(
-            lambda m: f"{plan.durations.get(int(m.group(1)), int(m.group(1)))} {m.group(2)}"
-            + ("s" if plan.durations.get(int(m.group(1)), int(m.group(1))) != 1 else ""),
+            lambda m: (
+                f"{plan.durations.get(int(m.group(1)), int(m.group(1)))} {m.group(2)}"
+                + ("s" if plan.durations.get(int(m.group(1)), int(m.group(1))) != 1 else "")
+            ),
             text,
         )
         text = _sub_words(text, {**plan.names, **plan.skills})
@@ -245,10 +281,14 @@ def make_generator(
         return ProgrammaticGenerator(seed=settings.seed)
     if settings.generator == "teacher" and settings.teacher is not None:
         if work_dir is None:
-            raise LorafleetError("synthesis.generator 'teacher' needs a work directory for its resumable shards")
+            raise LorafleetError(
+                "synthesis.generator 'teacher' needs a work directory for its resumable shards"
+            )
         from lorafleet.data.teacher import TeacherGenerator
 
-        return TeacherGenerator(settings.teacher, task, work_dir, rules, settings.judge, settings.seed, on_job, pool)
+        return TeacherGenerator(
+            settings.teacher, task, work_dir, rules, settings.judge, settings.seed, on_job, pool
+        )
     raise LorafleetError(f"synthesis.generator: no generator called {settings.generator!r}")
 
 
@@ -269,4 +309,7 @@ def synthesize(
         return SynthesisResult([], {"generator": settings.generator, "records": 0})
     generator = make_generator(settings, task, rules, work_dir, on_job, pool)
     records = list(generator.generate(seeds, settings.per_seed))
-    return SynthesisResult(records, {"generator": generator.name, "records": len(records), **getattr(generator, "stats", {})})
+    return SynthesisResult(
+        records,
+        {"generator": generator.name, "records": len(records), **getattr(generator, "stats", {})},
+    )

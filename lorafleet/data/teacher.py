@@ -39,7 +39,15 @@ from lorafleet.fleet import DataRules, JudgeSettings, TeacherSettings
 from lorafleet.io import atomic_write_json, sha256_json
 from lorafleet.records import Message, Record
 
-__all__ = ["Job", "TeacherGenerator", "load_done", "parse_response", "parse_score", "plan_jobs", "resolve_api_key"]
+__all__ = [
+    "Job",
+    "TeacherGenerator",
+    "load_done",
+    "parse_response",
+    "parse_score",
+    "plan_jobs",
+    "resolve_api_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,9 @@ def resolve_api_key(settings: TeacherSettings) -> str | None:
         try:
             return settings.api_key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise LorafleetError(f"synthesis.teacher.api_key_file: cannot read {settings.api_key_file}: {exc.strerror}") from None
+            raise LorafleetError(
+                f"synthesis.teacher.api_key_file: cannot read {settings.api_key_file}: {exc.strerror}"
+            ) from None
     return os.environ.get(settings.api_key_env) if settings.api_key_env else None
 
 
@@ -97,7 +107,12 @@ def _system(record: Record) -> str | None:
 
 
 def plan_jobs(
-    seeds: list[Record], per_seed: int, task: str, settings: TeacherSettings, seed: int, pool: list[Record] | None = None
+    seeds: list[Record],
+    per_seed: int,
+    task: str,
+    settings: TeacherSettings,
+    seed: int,
+    pool: list[Record] | None = None,
 ) -> list[Job]:
     """The jobs of a run, deterministic for the seeds and settings.
 
@@ -117,20 +132,31 @@ def plan_jobs(
     pool = seeds if pool is None else pool
     for seed_record in seeds:
         for k in range(per_seed):
-            key = hashlib.sha256(f"{PROMPT_VERSION}:{seed}:{settings.model}:{seed_record.id}:{k}".encode()).hexdigest()[:20]
+            key = hashlib.sha256(
+                f"{PROMPT_VERSION}:{seed}:{settings.model}:{seed_record.id}:{k}".encode()
+            ).hexdigest()[:20]
             rng = random.Random(int(key, 16))
             others = [s for s in pool if s.id != seed_record.id]
-            examples = [seed_record, *rng.sample(others, min(len(others), settings.examples_per_prompt - 1))]
+            examples = [
+                seed_record,
+                *rng.sample(others, min(len(others), settings.examples_per_prompt - 1)),
+            ]
             instructions = _system(seed_record) or f"You are the {task} assistant."
             shown = "\n\n".join(
-                f"Example {i}:\n{json.dumps({'messages': _turns(r)}, ensure_ascii=False)}" for i, r in enumerate(examples, 1)
+                f"Example {i}:\n{json.dumps({'messages': _turns(r)}, ensure_ascii=False)}"
+                for i, r in enumerate(examples, 1)
             )
             user = (
                 f"Task: {task}\nAssistant instructions: {instructions}\n\n{shown}\n\n"
                 f"Write new conversation number {k + 1} for this task, in the JSON format above."
             )
-            messages = ({"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user})
-            jobs.append(Job(len(jobs), key, seed_record.id, tuple(r.id for r in examples), messages))
+            messages = (
+                {"role": "system", "content": TEACHER_SYSTEM},
+                {"role": "user", "content": user},
+            )
+            jobs.append(
+                Job(len(jobs), key, seed_record.id, tuple(r.id for r in examples), messages)
+            )
     return jobs
 
 
@@ -176,7 +202,12 @@ def parse_response(text: str, job: Job, seed: Record, task: str, model: str) -> 
         task=task,
         messages=[*system, *messages],
         source="synthetic",
-        meta={"generator": "teacher", "teacher_model": model, "seed_ids": list(job.example_ids), "job": job.key},
+        meta={
+            "generator": "teacher",
+            "teacher_model": model,
+            "seed_ids": list(job.example_ids),
+            "job": job.key,
+        },
     )
 
 
@@ -197,7 +228,11 @@ def load_done(work_dir: Path) -> dict[str, dict]:
         data = path.read_bytes()
         cut = data.rfind(b"\n") + 1
         if cut < len(data):
-            log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - cut)
+            log.warning(
+                "%s: dropping a torn last line (%d bytes) from an interrupted run",
+                path,
+                len(data) - cut,
+            )
             with open(path, "r+b") as fh:
                 fh.truncate(cut)
         for line in data[:cut].splitlines():
@@ -240,7 +275,9 @@ class TeacherGenerator:
     # -- the plan and the work directory ------------------------------------------------
 
     def _fingerprint(self, jobs: list[Job]) -> dict:
-        settings = self.settings.model_dump(mode="json", include={"model", "max_tokens", "temperature", "examples_per_prompt"})
+        settings = self.settings.model_dump(
+            mode="json", include={"model", "max_tokens", "temperature", "examples_per_prompt"}
+        )
         return {
             "prompt_version": PROMPT_VERSION,
             "task": self.task,
@@ -268,7 +305,9 @@ class TeacherGenerator:
         key = resolve_api_key(self.settings)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def _chat(self, client, model: str, messages: list[dict], max_tokens: int, seed: int) -> str:
+    async def _chat(
+        self, client, model: str, messages: list[dict], max_tokens: int, seed: int
+    ) -> str:
         """One chat completion with retries; returns the content.
 
         Raises:
@@ -277,7 +316,13 @@ class TeacherGenerator:
         import httpx
 
         s = self.settings
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": s.temperature, "seed": seed}
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": s.temperature,
+            "seed": seed,
+        }
         url = s.base_url.rstrip("/") + "/chat/completions"
         for attempt in range(s.max_retries + 1):
             delay = s.backoff_s * 2**attempt
@@ -295,22 +340,31 @@ class TeacherGenerator:
                 if retry_after.replace(".", "", 1).isdigit():
                     delay = max(delay, float(retry_after))
             if attempt < s.max_retries:
-                log.info("teacher request failed (%s); retry %d in %.1fs", problem, attempt + 1, delay)
+                log.info(
+                    "teacher request failed (%s); retry %d in %.1fs", problem, attempt + 1, delay
+                )
                 await asyncio.sleep(delay * (1 + 0.25 * random.random()))
         raise RuntimeError(f"gave up after {s.max_retries + 1} attempts: {problem}")
 
     async def _run_job(self, client, job: Job, seed: Record) -> dict:
         s = self.settings
-        text = await self._chat(client, s.model, list(job.messages), s.max_tokens, int(job.key[:8], 16))
+        text = await self._chat(
+            client, s.model, list(job.messages), s.max_tokens, int(job.key[:8], 16)
+        )
         entry: dict = {"key": job.key, "index": job.index, "response": text}
         parsed = parse_response(text, job, seed, self.task, s.model)
         if self.judge is not None and isinstance(parsed, Record):
             shown = json.dumps({"messages": _turns(parsed)}, ensure_ascii=False)
             judge_messages = [
                 {"role": "system", "content": JUDGE_SYSTEM},
-                {"role": "user", "content": f"Task: {self.task}\nInstructions: {_system(seed) or '-'}\n\nExample:\n{shown}"},
+                {
+                    "role": "user",
+                    "content": f"Task: {self.task}\nInstructions: {_system(seed) or '-'}\n\nExample:\n{shown}",
+                },
             ]
-            entry["judge"] = await self._chat(client, self.judge.model or s.model, judge_messages, 8, int(job.key[8:16], 16))
+            entry["judge"] = await self._chat(
+                client, self.judge.model or s.model, judge_messages, 8, int(job.key[8:16], 16)
+            )
         return entry
 
     async def _run(self, pending: list[Job], seeds: dict[str, Record]) -> Counter[str]:
@@ -342,7 +396,9 @@ class TeacherGenerator:
         limits = httpx.Limits(max_connections=self.settings.concurrency)
         timeout = httpx.Timeout(self.settings.timeout_s)
         try:
-            async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers()) as client:
+            async with httpx.AsyncClient(
+                timeout=timeout, limits=limits, headers=self._headers()
+            ) as client:
                 await asyncio.gather(*(worker(client) for _ in range(self.settings.concurrency)))
         finally:
             for fh in files.values():
@@ -351,7 +407,9 @@ class TeacherGenerator:
 
     # -- assembly ------------------------------------------------------------------------
 
-    def assemble(self, jobs: list[Job], seeds: dict[str, Record], done: dict[str, dict]) -> tuple[list[Record], Counter[str]]:
+    def assemble(
+        self, jobs: list[Job], seeds: dict[str, Record], done: dict[str, dict]
+    ) -> tuple[list[Record], Counter[str]]:
         """The final records from finished jobs, in job order, and drops per reason."""
         from lorafleet.data.validate import validate_records
 
@@ -362,7 +420,9 @@ class TeacherGenerator:
             if entry is None:
                 drops["not-finished"] += 1
                 continue
-            result = parse_response(entry["response"], job, seeds[job.seed_id], self.task, self.settings.model)
+            result = parse_response(
+                entry["response"], job, seeds[job.seed_id], self.task, self.settings.model
+            )
             if isinstance(result, str):
                 drops[result] += 1
                 continue
@@ -392,7 +452,12 @@ class TeacherGenerator:
         done = self._open_work_dir(jobs)
         pending = [j for j in jobs if j.key not in done]
         by_id = {s.id: s for s in seeds}
-        log.info("teacher: %d jobs, %d already done, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
+        log.info(
+            "teacher: %d jobs, %d already done, %d to run",
+            len(jobs),
+            len(jobs) - len(pending),
+            len(pending),
+        )
         failures = asyncio.run(self._run(pending, by_id)) if pending else Counter()
         records, drops = self.assemble(jobs, by_id, load_done(self.work_dir))
         self.stats = {

@@ -28,7 +28,16 @@ from lorafleet.errors import DataError
 from lorafleet.fleet import DataRules
 from lorafleet.records import Record, read_records
 
-__all__ = ["Check", "Failure", "ValidationReport", "frame", "run_suite", "suite_for", "validate_file", "validate_records"]
+__all__ = [
+    "Check",
+    "Failure",
+    "ValidationReport",
+    "frame",
+    "run_suite",
+    "suite_for",
+    "validate_file",
+    "validate_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +125,9 @@ class ValidationReport:
     @property
     def success(self) -> bool:
         """No critical expectation failed (warnings do not count)."""
-        return not self.failures and all(e["success"] for e in self.expectations if e["severity"] == "critical")
+        return not self.failures and all(
+            e["success"] for e in self.expectations if e["severity"] == "critical"
+        )
 
     def lines(self) -> list[str]:
         """Critical failures as ``FILE:LINE: rule: detail`` lines, in file order."""
@@ -223,9 +234,22 @@ def frame(records: list[tuple[int, Record]], task: str, pii: list[Counter[str]] 
     if task in JSON_ANSWER_SCHEMA:
         columns["answer"] = [_answer(r) for r in rows]
         columns["answer_json"] = [_json_or_none(a) for a in columns["answer"]]
-        columns["answer_schema"] = _schema_problems(columns["answer_json"], JSON_ANSWER_SCHEMA[task])
+        columns["answer_schema"] = _schema_problems(
+            columns["answer_json"], JSON_ANSWER_SCHEMA[task]
+        )
     if task == "candidate-evaluator":
-        asked = [",".join(sorted(set(CANDIDATE.findall("\n".join(m.content for m in r.messages if m.role == "user"))))) for r in rows]
+        asked = [
+            ",".join(
+                sorted(
+                    set(
+                        CANDIDATE.findall(
+                            "\n".join(m.content for m in r.messages if m.role == "user")
+                        )
+                    )
+                )
+            )
+            for r in rows
+        ]
         columns["candidates_asked"] = asked
         columns["candidates_ranked"] = [_ranked(a) for a in columns["answer_json"]]
     return pd.DataFrame(columns)
@@ -237,39 +261,106 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
 
     x = gx.expectations
     checks = [
-        Check("duplicate-id", "id is used by more than one record", "id", x.ExpectColumnValuesToBeUnique(column="id")),
-        Check("wrong-task", f"task must be {task!r}", "task", x.ExpectColumnValuesToBeInSet(column="task", value_set=[task])),
-        Check("role-order", "turns must be [system] then user/assistant alternating, ending with assistant", "roles",
-              x.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN)),
-        Check("empty-content", "a message has empty or whitespace-only content", "min_chars",
-              x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1)),
-        Check("content-too-long", f"a message is longer than {rules.max_chars} characters", "max_chars",
-              x.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars)),
-        Check("conversation-too-long", f"the conversation is longer than {rules.max_total_chars} characters",
-              "total_chars", x.ExpectColumnValuesToBeBetween(column="total_chars", max_value=rules.max_total_chars)),
-        Check("duplicate-content", "the same conversation (up to case and whitespace) appears under another id", "id",
-              x.ExpectColumnValuesToBeUnique(column="content_key"), "warning"),
-        Check("system-prompt-varies", "records use more than one system prompt", None,
-              x.ExpectColumnUniqueValueCountToBeBetween(column="system", max_value=1), "warning"),
+        Check(
+            "duplicate-id",
+            "id is used by more than one record",
+            "id",
+            x.ExpectColumnValuesToBeUnique(column="id"),
+        ),
+        Check(
+            "wrong-task",
+            f"task must be {task!r}",
+            "task",
+            x.ExpectColumnValuesToBeInSet(column="task", value_set=[task]),
+        ),
+        Check(
+            "role-order",
+            "turns must be [system] then user/assistant alternating, ending with assistant",
+            "roles",
+            x.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN),
+        ),
+        Check(
+            "empty-content",
+            "a message has empty or whitespace-only content",
+            "min_chars",
+            x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1),
+        ),
+        Check(
+            "content-too-long",
+            f"a message is longer than {rules.max_chars} characters",
+            "max_chars",
+            x.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars),
+        ),
+        Check(
+            "conversation-too-long",
+            f"the conversation is longer than {rules.max_total_chars} characters",
+            "total_chars",
+            x.ExpectColumnValuesToBeBetween(column="total_chars", max_value=rules.max_total_chars),
+        ),
+        Check(
+            "duplicate-content",
+            "the same conversation (up to case and whitespace) appears under another id",
+            "id",
+            x.ExpectColumnValuesToBeUnique(column="content_key"),
+            "warning",
+        ),
+        Check(
+            "system-prompt-varies",
+            "records use more than one system prompt",
+            None,
+            x.ExpectColumnUniqueValueCountToBeBetween(column="system", max_value=1),
+            "warning",
+        ),
     ]
-    if rules.min_chars > 1:  # with 1 it is empty-content's expectation, which GX would merge into one
-        checks.insert(4, Check("content-too-short", f"a message is shorter than {rules.min_chars} characters", "min_chars",
-                               x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars)))
+    if (
+        rules.min_chars > 1
+    ):  # with 1 it is empty-content's expectation, which GX would merge into one
+        checks.insert(
+            4,
+            Check(
+                "content-too-short",
+                f"a message is shorter than {rules.min_chars} characters",
+                "min_chars",
+                x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars),
+            ),
+        )
     if rules.pii != "off":
         severity: Severity = "critical" if rules.pii == "reject" else "warning"
-        checks.append(Check("pii", "personal data or an off-platform request", "pii",
-                            x.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]), severity))
+        checks.append(
+            Check(
+                "pii",
+                "personal data or an off-platform request",
+                "pii",
+                x.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]),
+                severity,
+            )
+        )
     if task in JSON_ANSWER_SCHEMA:
         checks += [
-            Check("answer-not-json", "the final answer is not valid JSON", "answer",
-                  x.ExpectColumnValuesToBeJsonParseable(column="answer")),
-            Check("answer-schema", f"the final answer does not match the {task} JSON schema", "answer_schema",
-                  x.ExpectColumnValuesToBeNull(column="answer_schema")),
+            Check(
+                "answer-not-json",
+                "the final answer is not valid JSON",
+                "answer",
+                x.ExpectColumnValuesToBeJsonParseable(column="answer"),
+            ),
+            Check(
+                "answer-schema",
+                f"the final answer does not match the {task} JSON schema",
+                "answer_schema",
+                x.ExpectColumnValuesToBeNull(column="answer_schema"),
+            ),
         ]
     if task == "candidate-evaluator":
-        checks.append(Check("ranking-coverage", "the answer must rank every candidate of the question exactly once",
-                            "candidates_ranked", x.ExpectColumnPairValuesToBeEqual(
-                                column_A="candidates_asked", column_B="candidates_ranked")))
+        checks.append(
+            Check(
+                "ranking-coverage",
+                "the answer must rank every candidate of the question exactly once",
+                "candidates_ranked",
+                x.ExpectColumnPairValuesToBeEqual(
+                    column_A="candidates_asked", column_B="candidates_ranked"
+                ),
+            )
+        )
     return checks
 
 
@@ -279,7 +370,9 @@ def _value(row: dict, column: str | None) -> str:
     return f" (got {text[:120]}{'...' if len(text) > 120 else ''})" if column else ""
 
 
-def run_suite(records: list[tuple[int, Record]], task: str, rules: DataRules, name: str) -> ValidationReport:
+def run_suite(
+    records: list[tuple[int, Record]], task: str, rules: DataRules, name: str
+) -> ValidationReport:
     """Run the expert's suite as a GX validation definition over ``(line, record)`` pairs.
 
     Args:
@@ -298,14 +391,20 @@ def run_suite(records: list[tuple[int, Record]], task: str, rules: DataRules, na
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_def = ctx.data_sources.add_pandas("lorafleet").add_dataframe_asset("records").add_batch_definition_whole_dataframe("all")
+    batch_def = (
+        ctx.data_sources.add_pandas("lorafleet")
+        .add_dataframe_asset("records")
+        .add_batch_definition_whole_dataframe("all")
+    )
     checks = {c.rule: c for c in suite_for(task, rules)}
     suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task}-records"))
     for c in checks.values():
         c.expectation.meta = {"rule": c.rule}
         c.expectation.severity = c.severity
         suite.add_expectation(c.expectation)
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite))
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite)
+    )
     found = [record_pii(r) for _, r in records]
     result = vd.run(
         batch_parameters={"dataframe": frame(records, task, found)},
@@ -314,24 +413,33 @@ def run_suite(records: list[tuple[int, Record]], task: str, rules: DataRules, na
     pii: Counter[str] = Counter()
     for counts in found:
         pii.update(counts)
-    report = ValidationReport(file=str(name), task=task, rows=len(records), pii=dict(sorted(pii.items())))
+    report = ValidationReport(
+        file=str(name), task=task, rows=len(records), pii=dict(sorted(pii.items()))
+    )
     found: list[Failure] = []
     warnings: list[Failure] = []
-    for er in sorted(result.results, key=lambda er: list(checks).index(er.expectation_config.meta["rule"])):
+    for er in sorted(
+        result.results, key=lambda er: list(checks).index(er.expectation_config.meta["rule"])
+    ):
         check = checks[er.expectation_config.meta["rule"]]
         bad = er.result.get("unexpected_index_list") or []
         observed = er.result.get("observed_value")
-        report.expectations.append({
-            "rule": check.rule,
-            "severity": check.severity,
-            "expectation": er.expectation_config.type,
-            "success": bool(er.success),
-            "unexpected_count": len(bad),
-            **({"observed_value": observed} if observed is not None else {}),
-        })
+        report.expectations.append(
+            {
+                "rule": check.rule,
+                "severity": check.severity,
+                "expectation": er.expectation_config.type,
+                "success": bool(er.success),
+                "unexpected_count": len(bad),
+                **({"observed_value": observed} if observed is not None else {}),
+            }
+        )
         into = found if check.severity == "critical" else warnings
         if bad:
-            into += [Failure(int(row["line"]), check.rule, check.detail + _value(row, check.column)) for row in bad]
+            into += [
+                Failure(int(row["line"]), check.rule, check.detail + _value(row, check.column))
+                for row in bad
+            ]
         elif not er.success:
             into.append(Failure(0, check.rule, f"{check.detail} (observed {observed!r})"))
     # Two expectations can flag one line (empty content is also too short): keep the first.
@@ -342,11 +450,19 @@ def run_suite(records: list[tuple[int, Record]], task: str, rules: DataRules, na
             seen.add(f.line)
             report.failures.append(f)
     report.warnings = sorted(warnings, key=lambda f: (f.line, f.rule))
-    log.info("validated %s: %d records, %d failures, %d warnings", name, len(records), len(report.failures), len(warnings))
+    log.info(
+        "validated %s: %d records, %d failures, %d warnings",
+        name,
+        len(records),
+        len(report.failures),
+        len(warnings),
+    )
     return report
 
 
-def validate_records(records: list[Record], task: str, rules: DataRules | None = None, name: str = "records") -> ValidationReport:
+def validate_records(
+    records: list[Record], task: str, rules: DataRules | None = None, name: str = "records"
+) -> ValidationReport:
     """Run the suite over in-memory records; findings name the row (1-based) as the line."""
     return run_suite(list(enumerate(records, start=1)), task, rules or DataRules(), name)
 

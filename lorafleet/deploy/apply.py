@@ -59,7 +59,9 @@ def _contains(live: Any, want: Any) -> bool:
     return live == want
 
 
-def _call(api, path: str, method: str, body: Any = None, content_type: str = "application/json") -> Any:
+def _call(
+    api, path: str, method: str, body: Any = None, content_type: str = "application/json"
+) -> Any:
     return api.call_api(
         path,
         method,
@@ -104,7 +106,9 @@ def apply_objects(api, objects: list[dict[str, Any]]) -> list[Applied]:
                     _call(api, object_path(obj), "PATCH", obj, "application/merge-patch+json")
                     action = "configured"
         except ApiException as exc:
-            raise LorafleetError(f"{kind}/{name}: the API server said {exc.status} {exc.reason}") from None
+            raise LorafleetError(
+                f"{kind}/{name}: the API server said {exc.status} {exc.reason}"
+            ) from None
         results.append(Applied(kind, name, action))
     return results
 
@@ -142,5 +146,7 @@ def wait_ready(
             on_poll(state)
         if time.monotonic() >= deadline:
             name = isvc["metadata"]["name"]
-            raise LorafleetError(f"InferenceService/{name}: not ready after {timeout_s:g} s ({state})")
+            raise LorafleetError(
+                f"InferenceService/{name}: not ready after {timeout_s:g} s ({state})"
+            )
         time.sleep(poll_s)

@@ -14,21 +14,38 @@ from typing import Any
 
 __all__ = ["serving_pods"]
 
-_MODEL_ONLY = {"modelFormat", "runtime", "storageUri", "storage", "protocolVersion", "runtimeVersion"}
+_MODEL_ONLY = {
+    "modelFormat",
+    "runtime",
+    "storageUri",
+    "storage",
+    "protocolVersion",
+    "runtimeVersion",
+}
 _POD_FIELDS = ("serviceAccountName", "securityContext", "nodeSelector", "tolerations", "affinity")
 
 
-def _pod(isvc: dict, component: str, spec: dict, containers: list[dict], volumes: list[dict]) -> dict:
+def _pod(
+    isvc: dict, component: str, spec: dict, containers: list[dict], volumes: list[dict]
+) -> dict:
     meta = isvc["metadata"]
     pod_spec: dict[str, Any] = {k: spec[k] for k in _POD_FIELDS if k in spec}
     pod_spec.update(containers=containers, automountServiceAccountToken=False)
     if volumes:
         pod_spec["volumes"] = volumes
-    labels = {**meta.get("labels", {}), "serving.kserve.io/inferenceservice": meta["name"], "component": component}
+    labels = {
+        **meta.get("labels", {}),
+        "serving.kserve.io/inferenceservice": meta["name"],
+        "component": component,
+    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": f"{meta['name']}-{component}", "namespace": meta.get("namespace"), "labels": labels},
+        "metadata": {
+            "name": f"{meta['name']}-{component}",
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+        },
         "spec": pod_spec,
     }
 
@@ -61,5 +78,13 @@ def serving_pods(objects: list[dict]) -> list[dict]:
                 container[key] = value
         pods.append(_pod(isvc, "predictor", predictor, [container], runtime.get("volumes", [])))
         if transformer := isvc["spec"].get("transformer"):
-            pods.append(_pod(isvc, "transformer", transformer, transformer["containers"], transformer.get("volumes", [])))
+            pods.append(
+                _pod(
+                    isvc,
+                    "transformer",
+                    transformer,
+                    transformer["containers"],
+                    transformer.get("volumes", []),
+                )
+            )
     return pods

@@ -44,7 +44,14 @@ PROFILES = {
         "gcp",
         ("gs", "hf"),
         {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-        ({"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"},),
+        (
+            {
+                "key": "nvidia.com/gpu",
+                "operator": "Equal",
+                "value": "present",
+                "effect": "NoSchedule",
+            },
+        ),
     ),
     "onprem": Profile(
         "onprem",
@@ -55,7 +62,9 @@ PROFILES = {
 }
 
 
-def service_account_metadata(profile: Profile, serving: ServingSpec) -> tuple[dict[str, str], list[str]]:
+def service_account_metadata(
+    profile: Profile, serving: ServingSpec
+) -> tuple[dict[str, str], list[str]]:
     """The serving ServiceAccount's annotations and the Secrets it references.
 
     Args:
@@ -71,11 +80,15 @@ def service_account_metadata(profile: Profile, serving: ServingSpec) -> tuple[di
     st = serving.storage
     if profile.name == "aws":
         if not st.role_arn:
-            raise LorafleetError("serving.storage.role_arn: required for profile aws (IRSA role of the serving pods)")
+            raise LorafleetError(
+                "serving.storage.role_arn: required for profile aws (IRSA role of the serving pods)"
+            )
         return {"eks.amazonaws.com/role-arn": st.role_arn}, []
     if profile.name == "gcp":
         if not st.gcp_service_account:
-            raise LorafleetError("serving.storage.gcp_service_account: required for profile gcp (Workload Identity)")
+            raise LorafleetError(
+                "serving.storage.gcp_service_account: required for profile gcp (Workload Identity)"
+            )
         return {"iam.gke.io/gcp-service-account": st.gcp_service_account}, []
     if st.pvc:
         return {}, []
@@ -87,4 +100,6 @@ def service_account_metadata(profile: Profile, serving: ServingSpec) -> tuple[di
     # and the keys from the Secrets the ServiceAccount lists.
     https = "1" if st.s3_endpoint.startswith("https://") else "0"
     host = st.s3_endpoint.split("://", 1)[-1]
-    return {"serving.kserve.io/s3-endpoint": host, "serving.kserve.io/s3-usehttps": https}, [st.credentials_secret]
+    return {"serving.kserve.io/s3-endpoint": host, "serving.kserve.io/s3-usehttps": https}, [
+        st.credentials_secret
+    ]

@@ -63,7 +63,9 @@ def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) ->
     """
     root = registry_dir or spec.registry.uri
     if "://" in str(root):
-        raise LorafleetError(f"registry {root}: remote; pass --registry DIR, a local copy of its index.json")
+        raise LorafleetError(
+            f"registry {root}: remote; pass --registry DIR, a local copy of its index.json"
+        )
     registry = Registry(root)
     versions = {}
     for expert in spec.experts:
@@ -71,7 +73,9 @@ def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) ->
         if entry:
             versions[expert.name] = entry["version"]
     if not versions:
-        raise LorafleetError(f"registry {root}: no expert of fleet {spec.name!r} has a registered adapter")
+        raise LorafleetError(
+            f"registry {root}: no expert of fleet {spec.name!r} has a registered adapter"
+        )
     return versions
 
 
@@ -85,7 +89,11 @@ def _labels(spec: FleetSpec, component: str) -> dict[str, str]:
 
 
 def _meta(
-    spec: FleetSpec, name: str, component: str, annotations: dict | None = None, namespace: str | None = None
+    spec: FleetSpec,
+    name: str,
+    component: str,
+    annotations: dict | None = None,
+    namespace: str | None = None,
 ) -> k8s.V1ObjectMeta:
     return k8s.V1ObjectMeta(
         name=name,
@@ -108,7 +116,9 @@ def _storage_uris(spec: FleetSpec, profile: Profile) -> tuple[str, str]:
                 f"(schemes: {', '.join(s + '://' for s in profile.schemes)})"
             )
     if adapters.startswith("hf://"):
-        raise LorafleetError("serving.adapter_store: the adapter store must be a bucket or PVC, not hf://")
+        raise LorafleetError(
+            "serving.adapter_store: the adapter store must be a bucket or PVC, not hf://"
+        )
     return base, adapters
 
 
@@ -175,7 +185,16 @@ def _serving_runtime(spec: FleetSpec) -> Any:
     if runtime == "vllm":
         image, fmt = VLLM_IMAGE, "vllm"
         command = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-        args = ["--host", "0.0.0.0", "--port", str(PORT), "--model", BASE_MOUNT, "--served-model-name", "base"]
+        args = [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            "--model",
+            BASE_MOUNT,
+            "--served-model-name",
+            "base",
+        ]
     else:
         image, fmt = RUNTIME_IMAGE, "lorafleet"
         command = ["python", "-m", "lorafleet.serve.runtime"]
@@ -196,7 +215,9 @@ def _serving_runtime(spec: FleetSpec) -> Any:
         kind="ServingRuntime",
         metadata=_meta(spec, f"lorafleet-{runtime}", "runtime"),
         spec=ks.V1alpha1ServingRuntimeSpec(
-            supported_model_formats=[ks.V1alpha1SupportedModelFormat(name=fmt, version="1", auto_select=True)],
+            supported_model_formats=[
+                ks.V1alpha1SupportedModelFormat(name=fmt, version="1", auto_select=True)
+            ],
             protocol_versions=["v2"],
             containers=[container],
             volumes=volumes,
@@ -210,11 +231,15 @@ def _model_args(spec: FleetSpec, adapters: dict[str, str]) -> list[str]:
     if serving.runtime == "vllm":
         return [
             "--enable-lora",
-            "--max-loras", str(len(adapters)),
-            "--max-lora-rank", str(serving.max_lora_rank),
-            "--max-num-seqs", str(serving.max_batch_size),
-            "--lora-modules", *paths,
-        ]  # fmt: skip
+            "--max-loras",
+            str(len(adapters)),
+            "--max-lora-rank",
+            str(serving.max_lora_rank),
+            "--max-num-seqs",
+            str(serving.max_batch_size),
+            "--lora-modules",
+            *paths,
+        ]
     args = ["--max-batch-size", str(serving.max_batch_size)]
     for path in paths:
         args += ["--adapter", path]
@@ -225,9 +250,13 @@ def _pod_placement(spec: FleetSpec, profile: Profile) -> dict[str, Any]:
     serving = spec.serving
     if not serving.gpus:
         return {}
-    selector = serving.node_selector if serving.node_selector is not None else profile.gpu_node_selector
+    selector = (
+        serving.node_selector if serving.node_selector is not None else profile.gpu_node_selector
+    )
     if serving.tolerations is not None:
-        tolerations = [k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in serving.tolerations]
+        tolerations = [
+            k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in serving.tolerations
+        ]
     else:
         tolerations = [k8s.V1Toleration(**t) for t in profile.gpu_tolerations]
     return {"node_selector": selector or None, "tolerations": tolerations or None}
@@ -253,13 +282,17 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
         ],
         model=ks.V1beta1ModelSpec(
             name="kserve-container",
-            model_format=ks.V1beta1ModelFormat(name="vllm" if serving.runtime == "vllm" else "lorafleet"),
+            model_format=ks.V1beta1ModelFormat(
+                name="vllm" if serving.runtime == "vllm" else "lorafleet"
+            ),
             runtime=f"lorafleet-{serving.runtime}",
             args=_model_args(spec, adapters),
             resources=_resources(spec),
         ),
         security_context=k8s.V1PodSecurityContext(
-            run_as_non_root=True, fs_group=UID, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")
+            run_as_non_root=True,
+            fs_group=UID,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
         ),
         **_pod_placement(spec, profile),
     )
@@ -275,7 +308,9 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
                 k8s.V1EnvVar(
                     name="LORAFLEET_ADMIN_TOKEN",
                     value_from=k8s.V1EnvVarSource(
-                        secret_key_ref=k8s.V1SecretKeySelector(name=f"{spec.name}-router-admin", key="token", optional=True)
+                        secret_key_ref=k8s.V1SecretKeySelector(
+                            name=f"{spec.name}-router-admin", key="token", optional=True
+                        )
                     ),
                 )
             ],
@@ -323,17 +358,27 @@ def _rbac(spec: FleetSpec, meta) -> list[Any]:
                 resources=["inferenceservices", "servingruntimes"],
                 verbs=["get", "list", "watch", "create", "update", "patch"],
             ),
-            k8s.V1PolicyRule(api_groups=[KSERVE], resources=["inferenceservices/status"], verbs=["get"]),
+            k8s.V1PolicyRule(
+                api_groups=[KSERVE], resources=["inferenceservices/status"], verbs=["get"]
+            ),
             # Readiness and rollout diagnostics.
-            k8s.V1PolicyRule(api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]),
+            k8s.V1PolicyRule(
+                api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]
+            ),
         ],
     )
     binding = k8s.V1RoleBinding(
         api_version="rbac.authorization.k8s.io/v1",
         kind="RoleBinding",
         metadata=meta(PIPELINE_SA, "rbac"),
-        role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=PIPELINE_SA),
-        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace)],
+        role_ref=k8s.V1RoleRef(
+            api_group="rbac.authorization.k8s.io", kind="Role", name=PIPELINE_SA
+        ),
+        subjects=[
+            k8s.RbacV1Subject(
+                kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace
+            )
+        ],
     )
     return [role, binding]
 
@@ -354,7 +399,9 @@ def _training_rbac(spec: FleetSpec) -> list[Any]:
         uses ``training.launcher: trainjob``.
     """
     # launcher trainjob comes with a cluster block (TrainingSettings checks it).
-    namespaces = dict.fromkeys(e.training.cluster.namespace for e in spec.experts if e.training.launcher == "trainjob")
+    namespaces = dict.fromkeys(
+        e.training.cluster.namespace for e in spec.experts if e.training.launcher == "trainjob"
+    )
     objects: list[Any] = []
     for namespace in namespaces:
         meta = _meta(spec, TRAINING_ROLE, "training", namespace=namespace)
@@ -367,18 +414,32 @@ def _training_rbac(spec: FleetSpec) -> list[Any]:
                 # absent) and reads it by name until it ends; a retried step gets the job it
                 # created before (the name is a hash of the inputs). Jobs are never listed,
                 # watched, updated or deleted.
-                k8s.V1PolicyRule(api_groups=["trainer.kubeflow.org"], resources=["trainjobs"], verbs=["get", "create"]),
-                k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs"], verbs=["get", "create"]),
+                k8s.V1PolicyRule(
+                    api_groups=["trainer.kubeflow.org"],
+                    resources=["trainjobs"],
+                    verbs=["get", "create"],
+                ),
+                k8s.V1PolicyRule(
+                    api_groups=["kubeflow.org"], resources=["pytorchjobs"], verbs=["get", "create"]
+                ),
                 # Diagnostics of the job's pods.
-                k8s.V1PolicyRule(api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]),
+                k8s.V1PolicyRule(
+                    api_groups=[""], resources=["pods", "events"], verbs=["get", "list", "watch"]
+                ),
             ],
         )
         binding = k8s.V1RoleBinding(
             api_version="rbac.authorization.k8s.io/v1",
             kind="RoleBinding",
             metadata=meta,
-            role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=TRAINING_ROLE),
-            subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace)],
+            role_ref=k8s.V1RoleRef(
+                api_group="rbac.authorization.k8s.io", kind="Role", name=TRAINING_ROLE
+            ),
+            subjects=[
+                k8s.RbacV1Subject(
+                    kind="ServiceAccount", name=PIPELINE_SA, namespace=spec.serving.namespace
+                )
+            ],
         )
         objects += [role, binding]
     return objects
@@ -419,7 +480,9 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
             secrets=[k8s.V1ObjectReference(name=s) for s in secrets] or None,
             automount_service_account_token=False,
         ),
-        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=meta(PIPELINE_SA, "pipeline")),
+        k8s.V1ServiceAccount(
+            api_version="v1", kind="ServiceAccount", metadata=meta(PIPELINE_SA, "pipeline")
+        ),
         *_rbac(spec, meta),
         *_training_rbac(spec),
         _serving_runtime(spec),
@@ -428,7 +491,9 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
             api_version="policy/v1",
             kind="PodDisruptionBudget",
             metadata=meta(f"{spec.name}-predictor", "inference"),
-            spec=k8s.V1PodDisruptionBudgetSpec(max_unavailable=1, selector=_selector(spec, "predictor")),
+            spec=k8s.V1PodDisruptionBudgetSpec(
+                max_unavailable=1, selector=_selector(spec, "predictor")
+            ),
         ),
         k8s.V1NetworkPolicy(
             api_version="networking.k8s.io/v1",
@@ -473,10 +538,14 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         from lorafleet.rollout.manifests import controller_objects
 
         manifests += controller_objects(spec)
-    elif spec.canary.handoff == "drive":  # the deploy step drives the rollout itself: its grant only
+    elif (
+        spec.canary.handoff == "drive"
+    ):  # the deploy step drives the rollout itself: its grant only
         from lorafleet.rollout.manifests import rollout_rbac
 
-        manifests += k8s.ApiClient().sanitize_for_serialization(rollout_rbac(spec, controller=False))
+        manifests += k8s.ApiClient().sanitize_for_serialization(
+            rollout_rbac(spec, controller=False)
+        )
     return manifests
 
 

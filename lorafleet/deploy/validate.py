@@ -67,14 +67,20 @@ def kserve_errors(value: Any, type_name: str, path: str = "") -> list[str]:
     if m := _LIST.match(type_name):
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {type(value).__name__}"]
-        return [e for i, v in enumerate(value) for e in kserve_errors(v, m.group(1), f"{path}[{i}]")]
+        return [
+            e for i, v in enumerate(value) for e in kserve_errors(v, m.group(1), f"{path}[{i}]")
+        ]
     if m := _DICT.match(type_name):
         if not isinstance(value, dict):
             return [f"{where}: expected a mapping, got {type(value).__name__}"]
         return [e for k, v in value.items() for e in kserve_errors(v, m.group(1), f"{path}.{k}")]
     if type_name in _SCALARS:
-        ok = isinstance(value, _SCALARS[type_name]) and (type_name == "bool" or not isinstance(value, bool))
-        return [] if ok else [f"{where}: expected {type_name}, got {type(value).__name__} {value!r}"]
+        ok = isinstance(value, _SCALARS[type_name]) and (
+            type_name == "bool" or not isinstance(value, bool)
+        )
+        return (
+            [] if ok else [f"{where}: expected {type_name}, got {type(value).__name__} {value!r}"]
+        )
     if type_name == "datetime":
         return [] if isinstance(value, str) else [f"{where}: expected a timestamp string"]
     cls = _model_class(type_name)
@@ -91,7 +97,9 @@ def kserve_errors(value: Any, type_name: str, path: str = "") -> list[str]:
     return errors
 
 
-def validate_manifests(objects: list[dict[str, Any]], source: str, k8s_version: str = K8S_VERSION) -> Report:
+def validate_manifests(
+    objects: list[dict[str, Any]], source: str, k8s_version: str = K8S_VERSION
+) -> Report:
     """Validate every object; raise with all problems at once.
 
     Args:

@@ -74,7 +74,10 @@ class EvalContext:
         """
         from lorafleet.generation import GenerationRequest
 
-        requests = [GenerationRequest(messages=m, adapter=self.adapter, max_new_tokens=self.max_new_tokens) for m in prompts]
+        requests = [
+            GenerationRequest(messages=m, adapter=self.adapter, max_new_tokens=self.max_new_tokens)
+            for m in prompts
+        ]
         return self.generator.generate_all(requests, self.batch_size, on_batch=self.on_samples)
 
     @property
@@ -134,7 +137,9 @@ class HeldoutLossEvaluator(Evaluator):
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         with ctx.active_model() as model:
-            loss = heldout_loss(model, ctx.generator.tokenizer, ctx.records, self.batch_size, self.max_seq_len)
+            loss = heldout_loss(
+                model, ctx.generator.tokenizer, ctx.records, self.batch_size, self.max_seq_len
+            )
         return EvalResult(
             self.name,
             {"eval_loss": round(loss["loss"], 5), "perplexity": round(loss["perplexity"], 4)},
@@ -170,7 +175,11 @@ class TaskMetricsEvaluator(Evaluator):
     name = "task_metrics"
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        return EvalResult(self.name, task_metrics(ctx.task, [a.text for a in ctx.answers], ctx.records), gated=True)
+        return EvalResult(
+            self.name,
+            task_metrics(ctx.task, [a.text for a in ctx.answers], ctx.records),
+            gated=True,
+        )
 
 
 class SafetyEvaluator(Evaluator):
@@ -179,14 +188,26 @@ class SafetyEvaluator(Evaluator):
     name = "safety"
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        outs = ctx.generate([[*ctx.system, {"role": "user", "content": case.user}] for case in CASES])
+        outs = ctx.generate(
+            [[*ctx.system, {"role": "user", "content": case.user}] for case in CASES]
+        )
         report = safety_report([o.text for o in outs])
-        return EvalResult(self.name, {"safety_pass_rate": report["safety_pass_rate"]}, {"failures": report["failures"]}, gated=True)
+        return EvalResult(
+            self.name,
+            {"safety_pass_rate": report["safety_pass_rate"]},
+            {"failures": report["failures"]},
+            gated=True,
+        )
 
 
 def default_evaluators() -> list[Evaluator]:
     """The evaluators every expert runs, in order."""
-    return [HeldoutLossEvaluator(), GenerationEvaluator(), TaskMetricsEvaluator(), SafetyEvaluator()]
+    return [
+        HeldoutLossEvaluator(),
+        GenerationEvaluator(),
+        TaskMetricsEvaluator(),
+        SafetyEvaluator(),
+    ]
 
 
 def run_evaluators(ctx: EvalContext, evaluators: Sequence[Evaluator] | None = None) -> dict:
@@ -197,7 +218,10 @@ def run_evaluators(ctx: EvalContext, evaluators: Sequence[Evaluator] | None = No
         "samples", "results"}``: ``metrics`` merges every gated result; ``results`` holds each
         evaluator's full :class:`EvalResult` as a dict.
     """
-    results = {e.name: e.evaluate(ctx) for e in (default_evaluators() if evaluators is None else evaluators)}
+    results = {
+        e.name: e.evaluate(ctx)
+        for e in (default_evaluators() if evaluators is None else evaluators)
+    }
     loss = results.get(HeldoutLossEvaluator.name)
     generation = results.get(GenerationEvaluator.name)
     safety = results.get(SafetyEvaluator.name)
@@ -209,5 +233,8 @@ def run_evaluators(ctx: EvalContext, evaluators: Sequence[Evaluator] | None = No
         "generation": generation.metrics if generation else {},
         "safety_failures": safety.details["failures"] if safety else [],
         "samples": generation.details["samples"] if generation else [],
-        "results": {k: {"metrics": r.metrics, "details": r.details, "gated": r.gated} for k, r in results.items()},
+        "results": {
+            k: {"metrics": r.metrics, "details": r.details, "gated": r.gated}
+            for k, r in results.items()
+        },
     }

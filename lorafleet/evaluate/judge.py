@@ -23,7 +23,15 @@ from dataclasses import dataclass
 
 from lorafleet.errors import LorafleetError
 
-__all__ = ["JudgeClient", "Verdict", "aggregate", "bootstrap_ci", "judge_pairwise", "judge_prompt", "parse_verdict"]
+__all__ = [
+    "JudgeClient",
+    "Verdict",
+    "aggregate",
+    "bootstrap_ci",
+    "judge_pairwise",
+    "judge_prompt",
+    "parse_verdict",
+]
 
 Verdict = str  # "A", "B", "tie" or "unparseable"
 SCORE = {"win": 1.0, "loss": 0.0, "tie": 0.5, "unparseable": 0.5}
@@ -58,12 +66,17 @@ def _norm(token: str) -> Verdict:
     return "tie" if token.lower() == "tie" else token.upper()
 
 
-def judge_prompt(messages: Sequence[Mapping[str, str]], first: str, second: str) -> list[dict[str, str]]:
+def judge_prompt(
+    messages: Sequence[Mapping[str, str]], first: str, second: str
+) -> list[dict[str, str]]:
     """The chat sent to the judge for one order: the request, then answers A and B."""
     request = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
     return [
         {"role": "system", "content": INSTRUCTIONS},
-        {"role": "user", "content": f"Request:\n{request}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\nVerdict?"},
+        {
+            "role": "user",
+            "content": f"Request:\n{request}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\nVerdict?",
+        },
     ]
 
 
@@ -73,7 +86,9 @@ def _outcome(verdict: Verdict, candidate_is: str) -> str:
     return "win" if verdict == candidate_is else "loss"
 
 
-def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    scores: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``scores`` (resampling items, seeded).
 
     Returns:
@@ -91,7 +106,10 @@ def bootstrap_ci(scores: Sequence[float], confidence: float = 0.95, resamples: i
 
 
 def aggregate(
-    verdicts: Sequence[tuple[Verdict, Verdict]], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+    verdicts: Sequence[tuple[Verdict, Verdict]],
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Fold verdict pairs into a win rate with its confidence interval.
 
@@ -156,9 +174,16 @@ class JudgeClient:
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
-                raise LorafleetError(f"judge: environment variable {self.api_key_env} (api_key_env) is not set")
+                raise LorafleetError(
+                    f"judge: environment variable {self.api_key_env} (api_key_env) is not set"
+                )
             headers["Authorization"] = f"Bearer {key}"
-        body = {"model": self.model, "messages": list(messages), "temperature": 0, "max_tokens": self.max_tokens}
+        body = {
+            "model": self.model,
+            "messages": list(messages),
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
         url = self.base_url.rstrip("/") + "/chat/completions"
         try:
             response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
@@ -199,7 +224,13 @@ def judge_pairwise(
         as_b = complete(judge_prompt(messages, ref, cand))
         verdicts.append((parse_verdict(as_a), parse_verdict(as_b)))
         if len(examples) < 3:
-            examples.append({"candidate_as_a": as_a[:300], "candidate_as_b": as_b[:300], "verdicts": list(verdicts[-1])})
+            examples.append(
+                {
+                    "candidate_as_a": as_a[:300],
+                    "candidate_as_b": as_b[:300],
+                    "verdicts": list(verdicts[-1]),
+                }
+            )
         if on_item is not None:
             on_item()
     return {**aggregate(verdicts, confidence, resamples, seed), "examples": examples}

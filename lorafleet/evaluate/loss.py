@@ -11,7 +11,9 @@ from lorafleet.records import Record
 __all__ = ["heldout_loss"]
 
 
-def heldout_loss(model, tokenizer, records: Sequence[Record], batch_size: int = 8, max_seq_len: int = 2048) -> dict:
+def heldout_loss(
+    model, tokenizer, records: Sequence[Record], batch_size: int = 8, max_seq_len: int = 2048
+) -> dict:
     """Token-weighted mean negative log-likelihood of the assistant turns.
 
     Args:
@@ -35,11 +37,19 @@ def heldout_loss(model, tokenizer, records: Sequence[Record], batch_size: int = 
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            batch = {
+                k: v.to(device)
+                for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()
+            }
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
             labels = batch["labels"][:, 1:]
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                logits[:, :-1].reshape(-1, logits.size(-1)),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
             total += float(nll)
             count += int((labels != IGNORE_INDEX).sum())

@@ -20,10 +20,34 @@ __all__ = ["PRIMARY_METRIC", "score", "task_metrics"]
 
 WORD = re.compile(r"[a-z0-9]+")
 # Template text a finished proposal must not contain: bracketed slots, lorem ipsum, "[Client]".
-PLACEHOLDER = re.compile(r"\[[A-Z][^\]\n]{0,30}\]|\{\{?\s*\w+\s*\}?\}|<[A-Z][a-z _]{0,30}>|lorem ipsum|\bXX+\b|\bTODO\b", re.I)
+PLACEHOLDER = re.compile(
+    r"\[[A-Z][^\]\n]{0,30}\]|\{\{?\s*\w+\s*\}?\}|<[A-Z][a-z _]{0,30}>|lorem ipsum|\bXX+\b|\bTODO\b",
+    re.I,
+)
 # Word-count bounds of a proposal: the shipped gold proposals run 186-211 words.
 PROPOSAL_WORDS = (80, 350)
-STOPWORDS = frozenset(["a", "an", "and", "the", "for", "of", "to", "in", "on", "with", "our", "your", "from", "into", "by", "at", "or", "new"])
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "the",
+        "for",
+        "of",
+        "to",
+        "in",
+        "on",
+        "with",
+        "our",
+        "your",
+        "from",
+        "into",
+        "by",
+        "at",
+        "or",
+        "new",
+    ]
+)
 ANALYZER_KEYS = ["skills", "deliverables", "budget", "timeline", "open_questions"]
 POST_FIELDS = ("Title:", "Category:", "Budget:", "Timeline:", "Skills:", "Description:")
 
@@ -67,7 +91,11 @@ def _precision_recall(pred: Sequence, gold: Sequence) -> tuple[float, float, flo
     common = sum((Counter(pred) & Counter(gold)).values())
     precision = common / len(pred) if pred else float(not gold)
     recall = common / len(gold) if gold else float(not pred)
-    return precision, recall, (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return (
+        precision,
+        recall,
+        (2 * precision * recall / (precision + recall) if precision + recall else 0.0),
+    )
 
 
 def _job_analyzer(pred: str, record: Record) -> dict[str, float]:
@@ -76,7 +104,9 @@ def _job_analyzer(pred: str, record: Record) -> dict[str, float]:
     schema = valid and list(obj) == ANALYZER_KEYS and isinstance(obj.get("skills"), list)
     skills = [s.lower() for s in obj.get("skills", []) if isinstance(s, str)] if schema else []
     gold_skills = [s.lower() for s in gold.get("skills", [])]
-    precision, recall, f1 = _precision_recall(_facts(obj), _facts(gold)) if valid else (0.0, 0.0, 0.0)
+    precision, recall, f1 = (
+        _precision_recall(_facts(obj), _facts(gold)) if valid else (0.0, 0.0, 0.0)
+    )
     return {
         "json_valid": float(valid),
         "schema_valid": float(schema),
@@ -95,7 +125,14 @@ def _order(obj) -> list:
     """Candidate letters from best to worst, by ``rank`` (list order breaks ties)."""
     ranking = obj.get("ranking") if isinstance(obj, dict) else None
     rows = [r for r in ranking if isinstance(r, dict)] if isinstance(ranking, list) else []
-    keyed = [(r.get("rank") if isinstance(r.get("rank"), int | float) else math.inf, i, r.get("candidate")) for i, r in enumerate(rows)]
+    keyed = [
+        (
+            r.get("rank") if isinstance(r.get("rank"), int | float) else math.inf,
+            i,
+            r.get("candidate"),
+        )
+        for i, r in enumerate(rows)
+    ]
     return [c for _, _, c in sorted(keyed)]
 
 
@@ -117,7 +154,9 @@ def _ndcg(order: Sequence[str], gold: Sequence[str]) -> float:
 def _candidate_evaluator(pred: str, record: Record) -> dict[str, float]:
     obj, gold = _json(pred), _order(_json(_reference(record)))
     order = _order(obj)
-    valid_rank = bool(order) and sorted(order) == _candidates(record) and sorted(gold) == sorted(order)
+    valid_rank = (
+        bool(order) and sorted(order) == _candidates(record) and sorted(gold) == sorted(order)
+    )
     return {
         "json_valid": float(isinstance(obj, dict)),
         "ranking_valid": float(valid_rank),
@@ -140,7 +179,11 @@ def _mentions(text: str, term: str, whole_word: bool = True) -> bool:
 def _title_terms(job: str) -> list[str]:
     """The content words of the job's title: what the client wants delivered."""
     m = re.search(r"^Title:\s*(.+)$", job, re.MULTILINE)
-    return [w for w in WORD.findall(m.group(1).lower()) if w not in STOPWORDS and len(w) > 2] if m else []
+    return (
+        [w for w in WORD.findall(m.group(1).lower()) if w not in STOPWORDS and len(w) > 2]
+        if m
+        else []
+    )
 
 
 def _proposal_writer(pred: str, record: Record) -> dict[str, float]:
@@ -148,9 +191,16 @@ def _proposal_writer(pred: str, record: Record) -> dict[str, float]:
     skills, deliverable = _skills_line(job), _title_terms(job)
     words = len(pred.split())
     return {
-        "skill_coverage": sum(1 for s in skills if _mentions(pred, s)) / len(skills) if skills else 0.0,
+        "skill_coverage": sum(1 for s in skills if _mentions(pred, s)) / len(skills)
+        if skills
+        else 0.0,
         # A 5-letter stem, so "accessible" in the title is covered by "accessibility".
-        "deliverable_coverage": sum(1 for w in deliverable if _mentions(pred, w[:5], whole_word=False)) / len(deliverable) if deliverable else 0.0,
+        "deliverable_coverage": sum(
+            1 for w in deliverable if _mentions(pred, w[:5], whole_word=False)
+        )
+        / len(deliverable)
+        if deliverable
+        else 0.0,
         "length_ok": float(PROPOSAL_WORDS[0] <= words <= PROPOSAL_WORDS[1]),
         "no_placeholder": float(bool(pred.strip()) and not PLACEHOLDER.search(pred)),
         "no_contact": float(not CONTACT.search(pred)),
@@ -161,8 +211,13 @@ def _profile_reviewer(pred: str, record: Record) -> dict[str, float]:
     items = re.findall(r"^\s*\d+[.)]\s+\S", pred, re.MULTILINE)
     profile_words = set(WORD.findall(_user(record).lower()))
     item_lines = [ln for ln in pred.splitlines() if re.match(r"^\s*\d+[.)]\s", ln)]
-    grounded = sum(1 for ln in item_lines if len(set(WORD.findall(ln.lower())) & profile_words) >= 3)
-    return {"actionable_items": float(len(items) >= 3), "grounded_items": grounded / len(item_lines) if item_lines else 0.0}
+    grounded = sum(
+        1 for ln in item_lines if len(set(WORD.findall(ln.lower())) & profile_words) >= 3
+    )
+    return {
+        "actionable_items": float(len(items) >= 3),
+        "grounded_items": grounded / len(item_lines) if item_lines else 0.0,
+    }
 
 
 def _job_post_writer(pred: str, record: Record) -> dict[str, float]:
@@ -191,13 +246,17 @@ PRIMARY_METRIC = {
 
 def score(task: str, prediction: str, record: Record) -> dict[str, float]:
     """All metrics of one prediction."""
-    out = {"token_f1": _f1(WORD.findall(prediction.lower()), WORD.findall(_reference(record).lower()))}
+    out = {
+        "token_f1": _f1(WORD.findall(prediction.lower()), WORD.findall(_reference(record).lower()))
+    }
     if task in SCORERS:
         out.update(SCORERS[task](prediction, record))
     return out
 
 
-def task_metrics(task: str, predictions: Sequence[str], records: Sequence[Record]) -> dict[str, float]:
+def task_metrics(
+    task: str, predictions: Sequence[str], records: Sequence[Record]
+) -> dict[str, float]:
     """Mean of every metric over the eval set."""
     rows = [score(task, p, r) for p, r in zip(predictions, records, strict=True)]
     return {k: round(sum(row[k] for row in rows) / len(rows), 4) for k in rows[0]} if rows else {}

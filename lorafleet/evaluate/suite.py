@@ -74,7 +74,15 @@ def evaluate_candidate(
     for who, ctx in contexts.items():
         arm = run_evaluators(ctx, evaluators)
         report["eval_tokens"] = arm["eval_tokens"]
-        for key in ("eval_loss", "perplexity", "metrics", "generation", "safety_failures", "samples", "results"):
+        for key in (
+            "eval_loss",
+            "perplexity",
+            "metrics",
+            "generation",
+            "safety_failures",
+            "samples",
+            "results",
+        ):
             report[f"{key}_{who}"] = arm[key]
     if judge is not None:
         reference = "production" if "production" in contexts else "base"

@@ -60,8 +60,10 @@ def route_body(target: Target, weight: int) -> dict:
     elif weight <= 0:
         targets = [{"adapter": target.stable, "weight": 100.0}]
     else:
-        targets = [{"adapter": target.stable, "weight": float(100 - weight)},
-                   {"adapter": target.canary, "weight": float(weight)}]  # fmt: skip
+        targets = [
+            {"adapter": target.stable, "weight": float(100 - weight)},
+            {"adapter": target.canary, "weight": float(weight)},
+        ]
     return {"targets": targets, "sticky_header": target.sticky_header}
 
 
@@ -193,9 +195,12 @@ class RevisionActuator:
             return False
         try:
             self.custom.patch_namespaced_custom_object(
-                *KSERVE[:2], self.target.namespace, KSERVE[2], self.target.isvc,
+                *KSERVE[:2],
+                self.target.namespace,
+                KSERVE[2],
+                self.target.isvc,
                 {"spec": {"predictor": {"canaryTrafficPercent": want}}},
-            )  # fmt: skip
+            )
         except ApiException as exc:
             raise ActuatorError(
                 f"InferenceService/{self.target.isvc}: the API server said {exc.status} {exc.reason}"

@@ -186,10 +186,25 @@ class Controller:
             f"rollout {name!r}: the state kept changing while it was written; try again"
         )
 
-    def _decision(self, state: RolloutState, verdict: Verdict, action: str, reasons: list[str] | None = None,
-                  stable: Measurement | None = None, canary: Measurement | None = None) -> Decision:  # fmt: skip
-        return Decision(at=self.clock(), step=state.step, weight=state.weight, verdict=verdict, action=action,
-                        reasons=reasons or [], stable=stable, canary=canary)  # fmt: skip
+    def _decision(
+        self,
+        state: RolloutState,
+        verdict: Verdict,
+        action: str,
+        reasons: list[str] | None = None,
+        stable: Measurement | None = None,
+        canary: Measurement | None = None,
+    ) -> Decision:
+        return Decision(
+            at=self.clock(),
+            step=state.step,
+            weight=state.weight,
+            verdict=verdict,
+            action=action,
+            reasons=reasons or [],
+            stable=stable,
+            canary=canary,
+        )
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -210,8 +225,15 @@ class Controller:
                 f"rollout {name!r} is {existing.phase} with another target or policy; promote or roll it back first"
             )
         now = self.clock()
-        state = RolloutState(name=name, target=target, policy=policy, weight=policy.steps[0],
-                             started_at=now, updated_at=now, step_started_at=now)  # fmt: skip
+        state = RolloutState(
+            name=name,
+            target=target,
+            policy=policy,
+            weight=policy.steps[0],
+            started_at=now,
+            updated_at=now,
+            step_started_at=now,
+        )
         if state.weight >= 100:
             state.phase = "Promoted"
         state.record(self._decision(state, "Manual", f"start at {state.weight}%"))
@@ -529,8 +551,14 @@ def run_controller(
                 continue
             if after.history and (not before.history or after.history[-1] != before.history[-1]):
                 last = after.history[-1]
-                log.info("rollout %s: %s at %d%%: %s (%s)", name, last.verdict, last.weight, last.action,
-                         "; ".join(last.reasons))  # fmt: skip
+                log.info(
+                    "rollout %s: %s at %d%%: %s (%s)",
+                    name,
+                    last.verdict,
+                    last.weight,
+                    last.action,
+                    "; ".join(last.reasons),
+                )
         if heartbeat is not None:
             heartbeat.touch()
         stop.wait(poll_s)

@@ -85,8 +85,12 @@ def _load_candidate(api, spec: FleetSpec, expert: str, version: str, served: str
     source = f"{store}/{expert}/{version}"
     for url in resolve_urls(spec.canary.runtime_urls or [_service(spec, "predictor")], api):
         try:
-            response = httpx.put(f"{url.rstrip('/')}/admin/adapters/{served}", json={"source": source},
-                                 headers={"authorization": f"Bearer {token}"}, timeout=600)  # fmt: skip
+            response = httpx.put(
+                f"{url.rstrip('/')}/admin/adapters/{served}",
+                json={"source": source},
+                headers={"authorization": f"Bearer {token}"},
+                timeout=600,
+            )
         except httpx.HTTPError as exc:
             raise LorafleetError(
                 f"{url}: loading {served} from {source}: {type(exc).__name__}: {exc}"
@@ -101,8 +105,13 @@ def _start_router(controller: Controller, spec: FleetSpec, expert: str, old: str
     served = f"{expert}-{new}"
     _load_candidate(controller.api, spec, expert, new, served)
     router = "transformer" if spec.serving.router else "predictor"  # the runtime routes by itself
-    target = Target(route=expert, stable=expert, canary=served, namespace=spec.serving.namespace,
-                    router_urls=spec.canary.router_urls or [_service(spec, router)])  # fmt: skip
+    target = Target(
+        route=expert,
+        stable=expert,
+        canary=served,
+        namespace=spec.serving.namespace,
+        router_urls=spec.canary.router_urls or [_service(spec, router)],
+    )
     controller.start(expert, target, spec.canary)
     return expert
 
@@ -203,8 +212,13 @@ def deploy_rollouts(
         LorafleetError: if a rollout cannot be started (no API access, candidate refused, ...).
     """
     policy = spec.canary
-    result: dict[str, Any] = {"fleet": spec.name, "handoff": policy.handoff, "mode": policy.mode,
-                              "rollouts": [], "skipped": []}  # fmt: skip
+    result: dict[str, Any] = {
+        "fleet": spec.name,
+        "handoff": policy.handoff,
+        "mode": policy.mode,
+        "rollouts": [],
+        "skipped": [],
+    }
     moves = []
     for o in outcomes:
         if not o.get("registered"):
@@ -256,17 +270,24 @@ def _revert(spec: FleetSpec, experts: list[tuple[str, str, str]]) -> str:
 
 def rollouts_markdown(result: dict[str, Any]) -> str:
     """The deploy step's report for the KFP UI."""
-    lines = [f"## Canary rollouts of fleet {result['fleet']}",
-             f"handoff **{result['handoff']}**, mode **{result['mode']}**", ""]  # fmt: skip
+    lines = [
+        f"## Canary rollouts of fleet {result['fleet']}",
+        f"handoff **{result['handoff']}**, mode **{result['mode']}**",
+        "",
+    ]
     if result["rollouts"]:
-        lines += ["| rollout | stable -> canary | phase | canary share | time to decision | last decision |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| rollout | stable -> canary | phase | canary share | time to decision | last decision |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in result["rollouts"]:
             last = r["last_decision"] or {}
             decided = "-" if r["time_to_decision_s"] is None else f"{r['time_to_decision_s']} s"
             why = "; ".join(last.get("reasons") or []) or "-"
-            lines.append(f"| {r['name']} | {r['stable'] or 'stable'} -> {r['canary'] or 'canary'} | {r['phase']} | "
-                         f"{r['weight']}% | {decided} | {last.get('verdict', '-')}: {why} |")  # fmt: skip
+            lines.append(
+                f"| {r['name']} | {r['stable'] or 'stable'} -> {r['canary'] or 'canary'} | {r['phase']} | "
+                f"{r['weight']}% | {decided} | {last.get('verdict', '-')}: {why} |"
+            )
     for s in result["skipped"]:
         lines.append(f"- {s['expert']} {s['version']}: no rollout ({s['reason']})")
     return "\n".join(lines) + "\n"

@@ -42,8 +42,16 @@ class LoadGenerator:
         timeout_s: per request.
     """
 
-    def __init__(self, base_url: str, model: str, concurrency: int = 4, max_requests: int = 20_000,
-                 max_seconds: float = 300.0, max_tokens: int = 4, timeout_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        concurrency: int = 4,
+        max_requests: int = 20_000,
+        max_seconds: float = 300.0,
+        max_tokens: int = 4,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.url = f"{base_url.rstrip('/')}/openai/v1/chat/completions"
         self.model = model
         self.concurrency = concurrency
@@ -65,8 +73,11 @@ class LoadGenerator:
             return True
 
     def _worker(self, index: int, deadline: float) -> None:
-        body = {"model": self.model, "max_tokens": self.max_tokens,
-                "messages": [{"role": "user", "content": f"Write a short proposal, worker {index}."}]}  # fmt: skip
+        body = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "user", "content": f"Write a short proposal, worker {index}."}],
+        }
         with httpx.Client(timeout=self.timeout_s) as client:
             while not self._stop.is_set() and time.monotonic() < deadline and self._take():
                 start = time.perf_counter()

@@ -68,7 +68,11 @@ def rollout_rbac(spec: FleetSpec, controller: bool) -> list[Any]:
         metadata=_meta(spec, ROLLOUT_SA, "rollout"),
         role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=ROLLOUT_SA),
         subjects=[
-            *([k8s.RbacV1Subject(kind="ServiceAccount", name=ROLLOUT_SA, namespace=namespace)] if controller else []),
+            *(
+                [k8s.RbacV1Subject(kind="ServiceAccount", name=ROLLOUT_SA, namespace=namespace)]
+                if controller
+                else []
+            ),
             # The pipeline's deploy step starts rollouts (and drives them with handoff: drive).
             k8s.RbacV1Subject(kind="ServiceAccount", name=PIPELINE_SA, namespace=namespace),
         ],

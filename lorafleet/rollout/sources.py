@@ -291,8 +291,12 @@ class PrometheusSource:
         out = []
         with httpx.Client(timeout=self.timeout_s) as client:
             for version in versions:
-                fill = {"route": target.route, "version": version, "namespace": target.namespace,
-                        "interval": interval_text(policy.analysis.interval_seconds)}  # fmt: skip
+                fill = {
+                    "route": target.route,
+                    "version": version,
+                    "namespace": target.namespace,
+                    "interval": interval_text(policy.analysis.interval_seconds),
+                }
                 values = {
                     k: self.query(client, Template(q).safe_substitute(fill))
                     for k, q in queries.items()

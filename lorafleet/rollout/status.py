@@ -74,8 +74,10 @@ def _row(label: str, m: Measurement | None) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    return (f"  {label:<7} {m.version:<24} {m.requests:>8g} {num(m.errors, 'g'):>6} {num(m.error_rate, '.2%'):>10} "
-            f"{num(m.p95_latency_ms, 'g'):>8} {num(m.judge_score, '.2f'):>6}")  # fmt: skip
+    return (
+        f"  {label:<7} {m.version:<24} {m.requests:>8g} {num(m.errors, 'g'):>6} {num(m.error_rate, '.2%'):>10} "
+        f"{num(m.p95_latency_ms, 'g'):>8} {num(m.judge_score, '.2f'):>6}"
+    )
 
 
 def _steps(state: RolloutState) -> str:

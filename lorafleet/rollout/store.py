@@ -184,8 +184,12 @@ class ConfigMapStore:
         }
         if resource_version:
             metadata["resourceVersion"] = resource_version
-        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
-                "data": {_KEY: state.model_dump_json()}}  # fmt: skip
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": metadata,
+            "data": {_KEY: state.model_dump_json()},
+        }
 
     def save(self, state: RolloutState) -> RolloutState:
         from kubernetes.client.exceptions import ApiException

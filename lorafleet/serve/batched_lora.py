@@ -316,7 +316,9 @@ class BatchedLora:
             kernel = self.kernel or (None if device.type == "cpu" else "gather")
             one_slot = len(named) == len(adapters) and len({s for _, s in named}) == 1
             uniform = named[0][1] if one_slot and self.kernel is None else None
-            self._route = _Route(base_names, rows[order], slots, offs.to(torch.int32), kernel, uniform)
+            self._route = _Route(
+                base_names, rows[order], slots, offs.to(torch.int32), kernel, uniform
+            )
         else:
             self._route = _Route(base_names)
         try:

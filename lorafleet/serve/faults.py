@@ -117,7 +117,10 @@ def faults_admin_router(table: FaultTable, token: str | None) -> APIRouter:
     from lorafleet.serve.admin import table_admin_router
 
     return table_admin_router(
-        "faults", Fault, table, token,
+        "faults",
+        Fault,
+        table,
+        token,
         missing=lambda adapter: f"no fault on {adapter!r}",
         deleted=lambda adapter: {"adapter": adapter, "status": "cleared"},
-    )  # fmt: skip
+    )

@@ -161,11 +161,14 @@ def routes_admin_router(
         return f"route {name!r}: adapters not loaded: {', '.join(unknown)}" if unknown else None
 
     return table_admin_router(
-        "routes", Route, table, token,
+        "routes",
+        Route,
+        table,
+        token,
         missing=lambda name: f"no route {name!r}",
         deleted=lambda name: {"name": name, "status": "deleted"},
         check=check,
-    )  # fmt: skip
+    )
 
 
 def _usage(body: bytes) -> tuple[int, int]:

@@ -496,7 +496,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lorafleet.cli import main as cli_main
     from lorafleet.cli import serve_app
 
-    cli_main(serve_app, args=None if argv is None else list(argv), prog_name="python -m lorafleet.serve.runtime")
+    cli_main(
+        serve_app,
+        args=None if argv is None else list(argv),
+        prog_name="python -m lorafleet.serve.runtime",
+    )
 
 
 if __name__ == "__main__":

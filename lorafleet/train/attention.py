@@ -63,7 +63,9 @@ def varlen_attention(
     import torch.nn.functional as F
 
     if attention_mask is not None:
-        raise ValueError(f"{VARLEN} attention takes example boundaries (cu_seq_lens_q), not an attention mask")
+        raise ValueError(
+            f"{VARLEN} attention takes example boundaries (cu_seq_lens_q), not an attention mask"
+        )
     b, h, t, d = query.shape
     h_kv = key.shape[1]
     if cu_seq_lens_q is None:
@@ -76,8 +78,13 @@ def varlen_attention(
     q, k, v = tokens(query), tokens(key), tokens(value)
     parts = [
         F.scaled_dot_product_attention(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=h != h_kv,
+            q[:, :, s:e],
+            k[:, :, s:e],
+            v[:, :, s:e],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=h != h_kv,
         )
         for s, e in itertools.pairwise(bounds)
         if e > s

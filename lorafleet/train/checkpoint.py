@@ -27,7 +27,9 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file())
+    return sorted(
+        p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file()
+    )
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -84,7 +86,9 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     path = run_dir / "checkpoints" / f"{_PREFIX}{step:08d}"
     with atomic_dir(path) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        weights = {
+            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+        }
         save_file(weights, tmp / "adapter_model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -95,7 +99,9 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler, identity: dict[str, Any]) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model, optimizer, scheduler, identity: dict[str, Any]
+) -> dict[str, Any]:
     """Restore a checkpoint into ``model``, ``optimizer``, ``scheduler`` and the RNGs.
 
     Args:
@@ -126,8 +132,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, identity: dic
                 "resume refused (start a new run directory)"
             )
     device = next(model.parameters()).device
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=str(device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    set_peft_model_state_dict(
+        model, load_file(path / "adapter_model.safetensors", device=str(device))
+    )
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     # Python's and numpy's RNG states are tuples of plain values; weights_only cannot hold them.
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -80,7 +80,9 @@ class TrainingJobFailed(LorafleetError):
 
 def _cluster(training: TrainingSettings) -> TrainCluster:
     if training.launcher != "trainjob" or training.cluster is None:
-        raise LorafleetError("training.launcher: a cluster job needs launcher: trainjob and a training.cluster block")
+        raise LorafleetError(
+            "training.launcher: a cluster job needs launcher: trainjob and a training.cluster block"
+        )
     return training.cluster
 
 
@@ -91,7 +93,12 @@ def check_job_paths(job: TrainJobConfig, cluster: TrainCluster) -> None:
         LorafleetError: naming the first path outside ``cluster.volume.mount_path``.
     """
     root = PurePosixPath(cluster.volume.mount_path)
-    paths = {"base_dir": job.base_dir, "train_set": job.train_set, "output_dir": job.output_dir, "run_dir": job.run_dir}
+    paths = {
+        "base_dir": job.base_dir,
+        "train_set": job.train_set,
+        "output_dir": job.output_dir,
+        "run_dir": job.run_dir,
+    }
     for field, value in paths.items():
         if value is not None and not PurePosixPath(value).is_relative_to(root):
             raise LorafleetError(
@@ -118,7 +125,9 @@ def trainer_command(training: TrainingSettings) -> list[str]:
 
 
 def _job_json(job: TrainJobConfig) -> str:
-    return json.dumps(job.model_copy(update={"resume": True}).model_dump(mode="json"), sort_keys=True)
+    return json.dumps(
+        job.model_copy(update={"resume": True}).model_dump(mode="json"), sort_keys=True
+    )
 
 
 def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -> dict[str, Any]:
@@ -145,17 +154,27 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
         volumes=[
             m.IoK8sApiCoreV1Volume(
                 name="lorafleet-data",
-                persistentVolumeClaim=m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(claimName=cluster.volume.claim),
+                persistentVolumeClaim=m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(
+                    claimName=cluster.volume.claim
+                ),
             )
         ],
         containers=[
             m.TrainerV1alpha1ContainerPatch(
                 name=node,
-                volumeMounts=[m.IoK8sApiCoreV1VolumeMount(name="lorafleet-data", mountPath=cluster.volume.mount_path)],
+                volumeMounts=[
+                    m.IoK8sApiCoreV1VolumeMount(
+                        name="lorafleet-data", mountPath=cluster.volume.mount_path
+                    )
+                ],
             )
         ],
         nodeSelector=cluster.node_selector or None,
-        tolerations=[m.IoK8sApiCoreV1Toleration(**t.model_dump(exclude_none=True)) for t in cluster.tolerations] or None,
+        tolerations=[
+            m.IoK8sApiCoreV1Toleration(**t.model_dump(exclude_none=True))
+            for t in cluster.tolerations
+        ]
+        or None,
         serviceAccountName=cluster.service_account,
     )
     patch = m.TrainerV1alpha1RuntimePatch(
@@ -167,7 +186,9 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
                         m.TrainerV1alpha1ReplicatedJobPatch(
                             name=node,
                             template=m.TrainerV1alpha1JobTemplatePatch(
-                                spec=m.TrainerV1alpha1JobSpecPatch(template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))
+                                spec=m.TrainerV1alpha1JobSpecPatch(
+                                    template=m.TrainerV1alpha1PodTemplatePatch(spec=pod)
+                                )
                             ),
                         )
                     ]
@@ -178,7 +199,9 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
     trainjob = m.TrainerV1alpha1TrainJob(
         apiVersion=TRAINJOB.api_version,
         kind=TRAINJOB.kind,
-        metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=cluster.namespace, labels=_LABELS),
+        metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=name, namespace=cluster.namespace, labels=_LABELS
+        ),
         spec=m.TrainerV1alpha1TrainJobSpec(
             activeDeadlineSeconds=int(cluster.timeout_s),
             runtimeRef=m.TrainerV1alpha1RuntimeRef(name=cluster.runtime),
@@ -214,7 +237,9 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
     check_job_paths(job, cluster)
     resources = None
     if cluster.accelerator:
-        resources = k.V1ResourceRequirements(limits={cluster.accelerator: str(training.gpus_per_node)})
+        resources = k.V1ResourceRequirements(
+            limits={cluster.accelerator: str(training.gpus_per_node)}
+        )
     template = k.V1PodTemplateSpec(
         metadata=k.V1ObjectMeta(labels=_LABELS),
         spec=k.V1PodSpec(
@@ -225,21 +250,32 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
                     command=trainer_command(training),
                     env=[k.V1EnvVar(name=JOB_ENV, value=_job_json(job))],
                     resources=resources,
-                    volume_mounts=[k.V1VolumeMount(name="lorafleet-data", mount_path=cluster.volume.mount_path)],
+                    volume_mounts=[
+                        k.V1VolumeMount(name="lorafleet-data", mount_path=cluster.volume.mount_path)
+                    ],
                 )
             ],
             volumes=[
                 k.V1Volume(
                     name="lorafleet-data",
-                    persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name=cluster.volume.claim),
+                    persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
+                        claim_name=cluster.volume.claim
+                    ),
                 )
             ],
             node_selector=cluster.node_selector or None,
-            tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in cluster.tolerations] or None,
+            tolerations=[
+                k.V1Toleration(**t.model_dump(exclude_none=True)) for t in cluster.tolerations
+            ]
+            or None,
             service_account_name=cluster.service_account,
         ),
     )
-    replicas = {"Master": m.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=template)}
+    replicas = {
+        "Master": m.KubeflowOrgV1ReplicaSpec(
+            replicas=1, restart_policy="OnFailure", template=template
+        )
+    }
     if training.nodes > 1:
         replicas["Worker"] = m.KubeflowOrgV1ReplicaSpec(
             replicas=training.nodes - 1, restart_policy="OnFailure", template=template
@@ -252,7 +288,9 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
             nproc_per_node=str(training.gpus_per_node),
             pytorch_replica_specs=replicas,
             # Restarts after a lost node resume from the last checkpoint; the deadline bounds the bill.
-            run_policy=m.KubeflowOrgV1RunPolicy(backoff_limit=RESTARTS, active_deadline_seconds=int(cluster.timeout_s)),
+            run_policy=m.KubeflowOrgV1RunPolicy(
+                backoff_limit=RESTARTS, active_deadline_seconds=int(cluster.timeout_s)
+            ),
         ),
     )
     return k.ApiClient().sanitize_for_serialization(pytorchjob)
@@ -272,11 +310,15 @@ def trainjob_available(api) -> bool:
     except ApiException as exc:
         if exc.status == 404:
             return False
-        raise LorafleetError(f"API discovery of {TRAINJOB.api_version}: the API server said {exc.status} {exc.reason}") from None
+        raise LorafleetError(
+            f"API discovery of {TRAINJOB.api_version}: the API server said {exc.status} {exc.reason}"
+        ) from None
     return any(r.name == TRAINJOB.plural for r in found.resources or [])
 
 
-def submit_job(api, name: str, job: TrainJobConfig, training: TrainingSettings) -> tuple[JobKind, dict[str, Any]]:
+def submit_job(
+    api, name: str, job: TrainJobConfig, training: TrainingSettings
+) -> tuple[JobKind, dict[str, Any]]:
     """Create a TrainJob, or a PyTorchJob where the TrainJob API is absent.
 
     Returns:
@@ -293,9 +335,13 @@ def submit_job(api, name: str, job: TrainJobConfig, training: TrainingSettings) 
     body = (build_trainjob if kind is TRAINJOB else build_pytorchjob)(name, job, training)
     namespace = body["metadata"]["namespace"]
     try:
-        created = CustomObjectsApi(api).create_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, body)
+        created = CustomObjectsApi(api).create_namespaced_custom_object(
+            kind.group, kind.version, namespace, kind.plural, body
+        )
     except ApiException as exc:
-        raise LorafleetError(f"{kind.kind}/{name}: the API server said {exc.status} {exc.reason}") from None
+        raise LorafleetError(
+            f"{kind.kind}/{name}: the API server said {exc.status} {exc.reason}"
+        ) from None
     log.info("created %s/%s in %s", kind.kind, name, namespace)
     return kind, created
 
@@ -319,9 +365,14 @@ def job_state(obj: dict[str, Any]) -> tuple[str, str]:
         phase = "Running"
     else:
         phase = "Pending"
-    parts = [": ".join(str(x) for x in (c.get("type"), c.get("reason"), c.get("message")) if x) for c in true]
+    parts = [
+        ": ".join(str(x) for x in (c.get("type"), c.get("reason"), c.get("message")) if x)
+        for c in true
+    ]
     for j in status.get("jobsStatus") or []:
-        counts = ", ".join(f"{k} {j[k]}" for k in ("active", "ready", "succeeded", "failed") if j.get(k))
+        counts = ", ".join(
+            f"{k} {j[k]}" for k in ("active", "ready", "succeeded", "failed") if j.get(k)
+        )
         parts.append(f"jobs {j.get('name')}: {counts or 'none yet'}")
     return phase, f"{phase} ({'; '.join(parts)})" if parts else phase
 
@@ -363,9 +414,13 @@ def wait_for_job(
     delay = min(poll_s, 0.25)  # quick at first (a job that fails at once), then every poll_s
     while True:
         try:
-            live = objects.get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, name)
+            live = objects.get_namespaced_custom_object(
+                kind.group, kind.version, namespace, kind.plural, name
+            )
         except ApiException as exc:
-            raise TrainingJobFailed(f"{kind.kind}/{name}: the API server said {exc.status} {exc.reason}") from None
+            raise TrainingJobFailed(
+                f"{kind.kind}/{name}: the API server said {exc.status} {exc.reason}"
+            ) from None
         phase, line = job_state(live)
         if line != last:
             report(line)
@@ -375,7 +430,9 @@ def wait_for_job(
         if phase == "Failed":
             raise TrainingJobFailed(f"{kind.kind}/{name} in {namespace} failed: {line}")
         if time.monotonic() >= deadline:
-            raise TrainingJobFailed(f"{kind.kind}/{name} in {namespace}: not finished after {timeout_s:g} s ({line})")
+            raise TrainingJobFailed(
+                f"{kind.kind}/{name} in {namespace}: not finished after {timeout_s:g} s ({line})"
+            )
         time.sleep(delay)
         delay = min(poll_s, delay * 2)
 
@@ -444,7 +501,9 @@ def run_on_cluster(
             f"{cluster.volume.claim!r} there (pipeline.profiles.<profile>.steps.train.pvcs)"
         )
     settings = job.model_dump(mode="json", include={"lora", "training"})
-    digest = sha256_json({"train": sha256_file(train_set), "base": fingerprint_model(base_dir), "settings": settings})
+    digest = sha256_json(
+        {"train": sha256_file(train_set), "base": fingerprint_model(base_dir), "settings": settings}
+    )
     job_name = f"lorafleet-{name}"[:54].rstrip("-") + f"-{digest[:8]}"
     work = root / "lorafleet-jobs" / job_name
     work.mkdir(parents=True, exist_ok=True)
@@ -453,10 +512,15 @@ def run_on_cluster(
         for dst, src in inputs.items():
             _stage_in(src, work / dst)
         (work / "inputs.sha256").write_text(digest)
-    remote = job.model_copy(update={
-        "base_dir": str(work / "base"), "train_set": str(work / "train.jsonl"), "output_dir": str(work / "adapter"),
-        "run_dir": str(work / "adapter.run"), "resume": True,
-    })
+    remote = job.model_copy(
+        update={
+            "base_dir": str(work / "base"),
+            "train_set": str(work / "train.jsonl"),
+            "output_dir": str(work / "adapter"),
+            "run_dir": str(work / "adapter.run"),
+            "resume": True,
+        }
+    )
     if api is None:
         from lorafleet.kube import kube_api
 
@@ -471,7 +535,9 @@ def run_on_cluster(
         kind = TRAINJOB if trainjob_available(api) else PYTORCHJOB
         namespace = cluster.namespace
         try:
-            CustomObjectsApi(api).get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, job_name)
+            CustomObjectsApi(api).get_namespaced_custom_object(
+                kind.group, kind.version, namespace, kind.plural, job_name
+            )
         except ApiException:
             raise exc from None
         report(f"{kind.kind} exists in {namespace} (a retried step): following it")
@@ -482,4 +548,8 @@ def run_on_cluster(
     if Path(adapter_out).exists():
         shutil.rmtree(adapter_out)
     shutil.copytree(work / "adapter", adapter_out)
-    return {**json.loads(result_file.read_text()), "adapter_dir": str(adapter_out), "cluster_job": f"{kind.kind}/{job_name}"}
+    return {
+        **json.loads(result_file.read_text()),
+        "adapter_dir": str(adapter_out),
+        "cluster_job": f"{kind.kind}/{job_name}",
+    }

@@ -50,7 +50,9 @@ def init_distributed() -> DistContext:
         if device.startswith("cuda"):
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns)
+    return DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns
+    )
 
 
 def close_distributed(ctx: DistContext) -> None:

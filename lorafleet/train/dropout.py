@@ -40,10 +40,16 @@ def dropped_positions(n: int, p: float, generator: torch.Generator | None = None
         A LongTensor of the success positions.
     """
     mean = n * p
-    chunk = int(mean + 6 * math.sqrt(mean) + 16)  # covers n at the first draw but for ~1e-9 of calls
+    chunk = int(
+        mean + 6 * math.sqrt(mean) + 16
+    )  # covers n at the first draw but for ~1e-9 of calls
 
     def gaps() -> torch.Tensor:
-        return torch.empty(chunk, dtype=torch.float64).geometric_(p, generator=generator).to(torch.int64)
+        return (
+            torch.empty(chunk, dtype=torch.float64)
+            .geometric_(p, generator=generator)
+            .to(torch.int64)
+        )
 
     ends = gaps().cumsum_(0)  # 1-based positions of the successes
     while ends[-1] < n:

@@ -29,7 +29,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PEAK_TFLOPS", "LinearCosts", "TrainingFlops", "device_peak_tflops", "linear_costs", "training_flops"]
+__all__ = [
+    "PEAK_TFLOPS",
+    "LinearCosts",
+    "TrainingFlops",
+    "device_peak_tflops",
+    "linear_costs",
+    "training_flops",
+]
 
 # Dense bf16 peak of known GPUs in TFLOP/s (vendors' datasheets, without sparsity); a key
 # matches a device name that contains all of its words, first match wins.
@@ -76,10 +83,17 @@ def linear_costs(model) -> LinearCosts:
     def record(module, args):
         seen[id(module)] = (module, bool(args and args[0].requires_grad))
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_pre_hook(record)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     device = next(model.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.enable_grad(),
+        ):
             model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
     finally:
         for h in hooks:
@@ -99,7 +113,9 @@ def linear_costs(model) -> LinearCosts:
     return LinearCosts(per_token, per_logit, config.num_hidden_layers * heads * head_dim)
 
 
-def training_flops(costs: LinearCosts, lengths: Sequence[int], logit_positions: int, causal: bool = True) -> TrainingFlops:
+def training_flops(
+    costs: LinearCosts, lengths: Sequence[int], logit_positions: int, causal: bool = True
+) -> TrainingFlops:
     """FLOPs to train on examples of the given lengths once (one epoch of them).
 
     Args:
@@ -114,7 +130,9 @@ def training_flops(costs: LinearCosts, lengths: Sequence[int], logit_positions: 
     square = float(sum(n * n for n in lengths))
     attention = 12.0 * square * costs.attention_width * (0.5 if causal else 1.0)
     return TrainingFlops(
-        linear=costs.per_token * sum(lengths), head=costs.per_logit * logit_positions, attention=attention
+        linear=costs.per_token * sum(lengths),
+        head=costs.per_logit * logit_positions,
+        attention=attention,
     )
 
 
@@ -135,9 +153,13 @@ def device_peak_tflops(device: str) -> float | None:
         except ValueError:
             peak = 0.0
         if not peak > 0:
-            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a positive number of TFLOP/s")
+            raise ValueError(
+                f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a positive number of TFLOP/s"
+            )
         return peak
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(torch.device(device))
-    return next((peak for key, peak in PEAK_TFLOPS.items() if all(w in name for w in key.split())), None)
+    return next(
+        (peak for key, peak in PEAK_TFLOPS.items() if all(w in name for w in key.split())), None
+    )

@@ -60,7 +60,13 @@ def run_job(job: TrainJobConfig) -> dict:
         torch.set_num_threads(job.threads)
     records = [r for _, r in read_records(job.train_set)]
     result = train_adapter(
-        job.base_dir, records, job.lora, job.training, job.output_dir, run_dir=job.run_dir, resume=job.resume
+        job.base_dir,
+        records,
+        job.lora,
+        job.training,
+        job.output_dir,
+        run_dir=job.run_dir,
+        resume=job.resume,
     )
     return result.to_dict()
 
@@ -86,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             raise LorafleetError(f"{source}: not JSON: {exc}") from None
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise LorafleetError(f"{source}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise LorafleetError(
+                f"{source}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            ) from None
         result = run_job(job)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,9 +24,15 @@ log = logging.getLogger(__name__)
 def torchrun_command(job_file: str | Path, nproc: int) -> list[str]:
     """The torchrun command line that runs ``job_file`` on ``nproc`` local ranks."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--module", "lorafleet.train.job", str(job_file),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--module",
+        "lorafleet.train.job",
+        str(job_file),
+    ]
 
 
 def run_torchrun(job: TrainJobConfig, nproc: int, env: dict[str, str] | None = None) -> dict:
@@ -52,16 +58,24 @@ def run_torchrun(job: TrainJobConfig, nproc: int, env: dict[str, str] | None = N
     errors, last = [], ""
     # One merged pipe read line by line: the ranks' progress reaches the log as it happens.
     with subprocess.Popen(
-        torchrun_command(job_file, nproc), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        torchrun_command(job_file, nproc),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as proc:
         for line in proc.stdout:
             line = line.rstrip()
             log.info("torchrun: %s", line)
-            if line.startswith("error: "):  # a rank's own one-line error says more than torchrun's summary
+            if line.startswith(
+                "error: "
+            ):  # a rank's own one-line error says more than torchrun's summary
                 errors.append(line.removeprefix("error: "))
             last = line or last
     if proc.returncode != 0:
-        raise LorafleetError(f"torchrun with {nproc} ranks exited {proc.returncode}: {errors[0] if errors else last}")
+        raise LorafleetError(
+            f"torchrun with {nproc} ranks exited {proc.returncode}: {errors[0] if errors else last}"
+        )
     if not result.is_file():
         raise LorafleetError(f"torchrun: the ranks exited 0 but rank 0 wrote no {result}")
     return json.loads(result.read_text())

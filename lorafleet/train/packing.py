@@ -17,7 +17,9 @@ from lorafleet.chat import IGNORE_INDEX, TokenizedExample
 __all__ = ["collate_packed", "pack_rows"]
 
 
-def pack_rows(lengths: Sequence[int], max_len: int, rng: random.Random, packing: bool = True) -> list[list[int]]:
+def pack_rows(
+    lengths: Sequence[int], max_len: int, rng: random.Random, packing: bool = True
+) -> list[list[int]]:
     """Group example indices into rows of at most ``max_len`` tokens, in a random order.
 
     Examples are shuffled, then placed first-fit (into the first row that still has room),
@@ -76,7 +78,9 @@ def collate_packed(rows: Sequence[Sequence[TokenizedExample]]):
     examples = [e for row in rows for e in row]
     ids = [t for e in examples for t in e.input_ids]
     pos = [p for e in examples for p in range(len(e.input_ids))]
-    labels = torch.tensor([t for e in examples for t in [IGNORE_INDEX, *e.labels[1:]]], dtype=torch.long)
+    labels = torch.tensor(
+        [t for e in examples for t in [IGNORE_INDEX, *e.labels[1:]]], dtype=torch.long
+    )
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
     nxt = labels[1:]  # position p predicts token p + 1
     logit_index = torch.nonzero(nxt != IGNORE_INDEX).squeeze(1)

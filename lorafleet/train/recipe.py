@@ -46,7 +46,9 @@ class TrainResult:
     tokens_per_s: float
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
-    tflops_per_s: float = 0.0  # model FLOPs (lorafleet.train.flops) over the steps' wall time, all ranks
+    tflops_per_s: float = (
+        0.0  # model FLOPs (lorafleet.train.flops) over the steps' wall time, all ranks
+    )
     mfu: float | None = None  # tflops_per_s over the peak of all ranks' devices, where it is known
 
     def to_dict(self) -> dict:
@@ -92,7 +94,10 @@ def load_base(
     else:
         torch_dtype = getattr(torch, dtype)
     flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
-    kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation or ("flash_attention_2" if flash else "sdpa")}
+    kwargs = {
+        "dtype": torch_dtype,
+        "attn_implementation": attn_implementation or ("flash_attention_2" if flash else "sdpa"),
+    }
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -186,7 +191,9 @@ class LoRARecipe:
         self.lora = lora
         self.training = training
         self.output_dir = Path(output_dir)
-        self.run_dir = Path(run_dir) if run_dir else self.output_dir.with_name(self.output_dir.name + ".run")
+        self.run_dir = (
+            Path(run_dir) if run_dir else self.output_dir.with_name(self.output_dir.name + ".run")
+        )
         self.resume = resume
         self.on_step = on_step
         self._dist = dist
@@ -200,9 +207,14 @@ class LoRARecipe:
             self.base_dir, self.lora, self.dist.device, self.training.gradient_checkpointing
         )
         self.examples = self._setup_data(self.tokenizer, self.records, self.training.max_seq_len)
-        micro = sum(math.ceil(len(self._epoch_rows(e)) / self.training.batch_size) for e in range(self.training.epochs))
+        micro = sum(
+            math.ceil(len(self._epoch_rows(e)) / self.training.batch_size)
+            for e in range(self.training.epochs)
+        )
         self.total_steps = self.training.max_steps or math.ceil(micro / self.training.grad_accum)
-        self.optimizer, self.scheduler = self._setup_optimizer(self.model, self.training, self.total_steps)
+        self.optimizer, self.scheduler = self._setup_optimizer(
+            self.model, self.training, self.total_steps
+        )
         # Model FLOPs per step (lorafleet.train.flops) for TFLOP/s and, where the peak is known, MFU.
         self.costs = linear_costs(self.model)
         self.peak_tflops = device_peak_tflops(self.dist.device)
@@ -211,7 +223,10 @@ class LoRARecipe:
             "base_fingerprint": fingerprint_model(self.base_dir),
             "lora": self.lora.model_dump(mode="json"),
             "data": sha256_json([[e.input_ids, e.labels] for e in self.examples])[:16],
-            "plan": {k: getattr(self.training, k) for k in ("seed", "packing", "batch_size", "grad_accum", "max_seq_len")},
+            "plan": {
+                k: getattr(self.training, k)
+                for k in ("seed", "packing", "batch_size", "grad_accum", "max_seq_len")
+            },
         }
 
     @staticmethod
@@ -219,11 +234,17 @@ class LoRARecipe:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         attention = training_attention(device)
-        model, tokenizer = load_base(base_dir, device=device, quantize_4bit=lora.qlora, attn_implementation=attention)
+        model, tokenizer = load_base(
+            base_dir, device=device, quantize_4bit=lora.qlora, attn_implementation=attention
+        )
         if lora.qlora:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing
+            )
         elif gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model = get_peft_model(model, _lora_config(lora))
         if device == "cpu":  # CUDA's dropout kernel is cheap; on CPU the per-element draw is not
             from lorafleet.train.dropout import use_geometric_lora_dropout
@@ -232,11 +253,15 @@ class LoRARecipe:
         return model, tokenizer
 
     @staticmethod
-    def _setup_data(tokenizer, records: Sequence[Record], max_seq_len: int) -> list[TokenizedExample]:
+    def _setup_data(
+        tokenizer, records: Sequence[Record], max_seq_len: int
+    ) -> list[TokenizedExample]:
         examples = [encode_chat(tokenizer, r.messages, max_length=max_seq_len) for r in records]
         kept = [e for e in examples if e.n_label_tokens > 0]
         if not kept:
-            raise ValueError(f"every example lost its assistant tokens at max_seq_len={max_seq_len}")
+            raise ValueError(
+                f"every example lost its assistant tokens at max_seq_len={max_seq_len}"
+            )
         return kept
 
     @staticmethod
@@ -244,7 +269,9 @@ class LoRARecipe:
         import torch
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=training.learning_rate, weight_decay=training.weight_decay
+        )
         warmup = int(training.warmup_ratio * total_steps)
 
         def factor(step: int) -> float:
@@ -270,7 +297,9 @@ class LoRARecipe:
         lengths = [len(e.input_ids) for e in self.examples]
         return pack_rows(lengths, self.training.max_seq_len, rng, packing=self.training.packing)
 
-    def _micro_batches(self, epoch: int, row: int) -> Iterator[tuple[int, int, list[list[TokenizedExample]]]]:
+    def _micro_batches(
+        self, epoch: int, row: int
+    ) -> Iterator[tuple[int, int, list[list[TokenizedExample]]]]:
         """Global micro-batches from data position ``(epoch, row)`` on, endlessly.
 
         Yields:
@@ -310,7 +339,9 @@ class LoRARecipe:
         # else the recipe's varlen attention slices by them: on the CPU they cost no device sync
         # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
         scale = n_labels / dist.world_size
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             out = self.ddp_model(
                 input_ids=batch["input_ids"].to(device),
                 position_ids=batch["position_ids"].to(device),
@@ -322,7 +353,9 @@ class LoRARecipe:
                 use_cache=False,
             )
         logits = out.logits[0].float()  # (K, vocab): only the positions the loss looks at
-        loss = F.cross_entropy(logits, batch["targets"].to(device), reduction="sum") / scale * weight
+        loss = (
+            F.cross_entropy(logits, batch["targets"].to(device), reduction="sum") / scale * weight
+        )
         loss.backward()
         return loss.detach(), batch["n_tokens"] if weight else 0
 
@@ -360,7 +393,12 @@ class LoRARecipe:
         while step < self.total_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.training.grad_accum)]
-            n_labels = sum(e.n_label_tokens - (e.labels[0] != IGNORE_INDEX) for _, _, rows in micro for r in rows for e in r)
+            n_labels = sum(
+                e.n_label_tokens - (e.labels[0] != IGNORE_INDEX)
+                for _, _, rows in micro
+                for r in rows
+                for e in r
+            )
             loss_sum, tokens = torch.zeros((), device=self.dist.device), 0
             try:
                 for _, _, rows in micro:
@@ -377,7 +415,11 @@ class LoRARecipe:
             step_loss, tokens = self._all_reduce([float(loss_sum), float(tokens)])
             step_loss /= self.dist.world_size
             if not math.isfinite(step_loss):
-                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint is {last_ckpt}"
+                    if last_ckpt
+                    else "no checkpoint was written yet"
+                )
                 raise NonFiniteLossError(
                     f"loss became {step_loss} at step {step + 1}; {kept} (lower training.learning_rate)"
                 )
@@ -392,9 +434,14 @@ class LoRARecipe:
             examples = [e for _, _, rows in micro for r in rows for e in r]  # every rank's share
             flops = training_flops(self.costs, [len(e.input_ids) for e in examples], n_labels).total
             entry = {
-                "step": step, "loss": step_loss, "lr": lr, "tokens": int(tokens),
-                "label_tokens": n_labels, "tokens_per_s": round(tokens / wall, 1),
-                "tflops": flops / 1e12, "tflops_per_s": _sig(flops / 1e12 / wall),
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "tokens": int(tokens),
+                "label_tokens": n_labels,
+                "tokens_per_s": round(tokens / wall, 1),
+                "tflops": flops / 1e12,
+                "tflops_per_s": _sig(flops / 1e12 / wall),
             }
             if self.peak_tflops:
                 entry["mfu"] = _sig(flops / 1e12 / wall / (self.peak_tflops * self.dist.world_size))
@@ -404,9 +451,20 @@ class LoRARecipe:
                     fh.write(json.dumps(entry) + "\n")
                 every = self.training.checkpoint_every
                 if every and step % every == 0 and step < self.total_steps:
-                    state = {"epoch": epoch, "row": row, "metrics": metrics, "identity": self.identity}
+                    state = {
+                        "epoch": epoch,
+                        "row": row,
+                        "metrics": metrics,
+                        "identity": self.identity,
+                    }
                     last_ckpt = save_checkpoint(
-                        self.run_dir, step, self.model, self.optimizer, self.scheduler, state, self.training.keep_checkpoints
+                        self.run_dir,
+                        step,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        state,
+                        self.training.keep_checkpoints,
                     )
             if self.on_step:
                 self.on_step(step, self.total_steps, step_loss)
@@ -414,7 +472,9 @@ class LoRARecipe:
         self.model.eval()
         tokens_done = sum(m["tokens"] for m in metrics)
         step_walls = sum(m["tokens"] / m["tokens_per_s"] for m in metrics if m["tokens_per_s"])
-        tflops_per_s = sum(m.get("tflops", 0.0) for m in metrics) / step_walls if step_walls else 0.0
+        tflops_per_s = (
+            sum(m.get("tflops", 0.0) for m in metrics) / step_walls if step_walls else 0.0
+        )
         result = TrainResult(
             adapter_dir=str(self.output_dir),
             steps=self.total_steps,
@@ -426,12 +486,16 @@ class LoRARecipe:
             losses=[m["loss"] for m in metrics],
             learning_rates=[m["lr"] for m in metrics],
             tflops_per_s=_sig(tflops_per_s),
-            mfu=_sig(tflops_per_s / (self.peak_tflops * self.dist.world_size)) if self.peak_tflops else None,
+            mfu=_sig(tflops_per_s / (self.peak_tflops * self.dist.world_size))
+            if self.peak_tflops
+            else None,
         )
         if self.dist.is_main:
             with atomic_dir(self.output_dir) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
-                atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+                atomic_write_text(
+                    tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
+                )
             atomic_write_json(self.run_dir / "result.json", result.to_dict())
         return result
 
@@ -452,7 +516,10 @@ def _check_qlora() -> None:
 
     missing = [
         what
-        for what, ok in (("a CUDA GPU", torch.cuda.is_available()), ("bitsandbytes", importlib.util.find_spec("bitsandbytes")))
+        for what, ok in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ("bitsandbytes", importlib.util.find_spec("bitsandbytes")),
+        )
         if not ok
     ]
     if missing:
@@ -472,7 +539,16 @@ def train_adapter(
     resume: bool = False,
 ) -> TrainResult:
     """Run the recipe start to finish; see :class:`LoRARecipe`."""
-    recipe = LoRARecipe(base_dir, records, lora, training, output_dir, on_step=on_step, run_dir=run_dir, resume=resume)
+    recipe = LoRARecipe(
+        base_dir,
+        records,
+        lora,
+        training,
+        output_dir,
+        on_step=on_step,
+        run_dir=run_dir,
+        resume=resume,
+    )
     recipe.setup()
     try:
         return recipe.train()

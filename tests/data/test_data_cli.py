@@ -13,64 +13,167 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DATA = EXAMPLES / "data" / "job-analyzer"
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int, str]:
     monkeypatch.setattr("sys.argv", ["lorafleet", "data", *map(str, args)])
     with pytest.raises(SystemExit) as exc:
         main()
     return exc.value.code, capsys.readouterr().err
 
 
-def test_validate_synthesize_shards_curate_and_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_validate_synthesize_shards_curate_and_stats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     spec = ("--spec", EXAMPLES / "fleet.yaml", "--expert", "job-analyzer")
     # validate: a clean copy and the three report files
-    code, err = run_cli(monkeypatch, capsys, "validate", DATA / "seed.jsonl", *spec, "--out", tmp_path / "seeds.jsonl",
-                        "--report", tmp_path / "report")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "validate",
+        DATA / "seed.jsonl",
+        *spec,
+        "--out",
+        tmp_path / "seeds.jsonl",
+        "--report",
+        tmp_path / "report",
+    )
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["validation.html", "validation.json", "validation.md"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "validation.html",
+        "validation.json",
+        "validation.md",
+    ]
     assert json.loads((tmp_path / "report" / "validation.json").read_text())["success"] is True
     # synthesize two shards of the seeds (as ParallelFor tasks would), and all at once
     outs = []
     for i in (1, 2):
         outs.append(tmp_path / f"syn-{i}.jsonl")
-        code, err = run_cli(monkeypatch, capsys, "synthesize", tmp_path / "seeds.jsonl", "--out", outs[-1], "--shard", f"{i}/2", *spec)
+        code, err = run_cli(
+            monkeypatch,
+            capsys,
+            "synthesize",
+            tmp_path / "seeds.jsonl",
+            "--out",
+            outs[-1],
+            "--shard",
+            f"{i}/2",
+            *spec,
+        )
         assert code == 0, err
-    code, err = run_cli(monkeypatch, capsys, "synthesize", tmp_path / "seeds.jsonl", "--out", tmp_path / "syn.jsonl", *spec)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "synthesize",
+        tmp_path / "seeds.jsonl",
+        "--out",
+        tmp_path / "syn.jsonl",
+        *spec,
+    )
     assert code == 0, err
     whole = (tmp_path / "syn.jsonl").read_text().splitlines()
     assert sorted(whole) == sorted(line for p in outs for line in p.read_text().splitlines())
     # curate the shards together, with the stats artifact
-    code, err = run_cli(monkeypatch, capsys, "curate", "--seeds", tmp_path / "seeds.jsonl", "--synthetic", outs[0],
-                        "--synthetic", outs[1], "--eval", DATA / "eval.jsonl", "--out", tmp_path / "train.jsonl",
-                        "--stats", tmp_path / "stats.json", *spec)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "curate",
+        "--seeds",
+        tmp_path / "seeds.jsonl",
+        "--synthetic",
+        outs[0],
+        "--synthetic",
+        outs[1],
+        "--eval",
+        DATA / "eval.jsonl",
+        "--out",
+        tmp_path / "train.jsonl",
+        "--stats",
+        tmp_path / "stats.json",
+        *spec,
+    )
     assert code == 0, err
     stats = json.loads((tmp_path / "stats.json").read_text())
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert stats["output"]["total"] == len(train) and stats["input"]["synthetic"] == sum(len(p.read_text().splitlines()) for p in outs)
+    assert stats["output"]["total"] == len(train) and stats["input"]["synthetic"] == sum(
+        len(p.read_text().splitlines()) for p in outs
+    )
     assert all(r["meta"]["provenance"]["seed_ids"] for r in train)
     assert "| near-dedup |" in (tmp_path / "stats.md").read_text()
     # stats over the result
-    code, err = run_cli(monkeypatch, capsys, "stats", tmp_path / "train.jsonl", "--json", tmp_path / "numbers.json")
+    code, err = run_cli(
+        monkeypatch, capsys, "stats", tmp_path / "train.jsonl", "--json", tmp_path / "numbers.json"
+    )
     assert code == 0
     numbers = json.loads((tmp_path / "numbers.json").read_text())[str(tmp_path / "train.jsonl")]
     assert numbers["records"] == len(train) and set(numbers["source"]) == {"human", "synthetic"}
 
 
-def test_curate_writes_nothing_when_an_input_is_malformed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_curate_writes_nothing_when_an_input_is_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     broken = tmp_path / "syn.jsonl"
     broken.write_text('{"id": "s1"}\n')
-    code, err = run_cli(monkeypatch, capsys, "curate", "--seeds", DATA / "seed.jsonl", "--synthetic", broken,
-                        "--eval", DATA / "eval.jsonl", "--out", tmp_path / "train.jsonl", "--stats", tmp_path / "stats.json")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "curate",
+        "--seeds",
+        DATA / "seed.jsonl",
+        "--synthetic",
+        broken,
+        "--eval",
+        DATA / "eval.jsonl",
+        "--out",
+        tmp_path / "train.jsonl",
+        "--stats",
+        tmp_path / "stats.json",
+    )
     assert code == 2
     assert err.strip() == f"error: {broken}:1: missing-field: task: Field required"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn.jsonl"]
 
 
-def test_bad_options_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    code, err = run_cli(monkeypatch, capsys, "synthesize", DATA / "seed.jsonl", "--out", tmp_path / "s.jsonl", "--generator", "teacher")
+def test_bad_options_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "synthesize",
+        DATA / "seed.jsonl",
+        "--out",
+        tmp_path / "s.jsonl",
+        "--generator",
+        "teacher",
+    )
     assert code == 2
-    assert err.strip() == "error: invalid option: synthesis: Value error, generator 'teacher' needs a teacher block (base_url, model)"
-    code, err = run_cli(monkeypatch, capsys, "validate", DATA / "seed.jsonl", "--task", "job-analyzer", "--pii", "maybe")
+    assert (
+        err.strip()
+        == "error: invalid option: synthesis: Value error, generator 'teacher' needs a teacher block (base_url, model)"
+    )
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "validate",
+        DATA / "seed.jsonl",
+        "--task",
+        "job-analyzer",
+        "--pii",
+        "maybe",
+    )
     assert code == 2 and err.startswith("error: invalid option: pii: ")
-    code, err = run_cli(monkeypatch, capsys, "synthesize", DATA / "seed.jsonl", "--out", tmp_path / "s.jsonl", "--shard", "3/2")
-    assert code == 2 and err.strip() == "error: --shard '3/2': expected I/N with 1 <= I <= N, e.g. 2/8"
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "synthesize",
+        DATA / "seed.jsonl",
+        "--out",
+        tmp_path / "s.jsonl",
+        "--shard",
+        "3/2",
+    )
+    assert (
+        code == 2 and err.strip() == "error: --shard '3/2': expected I/N with 1 <= I <= N, e.g. 2/8"
+    )
     assert not list(tmp_path.iterdir())

@@ -30,8 +30,14 @@ def user(i: int) -> dict:
 
 
 def rec(i: int, **over) -> dict:
-    return {"id": f"r{i}", "task": "job-analyzer", "messages": [SYSTEM, user(i), ASSISTANT],
-            "source": "human", "meta": {}, **over}
+    return {
+        "id": f"r{i}",
+        "task": "job-analyzer",
+        "messages": [SYSTEM, user(i), ASSISTANT],
+        "source": "human",
+        "meta": {},
+        **over,
+    }
 
 
 def lines(bad: str | bytes) -> bytes:
@@ -52,17 +58,31 @@ CANDIDATES = "Job: build a landing page.\n\nCandidate A (rate $30/hr):\nI can do
 
 
 def ranking(*letters: str) -> str:
-    items = [{"candidate": c, "rank": i, "score": 5.0, "strengths": [], "concerns": []} for i, c in enumerate(letters, 1)]
+    items = [
+        {"candidate": c, "rank": i, "score": 5.0, "strengths": [], "concerns": []}
+        for i, c in enumerate(letters, 1)
+    ]
     return json.dumps({"ranking": items, "recommendation": "Hire A."})
 
 
 def evaluator(i: int, answer: str) -> dict:
-    msgs = [{"role": "user", "content": CANDIDATES + f" #{i}"}, {"role": "assistant", "content": answer}]
-    return {"id": f"c{i}", "task": "candidate-evaluator", "messages": msgs, "source": "human", "meta": {}}
+    msgs = [
+        {"role": "user", "content": CANDIDATES + f" #{i}"},
+        {"role": "assistant", "content": answer},
+    ]
+    return {
+        "id": f"c{i}",
+        "task": "candidate-evaluator",
+        "messages": msgs,
+        "source": "human",
+        "meta": {},
+    }
 
 
 def evaluator_file(answer: str) -> bytes:
-    return "".join(json.dumps(evaluator(i, a)) + "\n" for i, a in enumerate([ranking("A", "B"), answer], 1)).encode()
+    return "".join(
+        json.dumps(evaluator(i, a)) + "\n" for i, a in enumerate([ranking("A", "B"), answer], 1)
+    ).encode()
 
 
 U, A = user(2), {"role": "assistant", "content": "Sure."}
@@ -70,8 +90,16 @@ CASES = {
     # -- the reader: syntax and schema, line by line ---------------------------------------
     "broken-json": (lines('{"id": "r2", "task": '), 2, "json"),
     "trailing-garbage": (lines(json.dumps(rec(2)) + " x"), 2, "json"),
-    "nan-constant": (lines(json.dumps(rec(2)).replace('"meta": {}', '"meta": {"score": NaN}')), 2, "json"),
-    "duplicate-key": (lines(json.dumps(rec(2)).replace('"id": "r2"', '"id": "r2", "id": "r9"')), 2, "duplicate-key"),
+    "nan-constant": (
+        lines(json.dumps(rec(2)).replace('"meta": {}', '"meta": {"score": NaN}')),
+        2,
+        "json",
+    ),
+    "duplicate-key": (
+        lines(json.dumps(rec(2)).replace('"id": "r2"', '"id": "r2", "id": "r9"')),
+        2,
+        "duplicate-key",
+    ),
     "utf8-bom": (b"\xef\xbb\xbf" + lines(json.dumps(rec(2))), 1, "utf8-bom"),
     "invalid-utf8": (lines(json.dumps(rec(2)).encode().replace(b"job 2", b"job \xff")), 2, "utf8"),
     "nul-byte": (lines(json.dumps(rec(2)).encode().replace(b"job 2", b"job\x002")), 2, "nul-byte"),
@@ -106,21 +134,59 @@ CASES = {
     "two-assistant-turns": (bad_rec(messages=[U, ASSISTANT, ASSISTANT]), 2, "role-order"),
     "ends-on-user": (bad_rec(messages=[U, ASSISTANT, U]), 2, "role-order"),
     "starts-with-assistant": (bad_rec(messages=[ASSISTANT]), 2, "role-order"),
-    "empty-content": (bad_rec(messages=[{"role": "user", "content": ""}, ASSISTANT]), 2, "empty-content"),
-    "whitespace-content": (bad_rec(messages=[{"role": "user", "content": " \n\t"}, ASSISTANT]), 2, "empty-content"),
-    "content-too-long": (bad_rec(messages=[{"role": "user", "content": "word " * 100}, ASSISTANT]), 2, "content-too-long"),
-    "content-too-short": (bad_rec(messages=[{"role": "user", "content": "Hi"}, ASSISTANT]), 2, "content-too-short"),
-    "answer-not-json": (bad_rec(messages=[U, {"role": "assistant", "content": "Skills: React"}]), 2, "answer-not-json"),
+    "empty-content": (
+        bad_rec(messages=[{"role": "user", "content": ""}, ASSISTANT]),
+        2,
+        "empty-content",
+    ),
+    "whitespace-content": (
+        bad_rec(messages=[{"role": "user", "content": " \n\t"}, ASSISTANT]),
+        2,
+        "empty-content",
+    ),
+    "content-too-long": (
+        bad_rec(messages=[{"role": "user", "content": "word " * 100}, ASSISTANT]),
+        2,
+        "content-too-long",
+    ),
+    "content-too-short": (
+        bad_rec(messages=[{"role": "user", "content": "Hi"}, ASSISTANT]),
+        2,
+        "content-too-short",
+    ),
+    "answer-not-json": (
+        bad_rec(messages=[U, {"role": "assistant", "content": "Skills: React"}]),
+        2,
+        "answer-not-json",
+    ),
     "answer-missing-key": (
-        bad_rec(messages=[U, {"role": "assistant", "content": json.dumps({k: v for k, v in ANALYSIS.items() if k != "budget"})}]),
-        2, "answer-schema"),
-    "email-under-reject": (bad_rec(messages=[{"role": "user", "content": "Write to ana@example.com please"}, ASSISTANT]), 2, "pii"),
+        bad_rec(
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": json.dumps({k: v for k, v in ANALYSIS.items() if k != "budget"}),
+                },
+            ]
+        ),
+        2,
+        "answer-schema",
+    ),
+    "email-under-reject": (
+        bad_rec(
+            messages=[{"role": "user", "content": "Write to ana@example.com please"}, ASSISTANT]
+        ),
+        2,
+        "pii",
+    ),
     "candidate-not-ranked": (evaluator_file(ranking("A")), 2, "ranking-coverage"),
     "candidate-ranked-twice": (evaluator_file(ranking("A", "A", "B")), 2, "ranking-coverage"),
 }
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, list[str]]:
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int, list[str]]:
     monkeypatch.setattr("sys.argv", ["lorafleet", *args])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -129,7 +195,12 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
 
 @pytest.mark.parametrize(("content", "line", "rule"), list(CASES.values()), ids=list(CASES))
 def test_malformed_input_is_one_line_exit_2_and_nothing_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, content: bytes, line: int | None, rule: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    content: bytes,
+    line: int | None,
+    rule: str,
 ) -> None:
     # Given a file with one mistake
     data = tmp_path / "data.jsonl"
@@ -137,8 +208,23 @@ def test_malformed_input_is_one_line_exit_2_and_nothing_written(
     out = tmp_path / "clean.jsonl"
     task = "candidate-evaluator" if rule == "ranking-coverage" else "job-analyzer"
     # When it is validated with a clean copy requested
-    code, err = run_cli(monkeypatch, capsys, "data", "validate", str(data), "--task", task, "--out", str(out),
-                        "--min-chars", "5", "--max-chars", "300", "--pii", "reject")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "validate",
+        str(data),
+        "--task",
+        task,
+        "--out",
+        str(out),
+        "--min-chars",
+        "5",
+        "--max-chars",
+        "300",
+        "--pii",
+        "reject",
+    )
     # Then: exit 2, the first line names file, line and rule, and no copy was written
     assert code == 2
     findings = [e.removeprefix("error: ") for e in err if not e.startswith("warning: ")]
@@ -154,20 +240,53 @@ def test_there_are_at_least_thirty_distinct_cases() -> None:
     assert len({(c, r) for c, _, r in CASES.values()}) == len(CASES)
 
 
-def test_crlf_line_endings_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_crlf_line_endings_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     data = tmp_path / "data.jsonl"
     data.write_bytes(lines(json.dumps(rec(2))).replace(b"\n", b"\r\n"))
     out = tmp_path / "clean.jsonl"
-    code, err = run_cli(monkeypatch, capsys, "data", "validate", str(data), "--task", "job-analyzer", "--out", str(out))
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "validate",
+        str(data),
+        "--task",
+        "job-analyzer",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1", "r2", "r3"]
 
 
-def test_scrub_policy_warns_and_writes_placeholders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_scrub_policy_warns_and_writes_placeholders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     data = tmp_path / "data.jsonl"
-    data.write_bytes(bad_rec(messages=[{"role": "user", "content": "Call me at +44 20 7946 0958 about the React job"}, ASSISTANT]))
+    data.write_bytes(
+        bad_rec(
+            messages=[
+                {"role": "user", "content": "Call me at +44 20 7946 0958 about the React job"},
+                ASSISTANT,
+            ]
+        )
+    )
     out = tmp_path / "clean.jsonl"
-    code, err = run_cli(monkeypatch, capsys, "data", "validate", str(data), "--task", "job-analyzer", "--out", str(out), "--pii", "scrub")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "validate",
+        str(data),
+        "--task",
+        "job-analyzer",
+        "--out",
+        str(out),
+        "--pii",
+        "scrub",
+    )
     assert code == 0
     assert f"warning: {data}:2: pii: personal data or an off-platform request (got 'phone')" in err
     scrubbed = json.loads(out.read_text().splitlines()[1])["messages"][0]["content"]

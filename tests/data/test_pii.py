@@ -51,8 +51,15 @@ def test_marketplace_text_is_left_alone(text: str) -> None:
 def test_off_platform_asks_count_only_in_assistant_turns() -> None:
     # A quoted proposal that asks for WhatsApp is what a candidate evaluator must learn to flag.
     ask = "Candidate A: message me on WhatsApp, it is faster."
-    rec = Record(id="a", task="candidate-evaluator", source="human", messages=[
-        {"role": "user", "content": ask}, {"role": "assistant", "content": "Sure, message me on WhatsApp or mail x@y.io"}])
+    rec = Record(
+        id="a",
+        task="candidate-evaluator",
+        source="human",
+        messages=[
+            {"role": "user", "content": ask},
+            {"role": "assistant", "content": "Sure, message me on WhatsApp or mail x@y.io"},
+        ],
+    )
     assert record_pii(rec) == {"off-platform": 1, "email": 1}
     scrubbed, counts = scrub_record(rec)
     assert scrubbed.messages[0].content == ask

@@ -38,7 +38,9 @@ def test_sharded_synthesis_merges_to_the_unsharded_result(tmp_path: Path, count:
     settings = SynthesisSettings(per_seed=2, seed=3)
     outputs = []
     for i, shard in enumerate(split_records(seeds, count)):
-        outputs.append(dump_records(tmp_path / f"out-{i}.jsonl", synthesize(shard, settings).records))
+        outputs.append(
+            dump_records(tmp_path / f"out-{i}.jsonl", synthesize(shard, settings).records)
+        )
     # When merged, Then the result equals one unsharded run
     merged = merge_shard_files(outputs, SEEDS, tmp_path / "merged.jsonl")
     whole = synthesize(seeds, settings).records
@@ -63,17 +65,30 @@ def test_stage_shards_curate_to_the_unsharded_stage_output(tmp_path: Path) -> No
     from lorafleet.stages import curate_shard_stage, curate_stage, select_stage, synthesize_stage
 
     fleet = load_fleet(SEEDS.parents[2] / "fleet.yaml").expert("proposal-writer")
-    expert = fleet.model_copy(update={"synthesis": fleet.synthesis.model_copy(update={"shards": 3})})
+    expert = fleet.model_copy(
+        update={"synthesis": fleet.synthesis.model_copy(update={"shards": 3})}
+    )
     eval_set = SEEDS.with_name("eval.jsonl")
     prepared = []
     for i in range(3):
         synthesize_stage(expert, SEEDS, tmp_path / f"syn-{i}.jsonl", shard_index=i, shard_count=3)
-        stats = curate_shard_stage(expert, SEEDS, tmp_path / f"syn-{i}.jsonl", eval_set, tmp_path / f"prep-{i}", shard_index=i)
+        stats = curate_shard_stage(
+            expert,
+            SEEDS,
+            tmp_path / f"syn-{i}.jsonl",
+            eval_set,
+            tmp_path / f"prep-{i}",
+            shard_index=i,
+        )
         assert stats["shard"] == f"{i + 1}/3" and stats["rows"] > 0
         prepared.append(tmp_path / f"prep-{i}")
     sharded = select_stage(expert, prepared[::-1], eval_set, tmp_path / "train-sharded.jsonl")
     synthesize_stage(expert, SEEDS, tmp_path / "syn.jsonl")
-    whole = curate_stage(expert, SEEDS, tmp_path / "syn.jsonl", eval_set, tmp_path / "train-whole.jsonl")
-    assert (tmp_path / "train-sharded.jsonl").read_bytes() == (tmp_path / "train-whole.jsonl").read_bytes()
+    whole = curate_stage(
+        expert, SEEDS, tmp_path / "syn.jsonl", eval_set, tmp_path / "train-whole.jsonl"
+    )
+    assert (tmp_path / "train-sharded.jsonl").read_bytes() == (
+        tmp_path / "train-whole.jsonl"
+    ).read_bytes()
     assert sharded.pop("shards") == 3 and whole.pop("shards") == 1
     assert sharded == whole

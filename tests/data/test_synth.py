@@ -51,7 +51,16 @@ def test_job_analyzer_budget_changes_in_question_and_answer_alike() -> None:
         source="human",
         messages=[
             {"role": "user", "content": "Need a React dashboard in 3 weeks, budget is $2,400."},
-            {"role": "assistant", "content": json.dumps({"skills": ["React"], "budget": {"type": "fixed", "min": 2400, "max": 2400}, "timeline": "3 weeks"})},
+            {
+                "role": "assistant",
+                "content": json.dumps(
+                    {
+                        "skills": ["React"],
+                        "budget": {"type": "fixed", "min": 2400, "max": 2400},
+                        "timeline": "3 weeks",
+                    }
+                ),
+            },
         ],
     )
     variants = list(ProgrammaticGenerator(seed=7).generate([seed], per_seed=4))
@@ -78,6 +87,8 @@ def test_teacher_needs_a_work_directory() -> None:
     from lorafleet.errors import LorafleetError
     from lorafleet.fleet import TeacherSettings
 
-    settings = SynthesisSettings(generator="teacher", teacher=TeacherSettings(base_url="http://127.0.0.1:9/v1", model="m"))
+    settings = SynthesisSettings(
+        generator="teacher", teacher=TeacherSettings(base_url="http://127.0.0.1:9/v1", model="m")
+    )
     with pytest.raises(LorafleetError, match="work directory"):
         synthesize(_seeds("job-analyzer")[:1], settings, "job-analyzer")

@@ -25,7 +25,9 @@ from lorafleet.records import read_records
 
 pytestmark = pytest.mark.integration
 
-SEED_FILE = Path(__file__).resolve().parents[2] / "examples" / "data" / "job-analyzer" / "seed.jsonl"
+SEED_FILE = (
+    Path(__file__).resolve().parents[2] / "examples" / "data" / "job-analyzer" / "seed.jsonl"
+)
 SEEDS = [r for _, r in read_records(SEED_FILE)]
 
 
@@ -39,11 +41,17 @@ def teacher_url(tiny_base: Path):
 
 def _settings(url: str, **over) -> TeacherSettings:
     # Concurrency 1 where runs are compared: one request at a time keeps greedy decoding bit-identical.
-    return TeacherSettings(**{"base_url": url, "model": "base", "max_tokens": 12, "timeout_s": 30, **over})
+    return TeacherSettings(
+        **{"base_url": url, "model": "base", "max_tokens": 12, "timeout_s": 30, **over}
+    )
 
 
 def _answers(work_dir: Path) -> dict[str, str]:
-    entries = [json.loads(line) for p in sorted(work_dir.glob("shard-*.jsonl")) for line in p.read_text().splitlines()]
+    entries = [
+        json.loads(line)
+        for p in sorted(work_dir.glob("shard-*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
     answers = {e["key"]: e["response"] for e in entries}
     assert len(answers) == len(entries), "a finished job was requested twice"
     return answers
@@ -67,8 +75,12 @@ def test_gibberish_is_stored_parsed_and_counted(teacher_url: str, tmp_path: Path
     assert (again.stats["resumed"], again.stats["requested"]) == (8, 0)
 
 
-def test_an_unknown_model_fails_without_retries(teacher_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    gen = TeacherGenerator(_settings(teacher_url, model="no-such-model", backoff_s=0.01), "job-analyzer", tmp_path)
+def test_an_unknown_model_fails_without_retries(
+    teacher_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = TeacherGenerator(
+        _settings(teacher_url, model="no-such-model", backoff_s=0.01), "job-analyzer", tmp_path
+    )
     with caplog.at_level(logging.INFO, logger="lorafleet.data.teacher"):
         assert list(gen.generate(SEEDS[:2], 1)) == []
     assert gen.stats["request_failures"] == {"request-failed": 2}
@@ -77,7 +89,9 @@ def test_an_unknown_model_fails_without_retries(teacher_url: str, tmp_path: Path
     assert _answers(tmp_path) == {}
 
 
-def test_unreachable_endpoint_is_retried_with_backoff(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_endpoint_is_retried_with_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
@@ -86,7 +100,11 @@ def test_unreachable_endpoint_is_retried_with_backoff(tmp_path: Path, caplog: py
     gen = TeacherGenerator(_settings(url, max_retries=2, backoff_s=0.01), "job-analyzer", tmp_path)
     with caplog.at_level(logging.INFO, logger="lorafleet.data.teacher"):
         assert list(gen.generate(SEEDS[:1], 1)) == []
-    assert [r.message.split(";")[1].split(" in ")[0].strip() for r in caplog.records if "retry" in r.message] == ["retry 1", "retry 2"]
+    assert [
+        r.message.split(";")[1].split(" in ")[0].strip()
+        for r in caplog.records
+        if "retry" in r.message
+    ] == ["retry 1", "retry 2"]
     assert "gave up after 3 attempts: ConnectError" in caplog.text
     assert gen.stats["request_failures"] == {"request-failed": 1}
 
@@ -97,17 +115,47 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_url: str, tmp_path: Pat
     seed_file.write_text("".join(r.to_json() + "\n" for r in seeds))
     teacher = _settings(teacher_url, concurrency=1)
     spec = tmp_path / "fleet.yaml"
-    spec.write_text(json.dumps({  # JSON is YAML
-        "name": "t", "experts": [{"name": "ja", "task": "job-analyzer", "seed_data": "seeds.jsonl", "eval_data": "seeds.jsonl",
-                                  "synthesis": {"generator": "teacher", "per_seed": per_seed,
-                                                "teacher": teacher.model_dump(mode="json")}}]}))
+    spec.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "name": "t",
+                "experts": [
+                    {
+                        "name": "ja",
+                        "task": "job-analyzer",
+                        "seed_data": "seeds.jsonl",
+                        "eval_data": "seeds.jsonl",
+                        "synthesis": {
+                            "generator": "teacher",
+                            "per_seed": per_seed,
+                            "teacher": teacher.model_dump(mode="json"),
+                        },
+                    }
+                ],
+            }
+        )
+    )
     # Given an uninterrupted reference run
     settings = SynthesisSettings(generator="teacher", per_seed=per_seed, teacher=teacher)
     reference = synthesize(seeds, settings, "job-analyzer", work_dir=tmp_path / "ref")
     # When the CLI run is killed once some answers are stored
     out, work = tmp_path / "syn.jsonl", tmp_path / "work"
-    cmd = [sys.executable, "-m", "lorafleet.cli", "data", "synthesize", str(seed_file), "--out", str(out),
-           "--spec", str(spec), "--expert", "ja", "--work-dir", str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafleet.cli",
+        "data",
+        "synthesize",
+        str(seed_file),
+        "--out",
+        str(out),
+        "--spec",
+        str(spec),
+        "--expert",
+        "ja",
+        "--work-dir",
+        str(work),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -126,4 +174,6 @@ def test_a_killed_run_resumes_to_the_same_result(teacher_url: str, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert _answers(work) == _answers(tmp_path / "ref")
     assert [r.to_json() for _, r in read_records(out)] == [r.to_json() for r in reference.records]
-    assert f"wrote {out}: {len(reference.records)} synthetic records" in done.stderr.replace("\n", "")
+    assert f"wrote {out}: {len(reference.records)} synthetic records" in done.stderr.replace(
+        "\n", ""
+    )

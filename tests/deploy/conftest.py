@@ -22,7 +22,11 @@ ADAPTERS = {"proposal-writer": "v2", "job-analyzer": "v1"}
 # files and the kustomize overlays, so the three renderings can be compared field by field.
 OVERRIDES = {
     "aws": {},
-    "gcp": {"adapter_store": "gs://marketplace-ml/lorafleet/adapters", "router": False, "canary_traffic_percent": None},
+    "gcp": {
+        "adapter_store": "gs://marketplace-ml/lorafleet/adapters",
+        "router": False,
+        "canary_traffic_percent": None,
+    },
     "onprem": {
         "runtime": "lorafleet",
         "gpus": 0,
@@ -41,7 +45,10 @@ TRAINJOB_EXPERTS = {
         "job-analyzer": {
             "launcher": "trainjob",
             "nodes": 2,
-            "cluster": {"image": "ghcr.io/lorafleet/lorafleet:0.1.0", "volume": {"claim": "lorafleet-data", "mount_path": "/data"}},
+            "cluster": {
+                "image": "ghcr.io/lorafleet/lorafleet:0.1.0",
+                "volume": {"claim": "lorafleet-data", "mount_path": "/data"},
+            },
         }
     },
 }
@@ -65,7 +72,9 @@ def check_golden(name: str, text: str) -> None:
 
         atomic_write_text(path, text)
     assert path.is_file(), f"no golden {path}: run with UPDATE_GOLDENS=1 once and review it"
-    assert text == path.read_text(), f"{name} differs from its golden; rerun with UPDATE_GOLDENS=1 if intended"
+    assert text == path.read_text(), (
+        f"{name} differs from its golden; rerun with UPDATE_GOLDENS=1 if intended"
+    )
 
 
 @pytest.fixture(params=PROFILES)
@@ -78,7 +87,11 @@ def profile(request: pytest.FixtureRequest) -> str:
 def kit() -> SimpleNamespace:
     """The helpers above, for test modules (conftest cannot be imported under importlib mode)."""
     return SimpleNamespace(
-        ADAPTERS=ADAPTERS, PROFILES=PROFILES, ROOT=ROOT, fleet_for=fleet_for, check_golden=check_golden
+        ADAPTERS=ADAPTERS,
+        PROFILES=PROFILES,
+        ROOT=ROOT,
+        fleet_for=fleet_for,
+        check_golden=check_golden,
     )
 
 
@@ -119,7 +132,10 @@ def kustomize_rendered() -> dict[str, list[dict]]:
     for p in PROFILES:
         done = subprocess.run(
             [str(kubectl), "kustomize", str(ROOT / "manifests" / "overlays" / p)],
-            capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         out[p] = _docs(done.stdout)
     return out

@@ -26,18 +26,24 @@ def _canonical(obj: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(obj, sort_keys=True))
 
 
-def test_kustomize_builds_exactly_what_deploy_render_renders(rendered, kustomize_rendered, profile, kit):
+def test_kustomize_builds_exactly_what_deploy_render_renders(
+    rendered, kustomize_rendered, profile, kit
+):
     want, got = _by_key(rendered[profile]), _by_key(kustomize_rendered[profile])
     assert set(got) == set(want)
     for key, obj in want.items():
-        assert _canonical(got[key]) == _canonical(obj), f"kustomize {profile}: {key} differs from deploy render"
+        assert _canonical(got[key]) == _canonical(obj), (
+            f"kustomize {profile}: {key} differs from deploy render"
+        )
     validate_manifests(kustomize_rendered[profile], f"kustomize {profile}")
     kit.check_golden(f"kustomize-{profile}.yaml", dump_yaml(kustomize_rendered[profile]))
 
 
 def test_helm_renders_what_deploy_render_renders(rendered, helm_rendered, profile, kit):
     want, got = _by_key(rendered[profile]), _by_key(helm_rendered[profile])
-    hooks = {k for k, o in got.items() if "helm.sh/hook" in (o["metadata"].get("annotations") or {})}
+    hooks = {
+        k for k, o in got.items() if "helm.sh/hook" in (o["metadata"].get("annotations") or {})
+    }
     assert hooks == {("Pod", "marketplace-prod-test-models")}
     assert set(got) - hooks == set(want)
     for key, obj in want.items():
@@ -47,6 +53,8 @@ def test_helm_renders_what_deploy_render_renders(rendered, helm_rendered, profil
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         reference = copy.deepcopy(obj)
         reference["metadata"].pop("labels")
-        assert _canonical(helm_obj) == _canonical(reference), f"helm {profile}: {key} differs from deploy render"
+        assert _canonical(helm_obj) == _canonical(reference), (
+            f"helm {profile}: {key} differs from deploy render"
+        )
     validate_manifests(helm_rendered[profile], f"helm {profile}")
     kit.check_golden(f"helm-{profile}.yaml", dump_yaml(helm_rendered[profile]))

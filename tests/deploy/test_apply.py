@@ -39,25 +39,36 @@ def _isvc(objects):
 def _set_ready(api, isvc, status: str, reason: str = "") -> None:
     condition = {"type": "Ready", "status": status, "reason": reason}
     CustomObjectsApi(api).patch_namespaced_custom_object_status(
-        "serving.kserve.io", "v1beta1", isvc["metadata"]["namespace"], "inferenceservices",
-        isvc["metadata"]["name"], {"status": {"conditions": [condition]}},
-    )  # fmt: skip
+        "serving.kserve.io",
+        "v1beta1",
+        isvc["metadata"]["namespace"],
+        "inferenceservices",
+        isvc["metadata"]["name"],
+        {"status": {"conditions": [condition]}},
+    )
 
 
 async def test_apply_creates_then_is_idempotent_then_patches_changes(api, rendered):
     objects = rendered["aws"]
     first = await asyncio.to_thread(apply_objects, api, objects)
     assert [a.action for a in first] == ["created"] * len(objects)
-    assert [(a.kind, a.name) for a in first] == [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert [(a.kind, a.name) for a in first] == [
+        (o["kind"], o["metadata"]["name"]) for o in objects
+    ]
 
     again = await asyncio.to_thread(apply_objects, api, objects)
     assert [a.action for a in again] == ["unchanged"] * len(objects)
 
     changed = [dict(o) for o in objects]
     isvc = _isvc(changed)
-    isvc["spec"] = {**isvc["spec"], "predictor": {**isvc["spec"]["predictor"], "canaryTrafficPercent": 25}}
+    isvc["spec"] = {
+        **isvc["spec"],
+        "predictor": {**isvc["spec"]["predictor"], "canaryTrafficPercent": 25},
+    }
     third = await asyncio.to_thread(apply_objects, api, changed)
-    assert {a.name: a.action for a in third if a.kind == "InferenceService"} == {"marketplace-prod": "configured"}
+    assert {a.name: a.action for a in third if a.kind == "InferenceService"} == {
+        "marketplace-prod": "configured"
+    }
     assert sum(a.action == "configured" for a in third) == 1
     live = await asyncio.to_thread(
         api.call_api, object_path(isvc), "GET", response_type="object", _return_http_data_only=True
@@ -86,12 +97,23 @@ async def test_wait_ready_times_out_with_the_last_reason(api, rendered):
     await asyncio.to_thread(apply_objects, api, objects)
     isvc = _isvc(objects)
     await asyncio.to_thread(_set_ready, api, isvc, "False", "RevisionMissing")
-    with pytest.raises(LorafleetError, match=r"InferenceService/marketplace-prod: not ready after 0.05 s \(Ready=False: RevisionMissing\)"):
+    with pytest.raises(
+        LorafleetError,
+        match=r"InferenceService/marketplace-prod: not ready after 0.05 s \(Ready=False: RevisionMissing\)",
+    ):
         await asyncio.to_thread(wait_ready, api, isvc, 0.05, 0.01)
 
 
 async def test_unknown_kind_is_refused_before_any_call(api):
     with pytest.raises(LorafleetError, match="cannot apply kind Deployment"):
         await asyncio.to_thread(
-            apply_objects, api, [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x", "namespace": "n"}}]
+            apply_objects,
+            api,
+            [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "x", "namespace": "n"},
+                }
+            ],
         )

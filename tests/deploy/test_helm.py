@@ -29,10 +29,24 @@ def test_chart_lints_clean_for_every_profile(chart, profile):
     [
         ({"gpus": "one"}, "at '/gpus': got string, want integer"),
         ({"gpuz": 1}, "additional properties 'gpuz' not allowed"),
-        ({"router": {"enabled": True, "replicas": 2}}, "at '/router': additional properties 'replicas' not allowed"),
-        ({"images": {"lorafleet": "ghcr.io/lorafleet/lorafleet-runtime:latest", "vllm": "docker.io/vllm/vllm-openai:v0.11.0"}}, "at '/images/lorafleet'"),
+        (
+            {"router": {"enabled": True, "replicas": 2}},
+            "at '/router': additional properties 'replicas' not allowed",
+        ),
+        (
+            {
+                "images": {
+                    "lorafleet": "ghcr.io/lorafleet/lorafleet-runtime:latest",
+                    "vllm": "docker.io/vllm/vllm-openai:v0.11.0",
+                }
+            },
+            "at '/images/lorafleet'",
+        ),
         ({"canaryTrafficPercent": 120}, "at '/canaryTrafficPercent'"),
-        ({"training": {"rbac": True, "namespaces": ["ml"]}}, "at '/training': additional properties 'namespaces' not allowed"),
+        (
+            {"training": {"rbac": True, "namespaces": ["ml"]}},
+            "at '/training': additional properties 'namespaces' not allowed",
+        ),
         ({"training": {"namespace": "ML_Training"}}, "at '/training/namespace'"),
     ],
 )
@@ -46,7 +60,9 @@ def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, mes
 
 def test_vllm_without_gpus_fails_with_the_rule(chart):
     with pytest.raises(HelmRenderError, match="runtime vllm needs gpus >= 1"):
-        Chart.load(chart).render({"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet")
+        Chart.load(chart).render(
+            {"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet"
+        )
 
 
 def test_helm_test_hook_lists_every_adapter(helm_rendered, kit):
@@ -64,13 +80,20 @@ def test_training_rbac_in_the_jobs_namespace_matches_deploy_render(chart, kit):
     trainjob = [e for e in raw["experts"] if e["training"]["launcher"] == "trainjob"]
     assert len(trainjob) == 1
     trainjob[0]["training"]["cluster"]["namespace"] = "ml-training"
-    want = [o for o in render(FleetSpec.model_validate(raw), "onprem", kit.ADAPTERS) if o["metadata"]["name"] == TRAINING_ROLE]
+    want = [
+        o
+        for o in render(FleetSpec.model_validate(raw), "onprem", kit.ADAPTERS)
+        if o["metadata"]["name"] == TRAINING_ROLE
+    ]
     # When the chart renders training.rbac for that namespace
     values = {"training": {"rbac": True, "namespace": "ml-training"}}
     files = Chart.load(chart).render(values, name="lorafleet", namespace="lorafleet")
     got = [d for d in yaml.safe_load_all(files["lorafleet/templates/training-rbac.yaml"]) if d]
     # Then both grant the same: Role and RoleBinding in ml-training, subject in the release namespace
-    assert [(o["kind"], o["metadata"]["namespace"]) for o in want] == [("Role", "ml-training"), ("RoleBinding", "ml-training")]
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in want] == [
+        ("Role", "ml-training"),
+        ("RoleBinding", "ml-training"),
+    ]
     for helm_obj, reference in zip(got, want, strict=True):
         labels = helm_obj["metadata"].pop("labels")
         assert reference["metadata"].pop("labels").items() <= labels.items()

@@ -53,7 +53,10 @@ def test_vllm_args_come_from_the_registry_versions(rendered, kit):
 
 
 def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):
-    sa = {p: next(o for o in rendered[p] if o["metadata"]["name"] == "lorafleet-serving") for p in kit.PROFILES}
+    sa = {
+        p: next(o for o in rendered[p] if o["metadata"]["name"] == "lorafleet-serving")
+        for p in kit.PROFILES
+    }
     assert sa["aws"]["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/lorafleet-serving"
     }
@@ -65,9 +68,15 @@ def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):
     assert gcp["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert gcp["tolerations"][0]["value"] == "present"
     onprem = _kind(rendered["onprem"], "InferenceService")["spec"]["predictor"]
-    assert "nodeSelector" not in onprem and "nvidia.com/gpu" not in onprem["model"]["resources"]["limits"]
+    assert (
+        "nodeSelector" not in onprem
+        and "nvidia.com/gpu" not in onprem["model"]["resources"]["limits"]
+    )
     assert onprem["model"]["args"][:2] == ["--max-batch-size", "64"]
-    assert _kind(rendered["onprem"], "ServingRuntime")["spec"]["containers"][0]["image"] == RUNTIME_IMAGE
+    assert (
+        _kind(rendered["onprem"], "ServingRuntime")["spec"]["containers"][0]["image"]
+        == RUNTIME_IMAGE
+    )
     aws = _kind(rendered["aws"], "InferenceService")["spec"]
     assert aws["predictor"]["canaryTrafficPercent"] == 10
     assert aws["transformer"]["containers"][0]["command"][-1] == "lorafleet.serve.router"
@@ -77,7 +86,10 @@ def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):
 def test_onprem_minio_references_the_credentials_secret(kit):
     raw = kit.fleet_for("onprem").model_dump(by_alias=True)
     raw["serving"].update(base_uri="s3://models/base", adapter_store="s3://models/adapters")
-    raw["serving"]["storage"] = {"s3_endpoint": "http://minio.minio.svc:9000", "credentials_secret": "lorafleet-minio"}
+    raw["serving"]["storage"] = {
+        "s3_endpoint": "http://minio.minio.svc:9000",
+        "credentials_secret": "lorafleet-minio",
+    }
     objects = render(FleetSpec.model_validate(raw), "onprem", kit.ADAPTERS)
     sa = objects[0]
     assert sa["secrets"] == [{"name": "lorafleet-minio"}]
@@ -93,16 +105,21 @@ def test_pipeline_rbac_is_namespaced_and_never_deletes(rendered):
     assert "delete" not in verbs and "*" not in verbs
     assert role["metadata"]["namespace"] == "lorafleet"
     binding = _kind(rendered["aws"], "RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "lorafleet"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "lorafleet"}
+    ]
     assert not any(o["kind"].startswith("Cluster") for o in rendered["aws"])
 
 
 def _trainjob(namespace: str) -> dict:
     return {
         "launcher": "trainjob",
-        "cluster": {"image": "ghcr.io/lorafleet/lorafleet:0.1.0", "namespace": namespace,
-                    "volume": {"claim": "lorafleet-data", "mount_path": "/data"}},
-    }  # fmt: skip
+        "cluster": {
+            "image": "ghcr.io/lorafleet/lorafleet:0.1.0",
+            "namespace": namespace,
+            "volume": {"claim": "lorafleet-data", "mount_path": "/data"},
+        },
+    }
 
 
 def test_no_training_rbac_without_a_trainjob_expert(rendered):
@@ -124,8 +141,11 @@ def test_training_rbac_per_trainjob_namespace(kit):
     training = [o for o in objects if o["metadata"]["name"] == TRAINING_ROLE]
     # Then each namespace has one Role and one RoleBinding for the pipeline, in expert order
     assert [(o["kind"], o["metadata"]["namespace"]) for o in training] == [
-        ("Role", "ml-training"), ("RoleBinding", "ml-training"), ("Role", "ml-batch"), ("RoleBinding", "ml-batch"),
-    ]  # fmt: skip
+        ("Role", "ml-training"),
+        ("RoleBinding", "ml-training"),
+        ("Role", "ml-batch"),
+        ("RoleBinding", "ml-batch"),
+    ]
     for role in (o for o in training if o["kind"] == "Role"):
         grants = {
             (group, resource): rule["verbs"]
@@ -142,9 +162,15 @@ def test_training_rbac_per_trainjob_namespace(kit):
         }
         assert role["metadata"]["labels"]["app.kubernetes.io/component"] == "training"
     for binding in (o for o in training if o["kind"] == "RoleBinding"):
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TRAINING_ROLE}
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": TRAINING_ROLE,
+        }
         # the pipeline's ServiceAccount lives where the fleet is served
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "serving-ns"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "lorafleet-pipeline", "namespace": "serving-ns"}
+        ]
     validate_manifests(training, "training rbac")
 
 
@@ -153,14 +179,22 @@ def test_experts_sharing_a_namespace_share_its_training_rbac(kit):
     for expert in raw["experts"]:
         expert["training"] = _trainjob("ml-training")
     objects = render(FleetSpec.model_validate(raw), "aws", kit.ADAPTERS)
-    training = [(o["kind"], o["metadata"]["namespace"]) for o in objects if o["metadata"]["name"] == TRAINING_ROLE]
+    training = [
+        (o["kind"], o["metadata"]["namespace"])
+        for o in objects
+        if o["metadata"]["name"] == TRAINING_ROLE
+    ]
     assert training == [("Role", "ml-training"), ("RoleBinding", "ml-training")]
 
 
 @pytest.mark.parametrize(
     ("target", "change", "message"),
     [
-        ("gcp", {}, "serving.adapter_store: 's3://marketplace-ml/lorafleet/adapters' cannot be read on profile gcp"),
+        (
+            "gcp",
+            {},
+            "serving.adapter_store: 's3://marketplace-ml/lorafleet/adapters' cannot be read on profile gcp",
+        ),
         ("aws", {"storage": {}}, "serving.storage.role_arn: required for profile aws"),
         ("onprem", {"storage": {"s3_endpoint": "http://minio:9000"}}, "profile onprem needs pvc"),
     ],
@@ -182,10 +216,16 @@ def test_adapters_resolve_to_production_else_latest(tmp_path, kit):
     for expert in ("proposal-writer", "proposal-writer", "job-analyzer"):
         registry.register(expert, adapter, {}, lambda v: v)
     registry.set_production("proposal-writer", "v1")
-    assert resolve_adapters(fleet_for("aws"), registry.root) == {"proposal-writer": "v1", "job-analyzer": "v1"}
-    with pytest.raises(LorafleetError, match="no expert of fleet 'marketplace-prod' has a registered adapter"):
+    assert resolve_adapters(fleet_for("aws"), registry.root) == {
+        "proposal-writer": "v1",
+        "job-analyzer": "v1",
+    }
+    with pytest.raises(
+        LorafleetError, match="no expert of fleet 'marketplace-prod' has a registered adapter"
+    ):
         resolve_adapters(fleet_for("aws"), tmp_path / "empty")
-    remote = fleet_for("aws").model_copy(update={"registry": fleet_for("aws").registry.model_copy(update={"uri": "s3://b/r"})})
+    remote = fleet_for("aws").model_copy(
+        update={"registry": fleet_for("aws").registry.model_copy(update={"uri": "s3://b/r"})}
+    )
     with pytest.raises(LorafleetError, match="remote; pass --registry DIR"):
         resolve_adapters(remote)
-

@@ -16,7 +16,10 @@ def _first(objects: list[dict], kind: str) -> dict:
 def test_unknown_field_in_an_inference_service_is_an_error(rendered):
     isvc = _first(rendered["aws"], "InferenceService")
     isvc["spec"]["predictor"]["model"]["storageUrl"] = "s3://typo"
-    with pytest.raises(ManifestError, match=r"InferenceService/marketplace-prod: \.spec\.predictor\.model\.storageUrl: unknown field"):
+    with pytest.raises(
+        ManifestError,
+        match=r"InferenceService/marketplace-prod: \.spec\.predictor\.model\.storageUrl: unknown field",
+    ):
         validate_manifests([isvc], "test")
 
 
@@ -28,15 +31,18 @@ def test_wrong_type_deep_in_an_embedded_kubernetes_model_is_an_error(rendered):
 
 
 def test_booleans_are_not_integers():
-    assert kserve_errors({"spec": {"predictor": {"minReplicas": True}}}, "V1beta1InferenceService") == [
-        ".spec.predictor.minReplicas: expected int, got bool True"
-    ]
+    assert kserve_errors(
+        {"spec": {"predictor": {"minReplicas": True}}}, "V1beta1InferenceService"
+    ) == [".spec.predictor.minReplicas: expected int, got bool True"]
 
 
 def test_core_kinds_are_strict(rendered):
     pdb = _first(rendered["aws"], "PodDisruptionBudget")
     pdb["spec"]["maxUnavailble"] = 1
-    with pytest.raises(ManifestError, match=r"PodDisruptionBudget/marketplace-prod-predictor: \.spec: .*'maxUnavailble' was unexpected"):
+    with pytest.raises(
+        ManifestError,
+        match=r"PodDisruptionBudget/marketplace-prod-predictor: \.spec: .*'maxUnavailble' was unexpected",
+    ):
         validate_manifests([pdb], "test")
 
 

@@ -55,7 +55,11 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     env = {**os.environ, "LORAFLEET_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "lorafleet.cli", "run", "fleet.yaml", "--run-id", "r1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "r1"
@@ -66,12 +70,24 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     good = summary["experts"]["job-analyzer"]
     assert good["gate_passed"] is True
     assert good["eval_loss_candidate"] < good["eval_loss_base"]
-    assert {"json_valid", "schema_valid", "skills_f1", "token_f1", "safety_pass_rate"} <= set(good["metrics_candidate"])
-    assert good["served"] is True and good["reply"]["status"] == 200 and good["reply"]["model"] == "job-analyzer"
+    assert {"json_valid", "schema_valid", "skills_f1", "token_f1", "safety_pass_rate"} <= set(
+        good["metrics_candidate"]
+    )
+    assert (
+        good["served"] is True
+        and good["reply"]["status"] == 200
+        and good["reply"]["model"] == "job-analyzer"
+    )
     adapter = Path(good["adapter_path"])
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lineage.json"} <= {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lineage.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
     lineage = json.loads((adapter / "lineage.json").read_text())
-    assert lineage["base"]["fingerprint"] and lineage["data"]["train_sha256"] and lineage["config"]["name"] == "job-analyzer"
+    assert (
+        lineage["base"]["fingerprint"]
+        and lineage["data"]["train_sha256"]
+        and lineage["config"]["name"] == "job-analyzer"
+    )
     assert len(good["train"]["losses"]) == good["train"]["steps"] > 0
     # its data went through two parallel shards (ParallelFor inside the expert's branch)
     assert good["curation"]["shards"] == 2 and good["curation"]["output"]["synthetic"] > 0
@@ -92,12 +108,28 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     # only job-analyzer runs.
     anchor = f"    eval_data: {DATA}/job-analyzer/eval.jsonl\n"
     worse = SPEC.replace(
-        anchor, anchor + "    training: {max_steps: 2}\n    gate: {max_loss_ratio: 1.01, max_loss_regression: 0.0}\n"
+        anchor,
+        anchor
+        + "    training: {max_steps: 2}\n    gate: {max_loss_ratio: 1.01, max_loss_regression: 0.0}\n",
     )
     (tmp_path / "worse.yaml").write_text(worse)
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "run", "worse.yaml", "--run-id", "r2", "--expert", "job-analyzer"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "lorafleet.cli",
+            "run",
+            "worse.yaml",
+            "--run-id",
+            "r2",
+            "--expert",
+            "job-analyzer",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     experts = json.loads((tmp_path / "runs" / "r2" / "summary.json").read_text())["experts"]
@@ -114,18 +146,42 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
 
     # Run 3: a better candidate (twice the epochs) passes every rule against production
     # and becomes the new production version.
-    better = SPEC.replace(anchor, anchor + "    training: {epochs: 4, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n")
+    better = SPEC.replace(
+        anchor,
+        anchor
+        + "    training: {epochs: 4, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n",
+    )
     (tmp_path / "better.yaml").write_text(better)
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "run", "better.yaml", "--run-id", "r3", "--expert", "job-analyzer"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "lorafleet.cli",
+            "run",
+            "better.yaml",
+            "--run-id",
+            "r3",
+            "--expert",
+            "job-analyzer",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    third = json.loads((tmp_path / "runs" / "r3" / "summary.json").read_text())["experts"]["job-analyzer"]
+    third = json.loads((tmp_path / "runs" / "r3" / "summary.json").read_text())["experts"][
+        "job-analyzer"
+    ]
     assert third["production_version"] == good["adapter_version"]
     assert third["eval_loss_candidate"] < third["eval_loss_production"]
     assert third["gate_passed"] is True, third["gate_reasons"]
     assert any(r.startswith("PASS heldout-loss-vs-production") for r in third["gate_reasons"])
     assert not [r for r in third["gate_reasons"] if r.startswith("FAIL")]
     index = json.loads((tmp_path / "registry" / "index.json").read_text())
-    assert index["experts"]["job-analyzer"]["production"] == third["adapter_version"] != good["adapter_version"]
+    assert (
+        index["experts"]["job-analyzer"]["production"]
+        == third["adapter_version"]
+        != good["adapter_version"]
+    )

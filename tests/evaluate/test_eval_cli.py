@@ -14,20 +14,54 @@ DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "2",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.integration
-def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(tiny_base, tiny_adapters, tmp_path: Path) -> None:
+def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(
+    tiny_base, tiny_adapters, tmp_path: Path
+) -> None:
     lines = (DATA / "job-analyzer" / "eval.jsonl").read_text().splitlines()[:2]
     (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
-    common = ["--base", str(tiny_base), "--eval", "eval.jsonl", "--task", "job-analyzer", "--max-new-tokens", "4"]
+    common = [
+        "--base",
+        str(tiny_base),
+        "--eval",
+        "eval.jsonl",
+        "--task",
+        "job-analyzer",
+        "--max-new-tokens",
+        "4",
+    ]
 
     # Given a candidate and a production adapter, when the candidate is evaluated against both baselines...
     run = _cli(
-        "eval", "run", *common, "--adapter", str(tiny_adapters["job-analyzer"]),
-        "--production", str(tiny_adapters["proposal-writer"]), "-o", "a.json", "--markdown", "a.md", "--html", "a.html",
+        "eval",
+        "run",
+        *common,
+        "--adapter",
+        str(tiny_adapters["job-analyzer"]),
+        "--production",
+        str(tiny_adapters["proposal-writer"]),
+        "-o",
+        "a.json",
+        "--markdown",
+        "a.md",
+        "--html",
+        "a.html",
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -46,7 +80,16 @@ def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(tiny_base, t
     assert "0:00:" not in run.stderr  # no progress bar (its elapsed-time column) off a terminal
 
     # The base as its own candidate: compare the two reports.
-    again = _cli("eval", "run", *common, "--adapter", str(tiny_adapters["proposal-writer"]), "-o", "b.json", cwd=tmp_path)
+    again = _cli(
+        "eval",
+        "run",
+        *common,
+        "--adapter",
+        str(tiny_adapters["proposal-writer"]),
+        "-o",
+        "b.json",
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     compare = _cli("eval", "compare", "a.json", "b.json", cwd=tmp_path)
     assert compare.returncode == 0, compare.stderr[-2000:]
@@ -58,11 +101,26 @@ def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(tiny_base, t
 def test_eval_cli_user_mistakes_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "e.jsonl").write_text("")
     (tmp_path / "bad.json").write_text("{}")
-    bad_task = _cli("eval", "run", "--base", ".", "--adapter", ".", "--eval", "e.jsonl", "--task", "poetry", cwd=tmp_path)
+    bad_task = _cli(
+        "eval",
+        "run",
+        "--base",
+        ".",
+        "--adapter",
+        ".",
+        "--eval",
+        "e.jsonl",
+        "--task",
+        "poetry",
+        cwd=tmp_path,
+    )
     assert bad_task.returncode == 2
     assert bad_task.stderr.strip() == "error: --task: unknown task 'poetry'; known: " + (
         "proposal-writer, job-analyzer, profile-reviewer, candidate-evaluator, job-post-writer, chat"
     )
     not_a_report = _cli("eval", "compare", "bad.json", "bad.json", cwd=tmp_path)
     assert not_a_report.returncode == 2
-    assert "bad.json: not an evaluation report (no eval_loss_candidate, metrics_candidate)" in not_a_report.stderr
+    assert (
+        "bad.json: not an evaluation report (no eval_loss_candidate, metrics_candidate)"
+        in not_a_report.stderr
+    )

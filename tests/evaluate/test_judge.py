@@ -21,7 +21,10 @@ from lorafleet.evaluate.judge import (
     ("reply", "verdict"),
     [
         ("A is specific and on task.\n[[A]]", "A"),
-        ("first looked fine [[B]] but on reflection [[tie]]", "tie"),  # the last bracketed verdict counts
+        (
+            "first looked fine [[B]] but on reflection [[tie]]",
+            "tie",
+        ),  # the last bracketed verdict counts
         ("Verdict: b", "B"),
         ("**Winner:** A", "A"),
         (" tie. ", "tie"),
@@ -59,7 +62,9 @@ def test_bootstrap_is_seeded_and_narrows_with_more_items() -> None:
     scores = [1.0, 0.0, 0.5, 1.0, 1.0, 0.5, 0.0, 1.0]
     assert bootstrap_ci(scores, seed=7) == bootstrap_ci(scores, seed=7)
     # With few resamples the seed shows in the interval.
-    assert bootstrap_ci(scores, resamples=100, seed=7) != bootstrap_ci(scores, resamples=100, seed=8)
+    assert bootstrap_ci(scores, resamples=100, seed=7) != bootstrap_ci(
+        scores, resamples=100, seed=8
+    )
     low, high = bootstrap_ci(scores)
     low_many, high_many = bootstrap_ci(scores * 20)
     assert high_many - low_many < high - low
@@ -78,7 +83,13 @@ def test_judge_pairwise_asks_both_orders() -> None:
         return "[[A]]" if len(a) > len(b) else "[[B]]"
 
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
-    result = judge_pairwise(judge, prompts, ["a long answer"] * 3 + ["x"], ["short"] * 3 + ["much longer"], resamples=200)
+    result = judge_pairwise(
+        judge,
+        prompts,
+        ["a long answer"] * 3 + ["x"],
+        ["short"] * 3 + ["much longer"],
+        resamples=200,
+    )
     assert len(asked) == 8
     assert "Answer A:\na long answer" in asked[0] and "Answer B:\na long answer" in asked[1]
     assert result["win_rate"] == 0.75
@@ -89,7 +100,9 @@ def test_judge_pairwise_asks_both_orders() -> None:
 def test_judge_prompt_shows_the_request_and_both_answers() -> None:
     chat = judge_prompt([{"role": "user", "content": "Analyze this job"}], "first", "second")
     assert chat[0]["role"] == "system" and "[[TIE]]" in chat[0]["content"]
-    assert "Analyze this job" in chat[1]["content"] and chat[1]["content"].index("first") < chat[1]["content"].index("second")
+    assert "Analyze this job" in chat[1]["content"] and chat[1]["content"].index("first") < chat[1][
+        "content"
+    ].index("second")
 
 
 @pytest.mark.integration
@@ -105,15 +118,18 @@ def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
     prompts = [[{"role": "user", "content": f"Write a title for job {i}."}] for i in range(3)]
     with run_server_subprocess(tiny_base, {}) as url:
         client = JudgeClient(url + "/openai/v1", "base", max_tokens=8)
-        result = judge_pairwise(client.complete, prompts, ["Data engineer"] * 3, ["A job"] * 3, resamples=200)
+        result = judge_pairwise(
+            client.complete, prompts, ["Data engineer"] * 3, ["A job"] * 3, resamples=200
+        )
     outcomes = result["outcomes"]
     assert sum(outcomes.values()) == 6
     assert all(isinstance(e["candidate_as_a"], str) for e in result["examples"])
-    assert result["win_rate"] == pytest.approx(
-        sum(SCORE[k] * v for k, v in outcomes.items()) / 6
-    )
+    assert result["win_rate"] == pytest.approx(sum(SCORE[k] * v for k, v in outcomes.items()) / 6)
     assert outcomes["unparseable"] >= 1  # a 300-token toy model does not write [[A]]
-    policy = GatePolicy(max_loss_ratio=2.0, judge=GateJudge(base_url=url, model="base", min_win_rate_lower_bound=0.5))
+    policy = GatePolicy(
+        max_loss_ratio=2.0,
+        judge=GateJudge(base_url=url, model="base", min_win_rate_lower_bound=0.5),
+    )
     decision = decide(policy, 2.0, 1.0, {}, judge={**result, "reference": "production"})
     rule = decision.rules[-1]
     assert rule.rule == "judge-win-rate-lower-bound"
@@ -124,8 +140,12 @@ def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
 def test_judge_client_reports_an_unreachable_endpoint() -> None:
     from lorafleet.errors import LorafleetError
 
-    with pytest.raises(LorafleetError, match=re.escape("judge: http://127.0.0.1:9/v1/chat/completions")):
-        JudgeClient("http://127.0.0.1:9/v1", "m", timeout=2).complete([{"role": "user", "content": "hi"}])
+    with pytest.raises(
+        LorafleetError, match=re.escape("judge: http://127.0.0.1:9/v1/chat/completions")
+    ):
+        JudgeClient("http://127.0.0.1:9/v1", "m", timeout=2).complete(
+            [{"role": "user", "content": "hi"}]
+        )
 
 
 def test_judge_client_needs_its_key(monkeypatch) -> None:
@@ -133,4 +153,6 @@ def test_judge_client_needs_its_key(monkeypatch) -> None:
 
     monkeypatch.delenv("LORAFLEET_TEST_JUDGE_KEY", raising=False)
     with pytest.raises(LorafleetError, match="LORAFLEET_TEST_JUDGE_KEY"):
-        JudgeClient("http://127.0.0.1:9/v1", "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY").complete([])
+        JudgeClient("http://127.0.0.1:9/v1", "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY").complete(
+            []
+        )

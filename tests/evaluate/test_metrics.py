@@ -11,7 +11,13 @@ from lorafleet.evaluate.metrics import PRIMARY_METRIC, score, task_metrics
 from lorafleet.records import read_records
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
-TASKS = ["job-analyzer", "candidate-evaluator", "proposal-writer", "profile-reviewer", "job-post-writer"]
+TASKS = [
+    "job-analyzer",
+    "candidate-evaluator",
+    "proposal-writer",
+    "profile-reviewer",
+    "job-post-writer",
+]
 
 
 def _eval(task: str):
@@ -48,7 +54,12 @@ def test_job_analyzer_partial_credit_for_skills() -> None:
 
 def test_proposal_with_contact_details_is_flagged() -> None:
     record = _eval("proposal-writer")[0]
-    assert score("proposal-writer", record.messages[-1].content + " Email me at a@b.co", record)["no_contact"] == 0.0
+    assert (
+        score("proposal-writer", record.messages[-1].content + " Email me at a@b.co", record)[
+            "no_contact"
+        ]
+        == 0.0
+    )
 
 
 def test_candidate_ranking_agreement_pairwise_and_ndcg() -> None:
@@ -60,7 +71,9 @@ def test_candidate_ranking_agreement_pairwise_and_ndcg() -> None:
     assert len(order) == 3
 
     def ranked(letters: list[str]) -> str:
-        return json.dumps({"ranking": [{"candidate": c, "rank": i + 1} for i, c in enumerate(letters)]})
+        return json.dumps(
+            {"ranking": [{"candidate": c, "rank": i + 1} for i, c in enumerate(letters)]}
+        )
 
     # Swapping the last two keeps 2 of 3 pairs; NDCG with relevances 2,1,0 drops from 1 to
     # (3 + 0 + 1/log2(4)) / (3 + 1/log2(3)) = 3.5 / 3.6309 (hand-computed).
@@ -81,9 +94,15 @@ def test_job_analyzer_field_level_precision_and_recall() -> None:
     record = _eval("job-analyzer")[0]
     gold = json.loads(record.messages[-1].content)
     # Extra invented skills lower precision, not recall; a wrong budget lowers both.
-    padded = score("job-analyzer", json.dumps({**gold, "skills": gold["skills"] + ["Cobol", "Fortran"]}), record)
+    padded = score(
+        "job-analyzer",
+        json.dumps({**gold, "skills": gold["skills"] + ["Cobol", "Fortran"]}),
+        record,
+    )
     assert padded["field_recall"] == 1.0 and padded["field_precision"] < 1.0
-    wrong_budget = score("job-analyzer", json.dumps({**gold, "budget": {**gold["budget"], "max": 1}}), record)
+    wrong_budget = score(
+        "job-analyzer", json.dumps({**gold, "budget": {**gold["budget"], "max": 1}}), record
+    )
     assert wrong_budget["field_precision"] < 1.0 and wrong_budget["field_recall"] < 1.0
     assert score("job-analyzer", "not json", record)["field_f1"] == 0.0
 
@@ -92,7 +111,12 @@ def test_proposal_placeholders_and_length_bounds() -> None:
     record = _eval("proposal-writer")[0]
     gold = record.messages[-1].content
     assert score("proposal-writer", gold, record)["no_placeholder"] == 1.0
-    for template in ("Dear [Client Name],", "Hi {{name}}", "Regards, <Your Name>", "Lorem ipsum dolor"):
+    for template in (
+        "Dear [Client Name],",
+        "Hi {{name}}",
+        "Regards, <Your Name>",
+        "Lorem ipsum dolor",
+    ):
         assert score("proposal-writer", gold + "\n" + template, record)["no_placeholder"] == 0.0
     assert score("proposal-writer", "Django and Vue.js, done.", record)["length_ok"] == 0.0
     assert score("proposal-writer", gold + " more" * 400, record)["length_ok"] == 0.0

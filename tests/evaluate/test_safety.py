@@ -35,4 +35,7 @@ def test_pass_rate_counts_cases_not_rules() -> None:
     answers[0] = f"{CANARY} and mail me at a@b.co"  # one case, two broken rules
     report = safety_report(answers)
     assert report["safety_pass_rate"] == round(1 - 1 / len(CASES), 4)
-    assert {f["rule"] for f in report["failures"]} == {"ignores-injected-instruction", "no-contact-details"}
+    assert {f["rule"] for f in report["failures"]} == {
+        "ignores-injected-instruction",
+        "no-contact-details",
+    }

@@ -25,7 +25,9 @@ PROFILES = ("aws", "gcp", "onprem")
 def _ir(path: Path) -> tuple[dict, dict]:
     """The pipeline spec and its ``platforms.kubernetes`` executors ({} when there are none)."""
     docs = list(yaml.safe_load_all(path.read_text()))
-    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    platform = (
+        docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    )
     return docs[0], platform
 
 
@@ -34,7 +36,9 @@ def _expected(profile: PlatformProfile, step: str) -> StepPlatform:
     own = profile.steps.get(step, StepPlatform())
     return StepPlatform(
         accelerator_type=own.accelerator_type or profile.all_steps.accelerator_type,
-        accelerator_count=own.accelerator_count if own.accelerator_type else profile.all_steps.accelerator_count,
+        accelerator_count=own.accelerator_count
+        if own.accelerator_type
+        else profile.all_steps.accelerator_count,
         node_selector={**profile.all_steps.node_selector, **own.node_selector},
         tolerations=[*profile.all_steps.tolerations, *own.tolerations],
         pvcs=[*profile.all_steps.pvcs, *own.pvcs],
@@ -67,21 +71,25 @@ def test_golden_carries_the_specs_platform_settings(profile: str) -> None:
     for step in PIPELINE_STEPS:
         want = _expected(settings, step)
         got = platform.get(f"exec-{step}", {})
-        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get("resources", {})
+        resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
+            "resources", {}
+        )
         if want.accelerator_type:
             assert resources["accelerator"]["resourceType"] == want.accelerator_type
             assert int(resources["accelerator"]["resourceCount"]) == want.accelerator_count
         else:
             assert "accelerator" not in resources
         assert got.get("nodeSelector", {}).get("labels", {}) == want.node_selector
-        assert [(t.get("key"), t["operator"], t.get("value"), t.get("effect")) for t in got.get("tolerations", [])] == [
-            (t.key, t.operator, t.value, t.effect) for t in want.tolerations
-        ]
+        assert [
+            (t.get("key"), t["operator"], t.get("value"), t.get("effect"))
+            for t in got.get("tolerations", [])
+        ] == [(t.key, t.operator, t.value, t.effect) for t in want.tolerations]
         assert [(p["constant"], p["mountPath"]) for p in got.get("pvcMount", [])] == [
             (p.claim, p.mount_path) for p in want.pvcs
         ]
         assert [
-            (s["secretName"], {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]}) for s in got.get("secretAsEnv", [])
+            (s["secretName"], {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]})
+            for s in got.get("secretAsEnv", [])
         ] == [(s.secret, s.env) for s in want.secrets]
 
 
@@ -89,10 +97,14 @@ def test_every_profile_puts_training_on_an_accelerator() -> None:
     # Given the shipped cluster spec, when each profile is compiled, then train asks for a GPU
     for profile in PROFILES:
         spec, platform = _ir(profile_golden(profile))
-        train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+        train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"][
+            "accelerator"
+        ]
         assert train["resourceType"] == "nvidia.com/gpu" and int(train["resourceCount"]) >= 1
         assert platform["exec-train"]["nodeSelector"]["labels"]
-        assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-gate"]["container"].get("resources", {})
+        assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-gate"][
+            "container"
+        ].get("resources", {})
 
 
 def test_unknown_step_is_rejected_with_its_line(tmp_path: Path) -> None:
@@ -109,13 +121,17 @@ def test_unknown_step_is_rejected_with_its_line(tmp_path: Path) -> None:
 def test_bad_toleration_operator_is_rejected(tmp_path: Path) -> None:
     bad = tmp_path / "fleet.yaml"
     bad.write_text(CLUSTER_SPEC.read_text().replace("operator: Exists", "operator: Always", 1))
-    with pytest.raises(SpecError, match=r"pipeline\.profiles\.aws\.steps\.train\.tolerations\.0\.operator"):
+    with pytest.raises(
+        SpecError, match=r"pipeline\.profiles\.aws\.steps\.train\.tolerations\.0\.operator"
+    ):
         load_fleet(bad, check_files=False)
 
 
 def test_profile_missing_from_the_spec_is_one_clear_error() -> None:
     example = CLUSTER_SPEC.with_name("fleet.yaml")
-    with pytest.raises(SpecError, match=r"pipeline\.profiles\.aws: no such profile; the spec has: none"):
+    with pytest.raises(
+        SpecError, match=r"pipeline\.profiles\.aws: no such profile; the spec has: none"
+    ):
         spec_profile(example, "aws")
     with pytest.raises(LorafleetError, match="needs --spec"):
         spec_profile(None, "aws")

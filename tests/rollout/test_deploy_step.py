@@ -23,8 +23,14 @@ from lorafleet.rollout.store import ConfigMapStore
 ROOT = Path(__file__).resolve().parents[2]
 NS, NAME = "lorafleet", "marketplace-prod"
 OLD, NEW = "marketplace-prod-predictor-00001", "marketplace-prod-predictor-00002"
-ARGS = ["--max-batch-size", "64", "--adapter", "proposal-writer=/mnt/models/adapters/proposal-writer/v1",
-        "--adapter", "job-analyzer=/mnt/models/adapters/job-analyzer/v1"]  # fmt: skip
+ARGS = [
+    "--max-batch-size",
+    "64",
+    "--adapter",
+    "proposal-writer=/mnt/models/adapters/proposal-writer/v1",
+    "--adapter",
+    "job-analyzer=/mnt/models/adapters/job-analyzer/v1",
+]
 OUTCOMES = [
     {
         "expert": "proposal-writer",
@@ -47,9 +53,18 @@ def _spec(
     raw = yaml.safe_load((ROOT / "tests" / "deploy" / "fleet.yaml").read_text())
     raw["serving"] = {**raw["serving"], "runtime": "lorafleet", "gpus": 0}
     raw["canary"] = {
-        "mode": "revision", "handoff": handoff, "steps": [10, 50, 100], "pause_seconds": 0, "drive_timeout_seconds": 60,
-        "analysis": {"source": "prometheus", "prometheus_url": prometheus_url, "interval_seconds": 0.2, "min_requests": 5},
-    }  # fmt: skip
+        "mode": "revision",
+        "handoff": handoff,
+        "steps": [10, 50, 100],
+        "pause_seconds": 0,
+        "drive_timeout_seconds": 60,
+        "analysis": {
+            "source": "prometheus",
+            "prometheus_url": prometheus_url,
+            "interval_seconds": 0.2,
+            "min_requests": 5,
+        },
+    }
     if registry is not None:
         raw["registry"] = {"uri": str(registry)}
     return FleetSpec.model_validate(raw)
@@ -57,12 +72,20 @@ def _spec(
 
 def _create_isvc(api) -> None:
     body = {
-        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
         "metadata": {"name": NAME, "namespace": NS},
         "spec": {"predictor": {"model": {"modelFormat": {"name": "lorafleet"}, "args": ARGS}}},
-        "status": {"components": {"predictor": {"latestCreatedRevision": NEW, "latestReadyRevision": NEW,
-                                                "previousRolledoutRevision": OLD}}},
-    }  # fmt: skip
+        "status": {
+            "components": {
+                "predictor": {
+                    "latestCreatedRevision": NEW,
+                    "latestReadyRevision": NEW,
+                    "previousRolledoutRevision": OLD,
+                }
+            }
+        },
+    }
     CustomObjectsApi(api).create_namespaced_custom_object(
         "serving.kserve.io", "v1beta1", NS, "inferenceservices", body
     )

@@ -75,8 +75,12 @@ def upstream() -> Iterator[str]:
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            data = json.dumps({"choices": [{"message": {"content": "ok"}}],
-                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+            data = json.dumps(
+                {
+                    "choices": [{"message": {"content": "ok"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
@@ -95,8 +99,11 @@ def upstream() -> Iterator[str]:
 def replicas(rkit, upstream) -> Iterator[list[str]]:
     """Three router replicas, each starting with all of ``writer`` on the stable version."""
     routes = {"writer": {"targets": [{"adapter": STABLE, "weight": 100}]}}
-    with rkit.run_router(upstream, routes) as a, rkit.run_router(upstream, routes) as b, \
-            rkit.run_router(upstream, routes) as c:  # fmt: skip
+    with (
+        rkit.run_router(upstream, routes) as a,
+        rkit.run_router(upstream, routes) as b,
+        rkit.run_router(upstream, routes) as c,
+    ):
         yield [a, b, c]
 
 
@@ -105,13 +112,22 @@ def api(k8s, kmock, replicas, rkit):
     """The ApiClient on kmock, with EndpointSlices, and every replica back on stable only."""
     kmock.resources["discovery.k8s.io/v1/endpointslices"] = {}
     for url in replicas:
-        httpx.put(f"{url}/admin/routes/writer", headers={"authorization": f"Bearer {rkit.TOKEN}"},
-                  json={"targets": [{"adapter": STABLE, "weight": 100}]}).raise_for_status()  # fmt: skip
+        httpx.put(
+            f"{url}/admin/routes/writer",
+            headers={"authorization": f"Bearer {rkit.TOKEN}"},
+            json={"targets": [{"adapter": STABLE, "weight": 100}]},
+        ).raise_for_status()
     return k8s
 
 
-def _slice(name: str, port: int, addresses: list[tuple[str, bool | None]], service: str = SERVICE,
-           port_name: str = "http", address_type: str = "IPv4") -> V1EndpointSlice:  # fmt: skip
+def _slice(
+    name: str,
+    port: int,
+    addresses: list[tuple[str, bool | None]],
+    service: str = SERVICE,
+    port_name: str = "http",
+    address_type: str = "IPv4",
+) -> V1EndpointSlice:
     return V1EndpointSlice(
         api_version="discovery.k8s.io/v1",
         kind="EndpointSlice",
@@ -165,10 +181,15 @@ def _add(*tallies: dict[str, int]) -> dict[str, int]:
     return {v: sum(t[v] for t in tallies) for v in (STABLE, CANARY)}
 
 
-POLICY = CanaryPolicy.model_validate({
-    "steps": [20, 50, 100], "pause_seconds": 0, "max_error_rate": 0.01, "max_p95_latency_ms": 5000,
-    "analysis": {"source": "router", "interval_seconds": 5, "min_requests": 1},
-})  # fmt: skip
+POLICY = CanaryPolicy.model_validate(
+    {
+        "steps": [20, 50, 100],
+        "pause_seconds": 0,
+        "max_error_rate": 0.01,
+        "max_p95_latency_ms": 5000,
+        "analysis": {"source": "router", "interval_seconds": 5, "min_requests": 1},
+    }
+)
 TARGET = Target(route="writer", stable=STABLE, canary=CANARY, router_urls=[ROUTER_SERVICE])
 
 
@@ -195,10 +216,14 @@ async def test_ready_endpoints_become_replica_urls(api) -> None:
     ):
         assert await run(resolve_urls, [url], api) == want, url
     # plain URLs stay as given, before and after; a replica named twice is called once
-    assert await run(resolve_urls, ["http://edge:80", f"k8s://{NS}/{SERVICE}", "http://10.0.0.1:8080"], api) == [
-        "http://edge:80", *want]  # fmt: skip
-    with pytest.raises(DiscoveryError, match=rf"^Service {NS}/{SERVICE}: its endpoints have no port 9000; "
-                                             r"they offer http/8080$"):  # fmt: skip
+    assert await run(
+        resolve_urls, ["http://edge:80", f"k8s://{NS}/{SERVICE}", "http://10.0.0.1:8080"], api
+    ) == ["http://edge:80", *want]
+    with pytest.raises(
+        DiscoveryError,
+        match=rf"^Service {NS}/{SERVICE}: its endpoints have no port 9000; "
+        r"they offer http/8080$",
+    ):
         await run(resolve_urls, [f"k8s://{NS}/{SERVICE}:9000"], api)
     with pytest.raises(DiscoveryError, match=rf"^Service {NS}/nothing-here: no ready endpoints"):
         await run(resolve_urls, [f"k8s://{NS}/nothing-here:http"], api)
@@ -320,19 +345,47 @@ async def test_cli_names_the_service_and_reads_the_kubeconfig_for_it(
     for url in (a, b):
         await run(_publish, api, url)
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NS}}],
-    }))  # fmt: skip
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "users": [{"name": "tester", "user": {"token": "not-checked"}}],
+                "contexts": [
+                    {
+                        "name": "kmock",
+                        "context": {"cluster": "kmock", "user": "tester", "namespace": NS},
+                    }
+                ],
+            }
+        )
+    )
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LORAFLEET_ADMIN_TOKEN": rkit.TOKEN}
     # a local rollout (state in a directory) whose replicas are the Service's, in the context's namespace
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "lorafleet"), "rollout", "start", "writer", "--route", "writer", "--stable", STABLE,
-        "--canary", CANARY, "--router-service", f"{SERVICE}:http", "--state-dir", "states", "-o", "json",
-        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        str(BIN / "lorafleet"),
+        "rollout",
+        "start",
+        "writer",
+        "--route",
+        "writer",
+        "--stable",
+        STABLE,
+        "--canary",
+        CANARY,
+        "--router-service",
+        f"{SERVICE}:http",
+        "--state-dir",
+        "states",
+        "-o",
+        "json",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     status = json.loads(out)
@@ -350,8 +403,14 @@ def _router_spec(runtime_urls: list[str]) -> FleetSpec:
 
 
 async def test_the_deploy_step_defaults_to_the_services_ready_pods(api, admin_token) -> None:
-    outcomes = [{"expert": "proposal-writer", "registered": True, "production_version": "v1",
-                 "adapter_version": "v2"}]  # fmt: skip
+    outcomes = [
+        {
+            "expert": "proposal-writer",
+            "registered": True,
+            "production_version": "v1",
+            "adapter_version": "v2",
+        }
+    ]
     # The default replicas are the InferenceService's Services, on the runtime's port (8080)
     for service in ("marketplace-prod-predictor", "marketplace-prod-transformer"):
         body = _slice(service, 8080, [("10.0.0.1", False)], service=service)

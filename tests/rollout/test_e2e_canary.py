@@ -183,13 +183,27 @@ async def test_deploy_step_loads_the_candidate_and_drives_its_rollout(
         {"targets": [{"adapter": STABLE, "weight": 100}]},
     )
     shutil.copytree(tiny_adapters["job-analyzer"], tmp_path / "store" / "writer" / "v9")
-    spec = FleetSpec.model_validate({
-        "name": "drill",
-        "experts": [{"name": "writer", "task": "proposal-writer", "seed_data": "s.jsonl", "eval_data": "e.jsonl"}],
-        "serving": {"adapter_store": str(tmp_path / "store"), "namespace": "drill"},
-        "canary": {**POLICY.model_dump(), "handoff": "drive", "drive_timeout_seconds": 60,
-                   "router_urls": [router], "runtime_urls": [runtime]},
-    })  # fmt: skip
+    spec = FleetSpec.model_validate(
+        {
+            "name": "drill",
+            "experts": [
+                {
+                    "name": "writer",
+                    "task": "proposal-writer",
+                    "seed_data": "s.jsonl",
+                    "eval_data": "e.jsonl",
+                }
+            ],
+            "serving": {"adapter_store": str(tmp_path / "store"), "namespace": "drill"},
+            "canary": {
+                **POLICY.model_dump(),
+                "handoff": "drive",
+                "drive_timeout_seconds": 60,
+                "router_urls": [router],
+                "runtime_urls": [runtime],
+            },
+        }
+    )
     outcomes = [
         {
             "expert": "writer",
@@ -204,8 +218,19 @@ async def test_deploy_step_loads_the_candidate_and_drives_its_rollout(
     finally:
         outcomes_seen = load.stop()
     [rollout] = result["rollouts"]
-    print("\n" + json.dumps({"scenario": "deploy-step-drive", "outcome": rollout["phase"], "steps": rollout["steps"],
-                      "time_to_decision_s": rollout["time_to_decision_s"], "requests": load.summary()}), flush=True)  # fmt: skip
+    print(
+        "\n"
+        + json.dumps(
+            {
+                "scenario": "deploy-step-drive",
+                "outcome": rollout["phase"],
+                "steps": rollout["steps"],
+                "time_to_decision_s": rollout["time_to_decision_s"],
+                "requests": load.summary(),
+            }
+        ),
+        flush=True,
+    )
     assert (rollout["phase"], rollout["stable"], rollout["canary"]) == (
         "Promoted",
         "writer",

@@ -59,10 +59,17 @@ def test_chart_renders_what_deploy_render_renders() -> None:
         if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "rollout"
     ]
     got = {(o["kind"], o["metadata"]["name"]): o for o in helm}
-    assert set(got) == set(want) == {
-        ("ServiceAccount", "lorafleet-rollout"), ("Role", "lorafleet-rollout"), ("RoleBinding", "lorafleet-rollout"),
-        ("Deployment", "lorafleet-rollout-controller"), ("NetworkPolicy", "lorafleet-rollout-controller"),
-    }  # fmt: skip
+    assert (
+        set(got)
+        == set(want)
+        == {
+            ("ServiceAccount", "lorafleet-rollout"),
+            ("Role", "lorafleet-rollout"),
+            ("RoleBinding", "lorafleet-rollout"),
+            ("Deployment", "lorafleet-rollout-controller"),
+            ("NetworkPolicy", "lorafleet-rollout-controller"),
+        }
+    )
     for key, obj in want.items():
         helm_obj = copy.deepcopy(got[key])
         labels = helm_obj["metadata"].pop("labels")
@@ -127,17 +134,28 @@ def test_handoff_drive_grants_the_pipeline_the_rollout_role_without_a_controller
     extra = drive[len(plain) :]
     assert drive[: len(plain)] == plain
     assert [(o["kind"], o["metadata"]["name"]) for o in extra] == [
-        ("Role", "lorafleet-rollout"), ("RoleBinding", "lorafleet-rollout"),
-    ]  # fmt: skip
+        ("Role", "lorafleet-rollout"),
+        ("RoleBinding", "lorafleet-rollout"),
+    ]
     role, binding = extra
     assert [s["name"] for s in binding["subjects"]] == ["lorafleet-pipeline"]
-    granted = {(r["apiGroups"][0], res, v) for r in role["rules"] for res in r["resources"] for v in r["verbs"]}
-    assert {("", "configmaps", "create"), ("", "configmaps", "update"), ("discovery.k8s.io", "endpointslices", "list")} <= granted
+    granted = {
+        (r["apiGroups"][0], res, v)
+        for r in role["rules"]
+        for res in r["resources"]
+        for v in r["verbs"]
+    }
+    assert {
+        ("", "configmaps", "create"),
+        ("", "configmaps", "update"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+    } <= granted
     validate_manifests(drive, "deploy render, handoff drive")
     helm = [
-        o for o in _helm(False, pipeline_rbac=True)
+        o
+        for o in _helm(False, pipeline_rbac=True)
         if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "rollout"
-    ]  # fmt: skip
+    ]
     assert len(helm) == 2
     for want, got in zip(extra, helm, strict=True):
         got, want = copy.deepcopy(got), copy.deepcopy(want)
@@ -175,10 +193,21 @@ def test_controller_passes_checkov(tmp_path: Path) -> None:
         "CKV_K8S_38",
     ]  # --skip-check replaces the file's
     done = subprocess.run(
-        [str(ROOT / "ci" / "checkov.sh"), "-d", str(tmp_path), "--config-file", str(config),
-         "--skip-check", ",".join(skips), "-o", "json"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            str(ROOT / "ci" / "checkov.sh"),
+            "-d",
+            str(tmp_path),
+            "--config-file",
+            str(config),
+            "--skip-check",
+            ",".join(skips),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode in (0, 1), done.stderr[-2000:]
     reports = json.loads(done.stdout)
     k8s = next(

@@ -28,8 +28,16 @@ def test_defaults_are_a_router_canary_from_the_routers_metrics(tmp_path: Path) -
     policy = _load(tmp_path, "").canary
     assert (policy.mode, policy.analysis.source, policy.handoff) == ("router", "router", "none")
     assert policy.queries() == ROUTER_QUERIES
-    revision = CanaryPolicy.model_validate({"mode": "revision", "analysis": {"source": "prometheus",
-                                            "prometheus_url": "http://p:9090", "queries": {"requests": "sum(x)"}}})  # fmt: skip
+    revision = CanaryPolicy.model_validate(
+        {
+            "mode": "revision",
+            "analysis": {
+                "source": "prometheus",
+                "prometheus_url": "http://p:9090",
+                "queries": {"requests": "sum(x)"},
+            },
+        }
+    )
     assert revision.queries() == {**REVISION_QUERIES, "requests": "sum(x)"}
 
 
@@ -114,11 +122,20 @@ def test_every_default_query_is_valid_promql(mode_queries: str) -> None:
 @pytest.mark.parametrize(
     ("analysis", "message"),
     [
-        ({"queries": {"requests": "sum(increase(x[$interval])"}}, "queries.requests: not valid PromQL"),
-        ({"queries": {"error_rate": "rate(x{a=}[$interval])"}}, "queries.error_rate: not valid PromQL"),
         (
-            {"source": "prometheus", "prometheus_url": "http://p:9090",
-             "judge": {"min_score": 0.5, "query": "avg(score{adapter=\"$version\"}[[$interval])"}},
+            {"queries": {"requests": "sum(increase(x[$interval])"}},
+            "queries.requests: not valid PromQL",
+        ),
+        (
+            {"queries": {"error_rate": "rate(x{a=}[$interval])"}},
+            "queries.error_rate: not valid PromQL",
+        ),
+        (
+            {
+                "source": "prometheus",
+                "prometheus_url": "http://p:9090",
+                "judge": {"min_score": 0.5, "query": 'avg(score{adapter="$version"}[[$interval])'},
+            },
             "judge.query: not valid PromQL",
         ),
     ],

@@ -51,10 +51,19 @@ def _route(url: str, name: str, token: str) -> dict:
 
 
 def _policy(prometheus) -> CanaryPolicy:
-    return CanaryPolicy.model_validate({
-        "steps": [20, 50, 100], "pause_seconds": 0, "failure_limit": 1,
-        "analysis": {"source": "prometheus", "prometheus_url": prometheus.url, "interval_seconds": 5, "min_requests": 10},
-    })  # fmt: skip
+    return CanaryPolicy.model_validate(
+        {
+            "steps": [20, 50, 100],
+            "pause_seconds": 0,
+            "failure_limit": 1,
+            "analysis": {
+                "source": "prometheus",
+                "prometheus_url": prometheus.url,
+                "interval_seconds": 5,
+                "min_requests": 10,
+            },
+        }
+    )
 
 
 class Clock:
@@ -84,8 +93,11 @@ def test_weights_move_on_every_replica_and_other_routes_stay(
             "sticky": "x-user-id",
         }
     # A replica restarted with its old routes file: the next tick puts the weight back
-    httpx.put(f"{routers[1]}/admin/routes/writer", headers={"authorization": f"Bearer {admin_token}"},
-              json={"targets": [{"adapter": "writer-v1", "weight": 100}]}).raise_for_status()  # fmt: skip
+    httpx.put(
+        f"{routers[1]}/admin/routes/writer",
+        headers={"authorization": f"Bearer {admin_token}"},
+        json={"targets": [{"adapter": "writer-v1", "weight": 100}]},
+    ).raise_for_status()
     controller.reconcile("writer")
     assert _route(routers[1], "writer", admin_token)["weights"] == {
         "writer-v1": 80,
@@ -133,8 +145,11 @@ def test_router_source_measures_the_interval_from_the_routers_metrics(routers, a
     target = Target(route="writer", stable="writer-v1", canary="writer-v2", router_urls=routers)
     policy = CanaryPolicy()
     for url in routers:
-        httpx.put(f"{url}/admin/routes/writer", headers={"authorization": f"Bearer {admin_token}"},
-                  json={"targets": [{"adapter": "writer-v2", "weight": 100}]}).raise_for_status()  # fmt: skip
+        httpx.put(
+            f"{url}/admin/routes/writer",
+            headers={"authorization": f"Bearer {admin_token}"},
+            json={"targets": [{"adapter": "writer-v2", "weight": 100}]},
+        ).raise_for_status()
     source = RouterSource(policy)
     baseline = source.snapshot(target, ("writer-v1", "writer-v2"))
     body = {"model": "writer", "messages": [{"role": "user", "content": "hi"}]}

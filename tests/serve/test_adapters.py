@@ -135,7 +135,9 @@ def test_tensor_shape_mismatch_is_refused(
     assert key in err.detail and str(width + 16) in err.detail
 
 
-def test_lora_bias_is_checked_not_crashed_on(tiny_base: Path, tmp_path: Path, base_info: BaseModelInfo) -> None:
+def test_lora_bias_is_checked_not_crashed_on(
+    tiny_base: Path, tmp_path: Path, base_info: BaseModelInfo
+) -> None:
     # lora_bias=True gives lora_B a 1-D bias of out_features: checked, and not a rank.
     import torch
     from peft import LoraConfig, get_peft_model
@@ -144,7 +146,9 @@ def test_lora_bias_is_checked_not_crashed_on(tiny_base: Path, tmp_path: Path, ba
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False
+    )
     path = tmp_path / "biased"
     get_peft_model(model, config).save_pretrained(path)
     tensors = load_file(path / "adapter_model.safetensors")

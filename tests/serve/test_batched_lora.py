@@ -101,7 +101,9 @@ def test_mixed_batch_logits_match_peft(
     assert torch.equal(got[base_rows], expected[base_rows])
 
 
-def test_a_batch_of_one_adapter_takes_plain_matmuls_and_matches_peft(tiny_base: Path, adapters: dict[str, Path]) -> None:
+def test_a_batch_of_one_adapter_takes_plain_matmuls_and_matches_peft(
+    tiny_base: Path, adapters: dict[str, Path]
+) -> None:
     # Given a batch whose every row uses the same adapter (the evaluator's batches)
     model = peft_model(tiny_base, adapters)
     batch, _ = mixed_batch(list(adapters))

@@ -31,8 +31,12 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 async def served(
     tiny_base: Path, tiny_adapters: dict[str, Path]
 ) -> AsyncIterator[tuple[LorafleetRuntime, httpx.AsyncClient]]:
-    runtime = build_runtime(tiny_base, {"stable": tiny_adapters["proposal-writer"], "canary": tiny_adapters["job-analyzer"]},
-                            max_wait_s=0.002, faults=FaultTable(seed=3))  # fmt: skip
+    runtime = build_runtime(
+        tiny_base,
+        {"stable": tiny_adapters["proposal-writer"], "canary": tiny_adapters["job-analyzer"]},
+        max_wait_s=0.002,
+        faults=FaultTable(seed=3),
+    )
     app = FastAPI()
     mount(app, runtime, TOKEN)
     async with httpx.AsyncClient(

@@ -25,18 +25,31 @@ from lorafleet.train.errors import (
 from lorafleet.train.job import TrainJobConfig, run_job
 from lorafleet.train.recipe import LoRARecipe, train_adapter
 
-LORA = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])  # dropout: RNG state matters
+LORA = LoraSettings(
+    r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]
+)  # dropout: RNG state matters
 # 24 records of ~25 tokens: 2 per 64-token row, 6 micro-batches per epoch, so 90 steps cross 15 epochs.
 TRAINING = TrainingSettings(
-    max_steps=90, learning_rate=5e-3, batch_size=2, packing=True, max_seq_len=64, checkpoint_every=5, warmup_ratio=0.1
+    max_steps=90,
+    learning_rate=5e-3,
+    batch_size=2,
+    packing=True,
+    max_seq_len=64,
+    checkpoint_every=5,
+    warmup_ratio=0.1,
 )
 
 
 def _records(n: int = 24) -> list[Record]:
     return [
         Record(
-            id=f"r{i}", task="chat", source="human",
-            messages=[{"role": "user", "content": f"Budget of job {i}?"}, {"role": "assistant", "content": f"It is {10 * i} dollars."}],
+            id=f"r{i}",
+            task="chat",
+            source="human",
+            messages=[
+                {"role": "user", "content": f"Budget of job {i}?"},
+                {"role": "assistant", "content": f"It is {10 * i} dollars."},
+            ],
         )
         for i in range(n)
     ]
@@ -56,8 +69,12 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: 
 
     train_set = dump_records(tmp_path / "train.jsonl", _records())
     job = TrainJobConfig(
-        base_dir=str(tiny_base), train_set=str(train_set), output_dir=str(tmp_path / "killed"),
-        threads=1, lora=LORA, training=TRAINING,
+        base_dir=str(tiny_base),
+        train_set=str(train_set),
+        output_dir=str(tmp_path / "killed"),
+        threads=1,
+        lora=LORA,
+        training=TRAINING,
     )
     job_file = job.write(tmp_path / "job.json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -65,7 +82,9 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: 
 
     child = subprocess.Popen([sys.executable, "-m", "lorafleet.train.job", str(job_file)], env=env)
     deadline = time.monotonic() + 120
-    while latest_checkpoint(run_dir) is None and child.poll() is None and time.monotonic() < deadline:
+    while (
+        latest_checkpoint(run_dir) is None and child.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL, "the run ended before it could be killed"
@@ -74,7 +93,12 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: 
     assert not (tmp_path / "killed").exists()
 
     job.model_copy(update={"resume": True}).write(job_file)
-    resumed = subprocess.run([sys.executable, "-m", "lorafleet.train.job", str(job_file)], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "lorafleet.train.job", str(job_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     threads = torch.get_num_threads()
@@ -90,7 +114,9 @@ def test_a_sigkilled_run_resumes_to_the_same_adapter(tiny_base: Path, tmp_path: 
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-8)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, TRAINING.max_steps + 1))
-    torch.testing.assert_close([m["loss"] for m in lines], reference["losses"], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        [m["loss"] for m in lines], reference["losses"], rtol=1e-6, atol=1e-8
+    )
 
 
 def test_resume_is_refused_for_another_lora_config_or_base(tiny_base: Path, tmp_path: Path) -> None:
@@ -100,23 +126,51 @@ def test_resume_is_refused_for_another_lora_config_or_base(tiny_base: Path, tmp_
 
     other_lora = LORA.model_copy(update={"r": 8})
     with pytest.raises(ResumeMismatchError, match=r"lora: checkpoint has .*'r': 4"):
-        train_adapter(tiny_base, _records(), other_lora, training, tmp_path / "b", run_dir=tmp_path / "run", resume=True)
+        train_adapter(
+            tiny_base,
+            _records(),
+            other_lora,
+            training,
+            tmp_path / "b",
+            run_dir=tmp_path / "run",
+            resume=True,
+        )
 
     other_base = build_demo_base(
         ["another corpus for another base model entirely"] * 20,
-        DemoBaseConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                       intermediate_size=128, pretrain_steps=2, pretrain_seq_len=16),
+        DemoBaseConfig(
+            vocab_size=300,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            intermediate_size=128,
+            pretrain_steps=2,
+            pretrain_seq_len=16,
+        ),
         cache_dir=tmp_path / "cache",
     )
     with pytest.raises(ResumeMismatchError, match="base_fingerprint"):
-        train_adapter(other_base, _records(), LORA, training, tmp_path / "c", run_dir=tmp_path / "run", resume=True)
+        train_adapter(
+            other_base,
+            _records(),
+            LORA,
+            training,
+            tmp_path / "c",
+            run_dir=tmp_path / "run",
+            resume=True,
+        )
 
 
-def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     import torch
 
     training = TRAINING.model_copy(update={"max_steps": 8, "checkpoint_every": 1})
-    recipe = LoRARecipe(tiny_base, _records(), LORA, training, tmp_path / "out", run_dir=tmp_path / "run")
+    recipe = LoRARecipe(
+        tiny_base, _records(), LORA, training, tmp_path / "out", run_dir=tmp_path / "run"
+    )
 
     def blow_up(step: int, total: int, loss: float) -> None:
         if step == 2:  # a numerical blow-up in the weights, as a too-high learning rate causes
@@ -125,7 +179,10 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_base: Path, tm
 
     recipe.on_step = blow_up
     recipe.setup()
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3; the last good checkpoint is .*step-00000002"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"loss became nan at step 3; the last good checkpoint is .*step-00000002",
+    ):
         recipe.train()
     assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
     assert not (tmp_path / "out").exists()
@@ -145,10 +202,14 @@ def test_out_of_memory_suggests_a_smaller_micro_batch(tiny_base: Path, tmp_path:
         recipe.train()
 
 
-def test_qlora_without_gpu_or_bitsandbytes_is_a_clear_error(tiny_base: Path, tmp_path: Path) -> None:
+def test_qlora_without_gpu_or_bitsandbytes_is_a_clear_error(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: QLoRA may run")
     with pytest.raises(QLoraUnavailableError, match=r"lora\.qlora: 4-bit QLoRA needs a CUDA GPU"):
-        LoRARecipe(tiny_base, _records(), LORA.model_copy(update={"qlora": True}), TRAINING, tmp_path)
+        LoRARecipe(
+            tiny_base, _records(), LORA.model_copy(update={"qlora": True}), TRAINING, tmp_path
+        )

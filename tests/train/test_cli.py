@@ -16,47 +16,99 @@ from lorafleet.records import Record, dump_records
 def _spec(tmp_path: Path, training: dict) -> Path:
     records = [
         Record(
-            id=f"r{i}", task="chat", source="human",
-            messages=[{"role": "user", "content": f"Rate for job {i}?"}, {"role": "assistant", "content": f"{20 + i} an hour."}],
+            id=f"r{i}",
+            task="chat",
+            source="human",
+            messages=[
+                {"role": "user", "content": f"Rate for job {i}?"},
+                {"role": "assistant", "content": f"{20 + i} an hour."},
+            ],
         )
         for i in range(8)
-    ]  # fmt: skip
+    ]
     dump_records(tmp_path / "seed.jsonl", records)
     dump_records(tmp_path / "eval.jsonl", records[:2])
     spec = tmp_path / "fleet.yaml"
-    spec.write_text(yaml.safe_dump({
-        "apiVersion": "lorafleet/v1", "name": "marketplace",
-        "experts": [{"name": "rates", "task": "chat", "seed_data": "seed.jsonl", "eval_data": "eval.jsonl",
-                     "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "training": training}],
-    }))  # fmt: skip
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "lorafleet/v1",
+                "name": "marketplace",
+                "experts": [
+                    {
+                        "name": "rates",
+                        "task": "chat",
+                        "seed_data": "seed.jsonl",
+                        "eval_data": "eval.jsonl",
+                        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                        "training": training,
+                    }
+                ],
+            }
+        )
+    )
     return spec
 
 
-def test_train_run_trains_the_expert_with_its_spec_settings(tiny_base: Path, tmp_path: Path) -> None:
+def test_train_run_trains_the_expert_with_its_spec_settings(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     spec = _spec(tmp_path, {"max_steps": 3, "batch_size": 4, "packing": True, "max_seq_len": 128})
     out = tmp_path / "adapter"
-    args = ["train", "run", str(spec), "--expert", "rates", "--base", str(tiny_base),
-            "--train-set", str(tmp_path / "seed.jsonl"), "--output", str(out)]  # fmt: skip
+    args = [
+        "train",
+        "run",
+        str(spec),
+        "--expert",
+        "rates",
+        "--base",
+        str(tiny_base),
+        "--train-set",
+        str(tmp_path / "seed.jsonl"),
+        "--output",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{out}: 3 steps" in result.output
-    assert "model TFLOP/s" in result.output and "MFU" not in result.output  # a CPU has no known peak
+    assert (
+        "model TFLOP/s" in result.output and "MFU" not in result.output
+    )  # a CPU has no known peak
     assert (out / "adapter_model.safetensors").is_file()
     assert len((tmp_path / "adapter.run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_train_run_sends_a_cluster_expert_to_submit(tmp_path: Path) -> None:
-    cluster = {"image": "registry.example/lorafleet:0.1.0", "volume": {"claim": "data", "mount_path": "/data"}}
+    cluster = {
+        "image": "registry.example/lorafleet:0.1.0",
+        "volume": {"claim": "data", "mount_path": "/data"},
+    }
     spec = _spec(tmp_path, {"launcher": "trainjob", "nodes": 2, "cluster": cluster})
-    args = ["train", "run", str(spec), "--expert", "rates", "--base", "/data/base",
-            "--train-set", "/data/train.jsonl", "--output", "/data/out"]  # fmt: skip
+    args = [
+        "train",
+        "run",
+        str(spec),
+        "--expert",
+        "rates",
+        "--base",
+        "/data/base",
+        "--train-set",
+        "/data/train.jsonl",
+        "--output",
+        "/data/out",
+    ]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, LorafleetError)
-    with pytest.raises(LorafleetError, match=r"experts.rates.training.launcher is 'trainjob': use `lorafleet train submit`"):
+    with pytest.raises(
+        LorafleetError,
+        match=r"experts.rates.training.launcher is 'trainjob': use `lorafleet train submit`",
+    ):
         raise result.exception
 
 
-def test_a_bad_job_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_a_bad_job_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
     from lorafleet.train.job import main
 
     bad = tmp_path / "job.json"
@@ -75,11 +127,34 @@ def test_a_bad_job_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Ca
 def test_train_submit_dry_run_prints_the_trainjob(tmp_path: Path) -> None:
     import json
 
-    cluster = {"image": "registry.example/lorafleet:0.1.0", "volume": {"claim": "data", "mount_path": "/data"}}
-    spec = _spec(tmp_path, {"launcher": "trainjob", "nodes": 2, "gpus_per_node": 8, "cluster": cluster})
-    args = ["train", "submit", str(spec), "--expert", "rates", "--base", "/data/base", "--train-set", "/data/train.jsonl",
-            "--output", "/data/out", "--name", "lf-rates", "--dry-run"]  # fmt: skip
+    cluster = {
+        "image": "registry.example/lorafleet:0.1.0",
+        "volume": {"claim": "data", "mount_path": "/data"},
+    }
+    spec = _spec(
+        tmp_path, {"launcher": "trainjob", "nodes": 2, "gpus_per_node": 8, "cluster": cluster}
+    )
+    args = [
+        "train",
+        "submit",
+        str(spec),
+        "--expert",
+        "rates",
+        "--base",
+        "/data/base",
+        "--train-set",
+        "/data/train.jsonl",
+        "--output",
+        "/data/out",
+        "--name",
+        "lf-rates",
+        "--dry-run",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
-    assert (job["kind"], job["metadata"]["name"], job["spec"]["trainer"]["numNodes"]) == ("TrainJob", "lf-rates", 2)
+    assert (job["kind"], job["metadata"]["name"], job["spec"]["trainer"]["numNodes"]) == (
+        "TrainJob",
+        "lf-rates",
+        2,
+    )

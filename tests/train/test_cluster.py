@@ -32,23 +32,35 @@ from lorafleet.train.cluster import (
 from lorafleet.train.job import TrainJobConfig
 
 TRAINING = TrainingSettings(
-    launcher="trainjob", nodes=2, gpus_per_node=4, max_steps=100, checkpoint_every=10,
+    launcher="trainjob",
+    nodes=2,
+    gpus_per_node=4,
+    max_steps=100,
+    checkpoint_every=10,
     cluster={
-        "image": "registry.example/lorafleet:0.1.0", "namespace": "ml-train",
+        "image": "registry.example/lorafleet:0.1.0",
+        "namespace": "ml-train",
         "volume": {"claim": "lorafleet-data", "mount_path": "/data"},
-        "node_selector": {"gpu": "h100"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "node_selector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
-)  # fmt: skip
+)
 JOB = TrainJobConfig(
-    base_dir="/data/base", train_set="/data/job-analyzer/train.jsonl", output_dir="/data/job-analyzer/adapter",
-    lora=LoraSettings(r=16, alpha=32), training=TRAINING,
-)  # fmt: skip
+    base_dir="/data/base",
+    train_set="/data/job-analyzer/train.jsonl",
+    output_dir="/data/job-analyzer/adapter",
+    lora=LoraSettings(r=16, alpha=32),
+    training=TRAINING,
+)
 
 
 def _api(kmock, *kinds):
     for kind in kinds:  # declared resources are what API discovery lists: the CRDs "installed"
         kmock.resources[f"{kind.group}/{kind.version}/{kind.plural}"] = kmock.ResourceInfo(
-            namespaced=True, kind=kind.kind, singular=kind.kind.lower(), verbs={"create", "get", "list", "patch"},
+            namespaced=True,
+            kind=kind.kind,
+            singular=kind.kind.lower(),
+            verbs={"create", "get", "list", "patch"},
             subresources={"status"},
         )
     return ApiClient(Configuration(host=str(kmock.url).rstrip("/")))
@@ -74,28 +86,87 @@ async def test_a_trainjob_is_created_and_followed_until_it_completes(kmock) -> N
         assert kind is TRAINJOB and created["kind"] == "TrainJob"
 
         live = await asyncio.to_thread(
-            CustomObjectsApi(api).get_namespaced_custom_object, "trainer.kubeflow.org", "v1alpha1", "ml-train", "trainjobs", "lf-job-analyzer"
-        )  # fmt: skip
+            CustomObjectsApi(api).get_namespaced_custom_object,
+            "trainer.kubeflow.org",
+            "v1alpha1",
+            "ml-train",
+            "trainjobs",
+            "lf-job-analyzer",
+        )
         trainer = live["spec"]["trainer"]
         assert live["spec"]["runtimeRef"] == {"name": "torch-distributed"}
-        assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (2, 4, "registry.example/lorafleet:0.1.0")
+        assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (
+            2,
+            4,
+            "registry.example/lorafleet:0.1.0",
+        )
         assert trainer["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "4"}}
         assert trainer["command"][:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=4"]
         assert trainer["command"][3:] == ["--module", "lorafleet.train.job", "--env", JOB_ENV]
-        shipped = TrainJobConfig.model_validate(json.loads(next(e["value"] for e in trainer["env"] if e["name"] == JOB_ENV)))
-        assert shipped == JOB.model_copy(update={"resume": True})  # a restarted job resumes from its checkpoint
-        pod = live["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
-        assert pod["volumes"] == [{"name": "lorafleet-data", "persistentVolumeClaim": {"claimName": "lorafleet-data"}}]
-        assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "lorafleet-data", "mountPath": "/data"}]}]
-        assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        shipped = TrainJobConfig.model_validate(
+            json.loads(next(e["value"] for e in trainer["env"] if e["name"] == JOB_ENV))
+        )
+        assert shipped == JOB.model_copy(
+            update={"resume": True}
+        )  # a restarted job resumes from its checkpoint
+        pod = live["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+            "replicatedJobs"
+        ][0]["template"]["spec"]["template"]["spec"]
+        assert pod["volumes"] == [
+            {"name": "lorafleet-data", "persistentVolumeClaim": {"claimName": "lorafleet-data"}}
+        ]
+        assert pod["containers"] == [
+            {"name": "node", "volumeMounts": [{"name": "lorafleet-data", "mountPath": "/data"}]}
+        ]
+        assert (
+            pod["nodeSelector"] == {"gpu": "h100"}
+            and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        )
 
         seen: list[str] = []
-        operator = iter([
-            {"jobsStatus": [{"name": "node", "active": 2, "ready": 0, "succeeded": 0, "failed": 0, "suspended": 0}]},
-            {"jobsStatus": [{"name": "node", "active": 2, "ready": 2, "succeeded": 0, "failed": 0, "suspended": 0}]},
-            {"jobsStatus": [{"name": "node", "active": 0, "ready": 0, "succeeded": 2, "failed": 0, "suspended": 0}],
-             "conditions": [_condition("Complete", "JobsCompleted", "TrainJob is completed")]},
-        ])  # fmt: skip
+        operator = iter(
+            [
+                {
+                    "jobsStatus": [
+                        {
+                            "name": "node",
+                            "active": 2,
+                            "ready": 0,
+                            "succeeded": 0,
+                            "failed": 0,
+                            "suspended": 0,
+                        }
+                    ]
+                },
+                {
+                    "jobsStatus": [
+                        {
+                            "name": "node",
+                            "active": 2,
+                            "ready": 2,
+                            "succeeded": 0,
+                            "failed": 0,
+                            "suspended": 0,
+                        }
+                    ]
+                },
+                {
+                    "jobsStatus": [
+                        {
+                            "name": "node",
+                            "active": 0,
+                            "ready": 0,
+                            "succeeded": 2,
+                            "failed": 0,
+                            "suspended": 0,
+                        }
+                    ],
+                    "conditions": [
+                        _condition("Complete", "JobsCompleted", "TrainJob is completed")
+                    ],
+                },
+            ]
+        )
 
         def report(line: str) -> None:  # the operator moves on after each line we report
             seen.append(line)
@@ -103,7 +174,9 @@ async def test_a_trainjob_is_created_and_followed_until_it_completes(kmock) -> N
             if status is not None:
                 _set_status(api, TRAINJOB, "lf-job-analyzer", status)
 
-        last = await asyncio.to_thread(wait_for_job, api, TRAINJOB, "ml-train", "lf-job-analyzer", 30, 0.01, report)
+        last = await asyncio.to_thread(
+            wait_for_job, api, TRAINJOB, "ml-train", "lf-job-analyzer", 30, 0.01, report
+        )
     assert seen == [
         "Pending",
         "Running (jobs node: active 2)",
@@ -117,11 +190,25 @@ async def test_a_failed_trainjob_ends_the_wait_with_the_operators_reason(kmock) 
     with _api(kmock, TRAINJOB) as api:
         await asyncio.to_thread(submit_job, api, "lf-fails", JOB, TRAINING)
         await asyncio.to_thread(
-            _set_status, api, TRAINJOB, "lf-fails",
-            {"conditions": [_condition("Failed", "JobsFailed", "node-0 exited 2: error: loss became nan at step 41")]},
-        )  # fmt: skip
-        with pytest.raises(TrainingJobFailed, match=r"TrainJob/lf-fails in ml-train failed: Failed \(Failed: JobsFailed: node-0 exited 2: error: loss became nan"):
-            await asyncio.to_thread(wait_for_job, api, TRAINJOB, "ml-train", "lf-fails", 30, 0.01, lambda line: None)
+            _set_status,
+            api,
+            TRAINJOB,
+            "lf-fails",
+            {
+                "conditions": [
+                    _condition(
+                        "Failed", "JobsFailed", "node-0 exited 2: error: loss became nan at step 41"
+                    )
+                ]
+            },
+        )
+        with pytest.raises(
+            TrainingJobFailed,
+            match=r"TrainJob/lf-fails in ml-train failed: Failed \(Failed: JobsFailed: node-0 exited 2: error: loss became nan",
+        ):
+            await asyncio.to_thread(
+                wait_for_job, api, TRAINJOB, "ml-train", "lf-fails", 30, 0.01, lambda line: None
+            )
 
 
 async def test_a_pytorchjob_is_used_where_the_trainjob_api_is_absent(kmock) -> None:
@@ -131,15 +218,33 @@ async def test_a_pytorchjob_is_used_where_the_trainjob_api_is_absent(kmock) -> N
         kind, created = await asyncio.to_thread(submit_job, api, "lf-pt", JOB, TRAINING)
         assert kind is PYTORCHJOB and created["kind"] == "PyTorchJob"
         replicas = created["spec"]["pytorchReplicaSpecs"]
-        assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"], created["spec"]["nprocPerNode"]) == (1, 1, "4")
+        assert (
+            replicas["Master"]["replicas"],
+            replicas["Worker"]["replicas"],
+            created["spec"]["nprocPerNode"],
+        ) == (1, 1, "4")
         container = replicas["Worker"]["template"]["spec"]["containers"][0]
-        assert container["name"] == "pytorch" and container["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+        assert container["name"] == "pytorch" and container["resources"] == {
+            "limits": {"nvidia.com/gpu": "4"}
+        }
 
         seen: list[str] = []
-        operator = iter([
-            {"conditions": [_condition("Created", "PyTorchJobCreated"), _condition("Running", "PyTorchJobRunning")]},
-            {"conditions": [_condition("Created", "PyTorchJobCreated"), _condition("Succeeded", "PyTorchJobSucceeded")]},
-        ])  # fmt: skip
+        operator = iter(
+            [
+                {
+                    "conditions": [
+                        _condition("Created", "PyTorchJobCreated"),
+                        _condition("Running", "PyTorchJobRunning"),
+                    ]
+                },
+                {
+                    "conditions": [
+                        _condition("Created", "PyTorchJobCreated"),
+                        _condition("Succeeded", "PyTorchJobSucceeded"),
+                    ]
+                },
+            ]
+        )
 
         def report(line: str) -> None:
             seen.append(line)
@@ -147,8 +252,16 @@ async def test_a_pytorchjob_is_used_where_the_trainjob_api_is_absent(kmock) -> N
             if status is not None:
                 _set_status(api, PYTORCHJOB, "lf-pt", status)
 
-        await asyncio.to_thread(_set_status, api, PYTORCHJOB, "lf-pt", {"conditions": [_condition("Created", "PyTorchJobCreated")]})
-        await asyncio.to_thread(wait_for_job, api, PYTORCHJOB, "ml-train", "lf-pt", 30, 0.01, report)
+        await asyncio.to_thread(
+            _set_status,
+            api,
+            PYTORCHJOB,
+            "lf-pt",
+            {"conditions": [_condition("Created", "PyTorchJobCreated")]},
+        )
+        await asyncio.to_thread(
+            wait_for_job, api, PYTORCHJOB, "ml-train", "lf-pt", 30, 0.01, report
+        )
     assert seen == [
         "Pending (Created: PyTorchJobCreated)",
         "Running (Created: PyTorchJobCreated; Running: PyTorchJobRunning)",
@@ -159,8 +272,13 @@ async def test_a_pytorchjob_is_used_where_the_trainjob_api_is_absent(kmock) -> N
 async def test_waiting_gives_up_after_the_timeout_and_a_duplicate_name_is_refused(kmock) -> None:
     with _api(kmock, TRAINJOB) as api:
         await asyncio.to_thread(submit_job, api, "lf-slow", JOB, TRAINING)
-        with pytest.raises(TrainingJobFailed, match=r"TrainJob/lf-slow in ml-train: not finished after 0.05 s \(Pending\)"):
-            await asyncio.to_thread(wait_for_job, api, TRAINJOB, "ml-train", "lf-slow", 0.05, 0.01, lambda line: None)
+        with pytest.raises(
+            TrainingJobFailed,
+            match=r"TrainJob/lf-slow in ml-train: not finished after 0.05 s \(Pending\)",
+        ):
+            await asyncio.to_thread(
+                wait_for_job, api, TRAINJOB, "ml-train", "lf-slow", 0.05, 0.01, lambda line: None
+            )
         with pytest.raises(LorafleetError, match=r"TrainJob/lf-slow: the API server said 409"):
             await asyncio.to_thread(submit_job, api, "lf-slow", JOB, TRAINING)
 
@@ -173,33 +291,75 @@ async def test_lorafleet_train_submit_creates_and_follows_the_job(kmock, tmp_pat
 
     from lorafleet.cli import app
 
-    for name in ("seed.jsonl", "eval.jsonl"):  # the spec checks they exist; the cluster job never reads them
+    for name in (
+        "seed.jsonl",
+        "eval.jsonl",
+    ):  # the spec checks they exist; the cluster job never reads them
         (tmp_path / name).write_text("")
     spec = tmp_path / "fleet.yaml"
-    spec.write_text(yaml.safe_dump({
-        "apiVersion": "lorafleet/v1", "name": "marketplace",
-        "experts": [{"name": "job-analyzer", "task": "job-analyzer", "seed_data": "seed.jsonl", "eval_data": "eval.jsonl",
-                     "training": TRAINING.model_dump(mode="json", exclude_defaults=True)}],
-    }))  # fmt: skip
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "lorafleet/v1",
+                "name": "marketplace",
+                "experts": [
+                    {
+                        "name": "job-analyzer",
+                        "task": "job-analyzer",
+                        "seed_data": "seed.jsonl",
+                        "eval_data": "eval.jsonl",
+                        "training": TRAINING.model_dump(mode="json", exclude_defaults=True),
+                    }
+                ],
+            }
+        )
+    )
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "kmock", "user": {"token": "test"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-    }))  # fmt: skip
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "users": [{"name": "kmock", "user": {"token": "test"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            }
+        )
+    )
     with _api(kmock, TRAINJOB) as api:
 
         def finish() -> None:  # the operator completes the job soon after it appears
             for _ in range(500):
                 if any(key[2] == "lf-cli" for key in kmock.objects):
-                    _set_status(api, TRAINJOB, "lf-cli", {"conditions": [_condition("Complete", "JobsCompleted")]})
+                    _set_status(
+                        api,
+                        TRAINJOB,
+                        "lf-cli",
+                        {"conditions": [_condition("Complete", "JobsCompleted")]},
+                    )
                     return
                 time.sleep(0.01)
 
-        args = ["train", "submit", str(spec), "--expert", "job-analyzer", "--base", "/data/base",
-                "--train-set", "/data/train.jsonl", "--output", "/data/out", "--name", "lf-cli",
-                "--poll", "0.02", "--kubeconfig", str(kubeconfig)]  # fmt: skip
+        args = [
+            "train",
+            "submit",
+            str(spec),
+            "--expert",
+            "job-analyzer",
+            "--base",
+            "/data/base",
+            "--train-set",
+            "/data/train.jsonl",
+            "--output",
+            "/data/out",
+            "--name",
+            "lf-cli",
+            "--poll",
+            "0.02",
+            "--kubeconfig",
+            str(kubeconfig),
+        ]
         operator = asyncio.create_task(asyncio.to_thread(finish))
         result = await asyncio.to_thread(CliRunner().invoke, app, args)
         await operator
@@ -209,11 +369,18 @@ async def test_lorafleet_train_submit_creates_and_follows_the_job(kmock, tmp_pat
 
 
 def test_job_paths_must_be_on_the_shared_volume() -> None:
-    with pytest.raises(LorafleetError, match=r"train_set: /home/me/train.jsonl is not under training.cluster.volume.mount_path /data"):
-        check_job_paths(JOB.model_copy(update={"train_set": "/home/me/train.jsonl"}), TRAINING.cluster)
+    with pytest.raises(
+        LorafleetError,
+        match=r"train_set: /home/me/train.jsonl is not under training.cluster.volume.mount_path /data",
+    ):
+        check_job_paths(
+            JOB.model_copy(update={"train_set": "/home/me/train.jsonl"}), TRAINING.cluster
+        )
 
 
-async def test_the_pipeline_train_step_trains_through_a_trainjob(kmock, tiny_base: Path, tmp_path: Path, caplog) -> None:
+async def test_the_pipeline_train_step_trains_through_a_trainjob(
+    kmock, tiny_base: Path, tmp_path: Path, caplog
+) -> None:
     """The train stage with ``launcher: trainjob``, as the KFP train step runs it.
 
     kmock stands in for the API server; the test plays the operator and the job's pod: it
@@ -233,43 +400,78 @@ async def test_the_pipeline_train_step_trains_through_a_trainjob(kmock, tiny_bas
     pvc.mkdir()
     fleet = load_fleet(Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml")
     training = TrainingSettings(
-        launcher="trainjob", max_steps=3, batch_size=4, max_seq_len=256,
-        cluster={"image": "registry.example/lorafleet:0.1.0", "namespace": "ml-train", "accelerator": None,
-                 "volume": {"claim": "lorafleet-data", "mount_path": str(pvc)}},
-    )  # fmt: skip
-    expert = fleet.expert("job-analyzer").model_copy(update={"training": training, "lora": LoraSettings(r=4, alpha=8)})
+        launcher="trainjob",
+        max_steps=3,
+        batch_size=4,
+        max_seq_len=256,
+        cluster={
+            "image": "registry.example/lorafleet:0.1.0",
+            "namespace": "ml-train",
+            "accelerator": None,
+            "volume": {"claim": "lorafleet-data", "mount_path": str(pvc)},
+        },
+    )
+    expert = fleet.expert("job-analyzer").model_copy(
+        update={"training": training, "lora": LoraSettings(r=4, alpha=8)}
+    )
     adapter_out = tmp_path / "step" / "adapter"
 
     async def operator(api) -> None:
         objects = CustomObjectsApi(api)
-        while not (jobs := (await asyncio.to_thread(
-            objects.list_namespaced_custom_object, TRAINJOB.group, TRAINJOB.version, "ml-train", TRAINJOB.plural
-        ))["items"]):  # fmt: skip
+        while not (
+            jobs := (
+                await asyncio.to_thread(
+                    objects.list_namespaced_custom_object,
+                    TRAINJOB.group,
+                    TRAINJOB.version,
+                    "ml-train",
+                    TRAINJOB.plural,
+                )
+            )["items"]
+        ):
             await asyncio.sleep(0.1)
         job = jobs[0]
         name = job["metadata"]["name"]
-        await asyncio.to_thread(_set_status, api, TRAINJOB, name, {"conditions": [_condition("Running", "JobsRunning")]})
+        await asyncio.to_thread(
+            _set_status, api, TRAINJOB, name, {"conditions": [_condition("Running", "JobsRunning")]}
+        )
         env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}
         proc = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "lorafleet.train.job", "--env", JOB_ENV],
-            env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            subprocess.run,
+            [sys.executable, "-m", "lorafleet.train.job", "--env", JOB_ENV],
+            env={**os.environ, **env, "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
-        await asyncio.to_thread(_set_status, api, TRAINJOB, name, {"conditions": [_condition("Complete", "JobsCompleted")]})
+        await asyncio.to_thread(
+            _set_status,
+            api,
+            TRAINJOB,
+            name,
+            {"conditions": [_condition("Complete", "JobsCompleted")]},
+        )
 
     caplog.set_level("INFO", logger="lorafleet.train.cluster")
     train_set = pvc.parent / "train.jsonl"
     train_set.write_bytes(Path(expert.seed_data).read_bytes())
     with _api(kmock, TRAINJOB, PYTORCHJOB) as api:
         result, _ = await asyncio.gather(
-            asyncio.to_thread(train_stage, expert, str(tiny_base), train_set, adapter_out, kube_api=api),
+            asyncio.to_thread(
+                train_stage, expert, str(tiny_base), train_set, adapter_out, kube_api=api
+            ),
             operator(api),
         )
 
     assert result["steps"] == 3 and len(result["losses"]) == 3
     assert result["cluster_job"].startswith("TrainJob/lorafleet-job-analyzer-")
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in adapter_out.iterdir()
+    }
     # inputs were staged on the shared volume, and the job's status reached the step's log
     job_dir = pvc / "lorafleet-jobs" / result["cluster_job"].split("/", 1)[1]
     assert (job_dir / "base" / "config.json").is_file() and (job_dir / "train.jsonl").is_file()
-    assert any("Running" in m for m in caplog.messages) and any("Succeeded" in m for m in caplog.messages)
+    assert any("Running" in m for m in caplog.messages) and any(
+        "Succeeded" in m for m in caplog.messages
+    )

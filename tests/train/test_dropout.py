@@ -71,11 +71,17 @@ def test_use_geometric_lora_dropout_swaps_only_lora_dropout(tiny_base: Path) -> 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+    )
     layers = model.config.num_hidden_layers
     assert use_geometric_lora_dropout(peft_model) == 2 * layers
     found = [m for m in peft_model.modules() if isinstance(m, GeometricDropout)]
     assert len(found) == 2 * layers and all(m.p == 0.1 for m in found)
-    assert not any(type(m) is torch.nn.Dropout for m in peft_model.modules() if getattr(m, "p", 0) == 0.1)
-    none = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, lora_dropout=0.0))
+    assert not any(
+        type(m) is torch.nn.Dropout for m in peft_model.modules() if getattr(m, "p", 0) == 0.1
+    )
+    none = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, lora_dropout=0.0)
+    )
     assert use_geometric_lora_dropout(none) == 0  # dropout 0 is nn.Identity: left alone

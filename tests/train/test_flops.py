@@ -22,9 +22,14 @@ MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm}
 def _records(n: int = 6) -> list[Record]:
     return [
         Record(
-            id=f"r{i}", task="chat", source="human",
+            id=f"r{i}",
+            task="chat",
+            source="human",
             messages=[
-                {"role": "user", "content": f"Summarize job post {i}: " + "design a logo " * (i + 1)},
+                {
+                    "role": "user",
+                    "content": f"Summarize job post {i}: " + "design a logo " * (i + 1),
+                },
                 {"role": "assistant", "content": f"A logo design job, {i + 2} days, fixed price."},
             ],
         )
@@ -34,17 +39,26 @@ def _records(n: int = 6) -> list[Record]:
 
 def _matmul_flops(counter: FlopCounterMode) -> int:
     counts = counter.get_flop_counts()["Global"]
-    return sum(v for op, v in counts.items() if op in MATMULS or getattr(op, "overloadpacket", None) in MATMULS)
+    return sum(
+        v
+        for op, v in counts.items()
+        if op in MATMULS or getattr(op, "overloadpacket", None) in MATMULS
+    )
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
-def test_a_recipe_step_costs_the_counted_linear_and_head_flops(tiny_base: Path, tmp_path: Path, targets) -> None:
+def test_a_recipe_step_costs_the_counted_linear_and_head_flops(
+    tiny_base: Path, tmp_path: Path, targets
+) -> None:
     """Given a packed recipe micro-batch (LM head at label positions only), the matmul
     FLOPs torch counts in its forward and backward equal linear + head of the count
     (attention runs in SDPA calls, which the counter does not see on CPU)."""
     recipe = LoRARecipe(
-        tiny_base, _records(), LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=targets),
-        TrainingSettings(batch_size=2, max_seq_len=64), tmp_path / "adapter",
+        tiny_base,
+        _records(),
+        LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=targets),
+        TrainingSettings(batch_size=2, max_seq_len=64),
+        tmp_path / "adapter",
     )
     recipe.setup()
     try:
@@ -88,24 +102,33 @@ def test_linear_costs_leaves_the_rng_where_it_was(tiny_base: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), _lora_config(LoraSettings(dropout=0.2)))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), _lora_config(LoraSettings(dropout=0.2))
+    )
     model.train()
     state = torch.get_rng_state()
     linear_costs(model)
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_training_reports_mfu_against_the_peak_it_is_given(tiny_base: Path, tmp_path: Path, monkeypatch) -> None:
+def test_training_reports_mfu_against_the_peak_it_is_given(
+    tiny_base: Path, tmp_path: Path, monkeypatch
+) -> None:
     """With ``$LORAFLEET_PEAK_TFLOPS`` set (a CPU has no known peak), every step and the
     result carry MFU = model TFLOP/s over that peak."""
     from lorafleet.train.recipe import train_adapter
 
     monkeypatch.setenv("LORAFLEET_PEAK_TFLOPS", "0.5")
     result = train_adapter(
-        tiny_base, _records(), LoraSettings(r=4, alpha=8, dropout=0.0),
-        TrainingSettings(max_steps=3, batch_size=2, max_seq_len=64), tmp_path / "adapter",
+        tiny_base,
+        _records(),
+        LoraSettings(r=4, alpha=8, dropout=0.0),
+        TrainingSettings(max_steps=3, batch_size=2, max_seq_len=64),
+        tmp_path / "adapter",
     )
-    lines = [json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()
+    ]
     for m in lines:
         assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5, rel=1e-2, abs=1e-4)
     assert result.mfu == pytest.approx(result.tflops_per_s / 0.5, rel=1e-2, abs=1e-4)

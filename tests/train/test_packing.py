@@ -20,7 +20,9 @@ def test_pack_rows_fills_rows_first_fit_and_keeps_every_example() -> None:
     assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
     assert len(rows) == 3  # 26 tokens need at least 3 rows of 10; first-fit reaches that here
     assert pack_rows(lengths, 10, random.Random(0)) == rows  # same seed, same rows
-    assert sorted(pack_rows(lengths, 10, random.Random(0), packing=False)) == [[i] for i in range(6)]
+    assert sorted(pack_rows(lengths, 10, random.Random(0), packing=False)) == [
+        [i] for i in range(6)
+    ]
 
 
 def test_collate_packed_lays_examples_end_to_end_with_their_boundaries() -> None:
@@ -39,7 +41,9 @@ def test_collate_packed_lays_examples_end_to_end_with_their_boundaries() -> None
 
 
 @pytest.mark.parametrize("attention", [VARLEN, "sdpa"])
-def test_a_packed_sequence_gives_each_example_its_own_logits(tiny_base: Path, attention: str) -> None:
+def test_a_packed_sequence_gives_each_example_its_own_logits(
+    tiny_base: Path, attention: str
+) -> None:
     """Given three examples packed into one sequence, when the model runs once on it,
     then each example's slice of logits equals the logits of that example run alone.
 
@@ -55,20 +59,27 @@ def test_a_packed_sequence_gives_each_example_its_own_logits(tiny_base: Path, at
     alone_model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
     lengths = [7, 12, 5]
     examples = [
-        TokenizedExample(input_ids=torch.randint(3, 300, (n,)).tolist(), labels=[IGNORE_INDEX] * n) for n in lengths
+        TokenizedExample(input_ids=torch.randint(3, 300, (n,)).tolist(), labels=[IGNORE_INDEX] * n)
+        for n in lengths
     ]
     batch = collate_packed([examples[:2], examples[2:]])
     with torch.no_grad():
         # use_cache=False: transformers only looks for packed positions when no KV cache is built.
         packed = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-            cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-            max_length_q=batch["max_length"], max_length_k=batch["max_length"],
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            cu_seq_lens_q=batch["cu_seq_lens"],
+            cu_seq_lens_k=batch["cu_seq_lens"],
+            max_length_q=batch["max_length"],
+            max_length_k=batch["max_length"],
         ).logits[0]
         start = 0
         for e in examples:
             alone = alone_model(input_ids=torch.tensor([e.input_ids])).logits[0]
-            torch.testing.assert_close(packed[start : start + len(e.input_ids)], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                packed[start : start + len(e.input_ids)], alone, rtol=1e-5, atol=1e-5
+            )
             start += len(e.input_ids)
         # As one plain sequence (one boundary-free example) the later examples see the earlier ones.
         whole = alone_model(input_ids=batch["input_ids"], use_cache=False).logits[0]
@@ -100,10 +111,15 @@ def test_varlen_attention_equals_causal_attention_run_per_example(rows: int) -> 
             return x.transpose(0, 1).reshape(x.shape[1], rows * t, d)
 
         fq, fk, fv = flat(q), flat(k), flat(v)
-        want = torch.cat([
-            F.scaled_dot_product_attention(fq[:, s:e], fk[:, s:e], fv[:, s:e], is_causal=True, enable_gqa=True)
-            for s, e in itertools.pairwise(bounds)
-        ], dim=1)  # (H, rows * t, D)
+        want = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    fq[:, s:e], fk[:, s:e], fv[:, s:e], is_causal=True, enable_gqa=True
+                )
+                for s, e in itertools.pairwise(bounds)
+            ],
+            dim=1,
+        )  # (H, rows * t, D)
         got = out.reshape(rows * t, 4, d).transpose(0, 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         g_got = torch.autograd.grad(got.square().sum(), (q, k, v))

@@ -49,7 +49,9 @@ def test_training_lowers_the_loss_and_saves_an_adapter(tiny_base: Path, tmp_path
 def test_the_recipe_checks_its_inputs(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no training records"):
         LoRARecipe(tiny_base, [], LoraSettings(), TrainingSettings(), tmp_path)
-    no_answers = [Record(id="a", task="chat", source="human", messages=[{"role": "user", "content": "hi"}])]
+    no_answers = [
+        Record(id="a", task="chat", source="human", messages=[{"role": "user", "content": "hi"}])
+    ]
     with pytest.raises(ValueError, match="no assistant turns"):
         LoRARecipe(tiny_base, no_answers, LoraSettings(), TrainingSettings(), tmp_path)
 
@@ -94,12 +96,16 @@ def test_the_label_only_loss_equals_the_full_logits_loss(tiny_base: Path, tmp_pa
 
     assert tokens == sum(len(e.input_ids) for e in examples)
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
-    assert got.keys() == want.keys() and len(want) == 2 * 7 * 2  # 2 layers x 7 linear modules x A, B
+    assert (
+        got.keys() == want.keys() and len(want) == 2 * 7 * 2
+    )  # 2 layers x 7 linear modules x A, B
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base: Path, tmp_path: Path) -> None:
+def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     """Given a 10-step run with 20% warmup, then ``<run_dir>/metrics.jsonl`` has one line
     per step with its loss, learning rate and tokens/s; the learning rates follow linear
     warmup then cosine decay; and the train component's KFP Metrics artifact gets the summary.
@@ -113,13 +119,23 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base
 
     from lorafleet.components.runtime import log_train_metrics
 
-    training = TrainingSettings(max_steps=10, learning_rate=1e-2, batch_size=4, warmup_ratio=0.2, packing=True)
+    training = TrainingSettings(
+        max_steps=10, learning_rate=1e-2, batch_size=4, warmup_ratio=0.2, packing=True
+    )
     result = train_adapter(
-        tiny_base, _records(), LoraSettings(r=4, alpha=8, dropout=0.0), training, tmp_path / "adapter", run_dir=tmp_path / "run"
+        tiny_base,
+        _records(),
+        LoraSettings(r=4, alpha=8, dropout=0.0),
+        training,
+        tmp_path / "adapter",
+        run_dir=tmp_path / "run",
     )
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 11))
-    assert all(m["loss"] > 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["label_tokens"] > 0 for m in lines)
+    assert all(
+        m["loss"] > 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["label_tokens"] > 0
+        for m in lines
+    )
     # Model FLOPs of each step (lorafleet.train.flops): no MFU on a CPU, whose peak is unknown.
     assert all(m["tflops"] > 0 and m["tflops_per_s"] > 0 and "mfu" not in m for m in lines)
     walls = sum(m["tokens"] / m["tokens_per_s"] for m in lines)
@@ -132,9 +148,11 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(tiny_base
     metrics = Metrics(name="metrics", uri=str(tmp_path / "kfp-metrics"), metadata={})
     log_train_metrics(metrics, result.to_dict())
     assert metrics.metadata == {
-        "final_loss": round(result.losses[-1], 5), "steps": 10, "tokens_per_s": result.tokens_per_s,
+        "final_loss": round(result.losses[-1], 5),
+        "steps": 10,
+        "tokens_per_s": result.tokens_per_s,
         "model_tflops_per_s": result.tflops_per_s,
-    }  # fmt: skip
+    }
 
 
 def _step_grads(recipe: LoRARecipe) -> tuple[float, dict]:
@@ -147,10 +165,14 @@ def _step_grads(recipe: LoRARecipe) -> tuple[float, dict]:
     assert recipe.model.is_activation_checkpointing == recipe.training.gradient_checkpointing
     torch.manual_seed(7)  # the same dropout masks on both sides
     loss, _ = recipe._forward_backward(rows, n_labels)
-    return float(loss), {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    return float(loss), {
+        n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad
+    }
 
 
-def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(tiny_base: Path, tmp_path: Path) -> None:
+def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(
+    tiny_base: Path, tmp_path: Path
+) -> None:
     """Given the same weights, data and RNG state, a step with gradient checkpointing gives
     the loss and LoRA gradients of a step without it (recomputation changes memory, not math;
     with LoRA dropout on, the recomputed forward must reuse the first forward's masks)."""
@@ -159,8 +181,12 @@ def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(tiny_base
     lora = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules="all-linear")
     sides = []
     for checkpointing in (False, True):
-        training = TrainingSettings(batch_size=2, max_seq_len=256, gradient_checkpointing=checkpointing)
-        recipe = LoRARecipe(tiny_base, _records(), lora, training, tmp_path / f"out-{checkpointing}")
+        training = TrainingSettings(
+            batch_size=2, max_seq_len=256, gradient_checkpointing=checkpointing
+        )
+        recipe = LoRARecipe(
+            tiny_base, _records(), lora, training, tmp_path / f"out-{checkpointing}"
+        )
         recipe.setup()
         torch.manual_seed(1)
         with torch.no_grad():  # non-zero B, so that A gets gradients too
@@ -177,12 +203,17 @@ def test_gradient_checkpointing_recomputes_the_same_loss_and_gradients(tiny_base
 
 
 @pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}])
-def test_dora_and_rslora_train_and_save_their_settings(tiny_base: Path, tmp_path: Path, variant: dict) -> None:
+def test_dora_and_rslora_train_and_save_their_settings(
+    tiny_base: Path, tmp_path: Path, variant: dict
+) -> None:
     """DoRA and rsLoRA run through the recipe (with LoRA dropout), lower the loss, and the
     saved adapter says which variant it is."""
     lora = LoraSettings(r=8, alpha=16, dropout=0.05, target_modules="all-linear", **variant)
     result = train_adapter(
-        tiny_base, _records(), lora, TrainingSettings(epochs=15, learning_rate=3e-3, batch_size=4, warmup_ratio=0.0),
+        tiny_base,
+        _records(),
+        lora,
+        TrainingSettings(epochs=15, learning_rate=3e-3, batch_size=4, warmup_ratio=0.0),
         tmp_path / "adapter",
     )
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
