@@ -1,0 +1,96 @@
+"""The fleet spec: one YAML file that drives local runs, compiled pipelines and serving.
+
+Load it with :func:`load_fleet`; every mistake becomes a :class:`~lorafleet.errors.SpecError`
+that names the file, the line and the field (``FILE:LINE: field.path: message``).
+
+One module per concern, the loader on top:
+
+- :mod:`lorafleet.fleet.base_model`: the shared base model.
+- :mod:`lorafleet.fleet.tasks`: the tasks an expert can have.
+- :mod:`lorafleet.fleet.data`: validation bounds, synthesis, curation.
+- :mod:`lorafleet.fleet.training`: LoRA hyper-parameters, the recipe, where it runs.
+- :mod:`lorafleet.fleet.evaluation`: the gate and its judge.
+- :mod:`lorafleet.fleet.serving`: runtime, cluster profile, storage, autoscaling.
+- :mod:`lorafleet.fleet.canary`: the canary policy and its analysis.
+- :mod:`lorafleet.fleet.platform`: Kubernetes settings of the pipeline's steps.
+- :mod:`lorafleet.fleet.spec`: the expert and the whole fleet.
+- :mod:`lorafleet.fleet.loader`: reading a YAML file into a :class:`FleetSpec`.
+"""
+
+from lorafleet.fleet.base_model import BaseSpec, DemoBaseSettings
+from lorafleet.fleet.canary import (
+    QUERY_PLACEHOLDERS,
+    QUERY_SAMPLE,
+    REVISION_QUERIES,
+    ROUTER_QUERIES,
+    CanaryAnalysis,
+    CanaryJudge,
+    CanaryPolicy,
+    check_promql,
+)
+from lorafleet.fleet.common import SLUG, StrictModel
+from lorafleet.fleet.data import (
+    CurationSettings,
+    DataRules,
+    JudgeSettings,
+    SynthesisSettings,
+    TeacherSettings,
+)
+from lorafleet.fleet.evaluation import GateJudge, GatePolicy
+from lorafleet.fleet.loader import load_fleet, spec_from_json, spec_to_json
+from lorafleet.fleet.platform import (
+    PIPELINE_STEPS,
+    PipelineSpec,
+    PlatformProfile,
+    PvcMount,
+    SecretEnv,
+    StepPlatform,
+    Toleration,
+)
+from lorafleet.fleet.serving import ServingAutoscaling, ServingSpec, ServingStorage
+from lorafleet.fleet.spec import ExpertSpec, FleetSpec, RegistrySpec
+from lorafleet.fleet.tasks import TASKS, check_task
+from lorafleet.fleet.training import LoraSettings, TrainCluster, TrainingSettings
+
+__all__ = [
+    "PIPELINE_STEPS",
+    "QUERY_PLACEHOLDERS",
+    "QUERY_SAMPLE",
+    "REVISION_QUERIES",
+    "ROUTER_QUERIES",
+    "SLUG",
+    "TASKS",
+    "BaseSpec",
+    "CanaryAnalysis",
+    "CanaryJudge",
+    "CanaryPolicy",
+    "CurationSettings",
+    "DataRules",
+    "DemoBaseSettings",
+    "ExpertSpec",
+    "FleetSpec",
+    "GateJudge",
+    "GatePolicy",
+    "JudgeSettings",
+    "LoraSettings",
+    "PipelineSpec",
+    "PlatformProfile",
+    "PvcMount",
+    "RegistrySpec",
+    "SecretEnv",
+    "ServingAutoscaling",
+    "ServingSpec",
+    "ServingStorage",
+    "StepPlatform",
+    "StrictModel",
+    "SynthesisSettings",
+    "TeacherSettings",
+    "Toleration",
+    "TrainCluster",
+    "TrainingSettings",
+    "check_promql",
+    "check_task",
+    "load_fleet",
+    "spec_from_json",
+    "spec_to_json",
+]

@@ -1,0 +1,45 @@
+"""The gate of an expert: loss and task-metric rules against the base and production, and the
+optional pairwise LLM judge."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lorafleet.fleet.common import StrictModel
+
+__all__ = ["GateJudge", "GatePolicy"]
+
+
+class GateJudge(StrictModel):
+    """LLM-as-judge, pairwise against production (or the base): any OpenAI-compatible endpoint."""
+
+    base_url: str = Field(description="OpenAI API root, e.g. http://127.0.0.1:8080/openai/v1")
+    model: str = Field(description="the judge's served model name")
+    api_key_env: str | None = Field(None, description="environment variable that holds the API key")
+    min_win_rate_lower_bound: float = Field(
+        0.5, ge=0, le=1, description="the win rate's lower confidence bound must be >= this"
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="two-sided level of the bootstrap interval"
+    )
+    resamples: int = Field(1000, ge=100, description="bootstrap resamples (seeded)")
+    max_items: int | None = Field(None, ge=1, description="judge only the first N eval records")
+
+
+class GatePolicy(StrictModel):
+    """When a candidate may be registered."""
+
+    max_loss_ratio: float = Field(
+        0.98, gt=0, description="candidate held-out loss must be <= this x the base model's"
+    )
+    min_metrics: dict[str, float] = Field(default_factory=dict, description="task metric floors")
+    max_loss_regression: float = Field(
+        0.01, ge=0, description="candidate loss may exceed production's by at most this fraction"
+    )
+    max_metric_regression: float = Field(
+        0.05, ge=0, description="each task metric may drop below production's by at most this much"
+    )
+    max_new_tokens: int = Field(96, ge=1, description="generation budget for task metrics")
+    judge: GateJudge | None = Field(
+        None, description="pairwise LLM judge; its rule applies when set"
+    )

@@ -1,0 +1,131 @@
+"""Read a fleet YAML file: merge ``expert_defaults``, validate, resolve data paths, and name
+the file, line and field of every mistake."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from lorafleet.errors import SpecError
+from lorafleet.fleet.spec import FleetSpec
+
+__all__ = ["load_fleet", "spec_from_json", "spec_to_json"]
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def _locate(node: yaml.Node | None, loc: tuple) -> tuple[int | None, int]:
+    """The line (1-based) of the deepest YAML node along ``loc``, and how deep it is."""
+    line = node.start_mark.line + 1 if node is not None else None
+    depth = 0
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+        else:
+            node = None
+        if node is None:
+            break
+        line, depth = node.start_mark.line + 1, depth + 1
+    return line, depth
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Where ``loc`` is written; an expert's field may come from ``expert_defaults``."""
+    line, depth = _locate(root, loc)
+    if depth < len(loc) and len(loc) > 2 and loc[0] == "experts":
+        d_line, d_depth = _locate(root, ("expert_defaults", *loc[2:]))
+        if d_depth > max(1, depth - 2):
+            return d_line
+    return line
+
+
+def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
+    """Load, merge ``expert_defaults`` into each expert, validate, and resolve data paths.
+
+    Args:
+        path: the fleet YAML file.
+        check_files: also require every expert's data files to exist.
+
+    Returns:
+        The validated spec; relative data paths are resolved against the spec's folder.
+
+    Raises:
+        SpecError: naming file, line and field, for any mistake.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(path, None, "file", "no such file") from None
+    except UnicodeDecodeError:
+        raise SpecError(path, None, "file", "not UTF-8 text") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError(
+            path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))
+        ) from None
+    if not isinstance(raw, dict):
+        raise SpecError(path, 1, "spec", "the top level must be a mapping")
+    defaults = raw.pop("expert_defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise SpecError(
+            path, _line_of(root, ("expert_defaults",)), "expert_defaults", "must be a mapping"
+        )
+    if isinstance(raw.get("experts"), list):
+        raw["experts"] = [
+            _deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]
+        ]
+    try:
+        spec = FleetSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise SpecError(path, _line_of(root, loc), field, msg) from None
+    folder = path.resolve().parent
+    for i, e in enumerate(spec.experts):
+        for attr in ("seed_data", "eval_data"):
+            p = getattr(e, attr)
+            resolved = p if p.is_absolute() else folder / p
+            if check_files and not resolved.is_file():
+                raise SpecError(
+                    path,
+                    _line_of(root, ("experts", i, attr)),
+                    f"experts.{i}.{attr}",
+                    f"file not found: {p}",
+                )
+            setattr(e, attr, resolved)
+    reg = spec.registry.uri
+    if "://" not in reg and not Path(reg).is_absolute():
+        spec.registry.uri = str(folder / reg)
+    return spec
+
+
+def spec_to_json(spec: FleetSpec) -> str:
+    """Serialize a loaded spec (absolute paths) for pipeline parameters."""
+    return spec.model_dump_json(by_alias=True)
+
+
+def spec_from_json(text: str) -> FleetSpec:
+    """The inverse of :func:`spec_to_json`."""
+    return FleetSpec.model_validate_json(text)

@@ -1,0 +1,104 @@
+"""Training settings of an expert: the LoRA hyper-parameters, the recipe's knobs and where it
+runs (in process, torchrun, or a Kubeflow TrainJob)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lorafleet.fleet.common import SLUG, StrictModel
+from lorafleet.fleet.platform import PvcMount, Toleration
+
+__all__ = ["LoraSettings", "TrainCluster", "TrainingSettings"]
+
+
+class LoraSettings(StrictModel):
+    """PEFT LoRA hyper-parameters."""
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, description="usually 2 x r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+    qlora: bool = Field(
+        False, description="load the base in 4-bit (needs a CUDA GPU and bitsandbytes)"
+    )
+
+
+class TrainingSettings(StrictModel):
+    """The LoRA training recipe's knobs."""
+
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(768, ge=16)
+    seed: int = 0
+    packing: bool = Field(
+        False, description="pack several examples per row (batch_size counts rows)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations: less memory, ~30% slower"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N steps"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    # Where the trainer runs (docs/training.md): the recipe is the same everywhere.
+    launcher: Literal["local", "torchrun", "trainjob"] = Field(
+        "local",
+        description="local: in process; torchrun: gpus_per_node ranks here (DDP); trainjob: a Kubeflow job on nodes x gpus_per_node",
+    )
+    nodes: int = Field(
+        1, ge=1, description="nodes of a trainjob (more than 1 only with launcher trainjob)"
+    )
+    gpus_per_node: int = Field(
+        1, ge=1, description="ranks per node: GPUs, or CPU processes without GPUs"
+    )
+    cluster: TrainCluster | None = Field(
+        None, description="the Kubernetes side of launcher trainjob"
+    )
+
+    @model_validator(mode="after")
+    def _launcher(self) -> TrainingSettings:
+        if self.nodes > 1 and self.launcher != "trainjob":
+            raise ValueError("nodes > 1 needs launcher: trainjob (one pod cannot span nodes)")
+        if self.launcher == "trainjob" and self.cluster is None:
+            raise ValueError("launcher trainjob needs a cluster block (image, namespace, volume)")
+        return self
+
+
+class TrainCluster(StrictModel):
+    """Where a ``trainjob`` runs: a Kubeflow Trainer TrainJob, or a PyTorchJob where Trainer is absent."""
+
+    image: str = Field(
+        min_length=1, description="container image with lorafleet installed (components/Dockerfile)"
+    )
+    namespace: str = Field("lorafleet", pattern=SLUG, description="namespace of the job")
+    runtime: str = Field(
+        "torch-distributed", min_length=1, description="the TrainJob's ClusterTrainingRuntime"
+    )
+    volume: PvcMount = Field(
+        description="shared PVC holding base, data and outputs; job paths must be under mount_path"
+    )
+    accelerator: str | None = Field(
+        "nvidia.com/gpu",
+        description="resource name requested gpus_per_node times per node; null = CPU",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node label -> value for the trainer pods"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="e.g. of a GPU node pool's taint"
+    )
+    service_account: str | None = Field(None, description="ServiceAccount of the trainer pods")
+    timeout_s: float = Field(
+        24 * 3600, gt=0, description="how long to wait for the job before giving up"
+    )
