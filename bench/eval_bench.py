@@ -53,8 +53,8 @@ def main() -> None:
 
     import torch
 
+    from lorafleet.engine.generation import GenerationRequest, Generator
     from lorafleet.fleet import GatePolicy
-    from lorafleet.generation import GenerationRequest, Generator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "examples" / "fleet.yaml")

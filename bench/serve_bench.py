@@ -77,7 +77,7 @@ def _build(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def _trace(n: int, max_new_tokens: int, one_adapter: bool):
-    from lorafleet.generation import GenerationRequest
+    from lorafleet.engine.generation import GenerationRequest
 
     return [
         GenerationRequest(
@@ -142,7 +142,7 @@ def _resident(kind: str, base: str, adapters: dict[str, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from lorafleet.generation import Generator
+    from lorafleet.engine.generation import Generator
 
     out = {}
     if kind == "fleet":
@@ -218,7 +218,7 @@ def main() -> None:
 
     import torch
 
-    from lorafleet.generation import Generator
+    from lorafleet.engine.generation import Generator
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

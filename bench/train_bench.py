@@ -170,9 +170,10 @@ def run_baseline(base: Path, args, out: Path) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
+    from lorafleet.batches import collate
     from lorafleet.chat import encode_chat
     from lorafleet.fleet import LoraSettings
-    from lorafleet.train.recipe import _lora_config, collate, load_base
+    from lorafleet.train.recipe import _lora_config, load_base
 
     model, tokenizer = load_base(base)
     model = get_peft_model(model, _lora_config(LoraSettings(**LORA)))

@@ -16,8 +16,7 @@ __all__ = [
     "export_base",
     "gate_markdown",
     "limit_threads",
-    "log_eval_metrics",
-    "log_train_metrics",
+    "log_metrics",
     "read_json",
     "write_json",
     "write_markdown",
@@ -75,22 +74,11 @@ def write_markdown(artifact, text: str) -> None:
     atomic_write_text(artifact.path, text)
 
 
-def log_train_metrics(metrics, result: dict) -> None:
-    """Training numbers for the KFP UI's metrics view."""
-    metrics.log_metric("final_loss", round(result["losses"][-1], 5))
-    metrics.log_metric("steps", result["steps"])
-    metrics.log_metric("tokens_per_s", result["tokens_per_s"])
-    if result.get("tflops_per_s"):
-        metrics.log_metric("model_tflops_per_s", result["tflops_per_s"])
-    if result.get("mfu") is not None:
-        metrics.log_metric("mfu", result["mfu"])
-
-
-def log_eval_metrics(metrics, result: dict) -> None:
-    metrics.log_metric("eval_loss_base", result["eval_loss_base"])
-    metrics.log_metric("eval_loss_candidate", result["eval_loss_candidate"])
-    for k, v in result["metrics_candidate"].items():
-        metrics.log_metric(f"candidate_{k}", v)
+def log_metrics(metrics, numbers: dict[str, float]) -> None:
+    """Log flat numbers (:func:`lorafleet.report.kfp_metrics` and friends) to a KFP Metrics
+    artifact, for the KFP UI's metrics view."""
+    for name, value in numbers.items():
+        metrics.log_metric(name, value)
 
 
 def gate_markdown(report: dict) -> str:

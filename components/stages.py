@@ -150,8 +150,9 @@ def train(
     metrics: Output[Metrics],
 ):
     """Fine-tune the expert's LoRA adapter."""
-    from lorafleet.components.runtime import base_path, limit_threads, log_train_metrics, write_json
+    from lorafleet.components.runtime import base_path, limit_threads, log_metrics, write_json
     from lorafleet.fleet import spec_from_json
+    from lorafleet.report import kfp_train_metrics
     from lorafleet.stages import train_stage
 
     limit_threads()
@@ -159,7 +160,7 @@ def train(
         spec_from_json(spec_json).expert(expert), base_path(base), train_set.path, adapter.path
     )
     write_json(train_log, result)
-    log_train_metrics(metrics, result)
+    log_metrics(metrics, kfp_train_metrics(result))
 
 
 @fleet_component
@@ -173,15 +174,16 @@ def evaluate(
     metrics: Output[Metrics],
 ):
     """Held-out loss and task metrics, candidate vs base."""
-    from lorafleet.components.runtime import base_path, limit_threads, log_eval_metrics, write_json
+    from lorafleet.components.runtime import base_path, limit_threads, log_metrics, write_json
     from lorafleet.fleet import spec_from_json
+    from lorafleet.report import kfp_metrics
     from lorafleet.stages import evaluate_stage
 
     limit_threads()
     spec = spec_from_json(spec_json)
     result = evaluate_stage(spec, spec.expert(expert), base_path(base), adapter.path, eval_set.path)
     write_json(evaluation, result)
-    log_eval_metrics(metrics, result)
+    log_metrics(metrics, kfp_metrics(result))
 
 
 @fleet_component

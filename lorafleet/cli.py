@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from lorafleet.commands import data, deploy, rollout, submit, train
+from lorafleet.commands import data, deploy, rollout, router, serve, submit, train
 from lorafleet.commands import eval as eval_cmd
+from lorafleet.commands.runner import run_app
 from lorafleet.console import console
-from lorafleet.errors import LorafleetError
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     help="Build, gate and ship a fleet of LoRA experts on one shared base model.",
@@ -33,6 +32,8 @@ app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(train.app, name="train")
 app.command("submit")(submit.submit)
+app.command("serve")(serve.serve)
+app.command("router")(router.router)
 # end of sub-command groups
 
 SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
@@ -116,141 +117,9 @@ def run(
     )
 
 
-@app.command("serve")
-def serve(
-    base: Annotated[str, typer.Option(help="Base model directory or hub id.")],
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more."
-        ),
-    ] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
-    name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
-    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
-    max_wait_ms: Annotated[
-        float, typer.Option(help="How long a request waits for others to share its batch.")
-    ] = 10.0,
-    max_queue: Annotated[
-        int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")
-    ] = 256,
-    request_timeout: Annotated[
-        float, typer.Option(help="Seconds a request may take, queueing included; later 503.")
-    ] = 120.0,
-    max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
-    require_lineage: Annotated[
-        bool,
-        typer.Option(help="Refuse adapters without lineage.json (default: check it when present)."),
-    ] = False,
-    routes: Annotated[
-        Path | None,
-        typer.Option(
-            help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.'
-        ),
-    ] = None,
-    admin_token_env: Annotated[
-        str,
-        typer.Option(
-            help="Environment variable holding the /admin bearer token; unset disables /admin."
-        ),
-    ] = "LORAFLEET_ADMIN_TOKEN",
-    adapter_cache: Annotated[
-        Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")
-    ] = None,
-    lora_backend: Annotated[
-        str,
-        typer.Option(
-            help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference)."
-        ),
-    ] = "batched",
-    fault: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults."
-        ),
-    ] = None,
-) -> None:
-    """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
-
-    Every adapter is checked before it serves (safetensors, rank, target modules, base
-    fingerprint, shapes, effect on the output); a failed check is one line and exit code 2.
-    The runtime image runs the same command as python -m lorafleet.serve.runtime.
-    """
-    from lorafleet.serve.faults import FaultTable, parse_fault
-    from lorafleet.serve.router import RouteTable
-    from lorafleet.serve.runtime import serve as run_server
-
-    if lora_backend not in ("batched", "peft"):
-        raise LorafleetError(f"--lora-backend {lora_backend!r}: expected batched or peft")
-    adapters = {}
-    for item in adapter or []:
-        adapter_name, sep, path = item.partition("=")
-        if not sep or not adapter_name or not path:
-            raise LorafleetError(f"--adapter {item!r}: expected NAME=SOURCE")
-        if adapter_name in adapters:
-            raise LorafleetError(f"--adapter {item!r}: name {adapter_name!r} given twice")
-        adapters[adapter_name] = path
-    faults = FaultTable(dict(parse_fault(f) for f in fault or []))
-    run_server(
-        base,
-        adapters,
-        host=host,
-        port=port,
-        name=name,
-        max_batch_size=max_batch_size,
-        max_wait_s=max_wait_ms / 1000,
-        admin_token=os.environ.get(admin_token_env) or None,
-        max_queue=max_queue,
-        request_timeout_s=request_timeout,
-        max_rank=max_rank,
-        require_lineage=require_lineage,
-        routes=RouteTable.from_file(routes) if routes else None,
-        adapter_cache=str(adapter_cache) if adapter_cache else None,
-        faults=faults,
-        lora_backend=lora_backend,
-    )
-
-
-# `python -m lorafleet.serve.runtime` (the runtime image's entry point): the serve command alone.
-serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-serve_app.command()(serve)
-
-
-def main(command: typer.Typer | None = None, **options: Any) -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2.
-
-    Args:
-        command: the app to run (default: ``lorafleet``; the kubectl plugin passes its own).
-        **options: passed to click (``prog_name``, ``obj``).
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    level = os.environ.get("LORAFLEET_LOG", "WARNING")
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    # Libraries (great-expectations) set their own loggers to INFO: filter at the handler.
-    for handler in logging.root.handlers:
-        handler.setLevel(level)
-    try:
-        # Outside standalone mode click returns the code of a typer.Exit instead of exiting.
-        code = (command or app)(standalone_mode=False, **options)
-        sys.exit(code if isinstance(code, int) else 0)
-    except LorafleetError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code)
-    except Exception as exc:  # click usage errors and aborts carry their own exit codes
-        import click
-
-        # Recent typer versions raise their own copy of click's exceptions (typer.TyperException).
-        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort | typer.Abort):
-            sys.exit(130)
-        raise
+def main() -> None:
+    """Entry point of ``lorafleet``: user mistakes become one line on stderr and exit code 2."""
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DataError", "LorafleetError", "SpecError"]
+from pydantic import ValidationError
+
+__all__ = [
+    "DataError",
+    "LorafleetError",
+    "SpecError",
+    "first_problem",
+    "validation_problems",
+]
 
 
 class LorafleetError(Exception):
@@ -29,3 +37,28 @@ class DataError(LorafleetError):
         self.file, self.line, self.rule, self.detail = str(file), line, rule, detail
         where = f"{self.file}:{line}" if line else self.file
         super().__init__(f"{where}: {rule}: {detail}")
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every problem pydantic found, as ``(location, message)`` in the words a user reads:
+    a validator's ``Value error, `` prefix dropped, a forbidden extra field called an
+    unknown field."""
+    problems = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append((tuple(err["loc"]), message))
+    return problems
+
+
+def first_problem(exc: ValidationError, root: str) -> str:
+    """``field.path: message`` of the first problem; ``root`` names a problem of the whole
+    object (a cross-field rule, whose location is empty) and prefixes nested paths when it
+    ends with a dot (``"canary."`` gives ``canary.steps: ...``); with an empty ``root`` a
+    problem of the whole object is its message alone."""
+    loc, message = validation_problems(exc)[0]
+    path = ".".join(map(str, loc))
+    if root.endswith("."):
+        return f"{root}{path}: {message}" if path else f"{root[:-1]}: {message}"
+    return f"{path or root}: {message}" if path or root else message

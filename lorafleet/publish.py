@@ -9,7 +9,9 @@ from pathlib import Path
 
 from lorafleet.fleet import FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text
+from lorafleet.llm import CompletionError, RetryPolicy, chat, make_client
 from lorafleet.report import render_html, render_markdown
+from lorafleet.serve.runtime import run_server_subprocess
 
 __all__ = ["ask_each_adapter", "publish_fleet"]
 
@@ -17,26 +19,40 @@ log = logging.getLogger(__name__)
 
 
 def ask_each_adapter(
-    base_url: str, probes: dict[str, list[dict]], max_tokens: int = 48
+    base_url: str,
+    probes: dict[str, list[dict]],
+    max_tokens: int = 48,
+    retry: RetryPolicy | None = None,
 ) -> dict[str, dict]:
-    """Send one chat completion per adapter (``model`` = adapter name) and record the answer."""
-    import httpx
+    """Send one chat completion per adapter (``model`` = adapter name) and record the answer.
 
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8080`` (requests go to ``/openai/v1``).
+        probes: adapter name -> the chat to send it.
+        max_tokens: reply budget.
+        retry: how failed requests are retried (default: the project's policy).
+
+    Returns:
+        Adapter name -> ``{"status", "latency_s", "model", "text"}``; a request that failed
+        for good has the HTTP status that refused it (0 for no usable answer) and the reason
+        as ``text``.
+    """
+    retry = retry or RetryPolicy()
     replies = {}
-    with httpx.Client(base_url=base_url, timeout=120) as client:
+    # The fleet server is local and keyless: no key source, a placeholder key.
+    with make_client(base_url.rstrip("/") + "/openai/v1", None, timeout_s=120) as client:
         for name, messages in probes.items():
             start = time.perf_counter()
-            r = client.post(
-                "/openai/v1/chat/completions",
-                json={"model": name, "messages": messages, "max_tokens": max_tokens},
-            )
-            body = r.json()
-            ok = r.status_code == 200
+            try:
+                answer = chat(client, retry, model=name, messages=messages, max_tokens=max_tokens)
+                status, model, text = 200, answer.model, answer.text
+            except CompletionError as exc:
+                status, model, text = exc.status or 0, None, str(exc)[:300]
             replies[name] = {
-                "status": r.status_code,
+                "status": status,
                 "latency_s": round(time.perf_counter() - start, 3),
-                "model": body.get("model") if ok else None,
-                "text": body["choices"][0]["message"]["content"] if ok else str(body)[:300],
+                "model": model,
+                "text": text,
             }
     return replies
 
@@ -62,8 +78,6 @@ def publish_fleet(
     Returns:
         The summary.
     """
-    from lorafleet.serve.runtime import run_server_subprocess
-
     adapters = {o["expert"]: o["adapter_path"] for o in outcomes if o.get("registered")}
     replies: dict[str, dict] = {}
     if adapters:

@@ -14,6 +14,7 @@ __all__ = [
     "ARMS",
     "comparison",
     "kfp_metrics",
+    "kfp_train_metrics",
     "loss_svg",
     "metric_bars_svg",
     "render_eval_html",
@@ -152,6 +153,21 @@ def kfp_metrics(report: dict) -> dict[str, float]:
         )
     if "gate_passed" in report:
         out["gate_passed"] = float(report["gate_passed"])
+    return out
+
+
+def kfp_train_metrics(result: dict) -> dict[str, float]:
+    """Flat numbers of a training run (``TrainResult.to_dict()``) for a KFP Metrics artifact;
+    throughput in model FLOPs, and MFU only where the device's peak is known."""
+    out = {
+        "final_loss": round(result["losses"][-1], 5),
+        "steps": result["steps"],
+        "tokens_per_s": result["tokens_per_s"],
+    }
+    if result.get("tflops_per_s"):
+        out["model_tflops_per_s"] = result["tflops_per_s"]
+    if result.get("mfu") is not None:
+        out["mfu"] = result["mfu"]
     return out
 
 

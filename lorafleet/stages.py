@@ -17,7 +17,6 @@ from lorafleet.records import Record, dump_records, read_records
 __all__ = [
     "build_base",
     "curate_shard_stage",
-    "curate_stage",
     "evaluate_stage",
     "gate_stage",
     "production_adapter",
@@ -119,28 +118,6 @@ def synthesize_stage(
     result = synthesize(shard, expert.synthesis, expert.task, expert.data, work_dir, pool=records)
     dump_records(out, result.records)
     return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
-
-
-def curate_stage(
-    expert: ExpertSpec,
-    seeds: str | Path,
-    synthetic: str | Path,
-    eval_set: str | Path,
-    out: str | Path,
-) -> dict:
-    """PII, dedup, near-dedup, decontaminate and cap in one process; stats with fingerprints."""
-    from lorafleet.data.curate import curate
-
-    result = curate(
-        _records(seeds),
-        _records(synthetic),
-        _records(eval_set),
-        expert.curation,
-        expert.synthesis.max_synthetic_ratio,
-        pii=expert.data.pii,
-    )
-    dump_records(out, result.records)
-    return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
 
 
 def shard_indices(expert: ExpertSpec) -> list[int]:
@@ -286,9 +263,9 @@ def evaluate_stage(
     the candidate's answers with production's (else the base model's).
     """
     from lorafleet.chat import prompt_messages
+    from lorafleet.engine.generation import Generator
     from lorafleet.evaluate.metrics import PRIMARY_METRIC
     from lorafleet.evaluate.suite import evaluate_candidate
-    from lorafleet.generation import Generator
 
     records = _records(eval_set)
     production = production_adapter(spec, expert, base_dir)

@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny demo base model and LoRA adapters on it, built once per session."""
+"""Shared fixtures: a tiny demo base model and LoRA adapters on it, built once per session,
+and a scripted OpenAI-compatible HTTP server for the clients' failure paths."""
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -63,3 +68,91 @@ def tiny_adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         get_peft_model(model, config).save_pretrained(root / name)
         adapters[name] = root / name
     return adapters
+
+
+class OpenAIStub:
+    """A real HTTP server on 127.0.0.1 that answers every POST as a chat completion, from a script.
+
+    The project's runtime serves real completions but cannot be made to answer 429, a
+    ``Retry-After`` or a malformed 200; this server can. Each request takes the next
+    ``(status, body, headers)`` from :attr:`script` (a ``str`` body is sent as it is); once the
+    script is used up, it answers a well-formed completion whose text is ``answer(request)``.
+    Every request is kept in :attr:`requests` as ``{"path", "body", "authorization"}``.
+    """
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, object, dict[str, str]]] = []
+        self.answer: Callable[[dict], str] = lambda request: "[[A]]"
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with stub._lock:
+                    stub.requests.append(
+                        {
+                            "path": self.path,
+                            "body": request,
+                            "authorization": self.headers.get("authorization"),
+                        }
+                    )
+                    scripted = stub.script.pop(0) if stub.script else None
+                status, body, headers = scripted or (
+                    200,
+                    stub.completion(stub.answer(request), request.get("model", "stub")),
+                    {},
+                )
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.root = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = self.root + "/v1"
+        # A short poll interval: shutdown() in the finalizer returns within it.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    @staticmethod
+    def completion(text: str, model: str = "stub") -> dict:
+        """A well-formed chat completion answering ``text``."""
+        return {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def openai_stub() -> Iterator[OpenAIStub]:
+    """A scripted OpenAI-compatible server; its API root is ``openai_stub.url``."""
+    stub = OpenAIStub()
+    try:
+        yield stub
+    finally:
+        stub.close()

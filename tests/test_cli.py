@@ -99,11 +99,33 @@ def test_the_runtime_entry_point_is_lorafleet_serve() -> None:
     """`python -m lorafleet.serve.runtime` (the runtime image) and `lorafleet serve` take one option set."""
     from typer.main import get_command
 
-    from lorafleet.cli import app, serve_app
+    from lorafleet.cli import app
+    from lorafleet.commands.serve import standalone_app
 
     serve = get_command(app).commands["serve"]
-    runtime = get_command(serve_app)
+    runtime = get_command(standalone_app())
     assert [p.opts for p in runtime.params] == [p.opts for p in serve.params]
     assert {"--fault", "--adapter-cache", "--lora-backend", "--routes"} <= {
         o for p in serve.params for o in p.opts
     }
+
+
+def test_the_router_entry_point_is_lorafleet_router() -> None:
+    """`python -m lorafleet.serve.router` (the KServe transformer) and `lorafleet router` take
+    one option set, including the arguments KServe appends to a transformer's command."""
+    from typer.main import get_command
+
+    from lorafleet.cli import app
+    from lorafleet.commands.router import standalone_app
+
+    router = get_command(app).commands["router"]
+    transformer = get_command(standalone_app())
+    assert [p.opts for p in transformer.params] == [p.opts for p in router.params]
+    kserve_args = ["--host", "0.0.0.0", "--model_name", "writer"]
+    kserve_args += ["--predictor_host", "writer-predictor.ns", "--http_port", "8080"]
+    params = transformer.make_context("router", kserve_args).params
+    assert (params["upstream"], params["port"], params["host"]) == (
+        "writer-predictor.ns",
+        8080,
+        "0.0.0.0",
+    )

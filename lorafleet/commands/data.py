@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from lorafleet.console import console
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, first_problem
 
 app = typer.Typer(
     help="Validate, synthesize, curate and describe data files (JSONL records).",
@@ -122,10 +123,8 @@ def data_validate(
         rules = DataRules.model_validate(
             {**(chosen.data.model_dump() if chosen else {}), **overrides}
         )
-    except ValueError as exc:
-        raise LorafleetError(
-            f"invalid option: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
-        ) from None
+    except ValidationError as exc:
+        raise LorafleetError(f"invalid option: {first_problem(exc, 'data rules')}") from None
     with (
         console.status(f"validating {file}", spinner="dots")
         if console.is_terminal
@@ -188,7 +187,10 @@ def data_synthesize(
         str | None, typer.Option(help="The teacher's served model name.")
     ] = None,
     api_key_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the API key.")
+        str | None,
+        typer.Option(
+            help="Environment variable holding the API key; it must be set. '' for a server that needs no key."
+        ),
     ] = None,
     api_key_file: Annotated[
         Path | None, typer.Option(help="File holding the API key (a mounted Kubernetes secret).")
@@ -250,11 +252,8 @@ def data_synthesize(
         }
     try:
         synthesis = SynthesisSettings.model_validate(settings)
-    except ValueError as exc:
-        err = exc.errors()[0]
-        raise LorafleetError(
-            f"invalid option: {'.'.join(map(str, err['loc'])) or 'synthesis'}: {err['msg']}"
-        ) from None
+    except ValidationError as exc:
+        raise LorafleetError(f"invalid option: {first_problem(exc, 'synthesis')}") from None
     total = len(records) * synthesis.per_seed if synthesis.generator == "teacher" else None
     with _progress(f"synthesizing ({synthesis.generator})", total) as advance:
         result = synthesize(
@@ -335,9 +334,8 @@ def data_curate(
         policy = DataRules.model_validate(
             {"pii": pii or (chosen.data.pii if chosen else "scrub")}
         ).pii
-    except ValueError as exc:
-        err = exc.errors()[0]
-        raise LorafleetError(f"invalid option: {err['loc'][0]}: {err['msg']}") from None
+    except ValidationError as exc:
+        raise LorafleetError(f"invalid option: {first_problem(exc, 'curation')}") from None
     generated = merge_records(shards, human)
     with _progress("curating", len(human) + len(generated)) as advance:
         result = curate(human, generated, eval_records, settings, ratio, pii=policy, on_row=advance)

@@ -128,11 +128,11 @@ def eval_run(
     ] = None,
 ) -> None:
     """Evaluate a candidate adapter against the base model (and --production), then apply the gate."""
+    from lorafleet.engine.generation import Generator
     from lorafleet.evaluate.metrics import PRIMARY_METRIC
     from lorafleet.evaluate.suite import arm_samples, evaluate_candidate
     from lorafleet.fleet import TASKS
     from lorafleet.gate import decide
-    from lorafleet.generation import Generator
     from lorafleet.io import atomic_write_json, atomic_write_text
     from lorafleet.records import read_records
     from lorafleet.report import render_eval_markdown, rich_eval_table

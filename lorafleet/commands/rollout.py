@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from lorafleet.errors import LorafleetError
+from lorafleet.commands.runner import run_app
+from lorafleet.errors import LorafleetError, first_problem
 
 __all__ = ["app", "kubectl_main", "plugin_app"]
 
@@ -160,11 +161,7 @@ def _policy(spec: Path | None, sets: list[str]):
     try:
         return CanaryPolicy.model_validate(_overrides(base.model_dump(), sets))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(map(str, err["loc"])) or "canary"
-        raise LorafleetError(
-            f"--set: canary.{field}: {err['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise LorafleetError(f"--set: {first_problem(exc, 'canary.')}") from None
 
 
 @app.command("start")
@@ -253,9 +250,7 @@ def start(
             isvc=isvc,
         )
     except ValidationError as exc:
-        raise LorafleetError(
-            f"rollout {name!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise LorafleetError(f"rollout {name!r}: {first_problem(exc, '')}") from None
     _show(controller.start(name, target, policy), output)
 
 
@@ -433,6 +428,4 @@ def plugin_app() -> typer.Typer:
 
 def kubectl_main() -> None:
     """Entry point of ``kubectl-lorafleet``: rollouts in the cluster unless ``--state-dir``."""
-    from lorafleet.cli import main
-
-    main(plugin_app(), prog_name="kubectl lorafleet", obj={"cluster": True})
+    run_app(plugin_app(), prog_name="kubectl lorafleet", obj={"cluster": True})

@@ -1,4 +1,4 @@
-"""Split a seed file into shards and merge shard outputs, deterministically.
+"""Split seed records into shards and merge shard outputs, deterministically.
 
 The cluster pipeline fans synthesis out over ``dsl.ParallelFor``: one task per shard of
 the seeds, each expanding its seeds (teacher prompts still sample examples from all
@@ -9,16 +9,9 @@ merged file is the same for any shard count and any completion order.
 
 from __future__ import annotations
 
-from pathlib import Path
+from lorafleet.records import Record
 
-from lorafleet.records import Record, dump_records, read_records
-
-__all__ = ["merge_records", "merge_shard_files", "shard_name", "split_file", "split_records"]
-
-
-def shard_name(index: int, count: int) -> str:
-    """``shard-00002-of-00008.jsonl``."""
-    return f"shard-{index:05d}-of-{count:05d}.jsonl"
+__all__ = ["merge_records", "split_records"]
 
 
 def split_records(records: list[Record], count: int) -> list[list[Record]]:
@@ -29,20 +22,6 @@ def split_records(records: list[Record], count: int) -> list[list[Record]]:
     if count < 1:
         raise ValueError("count must be >= 1")
     return [records[i::count] for i in range(count)]
-
-
-def split_file(path: str | Path, count: int, out_dir: str | Path) -> list[Path]:
-    """Split a JSONL file into ``count`` shard files in ``out_dir`` (empty shards included).
-
-    Returns:
-        The shard paths, in shard order.
-    """
-    records = [r for _, r in read_records(path)]
-    out_dir = Path(out_dir)
-    return [
-        dump_records(out_dir / shard_name(i, count), shard)
-        for i, shard in enumerate(split_records(records, count))
-    ]
 
 
 def merge_records(shards: list[list[Record]], seeds: list[Record]) -> list[Record]:
@@ -66,10 +45,3 @@ def merge_records(shards: list[list[Record]], seeds: list[Record]) -> list[Recor
         (first_seed(r), s, i, r) for s, shard in enumerate(shards) for i, r in enumerate(shard)
     ]
     return [r for *_, r in sorted(tagged, key=lambda t: t[:3])]
-
-
-def merge_shard_files(paths: list[str | Path], seeds_path: str | Path, out: str | Path) -> Path:
-    """Merge shard files into ``out`` (atomically) in seed order; see :func:`merge_records`."""
-    seeds = [r for _, r in read_records(seeds_path)]
-    shards = [[r for _, r in read_records(p)] for p in paths]
-    return dump_records(out, merge_records(shards, seeds))

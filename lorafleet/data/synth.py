@@ -93,7 +93,7 @@ class Generator(Protocol):
         ...
 
 
-def _nice(value: float) -> int:
+def _round_like_a_person(value: float) -> int:
     """Round a money amount the way people write it."""
     step = 5 if value < 200 else 50 if value < 2000 else 100 if value < 10000 else 500
     return max(step, int(round(value / step) * step))
@@ -190,7 +190,7 @@ class ProgrammaticGenerator:
 
     def _apply(self, msg: Message, plan: _Plan) -> Message:
         def money(value: float) -> int:
-            return _nice(value * plan.factor)
+            return _round_like_a_person(value * plan.factor)
 
         text = msg.content
         if text.lstrip().startswith("{"):

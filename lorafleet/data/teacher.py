@@ -11,11 +11,14 @@ deterministically from the seeds and settings, so a run can stop anywhere and go
 - the final set is assembled from the shards in job order, so an interrupted and
   resumed run yields the same records as an uninterrupted one.
 
-Requests run ``concurrency`` at a time with a timeout each; timeouts, transport errors,
-429 and 5xx are retried with exponential backoff (``Retry-After`` is honoured). What
-comes back is parsed and checked (JSON shape, then the expert's GX suite); an optional
-judge scores each parsed record on a rubric and low scores are dropped. Every drop is
-counted by reason.
+Requests go through the project's OpenAI client (:mod:`lorafleet.llm`), ``concurrency`` at
+a time with a timeout each; timeouts, transport errors, 429 and 5xx are retried with
+exponential backoff (``Retry-After`` is honoured up to a cap). The API key comes from
+``api_key_file`` or ``api_key_env``; a named source that is missing stops the run before
+any request. A request that fails for good, or an answer that is no chat completion, fails
+its one job (counted, and asked again on resume); the run goes on. What comes back is
+parsed and checked (JSON shape, then the expert's GX suite); an optional judge scores each
+parsed record on a rubric and low scores are dropped. Every drop is counted by reason.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 from collections import Counter
@@ -32,11 +34,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from openai import AsyncOpenAI
 from pydantic import ValidationError
 
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import DataRules, JudgeSettings, TeacherSettings
 from lorafleet.io import atomic_write_json, sha256_json
+from lorafleet.llm import (
+    CompletionError,
+    RetryPolicy,
+    chat_async,
+    make_async_client,
+    resolve_api_key,
+)
 from lorafleet.records import Message, Record
 
 __all__ = [
@@ -46,14 +56,12 @@ __all__ = [
     "parse_response",
     "parse_score",
     "plan_jobs",
-    "resolve_api_key",
 ]
 
 log = logging.getLogger(__name__)
 
 SHARDS = 8
 PROMPT_VERSION = 1  # bump when the prompts change: old work directories are then refused
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 TEACHER_SYSTEM = (
     "You write training data for an AI assistant on a two-sided work marketplace. You get the assistant's "
@@ -80,22 +88,6 @@ class Job:
     seed_id: str
     example_ids: tuple[str, ...]
     messages: tuple[dict, ...]
-
-
-def resolve_api_key(settings: TeacherSettings) -> str | None:
-    """The API key: from ``api_key_file`` (a mounted secret) if set, else ``api_key_env``.
-
-    Raises:
-        LorafleetError: if ``api_key_file`` is set but cannot be read.
-    """
-    if settings.api_key_file is not None:
-        try:
-            return settings.api_key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise LorafleetError(
-                f"synthesis.teacher.api_key_file: cannot read {settings.api_key_file}: {exc.strerror}"
-            ) from None
-    return os.environ.get(settings.api_key_env) if settings.api_key_env else None
 
 
 def _turns(record: Record) -> list[dict]:
@@ -301,52 +293,27 @@ class TeacherGenerator:
 
     # -- requests ------------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        key = resolve_api_key(self.settings)
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
     async def _chat(
-        self, client, model: str, messages: list[dict], max_tokens: int, seed: int
+        self, client: AsyncOpenAI, model: str, messages: list[dict], max_tokens: int, seed: int
     ) -> str:
-        """One chat completion with retries; returns the content.
+        """One chat completion with the settings' retries; returns the content.
 
         Raises:
-            RuntimeError: when the request failed for good (the message says why).
+            CompletionError: when the request failed for good or the answer is malformed.
         """
-        import httpx
-
         s = self.settings
-        body = {
-            "model": model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": s.temperature,
-            "seed": seed,
-        }
-        url = s.base_url.rstrip("/") + "/chat/completions"
-        for attempt in range(s.max_retries + 1):
-            delay = s.backoff_s * 2**attempt
-            try:
-                resp = await client.post(url, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 200:
-                    return resp.json()["choices"][0]["message"]["content"] or ""
-                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code not in RETRY_STATUS:
-                    raise RuntimeError(problem)
-                retry_after = resp.headers.get("retry-after", "")
-                if retry_after.replace(".", "", 1).isdigit():
-                    delay = max(delay, float(retry_after))
-            if attempt < s.max_retries:
-                log.info(
-                    "teacher request failed (%s); retry %d in %.1fs", problem, attempt + 1, delay
-                )
-                await asyncio.sleep(delay * (1 + 0.25 * random.random()))
-        raise RuntimeError(f"gave up after {s.max_retries + 1} attempts: {problem}")
+        completion = await chat_async(
+            client,
+            RetryPolicy(s.max_retries, s.backoff_s),
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            seed=seed,
+        )
+        return completion.text
 
-    async def _run_job(self, client, job: Job, seed: Record) -> dict:
+    async def _run_job(self, client: AsyncOpenAI, job: Job, seed: Record) -> dict:
         s = self.settings
         text = await self._chat(
             client, s.model, list(job.messages), s.max_tokens, int(job.key[:8], 16)
@@ -367,21 +334,21 @@ class TeacherGenerator:
             )
         return entry
 
-    async def _run(self, pending: list[Job], seeds: dict[str, Record]) -> Counter[str]:
-        import httpx
-
+    async def _run(
+        self, pending: list[Job], seeds: dict[str, Record], api_key: str | None
+    ) -> Counter[str]:
         failures: Counter[str] = Counter()
         queue: asyncio.Queue[Job] = asyncio.Queue()
         for job in pending:
             queue.put_nowait(job)
         files: dict[Path, object] = {}
 
-        async def worker(client) -> None:
+        async def worker(client: AsyncOpenAI) -> None:
             while not queue.empty():
                 job = queue.get_nowait()
                 try:
                     entry = await self._run_job(client, job, seeds[job.seed_id])
-                except RuntimeError as exc:
+                except CompletionError as exc:
                     log.warning("teacher job %s failed: %s", job.key, exc)
                     failures["request-failed"] += 1
                 else:
@@ -393,13 +360,10 @@ class TeacherGenerator:
                 if self.on_job:
                     self.on_job()
 
-        limits = httpx.Limits(max_connections=self.settings.concurrency)
-        timeout = httpx.Timeout(self.settings.timeout_s)
+        s = self.settings
         try:
-            async with httpx.AsyncClient(
-                timeout=timeout, limits=limits, headers=self._headers()
-            ) as client:
-                await asyncio.gather(*(worker(client) for _ in range(self.settings.concurrency)))
+            async with make_async_client(s.base_url, api_key, s.timeout_s) as client:
+                await asyncio.gather(*(worker(client) for _ in range(s.concurrency)))
         finally:
             for fh in files.values():
                 fh.close()
@@ -458,7 +422,13 @@ class TeacherGenerator:
             len(jobs) - len(pending),
             len(pending),
         )
-        failures = asyncio.run(self._run(pending, by_id)) if pending else Counter()
+        failures: Counter[str] = Counter()
+        if pending:
+            # Before any request: a named key source that is missing stops the run here.
+            api_key = resolve_api_key(
+                "synthesis.teacher", self.settings.api_key_env, self.settings.api_key_file
+            )
+            failures = asyncio.run(self._run(pending, by_id, api_key))
         records, drops = self.assemble(jobs, by_id, load_done(self.work_dir))
         self.stats = {
             "jobs": len(jobs),

@@ -259,56 +259,58 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
     """Every check of the expert's suite: the common rules, then the task's own."""
     import great_expectations as gx
 
-    x = gx.expectations
+    expect = gx.expectations
     checks = [
         Check(
             "duplicate-id",
             "id is used by more than one record",
             "id",
-            x.ExpectColumnValuesToBeUnique(column="id"),
+            expect.ExpectColumnValuesToBeUnique(column="id"),
         ),
         Check(
             "wrong-task",
             f"task must be {task!r}",
             "task",
-            x.ExpectColumnValuesToBeInSet(column="task", value_set=[task]),
+            expect.ExpectColumnValuesToBeInSet(column="task", value_set=[task]),
         ),
         Check(
             "role-order",
             "turns must be [system] then user/assistant alternating, ending with assistant",
             "roles",
-            x.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN),
+            expect.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_PATTERN),
         ),
         Check(
             "empty-content",
             "a message has empty or whitespace-only content",
             "min_chars",
-            x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1),
+            expect.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1),
         ),
         Check(
             "content-too-long",
             f"a message is longer than {rules.max_chars} characters",
             "max_chars",
-            x.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars),
+            expect.ExpectColumnValuesToBeBetween(column="max_chars", max_value=rules.max_chars),
         ),
         Check(
             "conversation-too-long",
             f"the conversation is longer than {rules.max_total_chars} characters",
             "total_chars",
-            x.ExpectColumnValuesToBeBetween(column="total_chars", max_value=rules.max_total_chars),
+            expect.ExpectColumnValuesToBeBetween(
+                column="total_chars", max_value=rules.max_total_chars
+            ),
         ),
         Check(
             "duplicate-content",
             "the same conversation (up to case and whitespace) appears under another id",
             "id",
-            x.ExpectColumnValuesToBeUnique(column="content_key"),
+            expect.ExpectColumnValuesToBeUnique(column="content_key"),
             "warning",
         ),
         Check(
             "system-prompt-varies",
             "records use more than one system prompt",
             None,
-            x.ExpectColumnUniqueValueCountToBeBetween(column="system", max_value=1),
+            expect.ExpectColumnUniqueValueCountToBeBetween(column="system", max_value=1),
             "warning",
         ),
     ]
@@ -321,7 +323,7 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
                 "content-too-short",
                 f"a message is shorter than {rules.min_chars} characters",
                 "min_chars",
-                x.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars),
+                expect.ExpectColumnValuesToBeBetween(column="min_chars", min_value=rules.min_chars),
             ),
         )
     if rules.pii != "off":
@@ -331,7 +333,7 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
                 "pii",
                 "personal data or an off-platform request",
                 "pii",
-                x.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]),
+                expect.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]),
                 severity,
             )
         )
@@ -341,13 +343,13 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
                 "answer-not-json",
                 "the final answer is not valid JSON",
                 "answer",
-                x.ExpectColumnValuesToBeJsonParseable(column="answer"),
+                expect.ExpectColumnValuesToBeJsonParseable(column="answer"),
             ),
             Check(
                 "answer-schema",
                 f"the final answer does not match the {task} JSON schema",
                 "answer_schema",
-                x.ExpectColumnValuesToBeNull(column="answer_schema"),
+                expect.ExpectColumnValuesToBeNull(column="answer_schema"),
             ),
         ]
     if task == "candidate-evaluator":
@@ -356,7 +358,7 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
                 "ranking-coverage",
                 "the answer must rank every candidate of the question exactly once",
                 "candidates_ranked",
-                x.ExpectColumnPairValuesToBeEqual(
+                expect.ExpectColumnPairValuesToBeEqual(
                     column_A="candidates_asked", column_B="candidates_ranked"
                 ),
             )
@@ -405,18 +407,18 @@ def run_suite(
     vd = ctx.validation_definitions.add(
         gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite)
     )
-    found = [record_pii(r) for _, r in records]
+    pii_per_record = [record_pii(r) for _, r in records]
     result = vd.run(
-        batch_parameters={"dataframe": frame(records, task, found)},
+        batch_parameters={"dataframe": frame(records, task, pii_per_record)},
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]},
     )
     pii: Counter[str] = Counter()
-    for counts in found:
+    for counts in pii_per_record:
         pii.update(counts)
     report = ValidationReport(
         file=str(name), task=task, rows=len(records), pii=dict(sorted(pii.items()))
     )
-    found: list[Failure] = []
+    critical: list[Failure] = []
     warnings: list[Failure] = []
     for er in sorted(
         result.results, key=lambda er: list(checks).index(er.expectation_config.meta["rule"])
@@ -434,7 +436,7 @@ def run_suite(
                 **({"observed_value": observed} if observed is not None else {}),
             }
         )
-        into = found if check.severity == "critical" else warnings
+        into = critical if check.severity == "critical" else warnings
         if bad:
             into += [
                 Failure(int(row["line"]), check.rule, check.detail + _value(row, check.column))
@@ -445,7 +447,7 @@ def run_suite(
     # Two expectations can flag one line (empty content is also too short): keep the first.
     seen: set[int] = set()
     order = {rule: i for i, rule in enumerate(checks)}
-    for f in sorted(found, key=lambda f: (f.line, order[f.rule])):
+    for f in sorted(critical, key=lambda f: (f.line, order[f.rule])):
         if f.line not in seen:
             seen.add(f.line)
             report.failures.append(f)

@@ -18,11 +18,20 @@ from lorafleet.deploy.profiles import PROFILES, Profile, service_account_metadat
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
 from lorafleet.io import atomic_write_text
+from lorafleet.k8s_objects import (
+    ADAPTER_MOUNT,
+    KSERVE,
+    PIPELINE_SA,
+    PORT,
+    RUNTIME_IMAGE,
+    container_security_context,
+    object_meta,
+    pod_security_context,
+)
 from lorafleet.registry import Registry
+from lorafleet.rollout.manifests import controller_objects, rollout_rbac
 
 __all__ = [
-    "PORT",
-    "RUNTIME_IMAGE",
     "TRAINING_ROLE",
     "VLLM_IMAGE",
     "dump_yaml",
@@ -31,19 +40,13 @@ __all__ = [
     "write_objects",
 ]
 
-# Fixed tags: the release pipeline may pin digests on top (image@sha256:...).
-RUNTIME_IMAGE = "ghcr.io/lorafleet/lorafleet-runtime:0.1.0"
+# A fixed tag, like the runtime image's: the release pipeline may pin a digest on top.
 VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
-PORT = 8080
-UID = 10001  # the runtime image's user (lorafleet/serve/Dockerfile)
 BASE_MOUNT = "/mnt/models/base"
-ADAPTER_MOUNT = "/mnt/models/adapters"
-PIPELINE_SA = "lorafleet-pipeline"
 TRAINING_ROLE = "lorafleet-pipeline-training"  # the pipeline's grant where trainjob experts train
 SERVING_SA = "lorafleet-serving"
 # Namespaces whose pods may call the predictor: the ingress gateway and Prometheus.
 INGRESS_NAMESPACES = ("istio-system", "monitoring")
-KSERVE = "serving.kserve.io"
 
 
 def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) -> dict[str, str]:
@@ -79,30 +82,6 @@ def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) ->
     return versions
 
 
-def _labels(spec: FleetSpec, component: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "lorafleet",
-        "app.kubernetes.io/instance": spec.name,
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/part-of": "lorafleet",
-    }
-
-
-def _meta(
-    spec: FleetSpec,
-    name: str,
-    component: str,
-    annotations: dict | None = None,
-    namespace: str | None = None,
-) -> k8s.V1ObjectMeta:
-    return k8s.V1ObjectMeta(
-        name=name,
-        namespace=namespace or spec.serving.namespace,
-        labels=_labels(spec, component),
-        annotations=annotations or None,
-    )
-
-
 def _storage_uris(spec: FleetSpec, profile: Profile) -> tuple[str, str]:
     """(base URI, adapter store URI), checked against the profile's storage schemes."""
     serving = spec.serving
@@ -120,18 +99,6 @@ def _storage_uris(spec: FleetSpec, profile: Profile) -> tuple[str, str]:
             "serving.adapter_store: the adapter store must be a bucket or PVC, not hf://"
         )
     return base, adapters
-
-
-def _security_context() -> k8s.V1SecurityContext:
-    return k8s.V1SecurityContext(
-        run_as_non_root=True,
-        run_as_user=UID,
-        run_as_group=UID,
-        allow_privilege_escalation=False,
-        read_only_root_filesystem=True,
-        capabilities=k8s.V1Capabilities(drop=["ALL"]),
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-    )
 
 
 def _resources(spec: FleetSpec) -> k8s.V1ResourceRequirements:
@@ -206,14 +173,14 @@ def _serving_runtime(spec: FleetSpec) -> Any:
         args=args,
         env=env,
         ports=[k8s.V1ContainerPort(container_port=PORT, name="http", protocol="TCP")],
-        security_context=_security_context(),
+        security_context=container_security_context(),
         volume_mounts=mounts,
         **_probes(runtime),
     )
     return ks.V1alpha1ServingRuntime(
         api_version=f"{KSERVE}/v1alpha1",
         kind="ServingRuntime",
-        metadata=_meta(spec, f"lorafleet-{runtime}", "runtime"),
+        metadata=object_meta(spec, f"lorafleet-{runtime}", "runtime"),
         spec=ks.V1alpha1ServingRuntimeSpec(
             supported_model_formats=[
                 ks.V1alpha1SupportedModelFormat(name=fmt, version="1", auto_select=True)
@@ -289,11 +256,7 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
             args=_model_args(spec, adapters),
             resources=_resources(spec),
         ),
-        security_context=k8s.V1PodSecurityContext(
-            run_as_non_root=True,
-            fs_group=UID,
-            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-        ),
+        security_context=pod_security_context(),
         **_pod_placement(spec, profile),
     )
     transformer = None
@@ -318,7 +281,7 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
             resources=k8s.V1ResourceRequirements(
                 requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "512Mi"}
             ),
-            security_context=_security_context(),
+            security_context=container_security_context(),
             volume_mounts=mounts,
             **_probes("lorafleet"),  # the router serves the same /v2/health endpoints
         )
@@ -332,7 +295,9 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
     return ks.V1beta1InferenceService(
         api_version=f"{KSERVE}/v1beta1",
         kind="InferenceService",
-        metadata=_meta(spec, spec.name, "inference", {f"{KSERVE}/deploymentMode": "RawDeployment"}),
+        metadata=object_meta(
+            spec, spec.name, "inference", {f"{KSERVE}/deploymentMode": "RawDeployment"}
+        ),
         spec=ks.V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
     )
 
@@ -404,7 +369,7 @@ def _training_rbac(spec: FleetSpec) -> list[Any]:
     )
     objects: list[Any] = []
     for namespace in namespaces:
-        meta = _meta(spec, TRAINING_ROLE, "training", namespace=namespace)
+        meta = object_meta(spec, TRAINING_ROLE, "training", namespace=namespace)
         role = k8s.V1Role(
             api_version="rbac.authorization.k8s.io/v1",
             kind="Role",
@@ -470,7 +435,7 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
     annotations, secrets = service_account_metadata(prof, spec.serving)
 
     def meta(name: str, component: str, ann: dict | None = None) -> k8s.V1ObjectMeta:
-        return _meta(spec, name, component, ann)
+        return object_meta(spec, name, component, ann)
 
     objects: list[Any] = [
         k8s.V1ServiceAccount(
@@ -535,14 +500,10 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
     ]
     manifests = k8s.ApiClient().sanitize_for_serialization(objects)
     if spec.canary.handoff == "controller":
-        from lorafleet.rollout.manifests import controller_objects
-
         manifests += controller_objects(spec)
     elif (
         spec.canary.handoff == "drive"
     ):  # the deploy step drives the rollout itself: its grant only
-        from lorafleet.rollout.manifests import rollout_rbac
-
         manifests += k8s.ApiClient().sanitize_for_serialization(
             rollout_rbac(spec, controller=False)
         )

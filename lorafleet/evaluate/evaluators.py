@@ -1,7 +1,7 @@
 """Evaluators: small classes with one interface, run against one arm (an adapter or the base).
 
 An :class:`EvalContext` holds what every evaluator needs: the runtime's batched
-:class:`~lorafleet.generation.Generator` (base model plus loaded adapters), the eval
+:class:`~lorafleet.engine.generation.Generator` (base model plus loaded adapters), the eval
 records, the task and the arm's adapter name (``None`` for the base model). The arm's
 generations are made once, through the same greedy batched code path the serving runtime
 uses, and shared by every evaluator that scores text. Each ``Evaluator.evaluate(ctx)``
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lorafleet.chat import prompt_messages
+from lorafleet.engine.generation import GenerationRequest
 from lorafleet.evaluate.loss import heldout_loss
 from lorafleet.evaluate.metrics import task_metrics
 from lorafleet.evaluate.safety import CASES, safety_report
@@ -70,10 +71,8 @@ class EvalContext:
         """Greedy answers to chat prompts through the runtime's batched generator.
 
         Returns:
-            One :class:`~lorafleet.generation.GenerationResult` per prompt, in order.
+            One :class:`~lorafleet.engine.generation.GenerationResult` per prompt, in order.
         """
-        from lorafleet.generation import GenerationRequest
-
         requests = [
             GenerationRequest(messages=m, adapter=self.adapter, max_new_tokens=self.max_new_tokens)
             for m in prompts

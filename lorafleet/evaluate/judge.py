@@ -15,13 +15,15 @@ bootstrap confidence interval over items from a seeded generator, so it is repro
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from openai import OpenAI
 
 from lorafleet.errors import LorafleetError
+from lorafleet.llm import CompletionError, RetryPolicy, chat, make_client, resolve_api_key
 
 __all__ = [
     "JudgeClient",
@@ -148,12 +150,19 @@ def aggregate(
 class JudgeClient:
     """A chat model behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
+    The key is read when the client is made, so a missing key stops the evaluate step before
+    any answer is generated. Failed requests (timeouts, 429, 5xx) are retried by ``retry``.
+
     Attributes:
         base_url: the API root, e.g. ``http://127.0.0.1:8080/openai/v1``.
         model: the served model name.
-        api_key_env: environment variable holding the API key; ``None`` sends none.
+        api_key_env: environment variable holding the API key; ``None``: a server without keys.
         max_tokens: reply budget.
         timeout: seconds per request.
+        retry: how failed requests are retried.
+
+    Raises:
+        ApiKeyError: if ``api_key_env`` is named but not set.
     """
 
     base_url: str
@@ -161,35 +170,30 @@ class JudgeClient:
     api_key_env: str | None = None
     max_tokens: int = 64
     timeout: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    _client: OpenAI = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key = resolve_api_key("gate.judge", self.api_key_env)
+        self._client = make_client(self.base_url, key, self.timeout)
 
     def complete(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The judge's greedy reply to one chat.
 
         Raises:
-            LorafleetError: if the endpoint fails or answers something that is no chat completion.
+            LorafleetError: if the endpoint fails for good or answers something that is no chat completion.
         """
-        import httpx
-
-        headers = {}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise LorafleetError(
-                    f"judge: environment variable {self.api_key_env} (api_key_env) is not set"
-                )
-            headers["Authorization"] = f"Bearer {key}"
-        body = {
-            "model": self.model,
-            "messages": list(messages),
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-        }
-        url = self.base_url.rstrip("/") + "/chat/completions"
         try:
-            response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
-            response.raise_for_status()
-            return response.json()["choices"][0]["message"]["content"] or ""
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            return chat(
+                self._client,
+                self.retry,
+                model=self.model,
+                messages=list(messages),
+                temperature=0,
+                max_tokens=self.max_tokens,
+            ).text
+        except CompletionError as exc:
+            url = self.base_url.rstrip("/") + "/chat/completions"
             raise LorafleetError(f"judge: {url} model {self.model!r}: {exc}") from exc
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
+
+from lorafleet.batches import collate
 from lorafleet.chat import IGNORE_INDEX, encode_chat
 from lorafleet.records import Record
 
@@ -26,11 +30,6 @@ def heldout_loss(
     Returns:
         ``{"loss": float, "perplexity": float, "tokens": int}``.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from lorafleet.train.recipe import collate
-
     device = next(model.parameters()).device
     examples = [encode_chat(tokenizer, r.messages, max_length=max_seq_len) for r in records]
     total, count = 0.0, 0

@@ -1,6 +1,6 @@
 """Evaluate a candidate adapter against its baselines (the base model and production).
 
-One :class:`~lorafleet.generation.Generator` holds the base with the candidate (and the
+One :class:`~lorafleet.engine.generation.Generator` holds the base with the candidate (and the
 production adapter, when there is one) loaded; every arm runs the same evaluators on the
 same records, and the optional pairwise judge compares the candidate's answers with the
 reference arm's: production when there is one, else the base model. Greedy decoding, a
@@ -38,7 +38,7 @@ def evaluate_candidate(
     """Run the evaluators on every arm, then the judge, if one is given.
 
     Args:
-        generator: a :class:`~lorafleet.generation.Generator` with the arms' adapters loaded.
+        generator: a :class:`~lorafleet.engine.generation.Generator` with the arms' adapters loaded.
         records: the held-out records.
         task: the expert's task.
         arms: arm name -> adapter name in ``generator`` (``None`` for the base model); must
@@ -58,6 +58,10 @@ def evaluate_candidate(
 
     from lorafleet.evaluate.judge import JudgeClient, judge_pairwise
 
+    # Made first: a judge key that is missing fails the step before any answer is generated.
+    client = (
+        JudgeClient(judge.base_url, judge.model, judge.api_key_env) if judge is not None else None
+    )
     torch.manual_seed(0)
     contexts = {
         who: EvalContext(
@@ -84,10 +88,9 @@ def evaluate_candidate(
             "results",
         ):
             report[f"{key}_{who}"] = arm[key]
-    if judge is not None:
+    if client is not None:
         reference = "production" if "production" in contexts else "base"
         n = judge.max_items or len(records)
-        client = JudgeClient(judge.base_url, judge.model, judge.api_key_env)
         result = judge_pairwise(
             client.complete,
             [prompt_messages(r.messages) for r in records[:n]],

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from lorafleet.errors import SpecError
+from lorafleet.errors import SpecError, validation_problems
 from lorafleet.fleet.spec import FleetSpec
 
 __all__ = ["load_fleet", "spec_from_json", "spec_to_json"]
@@ -95,13 +95,9 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
     try:
         spec = FleetSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or "spec"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise SpecError(path, _line_of(root, loc), field, msg) from None
+        loc, message = validation_problems(exc)[0]
+        field = ".".join(map(str, loc)) or "spec"
+        raise SpecError(path, _line_of(root, loc), field, message) from None
     folder = path.resolve().parent
     for i, e in enumerate(spec.experts):
         for attr in ("seed_data", "eval_data"):

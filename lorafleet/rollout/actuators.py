@@ -54,7 +54,7 @@ class Actuator(Protocol):
 
 
 def route_body(target: Target, weight: int) -> dict:
-    """The router route for a canary weight (JSON of :class:`~lorafleet.serve.router.Route`)."""
+    """The router route for a canary weight (JSON of :class:`~lorafleet.serve.routes.Route`)."""
     if weight >= 100:
         targets = [{"adapter": target.canary, "weight": 100.0}]
     elif weight <= 0:

@@ -253,7 +253,7 @@ class Controller:
                 log.warning("rollout %s: no baseline at start: %s", name, exc)
             else:
                 state, _ = self._update(
-                    name, lambda s: _with(s, baseline=baseline, last_analysis_at=now)
+                    name, lambda s: _updated(s, baseline=baseline, last_analysis_at=now)
                 )
         return state
 
@@ -361,7 +361,7 @@ class Controller:
         (actuator or self.actuator(state)).apply(state.weight)
         revision = state.revision
         settled, _ = self._update(
-            name, lambda s: _with(s, settled=True) if s.revision == revision else None
+            name, lambda s: _updated(s, settled=True) if s.revision == revision else None
         )
         return settled
 
@@ -393,7 +393,7 @@ class Controller:
                 if s.revision != state.revision:
                     return None
                 # No analysis yet, and the step's clock starts once the canary serves.
-                return _with(s, message=waiting, last_analysis_at=now, step_started_at=now)
+                return _updated(s, message=waiting, last_analysis_at=now, step_started_at=now)
 
             return self._store_tick(state, wait, actuator)
         source = self.source(state)
@@ -403,7 +403,7 @@ class Controller:
             if source.needs_baseline and state.baseline is None:
                 baseline = source.snapshot(actuator.target, versions)
                 return self._store_tick(
-                    state, lambda s: _with(s, baseline=baseline, last_analysis_at=now), actuator
+                    state, lambda s: _updated(s, baseline=baseline, last_analysis_at=now), actuator
                 )
             stable, canary, baseline = source.measure(
                 actuator.target, state.policy, versions, state.baseline
@@ -510,7 +510,8 @@ def _sleep_for(state: RolloutState, now: float) -> float:
     return min(max(due, 0.05), 1.0)
 
 
-def _with(state: RolloutState, **fields) -> RolloutState:
+def _updated(state: RolloutState, **fields) -> RolloutState:
+    """``state`` with ``fields`` set (for the store's read-modify-write callbacks)."""
     for key, value in fields.items():
         setattr(state, key, value)
     return state

@@ -32,17 +32,15 @@ from typing import Any
 
 import httpx
 
-from lorafleet.deploy.render import PORT
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
+from lorafleet.k8s_objects import ADAPTER_MOUNT, PORT
 from lorafleet.rollout.controller import Controller
 from lorafleet.rollout.discovery import SCHEME, resolve_urls
 from lorafleet.rollout.state import RolloutState, Target
 from lorafleet.rollout.store import ConfigMapStore
 
 __all__ = ["deploy_rollouts", "rollouts_markdown"]
-
-ADAPTER_MOUNT = "/mnt/models/adapters"
 
 
 def _in_cluster_api():

@@ -4,6 +4,11 @@
 endpoint until :meth:`LoadGenerator.stop`, ``max_requests`` or ``max_seconds``, whichever
 comes first. Every answer is kept with the adapter that served it (the router's
 ``x-lorafleet-adapter`` header), so a drill can check what each version answered.
+
+It speaks raw HTTP (httpx) on purpose, not the project's OpenAI client
+(:mod:`lorafleet.llm`): a load generator must see every status code and header as the
+server sent it, and must not retry. A retried 429 or 503 would hide exactly the errors the
+canary analysis counts, and would add load the drill did not ask for.
 """
 
 from __future__ import annotations

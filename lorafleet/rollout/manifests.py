@@ -17,6 +17,14 @@ from typing import Any
 from kubernetes import client as k8s
 
 from lorafleet.fleet import FleetSpec
+from lorafleet.k8s_objects import (
+    KSERVE,
+    PIPELINE_SA,
+    RUNTIME_IMAGE,
+    container_security_context,
+    object_meta,
+    pod_security_context,
+)
 
 __all__ = ["CONTROLLER", "HEARTBEAT", "ROLLOUT_SA", "controller_objects", "rollout_rbac"]
 
@@ -36,13 +44,11 @@ def rollout_rbac(spec: FleetSpec, controller: bool) -> list[Any]:
         controller: bind the controller's ServiceAccount too; the pipeline's is always bound
             (its deploy step starts rollouts, and drives them with ``handoff: drive``).
     """
-    from lorafleet.deploy.render import KSERVE, PIPELINE_SA, _meta
-
     namespace = spec.serving.namespace
     role = k8s.V1Role(
         api_version="rbac.authorization.k8s.io/v1",
         kind="Role",
-        metadata=_meta(spec, ROLLOUT_SA, "rollout"),
+        metadata=object_meta(spec, ROLLOUT_SA, "rollout"),
         rules=[
             # Rollout states: one ConfigMap per rollout; nothing is ever deleted.
             k8s.V1PolicyRule(
@@ -65,7 +71,7 @@ def rollout_rbac(spec: FleetSpec, controller: bool) -> list[Any]:
     binding = k8s.V1RoleBinding(
         api_version="rbac.authorization.k8s.io/v1",
         kind="RoleBinding",
-        metadata=_meta(spec, ROLLOUT_SA, "rollout"),
+        metadata=object_meta(spec, ROLLOUT_SA, "rollout"),
         role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=ROLLOUT_SA),
         subjects=[
             *(
@@ -89,13 +95,6 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     Returns:
         Plain manifests, in apply order.
     """
-    from lorafleet.deploy.render import (
-        RUNTIME_IMAGE,
-        UID,
-        _meta,
-        _security_context,
-    )
-
     namespace = spec.serving.namespace
     selector = {"app.kubernetes.io/instance": spec.name, "app.kubernetes.io/component": "rollout"}
     role, binding = rollout_rbac(spec, controller=True)
@@ -126,7 +125,7 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
         resources=k8s.V1ResourceRequirements(
             requests={"cpu": "50m", "memory": "128Mi"}, limits={"cpu": "500m", "memory": "256Mi"}
         ),
-        security_context=_security_context(),
+        security_context=container_security_context(),
         # Ready once it went round every rollout; alive while it keeps going round.
         readiness_probe=k8s.V1Probe(
             _exec=k8s.V1ExecAction(command=["python", "-c", probe]),
@@ -146,7 +145,7 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     deployment = k8s.V1Deployment(
         api_version="apps/v1",
         kind="Deployment",
-        metadata=_meta(spec, CONTROLLER, "rollout"),
+        metadata=object_meta(spec, CONTROLLER, "rollout"),
         spec=k8s.V1DeploymentSpec(
             # One controller: the stores compare-and-swap, but one writer keeps the history tidy.
             replicas=1,
@@ -157,11 +156,7 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
                 spec=k8s.V1PodSpec(
                     service_account_name=ROLLOUT_SA,
                     automount_service_account_token=True,  # it talks to the API server
-                    security_context=k8s.V1PodSecurityContext(
-                        run_as_non_root=True,
-                        fs_group=UID,
-                        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-                    ),
+                    security_context=pod_security_context(),
                     containers=[container],
                     volumes=[k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())],
                 ),
@@ -172,13 +167,13 @@ def controller_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     no_ingress = k8s.V1NetworkPolicy(
         api_version="networking.k8s.io/v1",
         kind="NetworkPolicy",
-        metadata=_meta(spec, CONTROLLER, "rollout"),
+        metadata=object_meta(spec, CONTROLLER, "rollout"),
         spec=k8s.V1NetworkPolicySpec(
             pod_selector=k8s.V1LabelSelector(match_labels=selector), policy_types=["Ingress"]
         ),
     )
     account = k8s.V1ServiceAccount(
-        api_version="v1", kind="ServiceAccount", metadata=_meta(spec, ROLLOUT_SA, "rollout")
+        api_version="v1", kind="ServiceAccount", metadata=object_meta(spec, ROLLOUT_SA, "rollout")
     )
     return k8s.ApiClient().sanitize_for_serialization(
         [account, role, binding, deployment, no_ingress]

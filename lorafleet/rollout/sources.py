@@ -34,7 +34,7 @@ __all__ = [
     "counters_from_text",
     "histogram_quantile",
     "interval_text",
-    "measure_delta",
+    "measure_snapshots",
 ]
 
 REQUESTS = "lorafleet_requests_total"
@@ -163,11 +163,26 @@ def _measurement(version: str, interval: Mapping[str, Any]) -> Measurement:
     )
 
 
-def measure_delta(
-    version: str, now: Mapping[str, Any], before: Mapping[str, Any] | None
-) -> Measurement:
-    """One version's :class:`Measurement` between two :func:`counters_from_text` entries."""
-    return _measurement(version, _delta(now, before))
+def measure_snapshots(
+    now: Mapping[str, Mapping[str, Any]],
+    baseline: Mapping[str, Mapping[str, Any]] | None,
+    versions: Sequence[str],
+) -> list[Measurement]:
+    """Each version's :class:`Measurement` between two snapshots ``{replica: {version:
+    counters}}`` (:func:`counters_from_text` per replica).
+
+    Deltas are taken per replica, then summed: a restarted replica counts from zero without
+    hiding the others. Only replicas in both snapshots count: one that joined (or came back)
+    has counters over an unknown span, maybe hours or earlier steps, which must not be judged
+    as this interval; it counts from the next one.
+    """
+    baseline = baseline or {}
+    return [
+        _measurement(
+            v, _sum([_delta(now[url][v], baseline[url].get(v)) for url in now if url in baseline])
+        )
+        for v in versions
+    ]
 
 
 class RouterSource:
@@ -211,21 +226,11 @@ class RouterSource:
         """(stable, canary) over the interval since ``baseline``, and the new baseline.
 
         The replicas are ``target.router_urls`` now; they may differ from the baseline's
-        (a Service's endpoints come and go). A replica in both is measured; one that left
-        is not scraped and its baseline is dropped; one that joined (or came back) counts
-        from the next interval: its counters cover an unknown span, maybe hours or earlier
-        steps, which must not be judged as this interval.
+        (a Service's endpoints come and go): one that left is not scraped and its baseline
+        is dropped; see :func:`measure_snapshots` for the rest.
         """
         now = self.snapshot(target, versions)
-        baseline = baseline or {}
-        stable, canary = (
-            # Per replica, then summed: a restarted replica counts from zero without hiding the others.
-            _measurement(
-                v,
-                _sum([_delta(now[url][v], baseline[url].get(v)) for url in now if url in baseline]),
-            )
-            for v in versions
-        )
+        stable, canary = measure_snapshots(now, baseline, versions)
         return stable, canary, now
 
 

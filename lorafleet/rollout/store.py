@@ -19,7 +19,7 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, first_problem
 from lorafleet.io import atomic_write_text
 from lorafleet.rollout.state import RolloutState
 
@@ -69,9 +69,7 @@ def _parse(text: str, where: str) -> RolloutState:
     try:
         return RolloutState.model_validate_json(text)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(map(str, err["loc"])) or "state"
-        raise LorafleetError(f"{where}: rollout state: {field}: {err['msg']}") from None
+        raise LorafleetError(f"{where}: rollout state: {first_problem(exc, 'state')}") from None
 
 
 class FileStore:

@@ -20,11 +20,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, first_problem
 from lorafleet.serve.adapters import AdapterRejected
 
 if TYPE_CHECKING:
-    from lorafleet.serve.runtime import LorafleetRuntime
+    from lorafleet.serve.model import LorafleetRuntime
 
 __all__ = ["LoadAdapter", "adapters_admin_router", "bearer_auth", "table_admin_router"]
 
@@ -100,9 +100,7 @@ def table_admin_router(
                 return JSONResponse({"error": {"message": problem}}, 422)
             table.set(key, item)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"])) or "body"
-            return JSONResponse({"error": {"message": f"{where}: {err['msg']}"}}, 422)
+            return JSONResponse({"error": {"message": first_problem(exc, "body")}}, 422)
         except AdapterRejected as exc:
             return JSONResponse({"error": {"message": str(exc)}}, 422)
         return item.model_dump()

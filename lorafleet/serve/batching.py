@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.generation import GenerationRequest, GenerationResult, Generator
+from lorafleet.engine.generation import GenerationRequest, GenerationResult, Generator
 
 __all__ = [
     "MAX_BATCH_SIZE",

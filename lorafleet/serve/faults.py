@@ -23,8 +23,9 @@ import random
 from fastapi import APIRouter
 from pydantic import BaseModel, Field, ValidationError
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, first_problem
 from lorafleet.serve.adapters import AdapterRejected, validate_name
+from lorafleet.serve.admin import table_admin_router
 
 __all__ = ["Fault", "FaultTable", "faults_admin_router", "parse_fault"]
 
@@ -104,18 +105,13 @@ def parse_fault(text: str) -> tuple[str, Fault]:
     except AdapterRejected as exc:
         raise LorafleetError(f"--fault {text!r}: {exc.detail}") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise LorafleetError(
-            f"--fault {text!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-        ) from None
+        raise LorafleetError(f"--fault {text!r}: {first_problem(exc, 'fault')}") from None
     except ValueError as exc:
         raise LorafleetError(f"--fault {text!r}: {exc}") from None
 
 
 def faults_admin_router(table: FaultTable, token: str | None) -> APIRouter:
     """``GET /admin/faults`` and ``GET/PUT/DELETE /admin/faults/{adapter}`` behind the bearer token."""
-    from lorafleet.serve.admin import table_admin_router
-
     return table_admin_router(
         "faults",
         Fault,

@@ -4,7 +4,7 @@
 ``stream: true``: server-sent events ending in ``data: [DONE]``), and
 ``GET /openai/v1/models``, which lists the base, every adapter and every route (``parent``
 = the base). ``model`` names the base, an adapter or a route of the runtime's
-:class:`~lorafleet.serve.router.RouteTable`; the adapter that answered is in the
+:class:`~lorafleet.serve.routes.RouteTable`; the adapter that answered is in the
 ``x-lorafleet-adapter`` response header. A full queue answers 429 and a request past its
 deadline 503, both with ``Retry-After``; a client that disconnects stops its row's
 decoding. Every answer is counted in :class:`~lorafleet.serve.metrics.ServingMetrics`.
@@ -29,12 +29,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from lorafleet.errors import LorafleetError
-from lorafleet.generation import FinishReason, GenerationRequest, GenerationResult
+from lorafleet.engine.generation import FinishReason, GenerationRequest, GenerationResult
+from lorafleet.errors import LorafleetError, first_problem, validation_problems
 from lorafleet.serve.batching import Overloaded
 
 if TYPE_CHECKING:
-    from lorafleet.serve.runtime import LorafleetRuntime
+    from lorafleet.serve.model import LorafleetRuntime
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "openai_router"]
 
@@ -169,7 +169,7 @@ async def _until_disconnected(http: Request, poll_s: float = 0.25) -> None:
         await asyncio.sleep(poll_s)
 
 
-class _Call:
+class _MeteredCall:
     """One completion request on its way through the runtime, for metrics and headers."""
 
     def __init__(self, runtime: LorafleetRuntime, model: str, adapter: str) -> None:
@@ -188,7 +188,7 @@ class _Call:
 
 
 async def _stream(
-    call: _Call,
+    call: _MeteredCall,
     body: _CompletionRequest,
     future: asyncio.Future[GenerationResult],
     texts: asyncio.Queue[str | None],
@@ -221,28 +221,61 @@ async def _stream(
     yield "data: [DONE]\n\n"
 
 
-def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> APIRouter:
-    """The OpenAI-compatible routes for a loaded runtime, under ``/openai/v1``.
+class _Endpoints:
+    """The route handlers of :func:`openai_router`, bound to one runtime.
 
     Args:
         runtime: the runtime that answers.
         default_max_tokens: the generation budget when a request sets none.
-
-    Returns:
-        A router to include in the server's FastAPI app.
     """
-    router = APIRouter(prefix="/openai/v1")
-    created = int(time.time())
 
-    async def complete(http: Request, schema: type[_CompletionRequest]) -> Response:
+    def __init__(self, runtime: LorafleetRuntime, default_max_tokens: int) -> None:
+        self.runtime = runtime
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    async def chat_completions(self, http: Request) -> Response:
+        """``POST /openai/v1/chat/completions``."""
+        return await self.complete(http, ChatCompletionRequest)
+
+    async def completions(self, http: Request) -> Response:
+        """``POST /openai/v1/completions``."""
+        return await self.complete(http, CompletionRequest)
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /openai/v1/models``: the base, every adapter and every route."""
+        runtime = self.runtime
+        data = [self._card(runtime.name, str(runtime.base_dir), None)]
+        data += [
+            self._card(name, str(path), runtime.name) for name, path in runtime.adapters.items()
+        ]
+        data += [
+            self._card(name, route["targets"][0]["adapter"], runtime.name)
+            for name, route in runtime.routes.as_dict().items()
+        ]
+        return {"object": "list", "data": data}
+
+    def _card(self, name: str, root: str, parent: str | None) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lorafleet",
+            "root": root,
+            "parent": parent,
+        }
+
+    async def complete(self, http: Request, schema: type[_CompletionRequest]) -> Response:
+        """Parse a completion request, route it, queue it and answer (streamed or whole)."""
+        runtime = self.runtime
         try:
             body = schema.model_validate_json(await http.body())
         except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(map(str, err["loc"])) or None
-            return _error(400, f"{param or 'body'}: {err['msg']}", param=param)
+            loc, _ = validation_problems(exc)[0]
+            param = ".".join(map(str, loc)) or None
+            return _error(400, first_problem(exc, "body"), param=param)
         served = runtime.routes.resolve(body.model, http.headers)
-        call = _Call(runtime, body.model, served)
+        call = _MeteredCall(runtime, body.model, served)
         try:
             adapter = runtime.adapter_for(served)
         except KeyError:
@@ -258,7 +291,7 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
             call.done(injected)
             message = f"injected fault on {served!r} (canary drill, /admin/faults)"
             return _error(injected, message, code="injected_fault", headers=call.headers)
-        request = body.generation_request(adapter, default_max_tokens)
+        request = body.generation_request(adapter, self.default_max_tokens)
         head = {
             "id": f"{body.id_prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -276,11 +309,22 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
                 media_type="text/event-stream",
                 headers=call.headers,
             )
+        return await self._whole_answer(http, call, body, future, head)
+
+    async def _whole_answer(
+        self,
+        http: Request,
+        call: _MeteredCall,
+        body: _CompletionRequest,
+        future: asyncio.Future[GenerationResult],
+        head: dict[str, Any],
+    ) -> Response:
+        """Wait for a queued request's result, its deadline or its client's disconnect."""
         watch = asyncio.create_task(_until_disconnected(http))
         try:
             await asyncio.wait(
                 [future, watch],
-                timeout=runtime.request_timeout_s,
+                timeout=self.runtime.request_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -291,7 +335,8 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
                 call.done(499)
                 return Response(status_code=499)
             call.done(503)
-            return _error(503, _timed_out(runtime), code="timeout", headers=call.retry_headers())
+            message = _timed_out(self.runtime)
+            return _error(503, message, code="timeout", headers=call.retry_headers())
         try:
             result = future.result()
         except LorafleetError as exc:  # the adapter was unloaded while the request queued
@@ -304,32 +349,20 @@ def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> A
             headers=call.headers,
         )
 
-    @router.post("/chat/completions")
-    async def chat_completions(http: Request) -> Response:
-        return await complete(http, ChatCompletionRequest)
 
-    @router.post("/completions")
-    async def completions(http: Request) -> Response:
-        return await complete(http, CompletionRequest)
+def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> APIRouter:
+    """The OpenAI-compatible routes for a loaded runtime, under ``/openai/v1``.
 
-    @router.get("/models")
-    async def models() -> dict[str, Any]:
-        def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
-            return {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "lorafleet",
-                "root": root,
-                "parent": parent,
-            }
+    Args:
+        runtime: the runtime that answers.
+        default_max_tokens: the generation budget when a request sets none.
 
-        data = [card(runtime.name, str(runtime.base_dir), None)]
-        data += [card(name, str(path), runtime.name) for name, path in runtime.adapters.items()]
-        data += [
-            card(name, route["targets"][0]["adapter"], runtime.name)
-            for name, route in runtime.routes.as_dict().items()
-        ]
-        return {"object": "list", "data": data}
-
+    Returns:
+        A router to include in the server's FastAPI app.
+    """
+    endpoints = _Endpoints(runtime, default_max_tokens)
+    router = APIRouter(prefix="/openai/v1")
+    router.post("/chat/completions")(endpoints.chat_completions)
+    router.post("/completions")(endpoints.completions)
+    router.get("/models")(endpoints.models)
     return router

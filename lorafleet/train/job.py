@@ -74,7 +74,7 @@ def run_job(job: TrainJobConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """``python -m lorafleet.train.job JOB.json`` (or ``--env VAR``: the job's JSON is in
     environment variable VAR, as in a cluster job's pods): user mistakes exit 2 with one line."""
-    from lorafleet.errors import LorafleetError
+    from lorafleet.errors import LorafleetError, first_problem
 
     args = sys.argv[1:] if argv is None else argv
     if not (len(args) == 1 or (len(args) == 2 and args[0] == "--env")):
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         except json.JSONDecodeError as exc:
             raise LorafleetError(f"{source}: not JSON: {exc}") from None
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise LorafleetError(
-                f"{source}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
-            ) from None
+            raise LorafleetError(f"{source}: {first_problem(exc, 'job')}") from None
         result = run_job(job)
     except LorafleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

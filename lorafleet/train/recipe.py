@@ -28,7 +28,7 @@ from lorafleet.train.errors import NonFiniteLossError, QLoraUnavailableError, Tr
 from lorafleet.train.flops import device_peak_tflops, linear_costs, training_flops
 from lorafleet.train.packing import collate_packed, pack_rows
 
-__all__ = ["LoRARecipe", "TrainResult", "collate", "load_base", "train_adapter"]
+__all__ = ["LoRARecipe", "TrainResult", "load_base", "train_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -109,26 +109,6 @@ def load_base(
     if on_gpu and not quantize_4bit:
         model = model.to(device or "cuda")
     return model, tokenizer
-
-
-def collate(examples: Sequence[TokenizedExample], pad_id: int):
-    """Right-pad a batch.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``labels``: LongTensors of shape (B, T_max).
-    """
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _lora_config(lora: LoraSettings):

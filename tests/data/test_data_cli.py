@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.cli import main
+from lorafleet.llm import PLACEHOLDER_KEY
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DATA = EXAMPLES / "data" / "job-analyzer"
@@ -150,7 +151,7 @@ def test_bad_options_are_one_line(
     assert code == 2
     assert (
         err.strip()
-        == "error: invalid option: synthesis: Value error, generator 'teacher' needs a teacher block (base_url, model)"
+        == "error: invalid option: synthesis: generator 'teacher' needs a teacher block (base_url, model)"
     )
     code, err = run_cli(
         monkeypatch,
@@ -177,3 +178,52 @@ def test_bad_options_are_one_line(
         code == 2 and err.strip() == "error: --shard '3/2': expected I/N with 1 <= I <= N, e.g. 2/8"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_teacher_key_stops_the_run_before_any_request(
+    openai_stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv("LF_TEST_TEACHER_KEY", raising=False)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "synthesize",
+        DATA / "seed.jsonl",
+        "--out",
+        tmp_path / "s.jsonl",
+        "--generator",
+        "teacher",
+        "--teacher-url",
+        openai_stub.url,
+        "--teacher-model",
+        "teacher-m",
+        "--api-key-env",
+        "LF_TEST_TEACHER_KEY",
+    )
+    assert code == 2
+    assert err.strip() == (
+        "error: synthesis.teacher.api_key_env: environment variable LF_TEST_TEACHER_KEY is not "
+        "set or empty (set it, or set api_key_env to null for a server that needs no key)"
+    )
+    assert openai_stub.requests == [] and not (tmp_path / "s.jsonl").exists()
+    # '' names no key source (a local server): the run goes ahead with a placeholder key.
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "synthesize",
+        DATA / "seed.jsonl",
+        "--out",
+        tmp_path / "s.jsonl",
+        "--generator",
+        "teacher",
+        "--teacher-url",
+        openai_stub.url,
+        "--teacher-model",
+        "teacher-m",
+        "--api-key-env",
+        "",
+    )
+    assert code == 0, err
+    assert openai_stub.requests and {r["authorization"] for r in openai_stub.requests} == {
+        f"Bearer {PLACEHOLDER_KEY}"
+    }

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.data.shard import (
-    merge_records,
-    merge_shard_files,
-    shard_name,
-    split_file,
-    split_records,
-)
+from lorafleet.data.shard import merge_records, split_records
 from lorafleet.data.synth import synthesize
 from lorafleet.fleet import SynthesisSettings
 from lorafleet.records import dump_records, read_records
@@ -20,15 +14,11 @@ from lorafleet.records import dump_records, read_records
 SEEDS = Path(__file__).resolve().parents[2] / "examples" / "data" / "proposal-writer" / "seed.jsonl"
 
 
-def _ids(path: Path) -> list[str]:
-    return [r.id for _, r in read_records(path)]
-
-
-def test_split_is_round_robin_and_covers_every_record(tmp_path: Path) -> None:
-    paths = split_file(SEEDS, 4, tmp_path)
-    assert [p.name for p in paths] == [shard_name(i, 4) for i in range(4)]
-    ids = _ids(SEEDS)
-    assert [_ids(p) for p in paths] == [ids[i::4] for i in range(4)]
+def test_split_is_round_robin_and_covers_every_record() -> None:
+    seeds = [r for _, r in read_records(SEEDS)]
+    shards = split_records(seeds, 4)
+    ids = [r.id for r in seeds]
+    assert [[r.id for r in shard] for shard in shards] == [ids[i::4] for i in range(4)]
 
 
 @pytest.mark.parametrize("count", [1, 3, 7])
@@ -41,10 +31,10 @@ def test_sharded_synthesis_merges_to_the_unsharded_result(tmp_path: Path, count:
         outputs.append(
             dump_records(tmp_path / f"out-{i}.jsonl", synthesize(shard, settings).records)
         )
-    # When merged, Then the result equals one unsharded run
-    merged = merge_shard_files(outputs, SEEDS, tmp_path / "merged.jsonl")
+    # When read back (as the next task would) and merged, Then the result equals one unsharded run
+    merged = merge_records([[r for _, r in read_records(p)] for p in outputs], seeds)
     whole = synthesize(seeds, settings).records
-    assert [r.to_json() for _, r in read_records(merged)] == [r.to_json() for r in whole]
+    assert [r.to_json() for r in merged] == [r.to_json() for r in whole]
 
 
 def test_merge_order_does_not_depend_on_shard_order() -> None:
@@ -61,8 +51,11 @@ def test_split_rejects_zero_shards() -> None:
 def test_stage_shards_curate_to_the_unsharded_stage_output(tmp_path: Path) -> None:
     # The functions the cluster pipeline's ParallelFor tasks (synthesize, curate-shard) and
     # its curate task call, against the one-process stages; shards finish in any order.
+    from lorafleet.data.curate import curate
     from lorafleet.fleet import load_fleet
-    from lorafleet.stages import curate_shard_stage, curate_stage, select_stage, synthesize_stage
+    from lorafleet.io import sha256_file
+    from lorafleet.records import dump_records, read_records
+    from lorafleet.stages import curate_shard_stage, select_stage, synthesize_stage
 
     fleet = load_fleet(SEEDS.parents[2] / "fleet.yaml").expert("proposal-writer")
     expert = fleet.model_copy(
@@ -84,9 +77,21 @@ def test_stage_shards_curate_to_the_unsharded_stage_output(tmp_path: Path) -> No
         prepared.append(tmp_path / f"prep-{i}")
     sharded = select_stage(expert, prepared[::-1], eval_set, tmp_path / "train-sharded.jsonl")
     synthesize_stage(expert, SEEDS, tmp_path / "syn.jsonl")
-    whole = curate_stage(
-        expert, SEEDS, tmp_path / "syn.jsonl", eval_set, tmp_path / "train-whole.jsonl"
+    # The reference: curation of all seeds and all synthetic rows in one process.
+    result = curate(
+        [r for _, r in read_records(SEEDS)],
+        [r for _, r in read_records(tmp_path / "syn.jsonl")],
+        [r for _, r in read_records(eval_set)],
+        expert.curation,
+        expert.synthesis.max_synthetic_ratio,
+        pii=expert.data.pii,
     )
+    dump_records(tmp_path / "train-whole.jsonl", result.records)
+    whole = {
+        **result.stats,
+        "train_sha256": sha256_file(tmp_path / "train-whole.jsonl"),
+        "eval_sha256": sha256_file(eval_set),
+    }
     assert (tmp_path / "train-sharded.jsonl").read_bytes() == (
         tmp_path / "train-whole.jsonl"
     ).read_bytes()

@@ -1,7 +1,9 @@
 """The teacher generator's own logic: planning, parsing, judging, assembling, resuming.
 
-These run without a server on hand-written teacher answers; the same code against the
-project's real OpenAI-compatible server is tested in test_teacher_server.py.
+These run on hand-written teacher answers: without a server, or served by a scripted
+OpenAI-compatible server (the ``openai_stub`` fixture) where an answer must be malformed or a
+key must arrive; the same code against the project's real server is tested in
+test_teacher_server.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from lorafleet.data.teacher import (
     parse_response,
     parse_score,
     plan_jobs,
-    resolve_api_key,
 )
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import JudgeSettings, TeacherSettings
@@ -165,18 +166,27 @@ def test_a_work_directory_of_other_settings_is_refused(tmp_path: Path) -> None:
         TeacherGenerator(other, "job-analyzer", tmp_path)._open_work_dir(jobs)
 
 
-def test_api_key_from_a_secret_file_or_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LF_TEST_KEY", "from-env")
-    assert resolve_api_key(TEACHER.model_copy(update={"api_key_env": "LF_TEST_KEY"})) == "from-env"
+def test_a_malformed_answer_fails_its_job_and_the_run_goes_on(openai_stub, tmp_path: Path) -> None:
+    # Given a teacher whose first answer is a 200 without choices, and good answers after it
+    openai_stub.script = [(200, {"choices": []}, {})]
+    openai_stub.answer = lambda request: answer(
+        f"Need a Go API for lockers, job {request['seed']}."
+    )
     secret = tmp_path / "api-key"
     secret.write_text("from-secret\n")
-    assert (
-        resolve_api_key(
-            TEACHER.model_copy(update={"api_key_env": "LF_TEST_KEY", "api_key_file": secret})
-        )
-        == "from-secret"
+    settings = TEACHER.model_copy(
+        update={"base_url": openai_stub.url, "concurrency": 2, "api_key_file": secret}
     )
-    with pytest.raises(LorafleetError, match="api_key_file: cannot read"):
-        resolve_api_key(TEACHER.model_copy(update={"api_key_file": tmp_path / "missing"}))
+    seeds = SEEDS[:4]
+    # When a run of four jobs goes through
+    gen = TeacherGenerator(settings, "job-analyzer", tmp_path / "work")
+    records = list(gen.generate(seeds, 1))
+    # Then that one job failed, the other three were kept, and the key reached the server
+    assert gen.stats["request_failures"] == {"request-failed": 1}
+    assert gen.stats["dropped"] == {"not-finished": 1} and len(records) == 3
+    assert {r["authorization"] for r in openai_stub.requests} == {"Bearer from-secret"}
+    # And a rerun asks for only that job again
+    again = TeacherGenerator(settings, "job-analyzer", tmp_path / "work")
+    assert len(list(again.generate(seeds, 1))) == 4
+    assert (again.stats["resumed"], again.stats["requested"]) == (3, 1)
+    assert len(openai_stub.requests) == 5

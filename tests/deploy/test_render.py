@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.deploy.render import (
-    RUNTIME_IMAGE,
     TRAINING_ROLE,
     VLLM_IMAGE,
     dump_yaml,
@@ -15,6 +14,7 @@ from lorafleet.deploy.render import (
 from lorafleet.deploy.validate import validate_manifests
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
+from lorafleet.k8s_objects import RUNTIME_IMAGE
 from lorafleet.registry import Registry
 
 

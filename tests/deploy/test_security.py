@@ -4,7 +4,7 @@ checkov runs from its own tool environment (``ci/checkov.sh`` creates ``.venv-to
 first use): its pinned dependencies clash with the project's. The only skips are the
 justified ones in tests/deploy/checkov.yaml and the helm test pod's annotations.
 checkov does not know KServe's custom resources, so the Pods KServe would create from
-them (:func:`lorafleet.deploy.pods.serving_pods`) are scanned too.
+them (`kserve_pods.serving_pods` beside this test) are scanned too.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import subprocess
 
 import pytest
 
-from lorafleet.deploy.pods import serving_pods
 from lorafleet.deploy.render import dump_yaml
+
+from .kserve_pods import serving_pods
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.engine.generation import Generator
 from lorafleet.evaluate.evaluators import (
     EvalContext,
     GenerationEvaluator,
@@ -17,7 +18,6 @@ from lorafleet.evaluate.evaluators import (
 from lorafleet.evaluate.loss import heldout_loss
 from lorafleet.evaluate.safety import CASES
 from lorafleet.evaluate.suite import arm_samples, evaluate_candidate
-from lorafleet.generation import Generator
 from lorafleet.records import read_records
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"

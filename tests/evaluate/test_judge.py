@@ -1,5 +1,6 @@
 """The pairwise judge: verdict parsing, position-bias cancelling, ties, the seeded bootstrap,
-and the whole path against the project's own OpenAI-compatible server."""
+the whole path against the project's own OpenAI-compatible server, and its client's key and
+retry rules against a scripted one (the ``openai_stub`` fixture)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 
 import pytest
 
+from lorafleet.errors import LorafleetError
 from lorafleet.evaluate.judge import (
     JudgeClient,
     aggregate,
@@ -15,6 +17,9 @@ from lorafleet.evaluate.judge import (
     judge_prompt,
     parse_verdict,
 )
+from lorafleet.llm import RetryPolicy
+
+FAST = RetryPolicy(max_retries=1, backoff_s=0.01)
 
 
 @pytest.mark.parametrize(
@@ -138,21 +143,41 @@ def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
 
 
 def test_judge_client_reports_an_unreachable_endpoint() -> None:
-    from lorafleet.errors import LorafleetError
-
     with pytest.raises(
-        LorafleetError, match=re.escape("judge: http://127.0.0.1:9/v1/chat/completions")
+        LorafleetError,
+        match=re.escape("judge: http://127.0.0.1:9/v1/chat/completions model 'm': gave up after 2"),
     ):
-        JudgeClient("http://127.0.0.1:9/v1", "m", timeout=2).complete(
+        JudgeClient("http://127.0.0.1:9/v1", "m", timeout=2, retry=FAST).complete(
             [{"role": "user", "content": "hi"}]
         )
 
 
-def test_judge_client_needs_its_key(monkeypatch) -> None:
-    from lorafleet.errors import LorafleetError
-
+def test_judge_client_needs_its_key_before_any_request(openai_stub, monkeypatch) -> None:
     monkeypatch.delenv("LORAFLEET_TEST_JUDGE_KEY", raising=False)
-    with pytest.raises(LorafleetError, match="LORAFLEET_TEST_JUDGE_KEY"):
-        JudgeClient("http://127.0.0.1:9/v1", "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY").complete(
-            []
-        )
+    with pytest.raises(LorafleetError) as caught:
+        JudgeClient(openai_stub.url, "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY")
+    assert str(caught.value).startswith(
+        "gate.judge.api_key_env: environment variable LORAFLEET_TEST_JUDGE_KEY is not set"
+    )
+    assert openai_stub.requests == []
+    monkeypatch.setenv("LORAFLEET_TEST_JUDGE_KEY", "judge-key")
+    JudgeClient(openai_stub.url, "m", api_key_env="LORAFLEET_TEST_JUDGE_KEY").complete([])
+    assert openai_stub.requests[0]["authorization"] == "Bearer judge-key"
+
+
+def test_one_429_does_not_fail_the_judge(openai_stub) -> None:
+    # Given a judge endpoint that rate-limits the first request
+    openai_stub.script = [(429, {"error": {"message": "rate limited"}}, {"retry-after": "0"})]
+    # When the gate asks it for a verdict, then it is asked again and its verdict counts
+    reply = JudgeClient(openai_stub.url, "judge", retry=FAST).complete(
+        judge_prompt([{"role": "user", "content": "q"}], "a", "b")
+    )
+    assert parse_verdict(reply) == "A"
+    assert len(openai_stub.requests) == 2
+    assert openai_stub.requests[1]["body"]["temperature"] == 0
+
+
+def test_a_malformed_judge_answer_is_one_line(openai_stub) -> None:
+    openai_stub.script = [(200, {"choices": []}, {})]
+    with pytest.raises(LorafleetError, match="model 'judge': malformed answer: no choices"):
+        JudgeClient(openai_stub.url, "judge", retry=FAST).complete([])

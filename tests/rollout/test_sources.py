@@ -14,7 +14,7 @@ from lorafleet.rollout.sources import (
     counters_from_text,
     histogram_quantile,
     interval_text,
-    measure_delta,
+    measure_snapshots,
 )
 from lorafleet.rollout.state import Target
 from lorafleet.serve.metrics import ServingMetrics
@@ -54,7 +54,8 @@ def test_router_exposition_counts_5xx_and_latency_per_version() -> None:
     counters = counters_from_text(text, "writer", ["v1", "v2"], judge_metric=None)
     assert counters["v1"]["requests"] == 8 and counters["v1"]["errors"] == 0
     assert counters["v2"]["requests"] == 6 and counters["v2"]["errors"] == 2
-    m = measure_delta("v2", counters["v2"], None)
+    # a baseline of zero counters: every request since the replica started
+    (m,) = measure_snapshots({"r": counters}, {"r": {}}, ["v2"])
     assert m.error_rate == pytest.approx(2 / 6)
     # 3 of 6 observations are 0.6 s: p95 lies in (0.5, 1]: 0.5 + 0.5 * (5.7 - 3) / 3 = 0.95 s
     assert m.p95_latency_ms == pytest.approx(950.0)
@@ -65,13 +66,13 @@ def test_delta_measures_the_interval_and_survives_a_counter_reset() -> None:
     after = counters_from_text(
         _exposition([("w", "v2", 200, 0.02)] * 10 + [("w", "v2", 503, 0.02)] * 5), "w", ["v2"], None
     )["v2"]
-    m = measure_delta("v2", after, before)
+    (m,) = measure_snapshots({"r": {"v2": after}}, {"r": {"v2": before}}, ["v2"])
     assert (m.requests, m.errors, m.error_rate) == (5, 5, 1.0)
     # a replica restarted: its counters start again below the baseline, and count from zero
     restarted = counters_from_text(_exposition([("w", "v2", 200, 0.02)] * 3), "w", ["v2"], None)[
         "v2"
     ]
-    m = measure_delta("v2", restarted, after)
+    (m,) = measure_snapshots({"r": {"v2": restarted}}, {"r": {"v2": after}}, ["v2"])
     assert (m.requests, m.errors) == (3, 0)
     assert m.p95_latency_ms is not None and m.p95_latency_ms <= 25
 
@@ -85,7 +86,7 @@ def test_judge_score_is_the_mean_over_the_interval() -> None:
     )
     now = counters_from_text(text, "w", ["v2"], "lorafleet_judge_score")["v2"]
     before = {**now, "judge_sum": 6.0, "judge_count": 2.0}
-    m = measure_delta("v2", now, before)
+    (m,) = measure_snapshots({"r": {"v2": now}}, {"r": {"v2": before}}, ["v2"])
     assert (m.judge_score, m.judge_samples) == (4.0, 2.0)
 
 

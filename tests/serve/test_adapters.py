@@ -18,7 +18,7 @@ from lorafleet.serve.adapters import (
     resolve_source,
     validate_name,
 )
-from lorafleet.serve.runtime import LorafleetRuntime
+from lorafleet.serve.model import LorafleetRuntime
 
 from .conftest import make_adapter
 

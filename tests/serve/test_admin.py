@@ -16,8 +16,9 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from lorafleet.generation import GenerationRequest, Generator
-from lorafleet.serve.runtime import LorafleetRuntime, build_runtime, mount
+from lorafleet.engine.generation import GenerationRequest, Generator
+from lorafleet.serve.model import LorafleetRuntime, build_runtime
+from lorafleet.serve.server import mount
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -19,7 +19,8 @@ from fastapi import FastAPI
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.faults import Fault, FaultTable, parse_fault
-from lorafleet.serve.runtime import LorafleetRuntime, build_runtime, mount
+from lorafleet.serve.model import LorafleetRuntime, build_runtime
+from lorafleet.serve.server import mount
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.router import Route, RouteTable
+from lorafleet.serve.routes import Route, RouteTable
 
 
 def canary(v3: float, v4: float, sticky: str | None = None) -> Route:

@@ -18,11 +18,12 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
+from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import ServingSpec
-from lorafleet.generation import GenerationRequest, Generator
-from lorafleet.serve.batching import MAX_BATCH_SIZE
-from lorafleet.serve.runtime import LorafleetRuntime, MicroBatcher, main, run_server_subprocess
+from lorafleet.serve.batching import MAX_BATCH_SIZE, MicroBatcher
+from lorafleet.serve.model import LorafleetRuntime
+from lorafleet.serve.runtime import main, run_server_subprocess
 
 pytestmark = pytest.mark.integration
 
@@ -192,7 +193,7 @@ def test_fleet_spec_and_runtime_share_the_batch_size_default() -> None:
     # `lorafleet serve` spells its default out (the CLI imports no serving code): keep it equal.
     import inspect
 
-    from lorafleet.cli import serve
+    from lorafleet.commands.serve import serve
 
     assert inspect.signature(serve).parameters["max_batch_size"].default == MAX_BATCH_SIZE
 

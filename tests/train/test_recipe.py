@@ -67,8 +67,8 @@ def test_the_label_only_loss_equals_the_full_logits_loss(tiny_base: Path, tmp_pa
     """
     import torch
 
+    from lorafleet.batches import collate
     from lorafleet.chat import IGNORE_INDEX
-    from lorafleet.train.recipe import collate
 
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     training = TrainingSettings(packing=True, batch_size=2, max_seq_len=256, seed=0)
@@ -117,7 +117,8 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(
 
     from kfp.dsl import Metrics
 
-    from lorafleet.components.runtime import log_train_metrics
+    from lorafleet.components.runtime import log_metrics
+    from lorafleet.report import kfp_train_metrics
 
     training = TrainingSettings(
         max_steps=10, learning_rate=1e-2, batch_size=4, warmup_ratio=0.2, packing=True
@@ -146,7 +147,7 @@ def test_every_step_logs_loss_lr_and_throughput_to_the_run_dir_and_kfp(
     assert [m["loss"] for m in lines] == result.losses
 
     metrics = Metrics(name="metrics", uri=str(tmp_path / "kfp-metrics"), metadata={})
-    log_train_metrics(metrics, result.to_dict())
+    log_metrics(metrics, kfp_train_metrics(result.to_dict()))
     assert metrics.metadata == {
         "final_loss": round(result.losses[-1], 5),
         "steps": 10,

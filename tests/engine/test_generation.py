@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.errors import LorafleetError
-from lorafleet.generation import GenerationRequest, Generator
 
 
 def chat(text: str, adapter: str | None = None, **kwargs) -> GenerationRequest:

@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.generation import BASE_ADAPTER, GenerationRequest, Generator
-from lorafleet.serve.batched_lora import GATHER_MAX_WEIGHTS, BatchedLora, LoraTable, fallback_reason
+from lorafleet.engine.batched_lora import (
+    GATHER_MAX_WEIGHTS,
+    BatchedLora,
+    LoraTable,
+    fallback_reason,
+)
+from lorafleet.engine.generation import BASE_ADAPTER, GenerationRequest, Generator
 
 LOGITS_TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -5,7 +5,7 @@ adapters. :meth:`Generator.generate` runs a list of requests, each for its own a
 (or for the base), as one left-padded batch in which every row goes through its own
 adapter, so each row gets the tokens it would get alone. By default the adapters'
 weights are stacked per module and every LoRA layer adds all rows' updates in one pass
-(:mod:`lorafleet.serve.batched_lora`); PEFT's ``adapter_names`` path is the reference
+(:mod:`lorafleet.engine.batched_lora`); PEFT's ``adapter_names`` path is the reference
 and the fallback for adapters the stack cannot hold. Decoding is greedy, hence
 deterministic. The evaluator and the serving runtime share this code.
 """
@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from lorafleet.engine.batched_lora import BASE_ADAPTER, BatchedLora, LoraBank, LoraKernel
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.batched_lora import BASE_ADAPTER, BatchedLora, LoraBank, LoraKernel
 
 __all__ = [
     "BASE_ADAPTER",
@@ -153,12 +153,12 @@ class Generator:
             Attention runs through PyTorch SDPA on every device.
         lora_backend: how rows reach their adapters. ``"batched"``: the adapters' weights
             stacked per module, every LoRA layer adds all rows' updates in one pass
-            (:class:`~lorafleet.serve.batched_lora.BatchedLora`); a batch that uses an
+            (:class:`~lorafleet.engine.batched_lora.BatchedLora`); a batch that uses an
             adapter the stack cannot hold (DoRA, ...) runs through PEFT instead.
             ``"peft"``: PEFT's ``adapter_names`` path for every batch (the reference).
         lora_kernel: the batched kernel, ``"grouped"`` or ``"gather"``; ``None`` lets each
             layer pick by size on CPU and use "gather" elsewhere (see
-            :mod:`lorafleet.serve.batched_lora`).
+            :mod:`lorafleet.engine.batched_lora`).
     """
 
     def __init__(

@@ -239,7 +239,7 @@ def _stack(
 class BatchedLora:
     """Serves the adapters of a PEFT model from a stack, one pass per LoRA layer.
 
-    Not thread-safe: the :class:`~lorafleet.generation.Generator` calls it under its lock.
+    Not thread-safe: the :class:`~lorafleet.engine.generation.Generator` calls it under its lock.
 
     Args:
         kernel: how the update is computed; ``None`` picks per call on CPU (see the

@@ -1,0 +1,120 @@
+"""``lorafleet serve``: the serving runtime's command line, defined once.
+
+``lorafleet serve`` and ``python -m lorafleet.serve.runtime`` (the runtime image's entry
+point, :func:`standalone_app`) run this one command, so their options cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafleet.errors import LorafleetError
+
+__all__ = ["serve", "standalone_app"]
+
+
+def serve(
+    base: Annotated[str, typer.Option(help="Base model directory or hub id.")],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
+    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a request waits for others to share its batch.")
+    ] = 10.0,
+    max_queue: Annotated[
+        int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take, queueing included; later 503.")
+    ] = 120.0,
+    max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
+    require_lineage: Annotated[
+        bool,
+        typer.Option(help="Refuse adapters without lineage.json (default: check it when present)."),
+    ] = False,
+    routes: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.'
+        ),
+    ] = None,
+    admin_token_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the /admin bearer token; unset disables /admin."
+        ),
+    ] = "LORAFLEET_ADMIN_TOKEN",
+    adapter_cache: Annotated[
+        Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")
+    ] = None,
+    lora_backend: Annotated[
+        str,
+        typer.Option(
+            help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference)."
+        ),
+    ] = "batched",
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults."
+        ),
+    ] = None,
+) -> None:
+    """Serve the base and adapters: OpenAI-compatible API, KServe health, /metrics and /admin.
+
+    Every adapter is checked before it serves (safetensors, rank, target modules, base
+    fingerprint, shapes, effect on the output); a failed check is one line and exit code 2.
+    The runtime image runs the same command as python -m lorafleet.serve.runtime.
+    """
+    # The serving stack (kserve, torch) loads only when a server starts: `lorafleet --help` stays fast.
+    from lorafleet.serve.faults import FaultTable, parse_fault
+    from lorafleet.serve.routes import RouteTable
+    from lorafleet.serve.server import serve as run_server
+
+    if lora_backend not in ("batched", "peft"):
+        raise LorafleetError(f"--lora-backend {lora_backend!r}: expected batched or peft")
+    adapters = {}
+    for item in adapter or []:
+        adapter_name, sep, path = item.partition("=")
+        if not sep or not adapter_name or not path:
+            raise LorafleetError(f"--adapter {item!r}: expected NAME=SOURCE")
+        if adapter_name in adapters:
+            raise LorafleetError(f"--adapter {item!r}: name {adapter_name!r} given twice")
+        adapters[adapter_name] = path
+    faults = FaultTable(dict(parse_fault(f) for f in fault or []))
+    run_server(
+        base,
+        adapters,
+        host=host,
+        port=port,
+        name=name,
+        max_batch_size=max_batch_size,
+        max_wait_s=max_wait_ms / 1000,
+        admin_token=os.environ.get(admin_token_env) or None,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_rank=max_rank,
+        require_lineage=require_lineage,
+        routes=RouteTable.from_file(routes) if routes else None,
+        adapter_cache=str(adapter_cache) if adapter_cache else None,
+        faults=faults,
+        lora_backend=lora_backend,
+    )
+
+
+def standalone_app() -> typer.Typer:
+    """The serve command alone: ``python -m lorafleet.serve.runtime`` (the runtime image)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(serve)
+    return app

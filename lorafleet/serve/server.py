@@ -1,0 +1,97 @@
+"""The lorafleet HTTP server: a loaded :class:`~lorafleet.serve.model.LorafleetRuntime`
+on KServe's ``ModelServer``.
+
+KServe serves v1/v2 health, readiness, metadata and ``/metrics``; the OpenAI-compatible
+endpoints (:mod:`lorafleet.serve.openai_api`), the adapter admin API
+(:mod:`lorafleet.serve.admin`), the route admin (:mod:`lorafleet.serve.routes`) and the
+fault admin (:mod:`lorafleet.serve.faults`) are mounted on KServe's FastAPI app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kserve import ModelServer
+
+from lorafleet.serve.admin import adapters_admin_router
+from lorafleet.serve.batching import MAX_BATCH_SIZE, MAX_WAIT_S
+from lorafleet.serve.faults import faults_admin_router
+from lorafleet.serve.metrics import ServingMetrics
+from lorafleet.serve.model import LorafleetRuntime, build_runtime
+from lorafleet.serve.openai_api import openai_router
+from lorafleet.serve.routes import routes_admin_router
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["mount", "serve"]
+
+
+class _HostModelServer(ModelServer):
+    """kserve's ModelServer, listening on a chosen address.
+
+    kserve 0.21 hard-codes ``host="0.0.0.0"`` in ``RESTServer``'s ``uvicorn.Config`` and
+    offers no option for it. ``start()`` builds that server and then awaits ``_serve()``;
+    uvicorn reads ``config.host`` only when it binds, inside ``_serve()``, so setting it
+    here takes effect.
+    """
+
+    def __init__(self, host: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.host = host
+
+    async def _serve(self) -> None:
+        self._rest_server.config.host = self.host
+        await super()._serve()
+
+
+def serve(
+    base_dir: str | Path,
+    adapters: Mapping[str, str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    name: str = "base",
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_wait_s: float = MAX_WAIT_S,
+    admin_token: str | None = None,
+    **options: Any,
+) -> None:
+    """Load a runtime and serve it until SIGINT/SIGTERM.
+
+    Args:
+        base_dir: the base model directory (or hub id).
+        adapters: adapter name -> adapter source.
+        host: the address to listen on; ``0.0.0.0`` inside a cluster pod.
+        port: the HTTP port (KServe v1/v2, ``/metrics``, ``/openai/v1`` and ``/admin``).
+        name: the base model's served name.
+        max_batch_size: the most requests in one generate call.
+        max_wait_s: how long a request waits for others to share its batch.
+        admin_token: bearer token of the admin API; ``None`` disables it.
+        **options: further :class:`LorafleetRuntime` keyword arguments.
+    """
+    from kserve.model_server import app
+    from prometheus_client import REGISTRY
+
+    # KServe's /metrics exposes the default registry: count there.
+    options.setdefault("metrics", ServingMetrics(REGISTRY))
+    runtime = build_runtime(base_dir, adapters, name, max_batch_size, max_wait_s, **options)
+    # KServe builds its routes on this module-level app when it starts; ours go in first.
+    mount(app, runtime, admin_token)
+    _HostModelServer(host=host, http_port=port, enable_grpc=False).start([runtime])
+
+
+def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> None:
+    """Add the runtime's own routes to a FastAPI app: ``/openai/v1``, ``/admin/adapters``,
+    ``/admin/routes`` and ``/admin/faults`` (KServe adds health, v1/v2 and ``/metrics`` itself).
+
+    Args:
+        app: the app (KServe's, or a bare one in tests).
+        runtime: a loaded runtime.
+        admin_token: bearer token of ``/admin``; ``None`` disables it.
+    """
+    app.include_router(openai_router(runtime))
+    app.include_router(adapters_admin_router(runtime, admin_token))
+    app.include_router(routes_admin_router(runtime.routes, admin_token, runtime.has_adapter))
+    app.include_router(faults_admin_router(runtime.faults, admin_token))
