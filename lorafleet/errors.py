@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "LorafleetError",
     "SpecError",
+    "StorageError",
     "first_problem",
     "validation_problems",
 ]
@@ -37,6 +38,19 @@ class DataError(LorafleetError):
         self.file, self.line, self.rule, self.detail = str(file), line, rule, detail
         where = f"{self.file}:{line}" if line else self.file
         super().__init__(f"{where}: {rule}: {detail}")
+
+
+class StorageError(LorafleetError):
+    """A storage location or operation failed: ``URI: reason``, always on one line.
+
+    A URI with unprintable characters is shown escaped, and whitespace runs in the reason
+    (a server's multi-line message) collapse to one space, so the message stays one line.
+    """
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri, self.reason = uri, " ".join(reason.split())
+        shown = uri if uri.isprintable() else ascii(uri)
+        super().__init__(f"{shown}: {self.reason}")
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:

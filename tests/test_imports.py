@@ -28,6 +28,7 @@ SOURCES = {
 # here (the CLI, commands, stages, components, pipelines) sits on top and may import all.
 LOWER_LAYERS = {
     "lorafleet.fleet": {"lorafleet.errors"},
+    "lorafleet.storage": {"lorafleet.errors", "lorafleet.io"},
     "lorafleet.engine": {"lorafleet.errors", "lorafleet.fleet"},
     "lorafleet.evaluate": {
         "lorafleet.errors",
