@@ -90,6 +90,7 @@ def decide(
             )
         )
     if policy.judge is not None:
+        decision.rules.append(_judge_parse_rule(policy.judge.min_parse_rate, judge))
         decision.rules.append(_judge_rule(policy.judge.min_win_rate_lower_bound, judge))
     if production is None:
         return decision
@@ -122,6 +123,21 @@ def decide(
     return decision
 
 
+def _judge_parse_rule(floor: float, judge: dict | None) -> RuleResult:
+    """Enough of the judge's verdicts must parse: a judge that mostly answers something else
+    is not judging, whatever the few verdicts it gave say."""
+    rate = (judge or {}).get("parse_rate")
+    outcomes = (judge or {}).get("outcomes", {})
+    return RuleResult(
+        rule="judge-parse-rate",
+        passed=rate is not None and rate >= floor,
+        value=rate,
+        threshold=floor,
+        message=f"{outcomes.get('unparseable', 0)} of {2 * (judge or {}).get('items', 0)} "
+        f"verdicts unparseable (parse rate {rate if rate is not None else 'n/a'}, min {floor})",
+    )
+
+
 def _judge_rule(floor: float, judge: dict | None) -> RuleResult:
     """The candidate's judged win rate, on its lower confidence bound, must reach ``floor``."""
     if not judge or judge.get("ci_low") is None:
@@ -142,5 +158,5 @@ def _judge_rule(floor: float, judge: dict | None) -> RuleResult:
         message=f"win rate vs {judge.get('reference', 'reference')} {judge['win_rate']:.3f} "
         f"({judge['confidence']:.0%} CI {low:.3f}-{judge['ci_high']:.3f}, {judge['items']} items x 2 orders; "
         f"{outcomes['win']} won, {outcomes['loss']} lost, {outcomes['tie']} tied, "
-        f"{outcomes['unparseable']} unparseable scored as ties) (min lower bound {floor})",
+        f"{outcomes['unparseable']} unparseable not scored) (min lower bound {floor})",
     )

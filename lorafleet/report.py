@@ -109,7 +109,7 @@ def _judge_line(report: dict) -> str | None:
     return (
         f"judge {judge.get('model', '')} vs {judge['reference']}: win rate {judge['win_rate']:.3f} "
         f"({judge['confidence']:.0%} CI {judge['ci_low']:.3f}-{judge['ci_high']:.3f}) over {judge['items']} items x 2 orders: "
-        f"{o['win']} won, {o['loss']} lost, {o['tie']} tied, {o['unparseable']} unparseable (scored as ties)"
+        f"{o['win']} won, {o['loss']} lost, {o['tie']} tied, {o['unparseable']} unparseable (not scored; parse rate {judge.get('parse_rate')})"
     )
 
 

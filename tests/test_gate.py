@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorafleet.evaluate.judge import aggregate
 from lorafleet.fleet import GateJudge, GatePolicy
 from lorafleet.gate import decide
 
@@ -51,6 +52,7 @@ def _judged(win_rate: float, low: float, high: float) -> dict:
         "confidence": 0.95,
         "reference": "production",
         "outcomes": {"win": 20, "loss": 8, "tie": 2, "unparseable": 2},
+        "parse_rate": 30 / 32,
     }
 
 
@@ -66,9 +68,31 @@ def test_judge_rule_gates_on_the_lower_confidence_bound() -> None:
     assert (rule.rule, rule.value, rule.threshold) == ("judge-win-rate-lower-bound", 0.45, 0.5)
     assert (
         "win rate vs production 0.600 (95% CI 0.450-0.750" in rule.message
-        and "2 unparseable scored as ties" in rule.message
+        and "2 unparseable not scored" in rule.message
     )
     assert decide(policy, 2.0, 1.5, {}, judge=_judged(0.7, 0.55, 0.85)).passed
+
+
+def test_a_judge_whose_verdicts_mostly_do_not_parse_fails_the_gate() -> None:
+    # Given a win rate over the bar from the few verdicts that parsed (4 of 32)
+    policy = GatePolicy(
+        max_loss_ratio=0.95,
+        judge=GateJudge(base_url="http://judge/v1", model="j", min_parse_rate=0.9),
+    )
+    judged = {
+        **_judged(1.0, 1.0, 1.0),
+        "outcomes": {"win": 4, "loss": 0, "tie": 0, "unparseable": 28},
+        "parse_rate": 4 / 32,
+    }
+    # When gated, Then the parse-rate rule fails it, whatever the win rate says
+    decision = decide(policy, 2.0, 1.5, {}, judge=judged)
+    assert not decision.passed
+    rule = next(r for r in decision.rules if r.rule == "judge-parse-rate")
+    assert (rule.passed, rule.value, rule.threshold) == (False, 0.125, 0.9)
+    assert "28 of 32 verdicts unparseable" in rule.message
+    # and a judge with no verdicts at all fails both judge rules
+    none = decide(policy, 2.0, 1.5, {}, judge=aggregate([("unparseable", "unparseable")] * 16))
+    assert [r.passed for r in none.rules if r.rule.startswith("judge")] == [False, False]
 
 
 def test_judge_rule_fails_without_verdicts_and_is_absent_without_a_judge() -> None:

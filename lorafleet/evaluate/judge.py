@@ -6,11 +6,13 @@ cancels out. The judge must end with ``[[A]]``, ``[[B]]`` or ``[[TIE]]``
 (``Verdict: A`` and a bare ``A`` / ``B`` / ``tie`` are accepted too).
 
 Scoring rule (documented in docs/evaluation.md): per order the candidate scores 1 for a
-win, 0 for a loss and 0.5 for a tie; **an unparseable verdict is counted separately and
-scored as a tie** (0.5): a judge that cannot decide neither helps nor hurts the candidate,
-and with a lower-bound rule it cannot carry a candidate through the gate. An item's score is
-the mean of its two orders; the win rate is the mean over items, with a percentile
-bootstrap confidence interval over items from a seeded generator, so it is reproducible.
+win, 0 for a loss and 0.5 for a tie; **an unparseable verdict scores nothing**: it is
+excluded and counted, and the share of orders whose verdict parsed (``parse_rate``) is
+reported, so the gate can refuse a judge that mostly cannot answer (scoring gibberish as
+ties would let a judge that never decides hold the win rate at 0.5 and pass a bar of 0.5).
+An item's score is the mean of its parsed orders (an item with none has no score); the win
+rate is the mean over scored items, with a percentile bootstrap confidence interval over
+them from a seeded generator, so it is reproducible.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ __all__ = [
 ]
 
 Verdict = str  # "A", "B", "tie" or "unparseable"
-SCORE = {"win": 1.0, "loss": 0.0, "tie": 0.5, "unparseable": 0.5}
+SCORE = {"win": 1.0, "loss": 0.0, "tie": 0.5}
+OUTCOMES = (*SCORE, "unparseable")
 
 _BRACKETED = re.compile(r"\[\[\s*(A|B|TIE)\s*\]\]", re.I)
 _LABELLED = re.compile(r"\b(?:verdict|winner|answer)\s*[:=]\s*\**\s*(A|B|tie)\b", re.I)
@@ -122,27 +125,35 @@ def aggregate(
         seed: bootstrap seed.
 
     Returns:
-        ``{"items", "win_rate", "ci_low", "ci_high", "confidence", "outcomes", "position_consistency"}``;
-        ``outcomes`` counts win/loss/tie/unparseable over both orders; ``position_consistency``
-        is the share of items whose two orders agree (a low value means the judge follows position).
+        ``{"items", "scored_items", "win_rate", "ci_low", "ci_high", "confidence", "outcomes",
+        "parse_rate", "position_consistency"}``; ``outcomes`` counts win/loss/tie/unparseable
+        over both orders; ``parse_rate`` is the share of orders whose verdict parsed;
+        ``position_consistency`` is the share of items whose two orders agree (a low value
+        means the judge follows position). The win rate and its interval are ``None`` when no
+        verdict parsed.
     """
     outcomes: Counter[str] = Counter()
     scores, agree = [], 0
     for as_a, as_b in verdicts:
         first, second = _outcome(as_a, "A"), _outcome(as_b, "B")
         outcomes.update([first, second])
-        scores.append((SCORE[first] + SCORE[second]) / 2)
+        parsed = [SCORE[o] for o in (first, second) if o in SCORE]
+        if parsed:
+            scores.append(sum(parsed) / len(parsed))
         agree += first == second and first != "unparseable"
     low, high = bootstrap_ci(scores, confidence, resamples, seed)
-    n = len(scores)
+    items, scored = len(verdicts), len(scores)
+    orders = 2 * items
     return {
-        "items": n,
-        "win_rate": round(sum(scores) / n, 4) if n else None,
-        "ci_low": round(low, 4) if n else None,
-        "ci_high": round(high, 4) if n else None,
+        "items": items,
+        "scored_items": scored,
+        "win_rate": round(sum(scores) / scored, 4) if scored else None,
+        "ci_low": round(low, 4) if scored else None,
+        "ci_high": round(high, 4) if scored else None,
         "confidence": confidence,
-        "outcomes": {k: outcomes[k] for k in SCORE},
-        "position_consistency": round(agree / n, 4) if n else None,
+        "outcomes": {k: outcomes[k] for k in OUTCOMES},
+        "parse_rate": round((orders - outcomes["unparseable"]) / orders, 4) if orders else None,
+        "position_consistency": round(agree / items, 4) if items else None,
     }
 
 

@@ -19,6 +19,12 @@ class GateJudge(StrictModel):
     min_win_rate_lower_bound: float = Field(
         0.5, ge=0, le=1, description="the win rate's lower confidence bound must be >= this"
     )
+    min_parse_rate: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="share of verdicts that must parse ([[A]], [[B]], [[TIE]]); unparseable ones score nothing",
+    )
     confidence: float = Field(
         0.95, gt=0, lt=1, description="two-sided level of the bootstrap interval"
     )

@@ -48,19 +48,34 @@ def test_a_judge_that_always_picks_position_a_cancels_out() -> None:
     result = aggregate([("A", "A")] * 10)
     assert result["win_rate"] == 0.5
     assert result["outcomes"] == {"win": 10, "loss": 10, "tie": 0, "unparseable": 0}
-    assert result["position_consistency"] == 0.0
+    assert result["position_consistency"] == 0.0 and result["parse_rate"] == 1.0
 
 
 def test_consistent_wins_ties_and_unparseable_verdicts() -> None:
-    # 6 items won in both orders, 2 tied, 2 with gibberish in both orders (scored as ties).
+    # 6 items won in both orders, 2 tied, 2 with gibberish in both orders (not scored).
     verdicts = [("A", "B")] * 6 + [("tie", "tie")] * 2 + [("unparseable", "unparseable")] * 2
     result = aggregate(verdicts, resamples=2000, seed=3)
-    assert result["items"] == 10
-    assert result["win_rate"] == pytest.approx((6 + 0.5 * 4) / 10)
+    assert (result["items"], result["scored_items"]) == (10, 8)
+    assert result["win_rate"] == pytest.approx((6 + 0.5 * 2) / 8)
     assert result["outcomes"] == {"win": 12, "loss": 0, "tie": 4, "unparseable": 4}
+    assert result["parse_rate"] == pytest.approx(16 / 20)
     assert result["position_consistency"] == 0.8  # gibberish pairs do not count as agreeing
     assert result["ci_low"] <= result["win_rate"] <= result["ci_high"]
-    assert 0.5 < result["ci_low"] < result["ci_high"] < 1.0
+    assert 0.5 < result["ci_low"] < result["ci_high"] <= 1.0
+
+
+def test_a_judge_that_only_writes_gibberish_gives_no_win_rate() -> None:
+    # Scoring gibberish as ties held the win rate at 0.5: a lower bound of 0.5 then passed.
+    result = aggregate([("unparseable", "unparseable")] * 12)
+    assert result["win_rate"] is None and result["ci_low"] is None
+    assert result["parse_rate"] == 0.0 and result["outcomes"]["unparseable"] == 24
+
+
+def test_one_unparseable_order_leaves_the_other_orders_score() -> None:
+    result = aggregate([("A", "unparseable"), ("unparseable", "A")])
+    # the first item won as A; the second lost as B (the judge picked A, the reference)
+    assert result["win_rate"] == 0.5 and result["scored_items"] == 2
+    assert result["parse_rate"] == 0.5
 
 
 def test_bootstrap_is_seeded_and_narrows_with_more_items() -> None:
@@ -113,8 +128,8 @@ def test_judge_prompt_shows_the_request_and_both_answers() -> None:
 @pytest.mark.integration
 def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
     """The tiny base judges through the runtime's /openai/v1: its replies are gibberish,
-    so every verdict is unparseable and scored as a tie, and the gate's bar of 0.5 on the
-    lower bound is not met by a judge that cannot decide."""
+    so its verdicts are unparseable and score nothing, and the gate refuses a judge whose
+    verdicts mostly do not parse."""
     from lorafleet.evaluate.judge import SCORE
     from lorafleet.fleet import GateJudge, GatePolicy
     from lorafleet.gate import decide
@@ -129,17 +144,17 @@ def test_judge_through_the_projects_own_openai_server(tiny_base) -> None:
     outcomes = result["outcomes"]
     assert sum(outcomes.values()) == 6
     assert all(isinstance(e["candidate_as_a"], str) for e in result["examples"])
-    assert result["win_rate"] == pytest.approx(sum(SCORE[k] * v for k, v in outcomes.items()) / 6)
     assert outcomes["unparseable"] >= 1  # a 300-token toy model does not write [[A]]
+    parsed = {k: v for k, v in outcomes.items() if k in SCORE}
+    assert result["parse_rate"] == pytest.approx(sum(parsed.values()) / 6)
     policy = GatePolicy(
         max_loss_ratio=2.0,
         judge=GateJudge(base_url=url, model="base", min_win_rate_lower_bound=0.5),
     )
     decision = decide(policy, 2.0, 1.0, {}, judge={**result, "reference": "production"})
-    rule = decision.rules[-1]
-    assert rule.rule == "judge-win-rate-lower-bound"
-    assert rule.passed == (result["ci_low"] >= 0.5)
-    assert "unparseable scored as ties" in rule.message
+    parse_rule = next(r for r in decision.rules if r.rule == "judge-parse-rate")
+    assert parse_rule.passed == (result["parse_rate"] >= 0.9)
+    assert not decision.passed  # at least one of 6 verdicts did not parse: 5/6 < 0.9
 
 
 def test_judge_client_reports_an_unreachable_endpoint() -> None:
