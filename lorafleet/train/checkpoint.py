@@ -5,6 +5,10 @@ trainable (adapter) weights, the optimizer and scheduler states, every RNG state
 ``state.json`` (step, data position, metrics so far, and the identity of the run: base
 fingerprint, LoRA settings, data plan). It is built in a temporary directory and renamed
 into place, so a process killed at any moment leaves only whole checkpoints behind.
+
+Nothing is unpickled on resume (checkpoints may sit on a shared volume others can write):
+weights and RNG tensors are safetensors, Python's and numpy's RNG states plain JSON, and the
+optimizer and scheduler states load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -38,28 +42,62 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_state() -> dict[str, Any]:
+def _save_rng_state(folder: Path) -> None:
+    """Every RNG's state: torch's (CPU and each CUDA device) as tensors in
+    ``rng.safetensors``, Python's and numpy's as numbers in ``rng.json``."""
     import numpy as np
     import torch
+    from safetensors.torch import save_file
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": (kind, keys, pos, has_gauss, gauss),
-    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, folder / "rng.safetensors")
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    atomic_write_json(
+        folder / "rng.json",
+        {
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+            "numpy": {
+                "kind": kind,
+                "keys": [int(k) for k in keys],
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+        },
+    )
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _load_rng_state(folder: Path) -> None:
     import numpy as np
     import torch
+    from safetensors.torch import load_file
 
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    if not (folder / "rng.json").is_file():
+        raise ResumeMismatchError(
+            f"{folder}: no rng.json (a checkpoint of an older lorafleet, whose pickled RNG "
+            "state is not loaded); resume refused (start a new run directory)"
+        )
+    tensors = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    numbers = json.loads((folder / "rng.json").read_text())
+    py = numbers["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    state = numbers["numpy"]
+    np.random.set_state(
+        (
+            state["kind"],
+            np.asarray(state["keys"], dtype=np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
 
 
 def save_checkpoint(
@@ -92,7 +130,7 @@ def save_checkpoint(
         save_file(weights, tmp / "adapter_model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        _save_rng_state(tmp)
         atomic_write_json(tmp / "state.json", {**state, "step": step})
     for old in _checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -139,6 +177,5 @@ def load_checkpoint(
         torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    # Python's and numpy's RNG states are tuples of plain values; weights_only cannot hold them.
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    _load_rng_state(path)
     return state

@@ -213,3 +213,36 @@ def test_qlora_without_gpu_or_bitsandbytes_is_a_clear_error(
         LoRARecipe(
             tiny_base, _records(), LORA.model_copy(update={"qlora": True}), TRAINING, tmp_path
         )
+
+
+def test_rng_states_round_trip_without_pickle(tmp_path: Path) -> None:
+    """Given saved RNG states, when they are loaded after the generators moved on, then
+    torch, Python and numpy draw exactly what they drew right after the save, and the
+    checkpoint holds no pickle (a shared volume's file is never unpickled)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from lorafleet.train.checkpoint import _load_rng_state, _save_rng_state
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    np.random.standard_normal()  # numpy's cached Gaussian is part of its state
+    _save_rng_state(tmp_path)
+    expected = (torch.rand(4), random.random(), np.random.standard_normal(3))
+    torch.rand(100), random.random(), np.random.standard_normal(7)
+    _load_rng_state(tmp_path)
+    got = (torch.rand(4), random.random(), np.random.standard_normal(3))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[1] == expected[1]
+    np.testing.assert_array_equal(got[2], expected[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.json", "rng.safetensors"]
+    json.loads((tmp_path / "rng.json").read_text())  # plain JSON
+
+
+def test_an_older_checkpoint_with_pickled_rng_is_refused(tmp_path: Path) -> None:
+    from lorafleet.train.checkpoint import _load_rng_state
+
+    (tmp_path / "rng.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ResumeMismatchError, match="older lorafleet"):
+        _load_rng_state(tmp_path)
