@@ -43,7 +43,9 @@ def _rendered(file: Path, profile: str | None, registry: Path | None) -> list[di
     spec = load_fleet(file, check_files=False)
     profile = profile or spec.serving.profile
     objects = render(spec, profile, resolve_adapters(spec, registry))
-    validate_manifests(objects, f"deploy render {profile}")
+    report = validate_manifests(objects, f"deploy render {profile}")
+    if report.note:
+        console.print(f"note: {report.note}")
     return objects
 
 

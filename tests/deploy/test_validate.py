@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 
@@ -54,3 +55,17 @@ def test_all_problems_are_reported_at_once(rendered):
         validate_manifests(objects, "test")
     # every object but the unchecked ServiceMonitor
     assert str(info.value).count("labelz") == len(objects) - 1
+
+
+def test_without_kubernetes_validate_core_kinds_are_unchecked_with_a_note(
+    rendered, monkeypatch
+) -> None:
+    # The images leave kubernetes-validate out (100+ MB of schemas): render still works there,
+    # KServe kinds are still checked, and the report says what was not.
+    monkeypatch.setitem(sys.modules, "kubernetes_validate", None)  # import now fails
+    objects = rendered["aws"]
+    report = validate_manifests(objects, "test")
+    kserve = [o for o in objects if o["apiVersion"].startswith("serving.kserve.io/")]
+    assert kserve and len(report.checked) == len(kserve)
+    assert len(report.unchecked) == len(objects) - len(kserve)
+    assert report.note and "pip install 'lorafleet[validate]'" in report.note
