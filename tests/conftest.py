@@ -1,14 +1,24 @@
 """Shared fixtures: a tiny demo base model and LoRA adapters on it, built once per session,
-and a scripted OpenAI-compatible HTTP server for the clients' failure paths."""
+a scripted OpenAI-compatible HTTP server for the clients' failure paths, and a real
+S3-compatible server (moto) on 127.0.0.1 for everything that reads or writes s3://."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import boto3
 import pytest
 
 from lorafleet.base import DemoBaseConfig, build_demo_base
@@ -156,3 +166,74 @@ def openai_stub() -> Iterator[OpenAIStub]:
         yield stub
     finally:
         stub.close()
+
+
+# --- S3 (moto) -------------------------------------------------------------------------
+
+S3_BUCKET = "lorafleet-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _moto_server(extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start ``moto_server`` on a free port, wait until it answers, kill it afterwards."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.05)
+        yield endpoint
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def aws_env() -> Iterator[None]:
+    """Credentials and region for the test server, found by botocore's standard chain."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_env: None) -> Iterator[str]:
+    """The URL of a moto S3 server on 127.0.0.1 holding the bucket ``S3_BUCKET``
+    (``lorafleet-test``); tests share it, so each writes under its own prefix."""
+    with _moto_server() as url:
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def start_moto_server() -> Callable[..., AbstractContextManager[str]]:
+    """Start another moto server: ``with start_moto_server({"ENV": "x"}) as url: ...``."""
+    return _moto_server
+
+
+@pytest.fixture
+def unreachable_endpoint() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    return f"http://127.0.0.1:{_free_port()}"

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from lorafleet.errors import LorafleetError, StorageError
 from lorafleet.storage import (
+    DEFAULT_PVC_ROOT,
     PVC_MOUNTS_ENV,
+    PVC_ROOT_ENV,
     Location,
     PreconditionFailed,
     RetryPolicy,
@@ -39,10 +41,11 @@ def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
 
 @pytest.fixture
 def storage(tmp_path: Path) -> Storage:
-    """A storage with one claim, ``models``, mounted at ``tmp_path/mnt/models``."""
+    """A storage with one claim, ``models``, mounted at ``tmp_path/mnt/models`` (and an
+    empty claims root, so no other claim is found)."""
     mount = tmp_path / "mnt" / "models"
     mount.mkdir(parents=True)
-    return Storage(pvc_mounts={"models": mount})
+    return Storage(pvc_mounts={"models": mount}, pvc_root=tmp_path / "pvc")
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -220,6 +223,43 @@ def test_malformed_pvc_mounts_are_refused(text: str) -> None:
         parse_pvc_mounts(text)
 
     assert one_line(error).startswith(f"{PVC_MOUNTS_ENV}: entry")
+
+
+def test_unlisted_claim_is_found_under_the_pvc_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a claim listed in the mounts and two others mounted under the root, one of
+    # them listed too (the list wins)
+    (tmp_path / "pvc" / "adapters").mkdir(parents=True)
+    (tmp_path / "pvc" / "models").mkdir(parents=True)
+    monkeypatch.setenv(PVC_MOUNTS_ENV, f"models={tmp_path}/mnt/models")
+    monkeypatch.setenv(PVC_ROOT_ENV, str(tmp_path / "pvc"))
+    storage = Storage()
+
+    # When an unlisted claim is written and read, it lands at ROOT/CLAIM
+    storage.write_text("pvc://adapters/writer/v1/note.txt", "hi")
+
+    assert (tmp_path / "pvc" / "adapters" / "writer" / "v1" / "note.txt").read_text() == "hi"
+    assert storage.read_text("pvc://adapters/writer/v1/note.txt") == "hi"
+    assert storage.local_path("pvc://models/x") == tmp_path / "mnt" / "models" / "x"
+    # and a claim that is neither listed nor under the root is still not mounted
+    with pytest.raises(StorageError) as error:
+        storage.local_path("pvc://datasets/x")
+    message = one_line(error)
+    assert "claim 'datasets' is not mounted" in message
+    assert f"mount it at {tmp_path / 'pvc' / 'datasets'}" in message
+
+
+def test_pvc_root_defaults_to_mnt_pvc_and_must_be_absolute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(PVC_ROOT_ENV, raising=False)
+    assert Storage().pvc_root == DEFAULT_PVC_ROOT == Path("/mnt/pvc")
+
+    monkeypatch.setenv(PVC_ROOT_ENV, "relative/claims")
+    with pytest.raises(StorageError) as error:
+        Storage()
+    assert one_line(error) == f"{PVC_ROOT_ENV}: 'relative/claims' must be an absolute path"
 
 
 # --- local and pvc operations ----------------------------------------------------------

@@ -7,13 +7,10 @@ import hashlib
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,68 +20,16 @@ import pytest
 from lorafleet.errors import StorageError
 from lorafleet.storage import Location, PreconditionFailed, RetryPolicy, Storage, parse_location
 
+from .conftest import S3_BUCKET as BUCKET
+
 pytestmark = pytest.mark.integration
 
-BUCKET = "lorafleet-test"
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _moto_server(extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start ``moto_server`` on a free port, wait until it answers, kill it afterwards."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(extra_env or {})},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.05)
-        yield endpoint
-    finally:
-        server.kill()
-        server.wait()
-
-
-@pytest.fixture(scope="session")
-def aws_env() -> Iterator[None]:
-    """Credentials and region for the test server, found by botocore's standard chain."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
-        yield
-
-
-@pytest.fixture(scope="session")
-def endpoint(aws_env: None) -> Iterator[str]:
-    """A moto S3 server with the bucket ``lorafleet-test``."""
-    with _moto_server() as url:
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-        yield url
-
-
 @pytest.fixture
-def storage(endpoint: str) -> Storage:
-    return Storage(s3_endpoint_url=endpoint, pvc_mounts={}, retry=FAST_RETRY)
+def storage(s3_endpoint: str) -> Storage:
+    return Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={}, retry=FAST_RETRY)
 
 
 @pytest.fixture
@@ -133,14 +78,14 @@ def test_round_trips(storage: Storage, prefix: Location) -> None:
 
 
 def test_endpoint_comes_from_the_standard_variable(
-    endpoint: str, prefix: Location, monkeypatch: pytest.MonkeyPatch
+    s3_endpoint: str, prefix: Location, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
 
     storage = Storage(pvc_mounts={})
     storage.write_text(prefix / "x.txt", "via env")
 
-    assert storage.s3_endpoint_url == endpoint
+    assert storage.s3_endpoint_url == s3_endpoint
     assert storage.read_text(prefix / "x.txt") == "via env"
 
 
@@ -196,10 +141,10 @@ def test_copies_between_stores(storage: Storage, prefix: Location, tmp_path: Pat
 
 @pytest.mark.parametrize("bad_key", ["tree/../../escape", "tree//x"])
 def test_download_refuses_keys_that_leave_the_tree(
-    storage: Storage, endpoint: str, prefix: Location, tmp_path: Path, bad_key: str
+    storage: Storage, s3_endpoint: str, prefix: Location, tmp_path: Path, bad_key: str
 ) -> None:
     # Given an object written by another tool with a key that climbs out of the tree
-    boto3.client("s3", endpoint_url=endpoint).put_object(
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
         Bucket=BUCKET, Key=f"{prefix.key}/{bad_key}", Body=b"x"
     )
     storage.write_text(prefix / "tree/ok.txt", "ok")
@@ -221,10 +166,10 @@ def test_missing_object_and_bucket_are_one_line(storage: Storage, prefix: Locati
     assert one_line(no_bucket) == "s3://no-such-bucket-here/x.json: the bucket does not exist"
 
 
-def test_unreachable_store_is_one_line_after_bounded_retries(aws_env: None) -> None:
-    storage = Storage(
-        s3_endpoint_url=f"http://127.0.0.1:{_free_port()}", pvc_mounts={}, retry=FAST_RETRY
-    )
+def test_unreachable_store_is_one_line_after_bounded_retries(
+    aws_env: None, unreachable_endpoint: str
+) -> None:
+    storage = Storage(s3_endpoint_url=unreachable_endpoint, pvc_mounts={}, retry=FAST_RETRY)
 
     started = time.monotonic()
     with pytest.raises(StorageError) as error:
@@ -237,9 +182,9 @@ def test_unreachable_store_is_one_line_after_bounded_retries(aws_env: None) -> N
     assert time.monotonic() - started < 5
 
 
-def test_denied_access_is_one_line(aws_env: None) -> None:
+def test_denied_access_is_one_line(aws_env: None, start_moto_server) -> None:
     # A second server that checks credentials: the test key pair is unknown to it.
-    with _moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
+    with start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
         storage = Storage(s3_endpoint_url=url, pvc_mounts={}, retry=FAST_RETRY)
         with pytest.raises(StorageError) as error:
             storage.read_bytes(f"s3://{BUCKET}/x.json")
@@ -284,8 +229,8 @@ class _ResettingProxy:
         self.listener.close()
 
 
-def test_connection_resets_are_retried(endpoint: str, prefix: Location) -> None:
-    proxy = _ResettingProxy(endpoint, drops=2)
+def test_connection_resets_are_retried(s3_endpoint: str, prefix: Location) -> None:
+    proxy = _ResettingProxy(s3_endpoint, drops=2)
     try:
         storage = Storage(s3_endpoint_url=proxy.url, pvc_mounts={}, retry=FAST_RETRY)
         storage.write_text(prefix / "through-resets.txt", "made it")
@@ -294,7 +239,7 @@ def test_connection_resets_are_retried(endpoint: str, prefix: Location) -> None:
 
     assert proxy.dropped == 2
     assert (
-        Storage(s3_endpoint_url=endpoint, pvc_mounts={}).read_text(prefix / "through-resets.txt")
+        Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={}).read_text(prefix / "through-resets.txt")
         == "made it"
     )
 

@@ -1,37 +1,39 @@
 """Adapter admission: where an adapter comes from, and the checks it must pass before serving.
 
-An adapter source is a local directory, ``pvc://CLAIM/PATH`` (the claim mounted at
+An adapter source is any :mod:`lorafleet.storage` location: a local directory,
+``pvc://CLAIM/PATH`` (where the claim is mounted: ``LORAFLEET_PVC_MOUNTS``, else
 ``$LORAFLEET_PVC_ROOT/CLAIM``, default ``/mnt/pvc/CLAIM``), or ``s3://BUCKET/PREFIX`` /
-``gs://BUCKET/PREFIX``, downloaded once into a cache directory by an optional hook
-(``boto3`` / ``google-cloud-storage``; a clear error names the missing package).
+``gs://BUCKET/PREFIX``, downloaded once, whole or not at all, into a cache directory. A
+source that is malformed, leaves its claim, is missing or cannot be reached is an
+:class:`AdapterRejected` (reason ``source``) carrying the storage layer's one-line message.
 
 :func:`check_adapter_files` runs the static checks, each failure an :class:`AdapterRejected`
-with a one-line reason: safetensors weights only (pickle files refused), rank at most the
-server's maximum, target modules present in the base, the base fingerprint in
-``lineage.json`` equal to the served base's, and every tensor's shape equal to what the base
-expects. :func:`check_changes_output` runs the last, dynamic check once the weights are
-loaded: the adapter must change the base's next-token logits on a probe prompt.
+with a one-line reason: safetensors weights only (pickle files refused), every file listed
+in ``lineage.json``'s ``files`` equal to its recorded SHA-256, rank at most the server's
+maximum, target modules present in the base, the base fingerprint in ``lineage.json``
+equal to the served base's, and every tensor's shape equal to what the base expects.
+:func:`check_changes_output` runs the last, dynamic check once the weights are loaded: the
+adapter must change the base's next-token logits on a probe prompt.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.errors import LorafleetError
-from lorafleet.io import atomic_dir, sha256_json
+from lorafleet.errors import LorafleetError, StorageError
+from lorafleet.io import sha256_file, sha256_json
+from lorafleet.storage import Storage, parse_location
 
 __all__ = [
     "ADAPTER_NAME",
     "AdapterInfo",
     "AdapterRejected",
     "BaseModelInfo",
-    "Downloader",
     "check_adapter_files",
     "check_changes_output",
     "resolve_source",
@@ -46,17 +48,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # The smallest logit change that counts as "changes the output" (float32 noise is ~1e-7).
 MIN_LOGIT_CHANGE = 1e-5
 
-# download(bucket, prefix, dest): copy every object under prefix into the directory dest.
-Downloader = Callable[[str, str, Path], None]
-
 
 class AdapterRejected(LorafleetError):
     """An adapter failed a check; ``reason`` is a short stable code, the message one line.
 
     Attributes:
         name: the adapter's served name.
-        reason: one of ``name``, ``source``, ``format``, ``rank``, ``target_modules``,
-            ``fingerprint``, ``shape``, ``no_effect``, ``load``.
+        reason: one of ``name``, ``source``, ``format``, ``digest``, ``rank``,
+            ``target_modules``, ``fingerprint``, ``shape``, ``no_effect``, ``load``.
         detail: what exactly is wrong.
     """
 
@@ -125,83 +124,41 @@ class AdapterInfo:
     base_fingerprint: str | None
 
 
-def _download_s3(bucket: str, prefix: str, dest: Path) -> None:
-    try:
-        import boto3
-    except ImportError:
-        raise LorafleetError(
-            "s3:// adapters need boto3: pip install boto3 (or mount the bucket and use a path)"
-        ) from None
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            relative = obj["Key"][len(prefix) :].lstrip("/")
-            if relative:
-                (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(dest / relative))
-
-
-def _download_gcs(bucket: str, prefix: str, dest: Path) -> None:
-    try:
-        from google.cloud import storage
-    except ImportError:
-        raise LorafleetError(
-            "gs:// adapters need google-cloud-storage: pip install google-cloud-storage "
-            "(or mount the bucket and use a path)"
-        ) from None
-    for blob in storage.Client().list_blobs(bucket, prefix=prefix):
-        relative = blob.name[len(prefix) :].lstrip("/")
-        if relative:
-            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(dest / relative))
-
-
-DOWNLOADERS: dict[str, Downloader] = {"s3": _download_s3, "gs": _download_gcs}
-
-
 def resolve_source(
-    name: str,
-    source: str | Path,
-    cache_dir: Path,
-    downloaders: Mapping[str, Downloader] | None = None,
+    name: str, source: str | Path, cache_dir: Path, storage: Storage | None = None
 ) -> Path:
     """The local directory of an adapter source, downloading remote ones into ``cache_dir``.
 
     Args:
         name: the adapter's served name (for error messages).
         source: a directory, ``pvc://CLAIM/PATH``, ``s3://BUCKET/PREFIX`` or ``gs://...``.
-        cache_dir: where remote adapters are downloaded (one subdirectory per source).
-        downloaders: scheme -> download hook; defaults to boto3 / google-cloud-storage.
+        cache_dir: where remote adapters are downloaded (one subdirectory per source, kept:
+            a source downloaded once is not downloaded again).
+        storage: what reads the source; by default a :class:`~lorafleet.storage.Storage`
+            configured from the environment (claim mounts, S3 endpoint, credentials).
 
     Returns:
         A local directory that exists.
 
     Raises:
-        AdapterRejected: (reason ``source``) if the source is malformed or missing.
-        LorafleetError: if a remote scheme's client library is not installed.
+        AdapterRejected: (reason ``source``) if the source is malformed, leaves its bucket
+            or claim, is not mounted, is missing, or cannot be downloaded.
     """
-    text = str(source)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        path = Path(text)
-    elif scheme == "pvc":
-        claim, _, sub = rest.partition("/")
-        root = Path(os.environ.get("LORAFLEET_PVC_ROOT", "/mnt/pvc")) / claim
-        path = root / sub
-        if not claim or ".." in Path(sub).parts:
-            raise AdapterRejected(name, "source", f"{text}: expected pvc://CLAIM/PATH without '..'")
-    elif scheme in (downloaders or DOWNLOADERS):
-        bucket, _, prefix = rest.partition("/")
-        if not bucket or not prefix:
-            raise AdapterRejected(name, "source", f"{text}: expected {scheme}://BUCKET/PREFIX")
-        path = cache_dir / f"{scheme}-{sha256_json(text)[:16]}"
-        if not path.is_dir():
-            with atomic_dir(path) as tmp:
-                (downloaders or DOWNLOADERS)[scheme](bucket, prefix.rstrip("/"), tmp)
-    else:
-        raise AdapterRejected(name, "source", f"{text}: unknown scheme {scheme!r}")
-    if not path.is_dir():
-        raise AdapterRejected(name, "source", f"{path}: no such adapter directory")
+    try:
+        storage = storage or Storage()
+        loc = parse_location(source)
+        if loc.scheme in ("s3", "gs"):
+            if not loc.key:
+                raise StorageError(loc.uri, f"expected {loc.scheme}://BUCKET/PREFIX")
+            path = Path(cache_dir) / f"{loc.scheme}-{sha256_json(loc.uri)[:16]}"
+            if not path.is_dir():  # download_tree puts the directory in place only when whole
+                storage.download_tree(loc, path)
+        else:
+            path = storage.local_path(loc)
+    except StorageError as error:
+        raise AdapterRejected(name, "source", str(error)) from None
+    if path is None or not path.is_dir():
+        raise AdapterRejected(name, "source", f"{loc.uri}: no such adapter directory")
     return path
 
 
@@ -224,6 +181,65 @@ def _targets_present(targets: Any, linear: Mapping[str, tuple[int, int]]) -> lis
             return []
         return [targets]
     return [t for t in targets or [] if not any(n == t or n.endswith(f".{t}") for n in linear)]
+
+
+def _read_lineage(name: str, path: Path) -> dict[str, Any] | None:
+    """The adapter's ``lineage.json`` as a mapping, or None when it has none.
+
+    Raises:
+        AdapterRejected: (reason ``format``) if the file is not a JSON object.
+    """
+    lineage_file = path / "lineage.json"
+    if not lineage_file.is_file():
+        return None
+    try:
+        lineage = json.loads(lineage_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterRejected(name, "format", f"{lineage_file}: not valid JSON: {error}") from None
+    if not isinstance(lineage, dict):
+        raise AdapterRejected(name, "format", f"{lineage_file}: must be a JSON object")
+    return lineage
+
+
+def _check_digests(name: str, path: Path, files: Any) -> None:
+    """Every file ``lineage.json`` lists under ``files`` must have the SHA-256 recorded there.
+
+    Args:
+        name: the adapter's served name.
+        path: its local directory.
+        files: lineage's ``files``: relative file name -> hex SHA-256; None checks nothing.
+
+    Raises:
+        AdapterRejected: (reason ``digest``) if ``files`` is malformed, names a file outside
+            the adapter or a missing one, or a file's digest differs.
+    """
+    if files is None:
+        return
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise AdapterRejected(
+            name, "digest", "lineage.json 'files' must map file names to SHA-256 hex digests"
+        )
+    for relative, expected in files.items():
+        parts = Path(relative).parts
+        if not parts or Path(relative).is_absolute() or ".." in parts:
+            raise AdapterRejected(
+                name, "digest", f"lineage.json lists {relative!r}, not a file inside the adapter"
+            )
+        file = path / relative
+        if not file.is_file():
+            raise AdapterRejected(
+                name, "digest", f"{relative}: listed in lineage.json but missing from {path}"
+            )
+        actual = sha256_file(file)
+        if actual != expected.lower():
+            raise AdapterRejected(
+                name,
+                "digest",
+                f"{relative}: sha256 {actual[:12]}... does not match lineage.json's "
+                f"{expected[:12]}... (changed since it was registered)",
+            )
 
 
 def check_adapter_files(
@@ -262,6 +278,9 @@ def check_adapter_files(
         )
     if not (path / WEIGHTS).is_file() or not (path / "adapter_config.json").is_file():
         raise AdapterRejected(name, "format", f"{path}: needs adapter_config.json and {WEIGHTS}")
+    lineage = _read_lineage(name, path)
+    if lineage is not None:
+        _check_digests(name, path, lineage.get("files"))
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterRejected(name, "format", f"peft_type {config['peft_type']!r} is not LORA")
@@ -275,10 +294,9 @@ def check_adapter_files(
         raise AdapterRejected(
             name, "target_modules", f"target modules not in the base model: {', '.join(missing)}"
         )
-    lineage_file = path / "lineage.json"
     fingerprint = None
-    if lineage_file.is_file():
-        fingerprint = json.loads(lineage_file.read_text()).get("base", {}).get("fingerprint")
+    if lineage is not None:
+        fingerprint = (lineage.get("base") or {}).get("fingerprint")
         if fingerprint != base.fingerprint:
             raise AdapterRejected(
                 name,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from lorafleet.base import fingerprint_model
-from lorafleet.errors import LorafleetError
 from lorafleet.serve.adapters import (
+    WEIGHTS,
     AdapterRejected,
     BaseModelInfo,
     check_adapter_files,
@@ -19,8 +20,10 @@ from lorafleet.serve.adapters import (
     validate_name,
 )
 from lorafleet.serve.model import LorafleetRuntime
+from lorafleet.storage import PVC_MOUNTS_ENV, PVC_ROOT_ENV, RetryPolicy, Storage
 
-from .conftest import make_adapter
+from ..conftest import S3_BUCKET
+from .conftest import DIGESTED, make_adapter
 
 GOOD = "expert-0"
 
@@ -173,35 +176,133 @@ def test_adapter_that_changes_nothing_is_refused(tiny_base: Path, tmp_path: Path
 def test_local_and_pvc_sources(
     fleet_adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert resolve_source("a", fleet_adapters[GOOD], tmp_path) == fleet_adapters[GOOD]
-    claim = tmp_path / "pvc" / "adapters"
-    shutil.copytree(fleet_adapters[GOOD], claim / "expert" / "v1")
-    monkeypatch.setenv("LORAFLEET_PVC_ROOT", str(tmp_path / "pvc"))
-    assert resolve_source("a", "pvc://adapters/expert/v1", tmp_path) == claim / "expert" / "v1"
-    for bad in ("pvc://adapters/../../etc", "ftp://host/x", str(tmp_path / "nowhere")):
+    # Given a local adapter, a claim listed in LORAFLEET_PVC_MOUNTS and one found only
+    # under LORAFLEET_PVC_ROOT (the runtime's older convention, still honoured)
+    shutil.copytree(fleet_adapters[GOOD], tmp_path / "mnt" / "models" / "expert" / "v1")
+    shutil.copytree(fleet_adapters[GOOD], tmp_path / "pvc" / "adapters" / "expert" / "v1")
+    monkeypatch.setenv(PVC_MOUNTS_ENV, f"models={tmp_path / 'mnt' / 'models'}")
+    monkeypatch.setenv(PVC_ROOT_ENV, str(tmp_path / "pvc"))
+    cache = tmp_path / "cache"
+
+    assert resolve_source("a", fleet_adapters[GOOD], cache) == fleet_adapters[GOOD]
+    assert (
+        resolve_source("a", "pvc://models/expert/v1", cache)
+        == tmp_path / "mnt" / "models" / "expert" / "v1"
+    )
+    assert (
+        resolve_source("a", "pvc://adapters/expert/v1", cache)
+        == tmp_path / "pvc" / "adapters" / "expert" / "v1"
+    )
+    bad = {
+        "pvc://adapters/../../etc": "'..' segments are not allowed",
+        "pvc://x//etc": "no leading '/'",
+        "pvc://..//etc": "invalid claim '..'",
+        "pvc://datasets/expert/v1": "claim 'datasets' is not mounted",
+        "pvc://models/expert/v9": "no such adapter directory",
+        "ftp://host/x": "unknown scheme 'ftp'",
+        str(tmp_path / "nowhere"): "no such adapter directory",
+    }
+    for source, why in bad.items():
         with pytest.raises(AdapterRejected) as err:
-            resolve_source("a", bad, tmp_path)
-        assert err.value.reason == "source"
+            resolve_source("a", source, cache)
+        assert err.value.reason == "source", source
+        assert why in err.value.detail and "\n" not in str(err.value), source
+    assert not cache.exists(), "local sources are never copied"
 
 
-def test_bucket_sources_download_once(fleet_adapters: dict[str, Path], tmp_path: Path) -> None:
-    calls = []
-
-    def download(bucket: str, prefix: str, dest: Path) -> None:
-        calls.append((bucket, prefix))
-        shutil.copytree(fleet_adapters[GOOD], dest, dirs_exist_ok=True)
-
-    hooks = {"gs": download}
-    first = resolve_source("a", "gs://models/fleet/expert-0/", tmp_path, hooks)
-    again = resolve_source("a", "gs://models/fleet/expert-0/", tmp_path, hooks)
-    assert first == again and (first / "adapter_model.safetensors").is_file()
-    assert calls == [("models", "fleet/expert-0")]
-
-
-def test_s3_without_boto3_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.integration  # a real S3-compatible server on 127.0.0.1
+def test_s3_source_downloads_once_into_the_cache(
+    fleet_adapters: dict[str, Path], tmp_path: Path, s3_endpoint: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` fail
-    with pytest.raises(LorafleetError, match="pip install boto3"):
-        resolve_source("a", "s3://bucket/adapters/expert-0", tmp_path)
-    assert not list(tmp_path.iterdir()), "a failed download leaves nothing in the cache"
+    # Given an adapter uploaded to a real S3-compatible server
+    storage = Storage(s3_endpoint_url=s3_endpoint)
+    source = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}/expert-0/"
+    storage.upload_tree(fleet_adapters[GOOD], source)
+
+    # When it is resolved, then its objects are removed and it is resolved again
+    first = resolve_source("a", source, tmp_path, storage)
+    for loc in storage.list_prefix(source):
+        storage.delete(loc)
+    again = resolve_source("a", source, tmp_path, storage)
+
+    # Then the second answer is the first download, whole
+    assert first == again and first.parent == tmp_path
+    assert sorted(p.name for p in first.iterdir()) == sorted(
+        p.name for p in fleet_adapters[GOOD].iterdir()
+    )
+    for file in fleet_adapters[GOOD].iterdir():
+        assert (first / file.name).read_bytes() == file.read_bytes()
+
+
+@pytest.mark.integration  # a real S3-compatible server on 127.0.0.1
+def test_missing_or_unreachable_bucket_sources_are_rejected(
+    tmp_path: Path, s3_endpoint: str, unreachable_endpoint: str
+) -> None:
+    fast = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.01)
+    missing = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}/expert-0"
+    cases = [
+        (Storage(s3_endpoint_url=s3_endpoint), missing, f"{missing}: no objects under this prefix"),
+        (
+            Storage(s3_endpoint_url=unreachable_endpoint, retry=fast),
+            missing,
+            f"{missing}: store unreachable or unavailable after 2 tries",
+        ),
+        (
+            Storage(s3_endpoint_url=s3_endpoint),
+            f"s3://{S3_BUCKET}",
+            f"s3://{S3_BUCKET}: expected s3://BUCKET/PREFIX",
+        ),
+    ]
+    for storage, source, message in cases:
+        with pytest.raises(AdapterRejected) as err:
+            resolve_source("a", source, tmp_path / "cache", storage)
+        assert err.value.reason == "source"
+        assert err.value.detail.startswith(message), err.value.detail
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir()), (
+        "a failed download leaves nothing in the cache"
+    )
+
+
+def test_registered_adapter_with_matching_digests_loads(tiny_base: Path, tmp_path: Path) -> None:
+    path = make_adapter(tiny_base, tmp_path / "registered", seed=7, registered=True)
+    lineage = json.loads((path / "lineage.json").read_text())
+    assert set(lineage["files"]) == set(DIGESTED)  # the digests exist before they are checked
+
+    runtime = LorafleetRuntime("base", tiny_base, {"registered": path})
+
+    assert runtime.load()
+    [info] = runtime.adapter_table()
+    assert info["name"] == "registered" and info["base_fingerprint"] is not None
+    runtime.stop()
+
+
+def test_flipped_byte_in_a_registered_adapter_is_refused(
+    tiny_base: Path, tmp_path: Path, base_info: BaseModelInfo
+) -> None:
+    path = make_adapter(tiny_base, tmp_path / "registered", seed=7, registered=True)
+    expected = json.loads((path / "lineage.json").read_text())["files"][WEIGHTS]
+    weights = bytearray((path / WEIGHTS).read_bytes())
+    weights[len(weights) // 2] ^= 0x01  # one bit of one weight: the file still parses
+    (path / WEIGHTS).write_bytes(weights)
+
+    err = rejected(path, base_info)
+
+    assert err.reason == "digest"
+    actual = hashlib.sha256(weights).hexdigest()
+    assert WEIGHTS in err.detail
+    assert expected[:12] in err.detail and actual[:12] in err.detail
+
+
+def test_adapter_without_digests_in_lineage_still_loads(
+    tiny_base: Path, tmp_path: Path, base_info: BaseModelInfo
+) -> None:
+    # An adapter registered before digests were recorded: lineage.json without "files".
+    path = make_adapter(tiny_base, tmp_path / "older", seed=7, registered=True)
+    lineage = json.loads((path / "lineage.json").read_text())
+    del lineage["files"]
+    (path / "lineage.json").write_text(json.dumps(lineage))
+
+    info = check_adapter_files("older", path, base_info, max_rank=64)
+
+    assert info.base_fingerprint == base_info.fingerprint

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from fastapi import FastAPI
 from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.serve.model import LorafleetRuntime, build_runtime
 from lorafleet.serve.server import mount
+from lorafleet.storage import Storage
+
+from ..conftest import S3_BUCKET
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -124,6 +128,33 @@ async def test_rejected_version_leaves_the_old_one_serving(
     assert put.json()["error"]["code"] == "format"
     assert "pickle" in put.json()["error"]["message"]
     assert text_of(await answer(client, "expert-0")) == before
+
+
+@pytest.mark.integration  # a real S3-compatible server on 127.0.0.1
+async def test_load_from_s3_and_refuse_a_missing_one(
+    served,
+    fleet_adapters: dict[str, Path],
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, client = served
+    # Given expert-6 in a bucket, and the runtime told the endpoint the standard way
+    prefix = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    Storage(s3_endpoint_url=s3_endpoint).upload_tree(fleet_adapters["expert-6"], f"{prefix}/v1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    # When it is loaded from there, it serves
+    put = await client.put("/admin/adapters/remote", json={"source": f"{prefix}/v1"}, headers=AUTH)
+    assert put.status_code == 200, put.text
+    await answer(client, "remote")
+    # And a version that is not in the bucket is refused in one line, reason "source"
+    put = await client.put("/admin/adapters/remote", json={"source": f"{prefix}/v2"}, headers=AUTH)
+    assert put.status_code == 422
+    assert put.json()["error"] == {
+        "code": "source",
+        "message": f"adapter 'remote' rejected (source): {prefix}/v2: no objects under this prefix",
+    }
+    await answer(client, "remote")  # the loaded version keeps serving
+    assert (await client.delete("/admin/adapters/remote", headers=AUTH)).status_code == 200
 
 
 @pytest.mark.parametrize("name", ["..%2Fescape", "a.b", "x" * 70])
