@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from lorafleet.console import console
+from lorafleet.console import console, out, write_json_result
 from lorafleet.errors import LorafleetError, first_problem
 
 app = typer.Typer(
@@ -354,14 +354,16 @@ def data_curate(
 def data_stats(
     files: Annotated[list[Path], typer.Argument(help="Data files (.jsonl or .jsonl.gz).")],
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")
+        Path | None,
+        typer.Option("--json", help="Also write the numbers as JSON to this file ('-': stdout)."),
     ] = None,
 ) -> None:
-    """Describe data files: records by task, source and generator, turns, lengths, personal data."""
+    """Describe data files: records by task, source and generator, turns, lengths, personal data.
+
+    The table goes to stdout; with ``--json -`` the JSON does instead (for scripts)."""
     from rich.table import Table
 
     from lorafleet.data.pii import record_pii
-    from lorafleet.io import atomic_write_json
     from lorafleet.records import iter_records
 
     table = Table(
@@ -412,6 +414,7 @@ def data_stats(
             f"{chars / max(n, 1):.0f}",
             ", ".join(f"{k} {v}" for k, v in counts["pii"].items()) or "none",
         )
-    console.print(table)
     if json_out is not None:
-        atomic_write_json(json_out, numbers)
+        write_json_result(json_out, numbers)
+    if str(json_out) != "-":
+        out.print(table)

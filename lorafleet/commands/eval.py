@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.console import console
+from lorafleet.console import console, out, write_json_result
 from lorafleet.errors import LorafleetError
 
 app = typer.Typer(
@@ -199,9 +199,9 @@ def eval_run(
         from lorafleet.report import render_eval_html
 
         atomic_write_text(html, render_eval_html(report))
-    console.print(rich_eval_table({"run": report}))
+    out.print(rich_eval_table({"run": report}))
     for reason in decision.reasons:
-        console.print(
+        out.print(
             ("[green]" if reason.startswith("PASS") else "[red]") + reason,
             markup=True,
             highlight=False,
@@ -217,6 +217,13 @@ def eval_compare(
     second: Annotated[
         Path, typer.Argument(exists=True, dir_okay=False, help="Another report to set beside it.")
     ],
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the comparison as JSON on stdout (loss, metrics, gate per report).",
+        ),
+    ] = False,
 ) -> None:
     """Show two evaluation reports side by side: held-out loss, every candidate metric, the gate."""
     import json
@@ -234,4 +241,18 @@ def eval_compare(
             raise LorafleetError(
                 f"{path}: not an evaluation report (no {', '.join(sorted(missing))})"
             )
-    console.print(rich_eval_table(reports))
+    if as_json:
+        write_json_result(
+            "-",
+            {
+                path: {
+                    "eval_loss_base": r.get("eval_loss_base"),
+                    "eval_loss_candidate": r["eval_loss_candidate"],
+                    "metrics_candidate": r["metrics_candidate"],
+                    "gate_passed": r.get("gate_passed"),
+                }
+                for path, r in reports.items()
+            },
+        )
+        return
+    out.print(rich_eval_table(reports))

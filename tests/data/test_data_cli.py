@@ -110,6 +110,27 @@ def test_validate_synthesize_shards_curate_and_stats(
     assert numbers["records"] == len(train) and set(numbers["source"]) == {"human", "synthetic"}
 
 
+def test_stats_results_go_to_stdout_and_json_dash_means_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lorafleet", "data", "stats", str(DATA / "seed.jsonl")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    table = capsys.readouterr()
+    assert exc.value.code == 0 and "records" in table.out and "records" not in table.err
+    # the table is not cut when piped: the whole path is on one line
+    assert str(DATA / "seed.jsonl") in table.out
+    monkeypatch.setattr(
+        "sys.argv", ["lorafleet", "data", "stats", str(DATA / "seed.jsonl"), "--json", "-"]
+    )
+    with pytest.raises(SystemExit) as exc:
+        main()
+    printed = capsys.readouterr().out
+    assert exc.value.code == 0 and not (tmp_path / "-").exists()
+    assert json.loads(printed)[str(DATA / "seed.jsonl")]["records"] == 30
+
+
 def test_curate_writes_nothing_when_an_input_is_malformed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -76,7 +76,8 @@ def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(
     assert "| metric | candidate | base | production |" in (tmp_path / "a.md").read_text()
     page = (tmp_path / "a.html").read_text()
     assert page.count("<svg") == 1 and "<script" not in page
-    assert "held-out loss" in run.stderr  # the terminal table (stderr keeps stdout clean)
+    # the result table on stdout, diagnostics only on stderr
+    assert "held-out loss" in run.stdout and "held-out loss" not in run.stderr
     assert "0:00:" not in run.stderr  # no progress bar (its elapsed-time column) off a terminal
 
     # The base as its own candidate: compare the two reports.
@@ -95,7 +96,12 @@ def test_eval_run_writes_reports_and_compare_sets_them_side_by_side(
     assert compare.returncode == 0, compare.stderr[-2000:]
     b = json.loads((tmp_path / "b.json").read_text())
     change = b["eval_loss_candidate"] - report["eval_loss_candidate"]
-    assert f"{change:+.4f}" in compare.stderr
+    assert f"{change:+.4f}" in compare.stdout
+    as_json = _cli("eval", "compare", "a.json", "b.json", "--json", cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr[-2000:]
+    both = json.loads(as_json.stdout)
+    assert both["a.json"]["eval_loss_candidate"] == report["eval_loss_candidate"]
+    assert both["b.json"]["metrics_candidate"] == b["metrics_candidate"]
 
 
 def test_eval_cli_user_mistakes_are_one_line(tmp_path: Path) -> None:
