@@ -13,7 +13,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServingMetrics"]
+__all__ = ["UNKNOWN_MODEL", "ServingMetrics"]
+
+# The model and adapter labels of a request for a model nobody serves: any client can send
+# any string, and each new label value would be a new series kept forever.
+UNKNOWN_MODEL = "_unknown"
 
 # Seconds: a short completion on a tiny CPU model up to a long one on a loaded GPU.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -23,7 +27,8 @@ class ServingMetrics:
     """Counters and histograms per (model, adapter) pair.
 
     ``model`` is the name the client asked for (a route or an adapter), ``adapter`` the
-    version that answered (``""`` when none did, e.g. an unknown model).
+    version that answered. A request for a model that is not served is labelled
+    :data:`UNKNOWN_MODEL` on both, so labels stay bounded by what is actually served.
 
     Args:
         registry: where the metrics live; a fresh one when ``None``.

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from lorafleet.engine.generation import FinishReason, GenerationRequest, GenerationResult
 from lorafleet.errors import LorafleetError, first_problem, validation_problems
 from lorafleet.serve.batching import Overloaded
+from lorafleet.serve.metrics import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
     from lorafleet.serve.model import LorafleetRuntime
@@ -279,6 +280,7 @@ class _Endpoints:
         try:
             adapter = runtime.adapter_for(served)
         except KeyError:
+            call.model = call.adapter = UNKNOWN_MODEL
             call.done(404)
             return _error(
                 404,

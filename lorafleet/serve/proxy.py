@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lorafleet.serve.metrics import ServingMetrics
+from lorafleet.serve.metrics import UNKNOWN_MODEL, ServingMetrics
 from lorafleet.serve.routes import RouteTable, routes_admin_router
 
 __all__ = ["proxy_app"]
@@ -77,6 +77,9 @@ class _ProxyHandlers:
         if body.get("stream"):
             relay = self._relay(response, model, adapter, start)
             return StreamingResponse(relay, response.status_code, headers)
+        if response.status_code == 404 and model not in self.table:
+            # the upstream serves no such model: keep the client's string out of the labels
+            model = adapter = UNKNOWN_MODEL
         content = await response.aread()
         await response.aclose()
         self.metrics.observe(

@@ -186,3 +186,16 @@ def test_proxy_routes_by_weight_for_the_openai_client(proxy: str, server: str) -
             'lorafleet_requests_total{adapter="expert-5",model="proposal-writer",status="200"} 2.0'
             in metrics
         )
+
+
+def test_proxy_keeps_unknown_model_strings_out_of_its_metric_labels(proxy: str) -> None:
+    with (
+        openai.OpenAI(base_url=f"{proxy}/openai/v1", api_key="x", max_retries=0) as client,
+        httpx.Client(base_url=proxy, timeout=10) as admin,
+    ):
+        for i in range(3):
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(**chat(f"invented-{i}", "hi", 2))
+        metrics = admin.get("/metrics").text
+    assert "invented-" not in metrics
+    assert 'lorafleet_requests_total{adapter="_unknown",model="_unknown",status="404"}' in metrics

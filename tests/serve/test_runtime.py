@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import openai
 import pytest
 
@@ -141,6 +142,26 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert err.value.status_code == 404
     assert err.value.code == "model_not_found"
     assert "no-such-adapter" in err.value.message
+
+
+def test_unknown_model_strings_do_not_grow_the_metric_labels(
+    server: str, client: openai.OpenAI
+) -> None:
+    # Given clients asking for models nobody serves, each a new string
+    for i in range(5):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=f"made-up-{i}", messages=user("hi"))
+    # Then they are counted, under one bounded label, not as five new series
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    assert "made-up-" not in text
+    unknown = [
+        line
+        for line in text.splitlines()
+        if line.startswith("lorafleet_requests_total{")
+        and 'model="_unknown"' in line
+        and 'status="404"' in line
+    ]
+    assert len(unknown) == 1 and float(unknown[0].rsplit(" ", 1)[1]) >= 5
 
 
 def test_invalid_request_is_400(client: openai.OpenAI) -> None:
