@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile bench lint clean image-test e2e-canary
+.PHONY: setup demo test test-unit compile goldens bench lint clean image-test e2e-canary
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ test-unit: $(STAMP)
 
 compile: $(STAMP)
 	$(VENV)/bin/lorafleet compile
+
+# Developers only: rewrite the committed golden files (compiled pipelines, rendered manifests
+# and charts) after a deliberate change; review the diff. CI never does this.
+goldens: $(STAMP)
+	UPDATE_GOLDENS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_pipeline_golden.py \
+		tests/pipelines/test_platform.py tests/deploy tests/rollout/test_helm_controller.py
 
 bench: $(STAMP)
 	$(PY) bench/eval_bench.py

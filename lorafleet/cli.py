@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.commands import data, deploy, rollout, router, serve, submit, train
+from lorafleet import __version__
+from lorafleet.commands import data, deploy, registry, rollout, router, serve, submit, train
 from lorafleet.commands import eval as eval_cmd
+from lorafleet.commands import spec as spec_cmd
 from lorafleet.commands.runner import run_app
 from lorafleet.console import console
 
@@ -19,9 +21,27 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-spec_app = typer.Typer(help="Check fleet specs.", no_args_is_help=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorafleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Build, gate and ship a fleet of LoRA experts on one shared base model."""
+
+
 base_app = typer.Typer(help="Build the shared base model.", no_args_is_help=True)
-app.add_typer(spec_app, name="spec")
 app.add_typer(base_app, name="base")
 
 # Sub-command groups: one module per area under lorafleet/commands/, one line each here.
@@ -29,7 +49,9 @@ app.add_typer(base_app, name="base")
 app.add_typer(data.app, name="data")
 app.add_typer(deploy.app, name="deploy")
 app.add_typer(eval_cmd.app, name="eval")
+app.add_typer(registry.app, name="registry")
 app.add_typer(rollout.app, name="rollout")
+app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(train.app, name="train")
 app.command("submit")(submit.submit)
 app.command("serve")(serve.serve)
@@ -37,17 +59,6 @@ app.command("router")(router.router)
 # end of sub-command groups
 
 SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
-
-
-@spec_app.command("check")
-def spec_check(file: SpecFile) -> None:
-    """Validate a fleet spec; errors are printed as FILE:LINE: field.path: message."""
-    from lorafleet.fleet import load_fleet
-
-    spec = load_fleet(file)
-    console.print(
-        f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}"
-    )
 
 
 @base_app.command("build")
@@ -66,7 +77,7 @@ def compile_pipeline(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Output YAML (default: the committed pipelines/fleet_pipeline[-PROFILE].yaml)."
+            help="Output YAML (default: fleet_pipeline[-PROFILE].yaml in the current directory)."
         ),
     ] = None,
     spec: Annotated[
@@ -80,12 +91,15 @@ def compile_pipeline(
         ),
     ] = None,
 ) -> None:
-    """Compile the fleet pipeline to the IR YAML you upload in the Kubeflow Pipelines UI."""
+    """Compile the fleet pipeline to the IR YAML you upload in the Kubeflow Pipelines UI.
+
+    It never rewrites the committed pipelines/*.yaml (developers regenerate those with
+    `make goldens`)."""
     from lorafleet.pipelines.compile import GOLDEN, compile_fleet, profile_golden
     from lorafleet.pipelines.platform import spec_profile
 
     platform = spec_profile(spec, profile) if profile else None
-    out = out or (profile_golden(profile) if profile else GOLDEN)
+    out = out or Path((profile_golden(profile) if profile else GOLDEN).name)
     compile_fleet(out, platform)
     console.print(f"wrote {out}")
 

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from lorafleet.errors import DataError, SpecError
-from lorafleet.fleet import FleetSpec, load_fleet, spec_to_json
+from lorafleet.fleet import FleetSpec, is_local_data, load_fleet, spec_to_json
 from lorafleet.io import atomic_write_json, atomic_write_text
 from lorafleet.report import render_html
+from lorafleet.storage import parse_location
 
 __all__ = ["PipelineFailed", "new_run_id", "preflight", "run_local"]
 
@@ -65,7 +66,10 @@ def new_run_id() -> str:
 
 
 def preflight(spec: FleetSpec) -> None:
-    """Validate every data file before any task starts, so a mistake is one clear line.
+    """Validate every local data file before any task starts, so a mistake is one clear line.
+
+    Files in a store (``s3://``, ``gs://``, ``pvc://``) are read, and checked, by the
+    pipeline's validate step.
 
     Raises:
         DataError: naming the first bad file, line and rule.
@@ -73,8 +77,9 @@ def preflight(spec: FleetSpec) -> None:
     from lorafleet.data.validate import validate_file
 
     for e in spec.experts:
-        for path in (e.seed_data, e.eval_data):
-            validate_file(path, e.task, e.data).raise_for_failures()
+        for location in (e.seed_data, e.eval_data):
+            if is_local_data(location):
+                validate_file(parse_location(location).uri, e.task, e.data).raise_for_failures()
 
 
 def run_local(

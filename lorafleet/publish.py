@@ -4,12 +4,14 @@ question over real HTTP, and write the fleet summary and report."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 from lorafleet.fleet import FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text
 from lorafleet.llm import CompletionError, RetryPolicy, chat, make_client
+from lorafleet.registry import fetch_adapter
 from lorafleet.report import render_html, render_markdown
 from lorafleet.serve.runtime import run_server_subprocess
 
@@ -67,6 +69,9 @@ def publish_fleet(
 ) -> dict:
     """Serve what passed its gate, check it answers, and write summary/report.
 
+    Each registered adapter is read from its ``adapter_uri`` through the storage layer
+    (downloaded when it is in a bucket), as another pod would read it.
+
     Args:
         spec: the fleet spec.
         base_dir: the base model.
@@ -78,13 +83,16 @@ def publish_fleet(
     Returns:
         The summary.
     """
-    adapters = {o["expert"]: o["adapter_path"] for o in outcomes if o.get("registered")}
+    registered = [o for o in outcomes if o.get("registered")]
     replies: dict[str, dict] = {}
-    if adapters:
-        with run_server_subprocess(base_dir, adapters) as base_url:
-            replies = ask_each_adapter(
-                base_url, {o["expert"]: o["probe"] for o in outcomes if o["expert"] in adapters}
-            )
+    if registered:
+        with tempfile.TemporaryDirectory(prefix="lorafleet-publish-") as work_dir:
+            adapters = {
+                o["expert"]: fetch_adapter(o["adapter_uri"], Path(work_dir) / o["expert"])
+                for o in registered
+            }
+            with run_server_subprocess(base_dir, adapters) as base_url:
+                replies = ask_each_adapter(base_url, {o["expert"]: o["probe"] for o in registered})
     experts = {}
     for o in sorted(outcomes, key=lambda o: [e.name for e in spec.experts].index(o["expert"])):
         reply = replies.get(o["expert"])

@@ -260,7 +260,7 @@ def render_html(summary: dict) -> str:
             f"<p>trained {x['train']['steps']} steps on {x['curation']['output']['total']} records "
             f"({x['curation']['output']['human']} human, {x['curation']['output']['synthetic']} synthetic); "
             f"{x['train']['tokens_per_s']:.0f} tokens/s</p>"
-            f"<p>adapter: {e(str(x.get('adapter_path') or 'not registered'))}</p></div></div>"
+            f"<p>adapter: {e(str(x.get('adapter_uri') or 'not registered'))}</p></div></div>"
             + _eval_block(x)
             + (
                 f"<p>served reply ({reply.get('status')}): <code>{e(reply.get('text', '')[:300])}</code></p>"

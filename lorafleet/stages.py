@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
-from lorafleet.fleet import ExpertSpec, FleetSpec
+from lorafleet.errors import DataError
+from lorafleet.fleet import DATA_FIELDS, ExpertSpec, FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from lorafleet.records import Record, dump_records, read_records
+from lorafleet.storage import Storage, parse_location
 
 __all__ = [
     "build_base",
     "curate_shard_stage",
     "evaluate_stage",
+    "fetch_data",
     "gate_stage",
     "production_adapter",
     "register_stage",
@@ -36,20 +40,62 @@ def _records(path: str | Path) -> list[Record]:
     return [r for _, r in read_records(path)]
 
 
-def build_base(spec: FleetSpec) -> str:
-    """The base model to fine-tune: the cached demo build, or the spec's path / hub id."""
+def fetch_data(expert: ExpertSpec, field: str, work_dir: str | Path, storage: Storage) -> Path:
+    """One of the expert's data files as a local file, its digest checked when the spec has one.
+
+    A local path (or a ``pvc://`` claim mounted in this step) is read where it is; an object
+    in a store (``s3://``, ``gs://``) is downloaded into ``work_dir``.
+
+    Args:
+        expert: the expert.
+        field: ``seed_data`` or ``eval_data``.
+        work_dir: an empty directory for downloads.
+        storage: the storage layer to read through.
+
+    Returns:
+        The local file.
+
+    Raises:
+        StorageError: if the object cannot be read.
+        DataError: if its SHA-256 is not the spec's ``<field>_sha256``.
+    """
+    location = getattr(expert, field)
+    path = storage.local_path(location)
+    if path is None:
+        path = Path(work_dir) / field / parse_location(location).name
+        storage.copy_file(location, path)
+    want = getattr(expert, f"{field}_sha256")
+    if want is not None and (got := sha256_file(path)) != want:
+        raise DataError(
+            location,
+            None,
+            f"{field}_sha256",
+            f"expert {expert.name}: the file has sha256 {got[:12]}…, the spec says {want[:12]}…",
+        )
+    return path
+
+
+def build_base(spec: FleetSpec, storage: Storage | None = None) -> str:
+    """The base model to fine-tune: the cached demo build, or the spec's path / hub id.
+
+    Args:
+        spec: the fleet; the demo base pre-trains on its experts' seed data.
+        storage: where seed data in a store is read through (default: from the environment).
+    """
     if spec.base.model != "demo":
         return spec.base.model
     from lorafleet.base import DemoBaseConfig, build_demo_base
 
-    # Pre-train on the seeds' plain text only: never on eval sets, never in chat format.
-    texts = [
-        m.content
-        for e in spec.experts
-        for r in _records(e.seed_data)
-        for m in r.messages
-        if m.role != "system"
-    ]
+    storage = storage or Storage()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Pre-train on the seeds' plain text only: never on eval sets, never in chat format.
+        texts = [
+            m.content
+            for i, e in enumerate(spec.experts)
+            for r in _records(fetch_data(e, "seed_data", Path(tmp) / str(i), storage))
+            for m in r.messages
+            if m.role != "system"
+        ]
     return str(build_demo_base(texts, DemoBaseConfig(**spec.base.demo.model_dump())))
 
 
@@ -59,33 +105,57 @@ def validate_stage(
     eval_out: str | Path,
     report_out: str | Path,
     html_out: str | Path | None = None,
+    storage: Storage | None = None,
 ) -> dict:
     """Validate the expert's seed and eval files; copy them on only if both pass.
 
-    The copies are PII-scrubbed when the expert's policy is ``scrub``. The structured
-    result goes to ``report_out`` (JSON) and, if given, a self-contained page to ``html_out``.
+    Files in a store (``s3://``, ``gs://``, ``pvc://``) are read through the storage layer,
+    and every file whose digest the spec gives (``seed_data_sha256``, ``eval_data_sha256``)
+    must have it. The copies are PII-scrubbed when the expert's policy is ``scrub``. The
+    structured result goes to ``report_out`` (JSON) and, if given, a self-contained page to
+    ``html_out``.
+
+    Args:
+        expert: the expert.
+        seeds_out: the validated seed records (JSONL).
+        eval_out: the validated eval records (JSONL).
+        report_out: the validation result (JSON).
+        html_out: the validation report page.
+        storage: where data in a store is read through (default: from the environment,
+            e.g. ``AWS_ENDPOINT_URL_S3`` and ``LORAFLEET_PVC_MOUNTS`` set by the pipeline).
 
     Raises:
-        DataError: naming the first bad file, line and rule.
+        DataError: naming the first bad file (as the spec names it), line and rule, or a
+            digest mismatch.
+        StorageError: if a file in a store cannot be read.
     """
     from lorafleet.data.pii import scrub_record
     from lorafleet.data.report import validation_html, validation_markdown
     from lorafleet.data.validate import validate_file
 
-    reports = [
-        validate_file(p, expert.task, expert.data) for p in (expert.seed_data, expert.eval_data)
-    ]
-    summary = {"expert": expert.name, "files": [r.to_dict() for r in reports]}
-    atomic_write_json(report_out, summary)
-    if html_out is not None:
-        atomic_write_text(html_out, validation_html(reports, f"Data validation: {expert.name}"))
-    for r in reports:
-        r.raise_for_failures()
-    for src, dst in ((expert.seed_data, seeds_out), (expert.eval_data, eval_out)):
-        records = _records(src)
-        if expert.data.pii == "scrub":
-            records = [scrub_record(r)[0] for r in records]
-        dump_records(dst, records)
+    storage = storage or Storage()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {f: fetch_data(expert, f, tmp, storage) for f in DATA_FIELDS}
+        reports = []
+        for field, path in files.items():
+            shown = getattr(expert, field)  # findings name the file as the spec does
+            try:
+                report = validate_file(path, expert.task, expert.data)
+            except DataError as error:
+                raise DataError(shown, error.line, error.rule, error.detail) from None
+            report.file = shown
+            reports.append(report)
+        summary = {"expert": expert.name, "files": [r.to_dict() for r in reports]}
+        atomic_write_json(report_out, summary)
+        if html_out is not None:
+            atomic_write_text(html_out, validation_html(reports, f"Data validation: {expert.name}"))
+        for r in reports:
+            r.raise_for_failures()
+        for src, dst in ((files["seed_data"], seeds_out), (files["eval_data"], eval_out)):
+            records = _records(src)
+            if expert.data.pii == "scrub":
+                records = [scrub_record(r)[0] for r in records]
+            dump_records(dst, records)
     summary["markdown"] = validation_markdown(reports)
     return summary
 
@@ -228,14 +298,27 @@ def train_stage(
     )
 
 
-def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> dict | None:
-    """The expert's production adapter from the registry, if it was trained on this base."""
+def production_adapter(
+    spec: FleetSpec, expert: ExpertSpec, base_dir: str, work_dir: str | Path
+) -> dict | None:
+    """The expert's production adapter from the registry, if it was trained on this base.
+
+    Works for every registry location: a local or ``pvc://`` registry's version folder is
+    used where it is, a remote one (``s3://``, ``gs://``) is downloaded into ``work_dir``.
+
+    Returns:
+        The production version's registry entry with ``path``, a local directory holding
+        its files; ``None`` when there is no production version, or (with a warning) when
+        it was trained on another base.
+
+    Raises:
+        StorageError: if the registry cannot be read.
+    """
     from lorafleet.base import fingerprint_model
     from lorafleet.registry import Registry
 
-    if "://" in spec.registry.uri:
-        return None
-    entry = Registry(spec.registry.uri).production(expert.name)
+    registry = Registry(spec.registry.uri)
+    entry = registry.production(expert.name)
     if entry is None:
         return None
     if entry.get("base_fingerprint") != fingerprint_model(base_dir):
@@ -245,7 +328,7 @@ def production_adapter(spec: FleetSpec, expert: ExpertSpec, base_dir: str) -> di
             entry["version"],
         )
         return None
-    return entry
+    return {**entry, "path": str(registry.local_dir(expert.name, entry["version"], work_dir))}
 
 
 def evaluate_stage(
@@ -268,17 +351,18 @@ def evaluate_stage(
     from lorafleet.evaluate.suite import evaluate_candidate
 
     records = _records(eval_set)
-    production = production_adapter(spec, expert, base_dir)
-    adapters = {"candidate": adapter_dir}
-    if production:
-        adapters["production"] = production["path"]
-    generator = Generator(base_dir, adapters)
-    arms = {"candidate": "candidate", "base": None} | (
-        {"production": "production"} if production else {}
-    )
-    report = evaluate_candidate(
-        generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge
-    )
+    with tempfile.TemporaryDirectory(prefix="lorafleet-production-") as work_dir:
+        production = production_adapter(spec, expert, base_dir, work_dir)
+        adapters = {"candidate": adapter_dir}
+        if production:
+            adapters["production"] = production["path"]
+        generator = Generator(base_dir, adapters)
+        arms = {"candidate": "candidate", "base": None} | (
+            {"production": "production"} if production else {}
+        )
+        report = evaluate_candidate(
+            generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge
+        )
     return {
         "expert": expert.name,
         "task": expert.task,
@@ -341,7 +425,19 @@ def _model_card(expert: ExpertSpec, report: dict, base: str, version: str) -> st
 def register_stage(
     spec: FleetSpec, expert: ExpertSpec, base: str, adapter_dir: str | Path, report: dict
 ) -> dict:
-    """Register a candidate that passed its gate; returns the expert's outcome."""
+    """Register a candidate that passed its gate; returns the expert's outcome.
+
+    The version's files also go to ``serving.adapter_store/<expert>/<version>`` when the
+    spec sets an adapter store (what the rendered InferenceService reads). The version
+    becomes production here only when no canary will judge it: with ``canary.handoff:
+    none``, or when the expert had no production version to compare with (the deploy step
+    puts no first version on a canary). Otherwise production moves when the canary is
+    promoted (:mod:`lorafleet.rollout.deploy`).
+
+    Returns:
+        The gate report with ``adapter_uri`` (where serving reads the version),
+        ``adapter_version``, ``registered`` and ``became_production``.
+    """
     from lorafleet.base import fingerprint_model
     from lorafleet.registry import Registry
 
@@ -371,17 +467,26 @@ def register_stage(
         adapter_dir,
         lineage,
         lambda version: _model_card(expert, report, base, version),
+        adapter_store=spec.serving.adapter_store or None,
     )
-    # No canary stage runs locally yet: a candidate that passed its gate becomes production.
-    registry.set_production(expert.name, entry["version"])
+    canary = spec.canary.handoff != "none" and bool(report.get("production_version"))
+    if not canary:
+        registry.set_production(expert.name, entry["version"])
     return {
         **report,
-        "adapter_path": entry["path"],
+        "adapter_uri": entry["adapter_uri"],
         "adapter_version": entry["version"],
         "registered": True,
+        "became_production": not canary,
     }
 
 
 def reject_stage(report: dict) -> dict:
     """The outcome of a candidate that failed its gate: nothing is registered."""
-    return {**report, "adapter_path": None, "adapter_version": None, "registered": False}
+    return {
+        **report,
+        "adapter_uri": None,
+        "adapter_version": None,
+        "registered": False,
+        "became_production": False,
+    }

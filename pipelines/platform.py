@@ -2,10 +2,10 @@
 
 A fleet spec's ``pipeline.profiles.<profile>`` says where each step's pod runs: accelerator
 type and count, node selector, tolerations, PVC mounts and Secret keys as environment
-variables. :func:`placer` turns one profile into the ``place`` hook of
-:func:`~lorafleet.pipelines.fleet_pipeline.build_fleet_pipeline`; the compiler writes the
-settings into the IR's ``platforms.kubernetes`` section (accelerators into each container's
-``resources``).
+variables, and which object store the steps share. :func:`placer` turns one profile into
+the ``place`` hook of :func:`~lorafleet.pipelines.fleet_pipeline.build_fleet_pipeline`; the
+compiler writes the settings into the IR's ``platforms.kubernetes`` section (accelerators
+and environment variables into each container).
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from kfp.dsl import PipelineTask
 
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import PlatformProfile, StepPlatform, load_fleet
+from lorafleet.storage import PVC_MOUNTS_ENV
 
-__all__ = ["apply_step_platform", "placer", "spec_profile"]
+__all__ = ["S3_ENDPOINT_ENV", "apply_step_platform", "placer", "spec_profile", "step_env"]
+
+# What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
+S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 
 
 def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineTask:
@@ -51,8 +55,30 @@ def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineT
     return task
 
 
+def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
+    """The environment the storage layer needs in ``step``'s pod on ``profile``.
+
+    Args:
+        profile: the platform settings of one cluster profile.
+        step: the step (task) name.
+
+    Returns:
+        ``AWS_ENDPOINT_URL_S3`` when the profile's store has an S3 endpoint, and
+        ``LORAFLEET_PVC_MOUNTS`` (``claim=/path,...``) when the pod mounts PVCs, so that
+        ``pvc://`` locations resolve in the step.
+    """
+    env = {}
+    if profile.storage.endpoint:
+        env[S3_ENDPOINT_ENV] = profile.storage.endpoint
+    mounts = profile.pvc_mounts(step)
+    if mounts:
+        env[PVC_MOUNTS_ENV] = ",".join(f"{claim}={path}" for claim, path in mounts.items())
+    return env
+
+
 def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
-    """The ``place`` hook for one profile: ``all_steps`` on every task, then the step's own.
+    """The ``place`` hook for one profile: ``all_steps`` on every task, then the step's own,
+    then the storage layer's environment (:func:`step_env`).
 
     Args:
         profile: the platform settings of one cluster profile.
@@ -64,7 +90,11 @@ def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
     def place(task: PipelineTask) -> PipelineTask:
         apply_step_platform(task, profile.all_steps)
         own = profile.steps.get(task.name)
-        return apply_step_platform(task, own) if own is not None else task
+        if own is not None:
+            apply_step_platform(task, own)
+        for name, value in step_env(profile, task.name).items():
+            task.set_env_variable(name, value)
+        return task
 
     return place
 

@@ -4,6 +4,11 @@ The pipeline is compiled fresh (with a profile's Kubernetes settings when one is
 uploaded under ``lorafleet-fleet[-PROFILE]``: as a new pipeline the first time, as a new
 version of it afterwards. The run gets the spec (as JSON) and every expert's name as its
 parameters, exactly as a run started in the KFP UI would.
+
+The run's pods cannot read the submitting machine's disk: when the profile names an object
+store (``pipeline.profiles.<P>.storage.object_store``) every local data file is staged there
+first (:func:`~lorafleet.staging.stage_spec`), so the spec the run gets carries only URIs and
+digests; a local data path with no store to stage it to is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.errors import LorafleetError
-from lorafleet.fleet import load_fleet, spec_to_json
+from lorafleet.errors import LorafleetError, SpecError
+from lorafleet.fleet import FleetSpec, PlatformProfile, load_fleet, spec_to_json
 from lorafleet.local import new_run_id
 from lorafleet.pipelines.compile import compile_fleet
 from lorafleet.pipelines.platform import spec_profile
+from lorafleet.staging import local_data, stage_spec
+from lorafleet.storage import Storage
 
-__all__ = ["Submission", "submit_fleet"]
+__all__ = ["Submission", "cluster_spec", "submit_fleet"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,46 @@ class Submission:
     run_name: str
 
 
+def cluster_spec(
+    spec: FleetSpec, spec_path: str | Path, profile: str | None, platform: PlatformProfile | None
+) -> FleetSpec:
+    """``spec`` as the cluster's pods can read it: local data staged to the profile's store.
+
+    Args:
+        spec: the loaded spec.
+        spec_path: its file (named in errors).
+        profile: the cluster profile's name, or None.
+        platform: that profile's settings, or None.
+
+    Returns:
+        The spec with every local data file replaced by its URI and digest in the profile's
+        object store; ``spec`` itself when it has no local data.
+
+    Raises:
+        SpecError: naming the first local data field when there is no store to stage it to.
+        StorageError: if an upload fails.
+    """
+    local = next(local_data(spec), None)
+    if local is None:
+        return spec
+    if platform is None or platform.storage.object_store is None:
+        i, attr, written = local
+        where = (
+            f"set pipeline.profiles.{profile}.storage.object_store"
+            if profile
+            else "pass --profile P whose pipeline.profiles.P.storage.object_store names a store"
+        )
+        raise SpecError(
+            spec_path,
+            None,
+            f"experts.{i}.{attr}",
+            f"{written} is on this machine, not where the pipeline's pods can read it: "
+            f"{where} to upload it there, or stage the data first (lorafleet spec stage)",
+        )
+    storage = Storage(s3_endpoint_url=platform.storage.endpoint)
+    return stage_spec(spec, platform.storage.object_store, storage, source=spec_path).spec
+
+
 def submit_fleet(
     spec_path: str | Path,
     host: str,
@@ -42,7 +89,7 @@ def submit_fleet(
     """Compile, upload and run the fleet pipeline of ``spec_path`` on ``host``.
 
     Args:
-        spec_path: the fleet spec; its data paths must be where the pipeline's pods see them.
+        spec_path: the fleet spec; its local data files are staged to the profile's store.
         host: the Kubeflow Pipelines API endpoint, e.g. ``http://ml-pipeline-ui.kubeflow``.
         profile: a cluster profile of the spec's ``pipeline.profiles`` (``None``: no settings).
         namespace: the user namespace of a multi-user deployment.
@@ -52,7 +99,8 @@ def submit_fleet(
         The pipeline, version and run ids.
 
     Raises:
-        LorafleetError: if the spec or profile is wrong, or the endpoint refuses or fails.
+        LorafleetError: if the spec or profile is wrong, a local data file has no store to be
+            staged to (see :func:`cluster_spec`), or the endpoint refuses or fails.
     """
     import kfp
     from kfp_server_api.exceptions import ApiException
@@ -60,6 +108,7 @@ def submit_fleet(
 
     spec = load_fleet(spec_path, check_files=False)
     platform = spec_profile(spec_path, profile) if profile else None
+    spec = cluster_spec(spec, spec_path, profile, platform)
     name = f"lorafleet-fleet-{profile}" if profile else "lorafleet-fleet"
     stamp = new_run_id()
     try:

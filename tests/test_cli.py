@@ -129,3 +129,24 @@ def test_the_router_entry_point_is_lorafleet_router() -> None:
         8080,
         "0.0.0.0",
     )
+
+
+def test_compile_writes_to_the_working_directory_never_the_committed_golden(
+    tmp_path: Path,
+) -> None:
+    from lorafleet.pipelines.compile import GOLDEN
+
+    before = GOLDEN.stat().st_mtime_ns, GOLDEN.read_bytes()
+    done = _cli("compile", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fleet_pipeline.yaml").read_text().startswith("# PIPELINE DEFINITION")
+    assert (GOLDEN.stat().st_mtime_ns, GOLDEN.read_bytes()) == before
+
+
+def test_version() -> None:
+    from lorafleet import __version__
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout == f"lorafleet {__version__}\n"

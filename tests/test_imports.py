@@ -27,7 +27,8 @@ SOURCES = {
 # A layer may import only from the layers listed for it (and itself); anything not listed
 # here (the CLI, commands, stages, components, pipelines) sits on top and may import all.
 LOWER_LAYERS = {
-    "lorafleet.fleet": {"lorafleet.errors"},
+    # The spec checks data locations and object stores with the storage layer's parser.
+    "lorafleet.fleet": {"lorafleet.errors", "lorafleet.storage"},
     "lorafleet.storage": {"lorafleet.errors", "lorafleet.io"},
     "lorafleet.engine": {"lorafleet.errors", "lorafleet.fleet"},
     "lorafleet.evaluate": {

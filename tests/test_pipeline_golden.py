@@ -1,6 +1,6 @@
 """The compiled pipeline is a golden file: compile fresh, compare, reload.
 
-Regenerate with ``UPDATE_GOLDENS=1 make test`` (or ``lorafleet compile``) after a deliberate change.
+Regenerate with ``make goldens`` after a deliberate change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def test_compiled_pipeline_matches_the_committed_yaml(tmp_path: Path) -> None:
     fresh = compile_fleet(tmp_path / "fleet_pipeline.yaml").read_text()
     if os.environ.get("UPDATE_GOLDENS") == "1":
         GOLDEN.write_text(fresh)
-    assert GOLDEN.is_file(), "run `lorafleet compile` to create the golden"
+    assert GOLDEN.is_file(), "run `make goldens` to create the golden"
     assert fresh == GOLDEN.read_text(), (
         "pipeline changed: review, then `UPDATE_GOLDENS=1 make test`"
     )

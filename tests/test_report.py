@@ -29,7 +29,7 @@ def _expert(passed: bool, reply: str | None) -> dict:
         ],
         "train": {"losses": [3.0, 2.0, 1.0], "steps": 3, "tokens_per_s": 100.0},
         "curation": {"output": {"total": 10, "human": 5, "synthetic": 5}},
-        "adapter_path": "/reg/a/v1" if passed else None,
+        "adapter_uri": "/reg/a/v1" if passed else None,
         "adapter_version": "v1" if passed else None,
         "served": passed,
         "reply": {"status": 200, "text": reply} if reply is not None else None,

@@ -27,15 +27,16 @@ ProfileOpt = Annotated[
     ),
 ]
 RegistryOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--registry",
-        help="A local registry (or a copy of a remote one's index.json) naming the adapter versions.",
+        help="The registry naming the adapter versions: a folder or s3:// gs:// pvc:// URI "
+        "(default: the spec's registry.uri).",
     ),
 ]
 
 
-def _rendered(file: Path, profile: str | None, registry: Path | None) -> list[dict]:
+def _rendered(file: Path, profile: str | None, registry: str | None) -> list[dict]:
     from lorafleet.deploy.render import render, resolve_adapters
     from lorafleet.deploy.validate import validate_manifests
     from lorafleet.fleet import load_fleet

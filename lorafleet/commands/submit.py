@@ -16,7 +16,8 @@ def submit(
     spec: Annotated[
         Path,
         typer.Argument(
-            help="The fleet spec (YAML); its data paths must be where the pods see them."
+            help="The fleet spec (YAML); its local data files are uploaded to the profile's "
+            "storage.object_store first (or stage them with `lorafleet spec stage`)."
         ),
     ],
     host: Annotated[
@@ -34,7 +35,9 @@ def submit(
         str | None, typer.Option(help="ServiceAccount the run's pods use.")
     ] = None,
 ) -> None:
-    """Compile the fleet pipeline (with --profile's Kubernetes settings), upload it and start a run."""
+    """Compile the fleet pipeline (with --profile's Kubernetes settings), upload it and start a run.
+
+    Local data files are staged first to the profile's object store (pipeline.profiles.P.storage.object_store), so the run reads them by URI; a local data file with no store to go to is refused before anything is sent."""
     from lorafleet.pipelines.submit import submit_fleet
 
     done = submit_fleet(

@@ -30,6 +30,7 @@ from lorafleet.k8s_objects import (
 )
 from lorafleet.registry import Registry
 from lorafleet.rollout.manifests import controller_objects, rollout_rbac
+from lorafleet.storage import LocationLike, Storage
 
 __all__ = [
     "TRAINING_ROLE",
@@ -49,35 +50,33 @@ SERVING_SA = "lorafleet-serving"
 INGRESS_NAMESPACES = ("istio-system", "monitoring")
 
 
-def resolve_adapters(spec: FleetSpec, registry_dir: str | Path | None = None) -> dict[str, str]:
+def resolve_adapters(
+    spec: FleetSpec, registry: LocationLike | None = None, storage: Storage | None = None
+) -> dict[str, str]:
     """The adapter version each expert serves: production, else the latest registered.
 
     Args:
         spec: the fleet.
-        registry_dir: a local registry (or a local copy of a remote one's index);
-            default: ``spec.registry.uri`` when it is a directory.
+        registry: the registry to read (a folder, ``file://``, ``s3://``, ``gs://`` or
+            ``pvc://``); default: ``spec.registry.uri``.
+        storage: the storage layer (default: configured from the environment).
 
     Returns:
         expert name -> version (``v3``), in spec order; experts with no version are left out.
 
     Raises:
-        LorafleetError: if the registry is remote and no local copy is given, or no
-            expert has a registered adapter.
+        LorafleetError: if no expert has a registered adapter.
+        StorageError: if the registry cannot be read (one line: unreachable, denied, ...).
     """
-    root = registry_dir or spec.registry.uri
-    if "://" in str(root):
-        raise LorafleetError(
-            f"registry {root}: remote; pass --registry DIR, a local copy of its index.json"
-        )
-    registry = Registry(root)
+    reader = Registry(registry or spec.registry.uri, storage)
     versions = {}
     for expert in spec.experts:
-        entry = registry.production(expert.name) or registry.latest(expert.name)
+        entry = reader.production(expert.name) or reader.latest(expert.name)
         if entry:
             versions[expert.name] = entry["version"]
     if not versions:
         raise LorafleetError(
-            f"registry {root}: no expert of fleet {spec.name!r} has a registered adapter"
+            f"registry {reader.uri}: no expert of fleet {spec.name!r} has a registered adapter"
         )
     return versions
 

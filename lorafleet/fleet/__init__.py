@@ -12,7 +12,8 @@ One module per concern, the loader on top:
 - :mod:`lorafleet.fleet.evaluation`: the gate and its judge.
 - :mod:`lorafleet.fleet.serving`: runtime, cluster profile, storage, autoscaling.
 - :mod:`lorafleet.fleet.canary`: the canary policy and its analysis.
-- :mod:`lorafleet.fleet.platform`: Kubernetes settings of the pipeline's steps.
+- :mod:`lorafleet.fleet.platform`: per cluster profile, the object store and the Kubernetes
+  settings of the pipeline's steps.
 - :mod:`lorafleet.fleet.spec`: the expert and the whole fleet.
 - :mod:`lorafleet.fleet.loader`: reading a YAML file into a :class:`FleetSpec`.
 """
@@ -42,22 +43,32 @@ from lorafleet.fleet.platform import (
     PIPELINE_STEPS,
     PipelineSpec,
     PlatformProfile,
+    ProfileStorage,
     PvcMount,
     SecretEnv,
     StepPlatform,
     Toleration,
 )
 from lorafleet.fleet.serving import ServingAutoscaling, ServingSpec, ServingStorage
-from lorafleet.fleet.spec import ExpertSpec, FleetSpec, RegistrySpec
+from lorafleet.fleet.spec import (
+    DATA_FIELDS,
+    SHA256,
+    ExpertSpec,
+    FleetSpec,
+    RegistrySpec,
+    is_local_data,
+)
 from lorafleet.fleet.tasks import TASKS, check_task
 from lorafleet.fleet.training import LoraSettings, TrainCluster, TrainingSettings
 
 __all__ = [
+    "DATA_FIELDS",
     "PIPELINE_STEPS",
     "QUERY_PLACEHOLDERS",
     "QUERY_SAMPLE",
     "REVISION_QUERIES",
     "ROUTER_QUERIES",
+    "SHA256",
     "SLUG",
     "TASKS",
     "BaseSpec",
@@ -75,6 +86,7 @@ __all__ = [
     "LoraSettings",
     "PipelineSpec",
     "PlatformProfile",
+    "ProfileStorage",
     "PvcMount",
     "RegistrySpec",
     "SecretEnv",
@@ -90,6 +102,7 @@ __all__ = [
     "TrainingSettings",
     "check_promql",
     "check_task",
+    "is_local_data",
     "load_fleet",
     "spec_from_json",
     "spec_to_json",

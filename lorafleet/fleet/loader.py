@@ -1,5 +1,5 @@
-"""Read a fleet YAML file: merge ``expert_defaults``, validate, resolve data paths, and name
-the file, line and field of every mistake."""
+"""Read a fleet YAML file: merge ``expert_defaults``, validate, resolve local data paths, and
+name the file, line and field of every mistake."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from lorafleet.errors import SpecError, validation_problems
-from lorafleet.fleet.spec import FleetSpec
+from lorafleet.fleet.spec import DATA_FIELDS, FleetSpec, is_local_data
+from lorafleet.storage import parse_location
 
 __all__ = ["load_fleet", "spec_from_json", "spec_to_json"]
 
@@ -58,10 +59,12 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
 
     Args:
         path: the fleet YAML file.
-        check_files: also require every expert's data files to exist.
+        check_files: also require every expert's local data files (paths and ``file://``)
+            to exist; files in a store are read, and checked, by the validate step.
 
     Returns:
-        The validated spec; relative data paths are resolved against the spec's folder.
+        The validated spec. A data path is made absolute against the spec's folder; a
+        URI (``s3://``, ``gs://``, ``pvc://``, ``file://``) is kept as written.
 
     Raises:
         SpecError: naming file, line and field, for any mistake.
@@ -100,17 +103,19 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
         raise SpecError(path, _line_of(root, loc), field, message) from None
     folder = path.resolve().parent
     for i, e in enumerate(spec.experts):
-        for attr in ("seed_data", "eval_data"):
-            p = getattr(e, attr)
-            resolved = p if p.is_absolute() else folder / p
-            if check_files and not resolved.is_file():
+        for attr in DATA_FIELDS:
+            written = getattr(e, attr)
+            if not is_local_data(written):
+                continue  # in a store: read where the step runs, not checked here
+            if "://" not in written:
+                setattr(e, attr, str(folder / written))  # an absolute path stays as it is
+            if check_files and not Path(parse_location(getattr(e, attr)).uri).is_file():
                 raise SpecError(
                     path,
                     _line_of(root, ("experts", i, attr)),
                     f"experts.{i}.{attr}",
-                    f"file not found: {p}",
+                    f"file not found: {written}",
                 )
-            setattr(e, attr, resolved)
     reg = spec.registry.uri
     if "://" not in reg and not Path(reg).is_absolute():
         spec.registry.uri = str(folder / reg)
@@ -118,7 +123,7 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
 
 
 def spec_to_json(spec: FleetSpec) -> str:
-    """Serialize a loaded spec (absolute paths) for pipeline parameters."""
+    """Serialize a loaded spec (absolute data paths or URIs) for pipeline parameters."""
     return spec.model_dump_json(by_alias=True)
 
 

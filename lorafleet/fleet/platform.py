@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
+from lorafleet.errors import StorageError
 from lorafleet.fleet.common import StrictModel
+from lorafleet.storage import parse_location
 
 __all__ = [
     "PIPELINE_STEPS",
     "PipelineSpec",
     "PlatformProfile",
+    "ProfileStorage",
     "PvcMount",
     "SecretEnv",
     "StepPlatform",
@@ -77,15 +80,82 @@ class StepPlatform(StrictModel):
     secrets: list[SecretEnv] = Field(default_factory=list)
 
 
+class ProfileStorage(StrictModel):
+    """Where the pipeline's pods on one cluster profile read and write shared objects.
+
+    The steps of a run share nothing but KFP artifacts and this store: the submitting
+    machine's disk is not there, so ``lorafleet submit`` stages local data files into
+    ``<object_store>/data/`` before the run starts (see :mod:`lorafleet.staging`).
+    """
+
+    object_store: str | None = Field(
+        None,
+        description="URI prefix of the profile's object store: s3://BUCKET/PREFIX, "
+        "gs://BUCKET/PREFIX or pvc://CLAIM/PATH; none = data must already be URIs",
+    )
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+",
+        description="S3 endpoint of an S3-compatible store (MinIO, on-prem), e.g. "
+        "http://minio.minio:9000; none = AWS. Set as AWS_ENDPOINT_URL_S3 in every step",
+    )
+
+    @field_validator("object_store")
+    @classmethod
+    def _remote(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            scheme = parse_location(value).scheme
+        except StorageError as error:
+            raise ValueError(error.reason) from None
+        if scheme == "file":
+            raise ValueError(
+                "must be s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or pvc://CLAIM/PATH: "
+                "the pipeline's pods cannot read this machine's disk"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_is_s3(self) -> ProfileStorage:
+        if self.endpoint and not (self.object_store or "").startswith("s3://"):
+            raise ValueError("endpoint is the S3 endpoint: it needs an s3:// object_store")
+        return self
+
+    @property
+    def scheme(self) -> str | None:
+        """``s3``, ``gs`` or ``pvc``; None when the profile names no store."""
+        return parse_location(self.object_store).scheme if self.object_store else None
+
+
 class PlatformProfile(StrictModel):
     """Kubernetes settings of the compiled pipeline on one cluster profile."""
 
+    storage: ProfileStorage = Field(
+        default_factory=ProfileStorage, description="the object store the steps share"
+    )
     all_steps: StepPlatform = Field(
         default_factory=StepPlatform, description="applied to every step"
     )
     steps: dict[Literal[PIPELINE_STEPS], StepPlatform] = Field(
         default_factory=dict, description="step name -> settings added on top of all_steps"
     )
+
+    @model_validator(mode="after")
+    def _store_is_mounted(self) -> PlatformProfile:
+        if self.storage.scheme == "pvc":
+            claim = parse_location(self.storage.object_store).root
+            if claim not in {m.claim for m in self.all_steps.pvcs}:
+                raise ValueError(
+                    f"storage.object_store is on claim '{claim}': "
+                    "mount it in all_steps.pvcs so every step can read it"
+                )
+        return self
+
+    def pvc_mounts(self, step: str) -> dict[str, str]:
+        """Claim -> mount path of every PVC in ``step``'s pod (``all_steps``, then its own)."""
+        own = self.steps.get(step)
+        return {m.claim: m.mount_path for m in [*self.all_steps.pvcs, *(own.pvcs if own else [])]}
 
 
 class PipelineSpec(StrictModel):

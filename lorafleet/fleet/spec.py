@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from lorafleet.errors import StorageError
 from lorafleet.fleet.base_model import BaseSpec
 from lorafleet.fleet.canary import CanaryPolicy
 from lorafleet.fleet.common import SLUG, StrictModel
@@ -16,8 +17,41 @@ from lorafleet.fleet.platform import PipelineSpec
 from lorafleet.fleet.serving import ServingSpec
 from lorafleet.fleet.tasks import check_task
 from lorafleet.fleet.training import LoraSettings, TrainingSettings
+from lorafleet.storage import parse_location
 
-__all__ = ["ExpertSpec", "FleetSpec", "RegistrySpec"]
+__all__ = ["DATA_FIELDS", "SHA256", "ExpertSpec", "FleetSpec", "RegistrySpec", "is_local_data"]
+
+DATA_FIELDS = ("seed_data", "eval_data")
+"""An expert's data files; each may carry its digest in ``<field>_sha256``."""
+
+SHA256 = r"^[0-9a-f]{64}$"
+
+_DATA_HELP = (
+    "a local path (relative to the spec file) or a URI: s3://BUCKET/KEY, gs://BUCKET/KEY, "
+    "pvc://CLAIM/PATH, file:///PATH"
+)
+_DIGEST_HELP = "hex SHA-256 of the file; the validate step refuses other content"
+
+
+def is_local_data(location: str) -> bool:
+    """Whether a data location is a file on this machine (a path or ``file://``), not a store.
+
+    Raises:
+        StorageError: If ``location`` is not a valid location.
+    """
+    return parse_location(location).scheme == "file"
+
+
+def _check_location(value: object) -> object:
+    """A path-like becomes its text; text must be a location the storage layer can read."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        try:
+            parse_location(value)
+        except StorageError as error:
+            raise ValueError(error.reason) from None
+    return value
 
 
 class ExpertSpec(StrictModel):
@@ -25,8 +59,10 @@ class ExpertSpec(StrictModel):
 
     name: str = Field(pattern=SLUG)
     task: str
-    seed_data: Path
-    eval_data: Path
+    seed_data: str = Field(description=_DATA_HELP)
+    seed_data_sha256: str | None = Field(None, pattern=SHA256, description=_DIGEST_HELP)
+    eval_data: str = Field(description=_DATA_HELP)
+    eval_data_sha256: str | None = Field(None, pattern=SHA256, description=_DIGEST_HELP)
     data: DataRules = Field(default_factory=DataRules)
     synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
     curation: CurationSettings = Field(default_factory=CurationSettings)
@@ -35,6 +71,7 @@ class ExpertSpec(StrictModel):
     gate: GatePolicy = Field(default_factory=GatePolicy)
 
     _task = field_validator("task")(check_task)
+    _data = field_validator(*DATA_FIELDS, mode="before")(_check_location)
 
 
 class RegistrySpec(StrictModel):

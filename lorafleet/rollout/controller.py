@@ -24,6 +24,13 @@ step's clock starts once it serves.
 
 Commands (:meth:`Controller.promote`, ``rollback``, ``pause``, ``resume``, ``start``) are
 idempotent: repeating one changes nothing and answers the same state.
+
+A rollout that names registry versions (:class:`~lorafleet.rollout.state.RegistryHandoff`,
+set by the pipeline's deploy step) moves their production pointers when it settles as
+``Promoted``, each only if production is still the version the canary started from; a
+rolled-back or aborted rollout leaves production alone. What happened is written into the
+state; where this controller cannot write the registry, the state says so and names the
+``lorafleet registry promote`` command that finishes the job.
 """
 
 from __future__ import annotations
@@ -37,10 +44,18 @@ from typing import Any
 
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import CanaryPolicy
+from lorafleet.registry import Registry
 from lorafleet.rollout.actuators import Actuator, RevisionActuator, RouterActuator
 from lorafleet.rollout.discovery import is_service, resolve_urls
 from lorafleet.rollout.sources import PrometheusSource, RouterSource
-from lorafleet.rollout.state import Decision, Measurement, RolloutState, Target, Verdict
+from lorafleet.rollout.state import (
+    Decision,
+    Measurement,
+    RegistryHandoff,
+    RolloutState,
+    Target,
+    Verdict,
+)
 from lorafleet.rollout.store import Conflict, NotFound, StateStore
 
 __all__ = ["Controller", "judge", "run_controller"]
@@ -111,6 +126,9 @@ class Controller:
         clock: seconds since the epoch (tests pass their own).
         connect: makes the ``ApiClient`` the first time one is needed, where ``api`` is
             ``None`` (a local run that reads a kubeconfig only for a rollout that needs it).
+        open_registry: opens a registry by URI, to move production pointers on promotion
+            (default: :class:`~lorafleet.registry.Registry` on the environment's storage
+            settings).
     """
 
     def __init__(
@@ -119,11 +137,13 @@ class Controller:
         api=None,
         clock: Callable[[], float] = time.time,
         connect: Callable[[], Any] | None = None,
+        open_registry: Callable[[str], Registry] = Registry,
     ) -> None:
         self.store = store
         self.api = api
         self.clock = clock
         self.connect = connect
+        self.open_registry = open_registry
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -208,8 +228,20 @@ class Controller:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def start(self, name: str, target: Target, policy: CanaryPolicy) -> RolloutState:
+    def start(
+        self,
+        name: str,
+        target: Target,
+        policy: CanaryPolicy,
+        registry: RegistryHandoff | None = None,
+    ) -> RolloutState:
         """Start a rollout at the policy's first step; repeating the same start is a no-op.
+
+        Args:
+            name: the rollout's name.
+            target: what moves.
+            policy: steps and thresholds (a snapshot is stored).
+            registry: production pointers to move when the rollout is promoted.
 
         Raises:
             LorafleetError: if a rollout of that name is still running with another target.
@@ -233,6 +265,7 @@ class Controller:
             started_at=now,
             updated_at=now,
             step_started_at=now,
+            registry=registry,
         )
         if state.weight >= 100:
             state.phase = "Promoted"
@@ -241,7 +274,7 @@ class Controller:
         try:
             state = self.store.create(state, replace=existing is not None)
         except Conflict:  # a concurrent start of the same name won the race
-            return self.start(name, target, policy)
+            return self.start(name, target, policy, registry)
         actuator.apply(state.weight)
         if state.final:
             return self._settle(name, actuator)
@@ -354,16 +387,50 @@ class Controller:
         return self._update(name, change)[0]
 
     def _settle(self, name: str, actuator: Actuator | None = None) -> RolloutState:
-        """Apply a final state's weight once and mark it settled."""
+        """Apply a final state's weight once, hand the outcome to the registry, and mark
+        it settled."""
         state = self.store.load(name)
         if not state.final or state.settled:
             return state
         (actuator or self.actuator(state)).apply(state.weight)
+        handoff = self._hand_over(state)
         revision = state.revision
         settled, _ = self._update(
-            name, lambda s: _updated(s, settled=True) if s.revision == revision else None
+            name,
+            lambda s: (
+                _updated(s, settled=True, registry=handoff) if s.revision == revision else None
+            ),
         )
         return settled
+
+    def _hand_over(self, state: RolloutState) -> RegistryHandoff | None:
+        """Move the production pointers of a promoted rollout (each only from the version
+        the canary started from); leave them after a rollback. Never raises: what could not
+        be done is the outcome, with the command that does it."""
+        handoff = state.registry
+        if handoff is None or handoff.outcome:
+            return handoff
+        if state.phase != "Promoted":
+            kept = ", ".join(f"{m.expert} {m.previous}" for m in handoff.moves)
+            return handoff.model_copy(
+                update={"outcome": f"production unchanged ({state.phase}): {kept}"}
+            )
+        done = []
+        for move in handoff.moves:
+            try:
+                self.open_registry(handoff.uri).set_production(
+                    move.expert, move.candidate, expected=move.previous
+                )
+                done.append(f"production moved: {move.expert} {move.candidate}")
+            except LorafleetError as exc:
+                log.warning(
+                    "rollout %s: production of %s not moved: %s", state.name, move.expert, exc
+                )
+                done.append(
+                    f"production not moved: {move.expert} {move.candidate} ({exc}); run "
+                    f"`lorafleet registry promote --registry {handoff.uri} {move.expert} {move.candidate}`"
+                )
+        return handoff.model_copy(update={"outcome": "; ".join(done)})
 
     # -- the reconcile step ---------------------------------------------------------------------
 

@@ -2,12 +2,20 @@
 
 What happens is the fleet spec's ``canary.handoff``:
 
-- ``none`` (the local default): nothing; the registry's production version is what serves.
+- ``none`` (the local default): nothing; the register step made the candidate the
+  registry's production version, and that is what serves.
 - ``controller``: start the rollouts in the cluster and return; the rollout controller
-  (Helm ``rolloutController.enabled``) drives them.
+  (Helm ``rolloutController.enabled``) drives them, and moves the registry's production
+  pointer when it promotes one (or records in the rollout why it could not: then
+  ``lorafleet registry promote`` is the operator's step).
 - ``drive``: start them and drive them to the end inside the step (at most
-  ``canary.drive_timeout_seconds``); a rolled-back candidate's expert gets its previous
-  production version back in a local registry.
+  ``canary.drive_timeout_seconds``); a promoted candidate becomes the registry's
+  production version, a rolled-back one leaves production where it was.
+
+With a canary, the register step does not move production (unless the expert had none):
+the rollout carries the registry versions (:class:`~lorafleet.rollout.state.RegistryHandoff`)
+and whoever settles it as ``Promoted`` (this step's controller, the cluster's, or an
+operator's ``promote``) moves the pointer, from the version the canary started from only.
 
 An expert is put on a canary only when a production version served before this run; the
 first version of an expert is served as is. In ``router`` mode each expert is one rollout
@@ -37,8 +45,9 @@ from lorafleet.fleet import FleetSpec
 from lorafleet.k8s_objects import ADAPTER_MOUNT, PORT
 from lorafleet.rollout.controller import Controller
 from lorafleet.rollout.discovery import SCHEME, resolve_urls
-from lorafleet.rollout.state import RolloutState, Target
+from lorafleet.rollout.state import ProductionMove, RegistryHandoff, RolloutState, Target
 from lorafleet.rollout.store import ConfigMapStore
+from lorafleet.storage import parse_location
 
 __all__ = ["deploy_rollouts", "rollouts_markdown"]
 
@@ -99,6 +108,14 @@ def _load_candidate(api, spec: FleetSpec, expert: str, version: str, served: str
             )
 
 
+def _handoff(spec: FleetSpec, moves: list[tuple[str, str, str]]) -> RegistryHandoff:
+    """The production pointers the rollout moves when it is promoted."""
+    return RegistryHandoff(
+        uri=parse_location(spec.registry.uri).uri,
+        moves=[ProductionMove(expert=e, previous=old, candidate=new) for e, old, new in moves],
+    )
+
+
 def _start_router(controller: Controller, spec: FleetSpec, expert: str, old: str, new: str) -> str:
     served = f"{expert}-{new}"
     _load_candidate(controller.api, spec, expert, new, served)
@@ -110,7 +127,7 @@ def _start_router(controller: Controller, spec: FleetSpec, expert: str, old: str
         namespace=spec.serving.namespace,
         router_urls=spec.canary.router_urls or [_service(spec, router)],
     )
-    controller.start(expert, target, spec.canary)
+    controller.start(expert, target, spec.canary, _handoff(spec, [(expert, old, new)]))
     return expert
 
 
@@ -153,7 +170,7 @@ def _start_revision(
             f"InferenceService/{spec.name}: the API server said {exc.status} {exc.reason}"
         ) from None
     target = Target(mode="revision", namespace=spec.serving.namespace, isvc=spec.name)
-    controller.start(spec.name, target, spec.canary)
+    controller.start(spec.name, target, spec.canary, _handoff(spec, moves))
     return spec.name
 
 
@@ -184,6 +201,11 @@ def _summary(state: RolloutState) -> dict[str, Any]:
         "time_to_decision_s": round(decided.at - state.started_at, 2) if decided else None,
         "last_decision": last.model_dump() if last else None,
         "message": state.message,
+        "registry": (
+            (state.registry.outcome or "production moves when the rollout is promoted")
+            if state.registry
+            else None
+        ),
     }
 
 
@@ -248,22 +270,8 @@ def deploy_rollouts(
         summary = _summary(state)
         experts = [m for m in moves if policy.mode == "revision" or m[0] == state.name]
         summary["experts"] = {e: {"from": old, "to": new} for e, old, new in experts}
-        if state.phase in ("RolledBack", "Aborted"):
-            summary["registry"] = _revert(spec, experts)
         result["rollouts"].append(summary)
     return result
-
-
-def _revert(spec: FleetSpec, experts: list[tuple[str, str, str]]) -> str:
-    """Give rolled-back experts their previous production version back (local registries)."""
-    if "://" in spec.registry.uri:
-        return f"not reverted: the registry {spec.registry.uri} is remote; set production by hand"
-    from lorafleet.registry import Registry
-
-    registry = Registry(spec.registry.uri)
-    for expert, old, _ in experts:
-        registry.set_production(expert, old)
-    return "production reverted to " + ", ".join(f"{e} {old}" for e, old, _ in experts)
 
 
 def rollouts_markdown(result: dict[str, Any]) -> str:
@@ -286,6 +294,9 @@ def rollouts_markdown(result: dict[str, Any]) -> str:
                 f"| {r['name']} | {r['stable'] or 'stable'} -> {r['canary'] or 'canary'} | {r['phase']} | "
                 f"{r['weight']}% | {decided} | {last.get('verdict', '-')}: {why} |"
             )
+    for r in result["rollouts"]:
+        if r.get("registry"):
+            lines.append(f"- {r['name']}: {r['registry']}")
     for s in result["skipped"]:
         lines.append(f"- {s['expert']} {s['version']}: no rollout ({s['reason']})")
     return "\n".join(lines) + "\n"

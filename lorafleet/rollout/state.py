@@ -14,7 +14,9 @@ Phases::
     Progressing | Paused --(rollback | error_limit)--> Aborted
 
 ``Promoted``, ``RolledBack`` and ``Aborted`` are final; the last two send every request to
-the stable version again.
+the stable version again. A rollout started by the pipeline's deploy step also names the
+registry versions it decides on (:class:`RegistryHandoff`): the controller that settles it
+as ``Promoted`` moves their production pointers, and records what happened.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "Decision",
     "Measurement",
     "Phase",
+    "ProductionMove",
+    "RegistryHandoff",
     "RolloutState",
     "Target",
     "Verdict",
@@ -119,6 +123,30 @@ class Decision(BaseModel):
     stable: Measurement | None = None
 
 
+class ProductionMove(BaseModel):
+    """One expert's registry versions on a canary: production before, and the candidate."""
+
+    expert: str
+    previous: str = Field(description="production when the rollout started (the stable side)")
+    candidate: str
+
+
+class RegistryHandoff(BaseModel):
+    """The registry production pointers a rollout moves when it is promoted.
+
+    Attributes:
+        uri: the registry's location (as the deploy step saw it).
+        moves: one per expert on the canary.
+        outcome: empty until the rollout is settled; then what became of the pointers:
+            moved, left alone (rolled back), or not moved and why (the controller cannot
+            reach the registry, production changed meanwhile), with the operator's command.
+    """
+
+    uri: str
+    moves: list[ProductionMove]
+    outcome: str = ""
+
+
 class RolloutState(BaseModel):
     """A rollout as stored; see the module docstring for the phases."""
 
@@ -141,6 +169,9 @@ class RolloutState(BaseModel):
     errors: int = 0
     message: str = ""
     settled: bool = Field(False, description="the final weights are applied (final phases)")
+    registry: RegistryHandoff | None = Field(
+        None, description="production pointers to move on promotion (pipeline rollouts)"
+    )
     history: list[Decision] = Field(default_factory=list)
     revision: int = Field(0, description="bumped on every write: the stores compare-and-swap on it")
 

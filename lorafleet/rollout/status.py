@@ -64,6 +64,7 @@ def status_json(state: RolloutState, now: float | None = None) -> dict[str, Any]
         "history": [d.model_dump() for d in state.history],
         "policy": state.policy.model_dump(),
         "revision": state.revision,
+        "registry": state.registry.model_dump() if state.registry else None,
     }
 
 
@@ -125,6 +126,12 @@ def status_text(state: RolloutState, now: float | None = None, history: int = 5)
         f"Limits:      failures {state.failures}/{p.failure_limit}, inconclusive {state.inconclusive}/"
         f"{p.inconclusive_limit} in a row, errors {state.errors}/{p.analysis.error_limit} in a row",
     ]
+    if state.registry is not None:
+        moves = ", ".join(f"{m.expert} {m.previous} -> {m.candidate}" for m in state.registry.moves)
+        lines.append(
+            f"Registry:    {state.registry.uri}: {moves}; "
+            + (state.registry.outcome or "production moves when the rollout is promoted")
+        )
     last = state.last_analysis()
     if last is None:
         lines.append("Last:        no analysis yet")

@@ -12,10 +12,11 @@ from lorafleet.deploy.render import (
     resolve_adapters,
 )
 from lorafleet.deploy.validate import validate_manifests
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, StorageError
 from lorafleet.fleet import FleetSpec
 from lorafleet.k8s_objects import RUNTIME_IMAGE
 from lorafleet.registry import Registry
+from lorafleet.storage import RetryPolicy, Storage
 
 
 def _kind(objects: list[dict], kind: str) -> dict:
@@ -206,7 +207,7 @@ def test_spec_that_does_not_fit_the_profile_is_refused(target, change, message, 
         render(FleetSpec.model_validate(raw), target, kit.ADAPTERS)
 
 
-def test_adapters_resolve_to_production_else_latest(tmp_path, kit):
+def test_adapters_resolve_to_production_else_latest(tmp_path, kit, aws_env, unreachable_endpoint):
     fleet_for = kit.fleet_for
     registry = Registry(tmp_path / "registry")
     adapter = tmp_path / "adapter"
@@ -224,8 +225,20 @@ def test_adapters_resolve_to_production_else_latest(tmp_path, kit):
         LorafleetError, match="no expert of fleet 'marketplace-prod' has a registered adapter"
     ):
         resolve_adapters(fleet_for("aws"), tmp_path / "empty")
+    # A registry in a bucket is read there (tests/test_registry_s3.py); an unreachable one
+    # is the storage layer's one line
     remote = fleet_for("aws").model_copy(
-        update={"registry": fleet_for("aws").registry.model_copy(update={"uri": "s3://b/r"})}
+        update={
+            "registry": fleet_for("aws").registry.model_copy(
+                update={"uri": "s3://lorafleet-test/r"}
+            )
+        }
     )
-    with pytest.raises(LorafleetError, match="remote; pass --registry DIR"):
-        resolve_adapters(remote)
+    storage = Storage(
+        s3_endpoint_url=unreachable_endpoint, pvc_mounts={}, retry=RetryPolicy(attempts=1)
+    )
+    with pytest.raises(
+        StorageError,
+        match=r"^s3://lorafleet-test/r/proposal-writer/production.json: store unreachable",
+    ):
+        resolve_adapters(remote, storage=storage)

@@ -5,8 +5,8 @@ production) and answer a real HTTP chat request; the other has a bar its tiny mo
 cannot clear and must be stopped at the gate: nothing registered, nothing served.
 Run 2: a deliberately worse candidate of the first expert (two optimizer steps) beats
 nothing but the base, and must be refused against production.
-Run 3: a better candidate of the first expert (more epochs) passes against production
-and replaces it.
+Run 3: a better candidate of the first expert (three times the epochs of production's one)
+passes against production and replaces it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from lorafleet.registry import Registry
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -31,7 +33,7 @@ base:
 expert_defaults:
   synthesis: {{per_seed: 1}}
   lora: {{r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}}
-  training: {{epochs: 2, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}}
+  training: {{epochs: 1, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}}
   gate: {{max_loss_ratio: 0.99, max_new_tokens: 8}}
 experts:
   - name: job-analyzer
@@ -78,7 +80,8 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
         and good["reply"]["status"] == 200
         and good["reply"]["model"] == "job-analyzer"
     )
-    adapter = Path(good["adapter_path"])
+    adapter = Path(good["adapter_uri"])  # a local registry: its version folder is the URI
+    assert adapter == tmp_path / "registry" / "job-analyzer" / good["adapter_version"]
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lineage.json"} <= {
         p.name for p in adapter.iterdir()
     }
@@ -87,6 +90,7 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
         lineage["base"]["fingerprint"]
         and lineage["data"]["train_sha256"]
         and lineage["config"]["name"] == "job-analyzer"
+        and set(lineage["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     )
     assert len(good["train"]["losses"]) == good["train"]["steps"] > 0
     # its data went through two parallel shards (ParallelFor inside the expert's branch)
@@ -95,9 +99,9 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     blocked = summary["experts"]["proposal-writer"]
     assert blocked["gate_passed"] is False
     assert any(r.startswith("FAIL min-skill_coverage") for r in blocked["gate_reasons"])
-    assert blocked["adapter_path"] is None and blocked["served"] is False
-    index = json.loads((tmp_path / "registry" / "index.json").read_text())
-    assert set(index["experts"]) == {"job-analyzer"}
+    assert blocked["adapter_uri"] is None and blocked["served"] is False
+    registry = Registry(tmp_path / "registry")
+    assert registry.experts() == ["job-analyzer"]
 
     html = (run / "report.html").read_text()
     assert "<svg" in html and "job-analyzer" in html and "gate failed" in html
@@ -140,16 +144,15 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     assert second["gate_passed"] is False and second["served"] is False
     failed = [r for r in second["gate_reasons"] if r.startswith("FAIL")]
     assert failed and failed[0].startswith("FAIL heldout-loss-vs-production: candidate loss")
-    index = json.loads((tmp_path / "registry" / "index.json").read_text())
-    assert index["experts"]["job-analyzer"]["production"] == good["adapter_version"]
-    assert len(index["experts"]["job-analyzer"]["versions"]) == 1
+    assert registry.production("job-analyzer")["version"] == good["adapter_version"]
+    assert len(registry.versions("job-analyzer")) == 1
 
-    # Run 3: a better candidate (twice the epochs) passes every rule against production
+    # Run 3: a better candidate (three epochs to production's one) passes every rule against production
     # and becomes the new production version.
     better = SPEC.replace(
         anchor,
         anchor
-        + "    training: {epochs: 4, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n",
+        + "    training: {epochs: 3, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n",
     )
     (tmp_path / "better.yaml").write_text(better)
     proc = subprocess.run(
@@ -179,9 +182,8 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
     assert third["gate_passed"] is True, third["gate_reasons"]
     assert any(r.startswith("PASS heldout-loss-vs-production") for r in third["gate_reasons"])
     assert not [r for r in third["gate_reasons"] if r.startswith("FAIL")]
-    index = json.loads((tmp_path / "registry" / "index.json").read_text())
     assert (
-        index["experts"]["job-analyzer"]["production"]
+        registry.production("job-analyzer")["version"]
         == third["adapter_version"]
         != good["adapter_version"]
     )

@@ -1,7 +1,7 @@
 """Per-profile Kubernetes settings: spec validation, compiled IR, and the committed goldens.
 
 The goldens are ``examples/fleet-cluster.yaml``'s profiles compiled; regenerate them with
-``UPDATE_GOLDENS=1`` (or ``lorafleet compile --spec examples/fleet-cluster.yaml --profile P``).
+``make goldens`` (``UPDATE_GOLDENS=1`` on the golden tests).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_profile_compiles_to_its_committed_golden(profile: str, tmp_path: Path) 
     golden = profile_golden(profile)
     if os.environ.get("UPDATE_GOLDENS") == "1":
         golden.write_text(fresh)
-    assert golden.is_file(), f"run `lorafleet compile --spec {CLUSTER_SPEC} --profile {profile}`"
+    assert golden.is_file(), "run `make goldens`"
     assert fresh == golden.read_text(), "profile pipeline changed: review, then UPDATE_GOLDENS=1"
     assert load_component_from_file(str(golden)).name == "lorafleet-fleet"
 
@@ -91,6 +91,24 @@ def test_golden_carries_the_specs_platform_settings(profile: str) -> None:
             (s["secretName"], {k["secretKey"]: k["envVar"] for k in s["keyToEnv"]})
             for s in got.get("secretAsEnv", [])
         ] == [(s.secret, s.env) for s in want.secrets]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_step_can_reach_the_profiles_store(profile: str) -> None:
+    # The storage layer in each pod reads its S3 endpoint and its PVC mounts from the environment
+    settings = load_fleet(CLUSTER_SPEC, check_files=False).pipeline.profiles[profile]
+    spec, _ = _ir(profile_golden(profile))
+    for step in PIPELINE_STEPS:
+        container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        want = {}
+        if settings.storage.endpoint:
+            want["AWS_ENDPOINT_URL_S3"] = settings.storage.endpoint
+        mounts = _expected(settings, step).pvcs
+        if mounts:
+            want["LORAFLEET_PVC_MOUNTS"] = ",".join(f"{m.claim}={m.mount_path}" for m in mounts)
+        assert env == want
+    assert profile != "onprem" or "AWS_ENDPOINT_URL_S3" in env, "onprem's MinIO endpoint"
 
 
 def test_every_profile_puts_training_on_an_accelerator() -> None:

@@ -7,10 +7,12 @@ create) and records every request; the client, its serialization and our code ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -18,18 +20,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import boto3
 import pytest
 import yaml
 
-from lorafleet.errors import LorafleetError
-from lorafleet.fleet import load_fleet
+from lorafleet.errors import LorafleetError, SpecError
+from lorafleet.fleet import load_fleet, spec_from_json
 from lorafleet.pipelines.compile import profile_golden
 from lorafleet.pipelines.submit import submit_fleet
+from lorafleet.storage import Storage
 
 pytestmark = pytest.mark.integration
 
-CLUSTER_SPEC = Path(__file__).resolve().parents[2] / "examples" / "fleet-cluster.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CLUSTER_SPEC = EXAMPLES / "fleet-cluster.yaml"
 API = "/apis/v2beta1"
+# The aws profile's object store in CLUSTER_SPEC: its bucket is made on the moto server.
+AWS_BUCKET = "marketplace-ml"
 
 
 class FakeKfp(ThreadingHTTPServer):
@@ -128,6 +135,23 @@ def kfp_api() -> Iterator[FakeKfp]:
     thread.join(timeout=5)
 
 
+@pytest.fixture
+def aws_store(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aws profile's bucket on the moto server, which the standard variable points at
+    (the profile names no endpoint: on AWS, botocore finds S3 itself)."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=AWS_BUCKET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+
+
+@pytest.fixture
+def staged_spec(tmp_path: Path) -> Path:
+    """CLUSTER_SPEC with its data already in a store: nothing to stage, nothing to refuse."""
+    text = CLUSTER_SPEC.read_text().replace("_data: data/", f"_data: s3://{AWS_BUCKET}/data/")
+    assert "_data: data/" not in text
+    (tmp_path / "staged.yaml").write_text(text)
+    return tmp_path / "staged.yaml"
+
+
 def _uploaded_file(req: dict) -> str:
     """The ``uploadfile`` part of a multipart upload request."""
     message = BytesParser(policy=HTTP).parsebytes(
@@ -143,7 +167,7 @@ def _uploaded_file(req: dict) -> str:
 
 
 def test_submit_uploads_the_profile_pipeline_then_a_new_version(
-    kfp_api: FakeKfp, tmp_path: Path
+    kfp_api: FakeKfp, aws_store: None, tmp_path: Path
 ) -> None:
     # Given an empty endpoint, when the CLI submits the aws profile
     proc = subprocess.run(
@@ -191,7 +215,13 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(
     assert run["display_name"].startswith(f"{spec.name}-")
     params = run["runtime_config"]["parameters"]
     assert params["experts"] == [e.name for e in spec.experts]
-    assert json.loads(params["spec_json"])["name"] == spec.name
+    sent = spec_from_json(params["spec_json"])
+    assert sent.name == spec.name
+    # with the data staged to the profile's store: URIs and digests, no local path
+    assert all(
+        e.seed_data == f"s3://{AWS_BUCKET}/lorafleet/data/sha256/{e.seed_data_sha256}/seed.jsonl"
+        for e in sent.experts
+    )
     assert (
         f"run {run['display_name']} started: run run-5" in proc.stderr
     )  # the console writes to stderr
@@ -214,8 +244,10 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(
     )
 
 
-def test_submit_without_profile_uploads_the_plain_pipeline(kfp_api: FakeKfp) -> None:
-    done = submit_fleet(CLUSTER_SPEC, kfp_api.url)
+def test_submit_without_profile_uploads_the_plain_pipeline(
+    kfp_api: FakeKfp, staged_spec: Path
+) -> None:
+    done = submit_fleet(staged_spec, kfp_api.url)
     upload = next(r for r in kfp_api.requests if r["path"].endswith("/upload"))
     assert upload["query"]["name"] == "lorafleet-fleet"
     assert len(list(yaml.safe_load_all(_uploaded_file(upload)))) == 1, (
@@ -224,7 +256,83 @@ def test_submit_without_profile_uploads_the_plain_pipeline(kfp_api: FakeKfp) -> 
     assert done.run_id.startswith("run-")
 
 
-def test_a_failing_endpoint_is_one_clear_error(kfp_api: FakeKfp) -> None:
+def test_a_failing_endpoint_is_one_clear_error(kfp_api: FakeKfp, staged_spec: Path) -> None:
     kfp_api.fail_runs = True
     with pytest.raises(LorafleetError, match=r"answered 500 .*scheduler is down"):
-        submit_fleet(CLUSTER_SPEC, kfp_api.url, profile="gcp")
+        submit_fleet(staged_spec, kfp_api.url, profile="gcp")
+
+
+# --- data by URI ---------------------------------------------------------------------------
+
+TINY = """\
+apiVersion: lorafleet/v1
+name: tiny
+experts:
+  - name: job-analyzer
+    task: job-analyzer
+    seed_data: {data}/job-analyzer/seed.jsonl
+    eval_data: {data}/job-analyzer/eval.jsonl
+pipeline:
+  profiles:
+    onprem:
+      {storage}
+"""
+
+
+def test_submit_stages_local_data_to_the_profiles_store(
+    kfp_api: FakeKfp, s3_endpoint: str, tmp_path: Path
+) -> None:
+    # Given a profile whose store is an S3-compatible server at its own endpoint
+    bucket, prefix = "lorafleet-submit", uuid.uuid4().hex
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    storage_block = (
+        f"storage: {{object_store: 's3://{bucket}/{prefix}', endpoint: '{s3_endpoint}'}}"
+    )
+    (tmp_path / "f.yaml").write_text(TINY.format(data=EXAMPLES / "data", storage=storage_block))
+
+    submit_fleet(tmp_path / "f.yaml", kfp_api.url, profile="onprem")
+
+    # Then the run's spec names each file by its URI and digest, and the object is that file
+    run = json.loads(next(r for r in kfp_api.requests if r["path"] == f"{API}/runs")["body"])
+    expert = spec_from_json(run["runtime_config"]["parameters"]["spec_json"]).experts[0]
+    storage = Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={})
+    for field, name in (("seed_data", "seed.jsonl"), ("eval_data", "eval.jsonl")):
+        local = EXAMPLES / "data" / "job-analyzer" / name
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        uri = f"s3://{bucket}/{prefix}/data/sha256/{digest}/{name}"
+        assert (getattr(expert, field), getattr(expert, f"{field}_sha256")) == (uri, digest)
+        assert storage.read_bytes(uri) == local.read_bytes()
+    # and every step's pod is told the endpoint
+    uploaded = _uploaded_file(next(r for r in kfp_api.requests if r["path"].endswith("/upload")))
+    executors = yaml.safe_load(uploaded)["deploymentSpec"]["executors"]
+    assert {"name": "AWS_ENDPOINT_URL_S3", "value": s3_endpoint} in executors["exec-validate-data"][
+        "container"
+    ]["env"]
+
+
+def test_local_data_without_a_store_is_refused_before_anything_is_sent(
+    kfp_api: FakeKfp, tmp_path: Path
+) -> None:
+    (tmp_path / "f.yaml").write_text(TINY.format(data=EXAMPLES / "data", storage="storage: {}"))
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "lorafleet.cli", "submit", "f.yaml"),
+            *("--host", kfp_api.url, "--profile", "onprem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"error: f.yaml: experts.0.seed_data: {EXAMPLES}/data/job-analyzer/seed.jsonl is on this "
+        "machine, not where the pipeline's pods can read it: set "
+        "pipeline.profiles.onprem.storage.object_store to upload it there, or stage the data "
+        "first (lorafleet spec stage)\n"
+    )
+    assert kfp_api.requests == []
+    # Without a profile there is no store either
+    with pytest.raises(SpecError, match=r"experts.0.seed_data: .* pass --profile P whose pipeline"):
+        submit_fleet(tmp_path / "f.yaml", kfp_api.url)
+    assert kfp_api.requests == []

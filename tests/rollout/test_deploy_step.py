@@ -5,6 +5,7 @@ the step reads and merge-patches the InferenceService and keeps the rollout in a
 there. kmock runs no KServe controller, so the test writes the revision names into the
 InferenceService's status. Metrics come from the Prometheus-API-shaped server. The router
 mode's deploy step runs in tests/rollout/test_e2e_canary.py, against a real runtime.
+Production moves in the registry only when a rollout is promoted.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import yaml
 from kubernetes.client import CustomObjectsApi
 
 from lorafleet.fleet import FleetSpec
 from lorafleet.registry import Registry
+from lorafleet.rollout.controller import Controller
 from lorafleet.rollout.deploy import deploy_rollouts, rollouts_markdown
 from lorafleet.rollout.store import ConfigMapStore
 
@@ -48,7 +51,7 @@ OUTCOMES = [
 
 
 def _spec(
-    handoff: str, prometheus_url: str = "http://127.0.0.1:9", registry: Path | None = None
+    handoff: str, prometheus_url: str = "http://127.0.0.1:9", registry: Path | str | None = None
 ) -> FleetSpec:
     raw = yaml.safe_load((ROOT / "tests" / "deploy" / "fleet.yaml").read_text())
     raw["serving"] = {**raw["serving"], "runtime": "lorafleet", "gpus": 0}
@@ -68,6 +71,20 @@ def _spec(
     if registry is not None:
         raw["registry"] = {"uri": str(registry)}
     return FleetSpec.model_validate(raw)
+
+
+def _registry(root: Path) -> Registry:
+    """A registry where proposal-writer has v1 (production) and the candidate v2, as the
+    pipeline's register step leaves it when a canary follows."""
+    adapter = root.parent / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0")
+    registry = Registry(root)
+    for _ in range(2):
+        registry.register("proposal-writer", adapter, {}, lambda v: v)
+    registry.set_production("proposal-writer", "v1")
+    return registry
 
 
 def _create_isvc(api) -> None:
@@ -107,10 +124,12 @@ def test_handoff_none_starts_nothing() -> None:
 
 
 async def test_handoff_controller_moves_the_isvc_and_leaves_the_rollout_to_the_controller(
-    k8s,
+    k8s, tmp_path
 ) -> None:
+    registry = _registry(tmp_path / "registry")
     await asyncio.to_thread(_create_isvc, k8s)
-    first = await asyncio.to_thread(deploy_rollouts, _spec("controller"), OUTCOMES, k8s)
+    spec = _spec("controller", registry=tmp_path / "registry")
+    first = await asyncio.to_thread(deploy_rollouts, spec, OUTCOMES, k8s)
     live = await asyncio.to_thread(_isvc, k8s)
     predictor = live["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 10
@@ -121,21 +140,37 @@ async def test_handoff_controller_moves_the_isvc_and_leaves_the_rollout_to_the_c
     [rollout] = first["rollouts"]
     assert (rollout["name"], rollout["phase"], rollout["weight"]) == (NAME, "Progressing", 10)
     assert rollout["experts"] == {"proposal-writer": {"from": "v1", "to": "v2"}}
+    # Production stays until the controller promotes; the rollout carries what it moves
+    assert rollout["registry"] == "production moves when the rollout is promoted"
+    assert registry.production("proposal-writer")["version"] == "v1"
     # The step retried (KFP retries): the same rollout, nothing moved twice
-    again = await asyncio.to_thread(deploy_rollouts, _spec("controller"), OUTCOMES, k8s)
+    again = await asyncio.to_thread(deploy_rollouts, spec, OUTCOMES, k8s)
     state = await asyncio.to_thread(ConfigMapStore(k8s, NS).load, NAME)
     assert again["rollouts"][0]["phase"] == "Progressing" and len(state.history) == 1
+    assert state.registry is not None and state.registry.uri == str(tmp_path / "registry")
+    assert [m.model_dump() for m in state.registry.moves] == [
+        {"expert": "proposal-writer", "previous": "v1", "candidate": "v2"}
+    ]
+    # When the controller promotes it (here an operator's `canary promote`), production moves
+    promoted = await asyncio.to_thread(Controller(ConfigMapStore(k8s, NS), k8s).promote, NAME)
+    assert promoted.settled and promoted.registry.outcome == "production moved: proposal-writer v2"
+    assert registry.production("proposal-writer")["version"] == "v2"
 
 
-async def test_handoff_drive_promotes_a_healthy_canary(k8s, prometheus) -> None:
+async def test_handoff_drive_promotes_a_healthy_canary_and_then_production(
+    k8s, prometheus, tmp_path
+) -> None:
+    registry = _registry(tmp_path / "registry")
     await asyncio.to_thread(_create_isvc, k8s)
     prometheus.set(OLD, requests=90, error_rate=0.0, p95_latency_ms=80)
     prometheus.set(NEW, requests=10, error_rate=0.0, p95_latency_ms=90)
-    result = await asyncio.to_thread(
-        deploy_rollouts, _spec("drive", prometheus.url), OUTCOMES, k8s, poll_s=0.05
-    )
+    spec = _spec("drive", prometheus.url, tmp_path / "registry")
+    result = await asyncio.to_thread(deploy_rollouts, spec, OUTCOMES, k8s, poll_s=0.05)
     [rollout] = result["rollouts"]
     assert (rollout["phase"], rollout["stable"], rollout["canary"]) == ("Promoted", "", "")
+    assert rollout["registry"] == "production moved: proposal-writer v2"
+    assert registry.production("proposal-writer")["version"] == "v2"
+    assert "- marketplace-prod: production moved: proposal-writer v2" in rollouts_markdown(result)
     assert (
         rollout["last_decision"]["canary"]["version"] == NEW
     )  # from the InferenceService's status
@@ -146,18 +181,10 @@ async def test_handoff_drive_promotes_a_healthy_canary(k8s, prometheus) -> None:
     assert "| marketplace-prod | stable -> canary | Promoted | 100% |" in rollouts_markdown(result)
 
 
-async def test_handoff_drive_rolls_back_and_gives_production_back(
-    k8s, prometheus, tmp_path, tiny_adapters
+async def test_handoff_drive_rolls_back_and_leaves_production_alone(
+    k8s, prometheus, tmp_path
 ) -> None:
-    registry = Registry(tmp_path / "registry")
-    for _ in range(2):
-        registry.register(
-            "proposal-writer",
-            tiny_adapters["proposal-writer"],
-            {"base": {"fingerprint": "f"}},
-            lambda v: v,
-        )
-    registry.set_production("proposal-writer", "v2")  # what the pipeline's register step did
+    registry = _registry(tmp_path / "registry")
     await asyncio.to_thread(_create_isvc, k8s)
     prometheus.set(NEW, requests=10, error_rate=0.4, p95_latency_ms=90)
     spec = _spec("drive", prometheus.url, tmp_path / "registry")
@@ -165,6 +192,29 @@ async def test_handoff_drive_rolls_back_and_gives_production_back(
     [rollout] = result["rollouts"]
     assert rollout["phase"] == "RolledBack"
     assert rollout["last_decision"]["reasons"][0] == "error rate 40.0% > max 1.0%"
-    assert rollout["registry"] == "production reverted to proposal-writer v1"
+    assert rollout["registry"] == "production unchanged (RolledBack): proposal-writer v1"
     assert registry.production("proposal-writer")["version"] == "v1"
+    assert registry.pointer("proposal-writer")["previous"] is None  # never moved
     assert (await asyncio.to_thread(_isvc, k8s))["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
+async def test_a_promotion_the_registry_cannot_take_is_recorded_with_the_operators_step(
+    k8s, prometheus, aws_env, unreachable_endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a registry in a store this step cannot reach
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", unreachable_endpoint)
+    await asyncio.to_thread(_create_isvc, k8s)
+    prometheus.set(OLD, requests=90, error_rate=0.0, p95_latency_ms=80)
+    prometheus.set(NEW, requests=10, error_rate=0.0, p95_latency_ms=90)
+    spec = _spec("drive", prometheus.url, "s3://lorafleet-test/registry")
+    # When the canary is promoted
+    result = await asyncio.to_thread(deploy_rollouts, spec, OUTCOMES, k8s, poll_s=0.05)
+    # Then traffic moved, and the rollout says production did not and how to finish
+    [rollout] = result["rollouts"]
+    assert rollout["phase"] == "Promoted"
+    assert rollout["registry"].startswith("production not moved: proposal-writer v2 (s3://")
+    assert rollout["registry"].endswith(
+        "; run `lorafleet registry promote --registry s3://lorafleet-test/registry proposal-writer v2`"
+    )
+    state = await asyncio.to_thread(ConfigMapStore(k8s, NS).load, NAME)
+    assert state.settled and state.registry.outcome == rollout["registry"]

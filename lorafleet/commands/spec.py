@@ -1,0 +1,98 @@
+"""``lorafleet spec``: check a fleet spec, and stage its data for runs on a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafleet.console import console
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Check fleet specs and stage their data.", no_args_is_help=True)
+
+SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
+
+
+@app.command("check")
+def check(file: SpecFile) -> None:
+    """Validate a fleet spec; errors are printed as FILE:LINE: field.path: message."""
+    from lorafleet.fleet import load_fleet
+
+    spec = load_fleet(file)
+    console.print(
+        f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}"
+    )
+
+
+@app.command("stage")
+def stage(
+    file: SpecFile,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            help="Object store to upload the data to: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX "
+            "or pvc://CLAIM/PATH (default: --profile's storage.object_store)."
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Cluster profile (aws, gcp, onprem) whose pipeline.profiles.P.storage names "
+            "the store and its S3 endpoint."
+        ),
+    ] = None,
+    out: Annotated[
+        str,
+        typer.Option("--out", "-o", help="Where the staged spec goes: a file, or - for stdout."),
+    ] = "-",
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Write the spec_json run parameter (one line of JSON) instead of YAML."
+        ),
+    ] = False,
+) -> None:
+    """Upload the spec's local data files to an object store and write the spec that points there.
+
+    Each file goes to <store>/data/sha256/<sha256>/<name>, once: a file already there is not uploaded again. The staged spec names those URIs and each file's digest (checked by the pipeline's validate step), so a run started in the Kubeflow Pipelines UI reads the same bytes. `lorafleet submit` does this itself when its profile names a store.
+    """
+    import yaml
+
+    from lorafleet.errors import LorafleetError
+    from lorafleet.fleet import load_fleet, spec_to_json
+    from lorafleet.io import atomic_write_text
+    from lorafleet.pipelines.platform import spec_profile
+    from lorafleet.staging import stage_spec
+    from lorafleet.storage import Storage
+
+    spec = load_fleet(file)
+    platform = spec_profile(file, profile) if profile else None
+    store = to or (platform.storage.object_store if platform else None)
+    if store is None:
+        raise LorafleetError(
+            f"--to URI is needed: profile {profile} has no pipeline.profiles.{profile}.storage.object_store"
+            if profile
+            else "--to URI is needed (or --profile P, to use pipeline.profiles.P.storage.object_store)"
+        )
+    storage = Storage(s3_endpoint_url=platform.storage.endpoint if platform else None)
+    done = stage_spec(spec, store, storage, source=file)
+    if as_json:
+        text = spec_to_json(done.spec) + "\n"
+    else:
+        # Defaults left out: what is written reads back as the same spec, and stays short.
+        short = done.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        text = yaml.safe_dump(
+            {"apiVersion": done.spec.api_version, **short}, sort_keys=False, allow_unicode=True
+        )
+    if out == "-":
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+    console.print(
+        f"staged {len(done.uploaded) + len(done.present)} data files in {store}: "
+        f"{len(done.uploaded)} uploaded, {len(done.present)} already there"
+        + ("" if out == "-" else f"; wrote {out}")
+    )
