@@ -237,3 +237,72 @@ def start_moto_server() -> Callable[..., AbstractContextManager[str]]:
 def unreachable_endpoint() -> str:
     """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
     return f"http://127.0.0.1:{_free_port()}"
+
+
+# --- concurrency ----------------------------------------------------------------------
+
+
+def _run_together(count: int, call: Callable[[int], object]) -> list[object]:
+    """``call(0)`` … ``call(count - 1)`` in ``count`` threads released at the same moment
+    (a barrier); the results in index order. The first exception any call raised is
+    raised here, after every thread has ended."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=20)
+            results[i] = call(i)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a concurrent call did not finish in 60 s"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture
+def run_together() -> Callable[[int, Callable[[int], object]], list[object]]:
+    """Run ``call(i)`` for ``i`` in ``range(count)`` in threads started at once (writers
+    racing for one version number, one pointer)."""
+    return _run_together
+
+
+@pytest.fixture
+def contended_increment() -> Callable[[int], tuple[Callable[[object], dict], list[int]]]:
+    """A counter increment (for ``Storage.update_json``) whose first call in each thread
+    waits until all ``writers`` have read, so all but one lose the first race; also the
+    list of calls made."""
+
+    def make(writers: int) -> tuple[Callable[[object], dict], list[int]]:
+        barrier, seen, calls = threading.Barrier(writers), threading.local(), []
+
+        def increment(value: object) -> dict:
+            calls.append(1)
+            if not getattr(seen, "waited", False):
+                seen.waited = True
+                barrier.wait(timeout=20)
+            return {"count": (value or {"count": 0})["count"] + 1}  # type: ignore[index]
+
+        return increment, calls
+
+    return make
+
+
+@pytest.fixture
+def one_line() -> Callable[[pytest.ExceptionInfo[BaseException]], str]:
+    """The raised error's message, asserted to be one non-empty line."""
+
+    def check(error: pytest.ExceptionInfo[BaseException]) -> str:
+        text = str(error.value)
+        assert text and "\n" not in text
+        return text
+
+    return check

@@ -8,7 +8,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -218,26 +217,13 @@ def test_download_fetches_a_version_and_checks_its_digests(tmp_path: Path) -> No
         reg.download("writer", "v1", tmp_path / "copy2")
 
 
-def test_eight_concurrent_registers_lose_no_version(tmp_path: Path) -> None:
+def test_eight_concurrent_registers_lose_no_version(tmp_path: Path, run_together) -> None:
     reg = Registry(tmp_path / "reg")
     src = _adapter(tmp_path)
-    barrier, got, errors = threading.Barrier(8), [], []
-
-    def register(i: int) -> None:
-        try:
-            barrier.wait(timeout=20)
-            # Each thread its own Registry, as each pod would have
-            got.append(Registry(tmp_path / "reg").register("writer", src, {"i": i}, _card))
-        except Exception as exc:  # surfaced by the assert below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-
-    assert errors == []
+    # Each writer its own Registry, as each pod would have
+    got = run_together(
+        8, lambda i: Registry(tmp_path / "reg").register("writer", src, {"i": i}, _card)
+    )
     assert sorted(e["version"] for e in got) == sorted(f"v{n}" for n in range(1, 9))
     listed = reg.versions("writer")
     assert [v["version"] for v in listed] == [f"v{n}" for n in range(1, 9)]

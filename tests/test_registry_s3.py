@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -78,26 +77,14 @@ def test_versions_lineage_and_download(
 
 
 def test_eight_concurrent_registers_lose_no_version(
-    s3_endpoint: str, uri: str, adapter: Path
+    s3_endpoint: str, uri: str, adapter: Path, run_together
 ) -> None:
-    barrier, got, errors = threading.Barrier(8), [], []
-
-    def register(i: int) -> None:
+    def register(i: int) -> str:
         # Each writer its own storage client and registry, as each pod would have
         reg = Registry(uri, Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={}))
-        try:
-            barrier.wait(timeout=20)
-            got.append(reg.register("writer", adapter, {"i": i}, _card)["version"])
-        except Exception as exc:  # surfaced by the assert below
-            errors.append(exc)
+        return reg.register("writer", adapter, {"i": i}, _card)["version"]
 
-    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-
-    assert errors == []
+    got = run_together(8, register)
     expected = [f"v{n}" for n in range(1, 9)]
     assert sorted(got, key=lambda v: int(v[1:])) == expected
     reg = Registry(uri, Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={}))
@@ -106,7 +93,7 @@ def test_eight_concurrent_registers_lose_no_version(
 
 
 def test_production_pointer_refuses_a_stale_move(
-    storage: Storage, s3_endpoint: str, uri: str, adapter: Path
+    storage: Storage, s3_endpoint: str, uri: str, adapter: Path, run_together
 ) -> None:
     reg = Registry(uri, storage)
     for _ in range(4):
@@ -123,21 +110,16 @@ def test_production_pointer_refuses_a_stale_move(
     assert reg.production("writer")["version"] == "v2"
 
     # Three writers move from v2 at once: exactly one wins
-    outcomes: list[str] = []
-
-    def move(version: str) -> None:
+    def move(i: int) -> str:
+        version = ("v1", "v3", "v4")[i]
         mine = Registry(uri, Storage(s3_endpoint_url=s3_endpoint, pvc_mounts={}))
         try:
             mine.set_production("writer", version, expected="v2")
-            outcomes.append(version)
+            return version
         except ProductionChanged:
-            outcomes.append("refused")
+            return "refused"
 
-    threads = [threading.Thread(target=move, args=(v,)) for v in ("v1", "v3", "v4")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    outcomes = run_together(3, move)
     winners = [o for o in outcomes if o != "refused"]
     assert len(outcomes) == 3 and len(winners) == 1
     assert reg.production("writer")["version"] == winners[0]

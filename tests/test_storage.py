@@ -8,9 +8,7 @@ import multiprocessing
 import os
 import stat
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import botocore.exceptions
 import pytest
@@ -30,13 +28,6 @@ from lorafleet.storage import (
     parse_location,
     parse_pvc_mounts,
 )
-
-
-def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
-    """The error's message, asserted to be a single line."""
-    text = str(error.value)
-    assert text and "\n" not in text
-    return text
 
 
 @pytest.fixture
@@ -105,7 +96,7 @@ def test_relative_local_path_is_made_absolute(
         ("/tmp/\ud800", "UTF-8"),
     ],
 )
-def test_parse_location_refusals_are_one_line(text: str, rule: str) -> None:
+def test_parse_location_refusals_are_one_line(text: str, rule: str, one_line) -> None:
     with pytest.raises(StorageError) as error:
         parse_location(text)
 
@@ -115,7 +106,7 @@ def test_parse_location_refusals_are_one_line(text: str, rule: str) -> None:
 
 
 @pytest.mark.parametrize("part", ["../x", "a/../../x", "/etc", "a//b", "a/", "", ".", "x\x00y"])
-def test_join_refuses_parts_that_leave_the_location(part: str) -> None:
+def test_join_refuses_parts_that_leave_the_location(part: str, one_line) -> None:
     base = parse_location("s3://bucket-1/runs")
 
     with pytest.raises(StorageError) as error:
@@ -206,7 +197,7 @@ def test_pvc_mounts_come_from_the_environment(
 
 
 def test_unmounted_claim_is_one_line_naming_claim_and_mounts(
-    storage: Storage, tmp_path: Path
+    storage: Storage, tmp_path: Path, one_line
 ) -> None:
     with pytest.raises(StorageError) as error:
         storage.read_bytes("pvc://datasets/seed.jsonl")
@@ -218,7 +209,7 @@ def test_unmounted_claim_is_one_line_naming_claim_and_mounts(
 
 
 @pytest.mark.parametrize("text", ["models", "models=relative/path", "../x=/mnt/a"])
-def test_malformed_pvc_mounts_are_refused(text: str) -> None:
+def test_malformed_pvc_mounts_are_refused(text: str, one_line) -> None:
     with pytest.raises(StorageError) as error:
         parse_pvc_mounts(text)
 
@@ -226,7 +217,7 @@ def test_malformed_pvc_mounts_are_refused(text: str) -> None:
 
 
 def test_unlisted_claim_is_found_under_the_pvc_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_line
 ) -> None:
     # Given a claim listed in the mounts and two others mounted under the root, one of
     # them listed too (the list wins)
@@ -252,6 +243,7 @@ def test_unlisted_claim_is_found_under_the_pvc_root(
 
 def test_pvc_root_defaults_to_mnt_pvc_and_must_be_absolute(
     monkeypatch: pytest.MonkeyPatch,
+    one_line,
 ) -> None:
     monkeypatch.delenv(PVC_ROOT_ENV, raising=False)
     assert Storage().pvc_root == DEFAULT_PVC_ROOT == Path("/mnt/pvc")
@@ -305,7 +297,9 @@ def test_atomic_writes_honour_the_umask_and_leave_no_temp_files(tmp_path: Path, 
     assert [loc.name for loc in storage.list_prefix(tmp_path / "out")] == ["ptr.json", "x.txt"]
 
 
-def test_missing_object_and_bad_json_are_one_line(storage: Storage, tmp_path: Path) -> None:
+def test_missing_object_and_bad_json_are_one_line(
+    storage: Storage, tmp_path: Path, one_line
+) -> None:
     (tmp_path / "bad.json").write_text("{nope")
 
     with pytest.raises(StorageError) as missing:
@@ -365,7 +359,7 @@ def test_tree_upload_download_and_digest_on_a_claim(storage: Storage, tmp_path: 
 
 
 def test_a_failed_download_leaves_the_destination_untouched(
-    storage: Storage, tmp_path: Path
+    storage: Storage, tmp_path: Path, one_line
 ) -> None:
     # Given a tree whose last file cannot be copied (a FIFO), and a destination in place
     _make_tree(tmp_path / "src")
@@ -403,7 +397,7 @@ def test_copy_between_local_and_claim(storage: Storage, tmp_path: Path) -> None:
 # --- conditional writes ----------------------------------------------------------------
 
 
-def test_create_only_and_compare_and_swap_locally(storage: Storage) -> None:
+def test_create_only_and_compare_and_swap_locally(storage: Storage, one_line) -> None:
     ptr = "pvc://models/pointers/writer.json"
     assert storage.read_versioned(ptr) is None
 
@@ -422,22 +416,7 @@ def test_create_only_and_compare_and_swap_locally(storage: Storage) -> None:
         storage.compare_and_swap("pvc://models/pointers/absent.json", b"x", first)
 
 
-def contended_increment(writers: int) -> tuple[Callable[[Any], dict], list[int]]:
-    """A counter increment whose first call in each thread waits until all ``writers``
-    have read, so all but one lose the first race; also the list of calls made."""
-    barrier, seen, calls = threading.Barrier(writers), threading.local(), []
-
-    def increment(value: Any) -> dict:
-        calls.append(1)
-        if not getattr(seen, "waited", False):
-            seen.waited = True
-            barrier.wait(timeout=20)
-        return {"count": (value or {"count": 0})["count"] + 1}
-
-    return increment, calls
-
-
-def test_eight_threads_lose_no_update_locally(storage: Storage) -> None:
+def test_eight_threads_lose_no_update_locally(storage: Storage, contended_increment) -> None:
     ptr = "pvc://models/pointers/counter.json"
     increment, calls = contended_increment(8)
     threads = [
@@ -525,7 +504,7 @@ def test_retry_policy_is_capped_and_bounded() -> None:
     assert sum(RetryPolicy().delays()) <= 0.25 + 0.5 + 1.0
 
 
-def test_json_writes_refuse_what_json_cannot_hold(storage: Storage) -> None:
+def test_json_writes_refuse_what_json_cannot_hold(storage: Storage, one_line) -> None:
     with pytest.raises(StorageError) as error:
         storage.write_json("pvc://models/x.json", {"loss": float("nan")})
 

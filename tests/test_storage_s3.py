@@ -10,9 +10,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
@@ -36,27 +34,6 @@ def storage(s3_endpoint: str) -> Storage:
 def prefix() -> Location:
     """A fresh prefix in the bucket for each test."""
     return parse_location(f"s3://{BUCKET}/{uuid.uuid4().hex}")
-
-
-def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
-    text = str(error.value)
-    assert text and "\n" not in text
-    return text
-
-
-def contended_increment(writers: int) -> tuple[Callable[[Any], dict], list[int]]:
-    """A counter increment whose first call in each thread waits until all ``writers``
-    have read, so all but one lose the first race; also the list of calls made."""
-    barrier, seen, calls = threading.Barrier(writers), threading.local(), []
-
-    def increment(value: Any) -> dict:
-        calls.append(1)
-        if not getattr(seen, "waited", False):
-            seen.waited = True
-            barrier.wait(timeout=20)
-        return {"count": (value or {"count": 0})["count"] + 1}
-
-    return increment, calls
 
 
 def test_round_trips(storage: Storage, prefix: Location) -> None:
@@ -141,7 +118,7 @@ def test_copies_between_stores(storage: Storage, prefix: Location, tmp_path: Pat
 
 @pytest.mark.parametrize("bad_key", ["tree/../../escape", "tree//x"])
 def test_download_refuses_keys_that_leave_the_tree(
-    storage: Storage, s3_endpoint: str, prefix: Location, tmp_path: Path, bad_key: str
+    storage: Storage, s3_endpoint: str, prefix: Location, tmp_path: Path, bad_key: str, one_line
 ) -> None:
     # Given an object written by another tool with a key that climbs out of the tree
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(
@@ -156,7 +133,9 @@ def test_download_refuses_keys_that_leave_the_tree(
     assert not (tmp_path / "dst").exists() and not (tmp_path / "escape").exists()
 
 
-def test_missing_object_and_bucket_are_one_line(storage: Storage, prefix: Location) -> None:
+def test_missing_object_and_bucket_are_one_line(
+    storage: Storage, prefix: Location, one_line
+) -> None:
     with pytest.raises(StorageError) as missing:
         storage.read_bytes(prefix / "absent.json")
     with pytest.raises(StorageError) as no_bucket:
@@ -167,7 +146,7 @@ def test_missing_object_and_bucket_are_one_line(storage: Storage, prefix: Locati
 
 
 def test_unreachable_store_is_one_line_after_bounded_retries(
-    aws_env: None, unreachable_endpoint: str
+    aws_env: None, unreachable_endpoint: str, one_line
 ) -> None:
     storage = Storage(s3_endpoint_url=unreachable_endpoint, pvc_mounts={}, retry=FAST_RETRY)
 
@@ -182,7 +161,7 @@ def test_unreachable_store_is_one_line_after_bounded_retries(
     assert time.monotonic() - started < 5
 
 
-def test_denied_access_is_one_line(aws_env: None, start_moto_server) -> None:
+def test_denied_access_is_one_line(aws_env: None, start_moto_server, one_line) -> None:
     # A second server that checks credentials: the test key pair is unknown to it.
     with start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
         storage = Storage(s3_endpoint_url=url, pvc_mounts={}, retry=FAST_RETRY)
@@ -244,7 +223,7 @@ def test_connection_resets_are_retried(s3_endpoint: str, prefix: Location) -> No
     )
 
 
-def test_create_only_twice_second_is_refused(storage: Storage, prefix: Location) -> None:
+def test_create_only_twice_second_is_refused(storage: Storage, prefix: Location, one_line) -> None:
     ptr = prefix / "pointer.json"
     assert storage.read_versioned(ptr) is None
 
@@ -257,7 +236,9 @@ def test_create_only_twice_second_is_refused(storage: Storage, prefix: Location)
     assert current is not None and (current.data, current.version) == (b'{"v": 1}', version)
 
 
-def test_compare_and_swap_with_a_stale_etag_is_refused(storage: Storage, prefix: Location) -> None:
+def test_compare_and_swap_with_a_stale_etag_is_refused(
+    storage: Storage, prefix: Location, one_line
+) -> None:
     ptr = prefix / "pointer.json"
     first = storage.create(ptr, b"1")
     second = storage.compare_and_swap(ptr, b"2", first)
@@ -270,7 +251,9 @@ def test_compare_and_swap_with_a_stale_etag_is_refused(storage: Storage, prefix:
     assert storage.read_bytes(ptr) == b"2"
 
 
-def test_eight_threads_of_cas_increments_lose_no_update(storage: Storage, prefix: Location) -> None:
+def test_eight_threads_of_cas_increments_lose_no_update(
+    storage: Storage, prefix: Location, contended_increment
+) -> None:
     # Given eight writers that all read the counter before any of them writes
     ptr = prefix / "counter.json"
     increment, calls = contended_increment(8)
