@@ -584,6 +584,14 @@ def _updated(state: RolloutState, **fields) -> RolloutState:
     return state
 
 
+def _one_line(error: Exception) -> str:
+    """A log line for an error: ours as they are, others with their type (a connection
+    error's text alone rarely says what failed)."""
+    if isinstance(error, LorafleetError):
+        return str(error)
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def run_controller(
     controller: Controller,
     poll_s: float = 1.0,
@@ -592,8 +600,10 @@ def run_controller(
 ) -> None:
     """Reconcile every rollout of the store until ``stop`` is set (the in-cluster controller).
 
-    A rollout whose tick fails (router unreachable, API error) is logged and tried again on
-    the next round; the others go on.
+    A rollout whose tick fails (router unreachable, API error, a dropped connection to the
+    API server, or any other error) is logged and tried again on the next round; the others
+    go on. Only ``stop`` ends the loop: a controller that died on one error would leave
+    every rollout where it stood.
 
     Args:
         controller: the controller (its store names the rollouts).
@@ -605,8 +615,8 @@ def run_controller(
     while not stop.is_set():
         try:
             names = controller.store.names()
-        except LorafleetError as exc:  # the API server is away: try again next round
-            log.warning("listing rollouts: %s", exc)
+        except Exception as exc:  # the API server is away: try again next round
+            log.warning("listing rollouts: %s", _one_line(exc))
             names = []
         for name in names:
             try:
@@ -614,8 +624,8 @@ def run_controller(
                 if before.final and before.settled:
                     continue
                 after = controller.reconcile(name)
-            except LorafleetError as exc:
-                log.warning("rollout %s: %s", name, exc)
+            except Exception as exc:  # retried next round; never the end of the loop
+                log.warning("rollout %s: %s", name, _one_line(exc))
                 continue
             if after.history and (not before.history or after.history[-1] != before.history[-1]):
                 last = after.history[-1]

@@ -361,3 +361,39 @@ async def test_a_revision_that_is_not_ready_yet_is_not_judged(k8s, prometheus) -
         "hold",
         "",
     )
+
+
+def test_the_controller_loop_survives_any_error_and_retries_next_round(tmp_path, caplog) -> None:
+    """Given a store whose API server drops the connection twice (not a LorafleetError),
+    the loop logs each failure and keeps going: it lists again on the next rounds."""
+    import logging
+    import threading
+
+    from lorafleet.rollout.controller import Controller, run_controller
+    from lorafleet.rollout.store import FileStore
+
+    class FlakyStore(FileStore):
+        calls = 0
+
+        def names(self) -> list[str]:
+            FlakyStore.calls += 1
+            if FlakyStore.calls <= 2:
+                raise ConnectionResetError("Connection reset by peer")
+            if FlakyStore.calls >= 4:
+                stop.set()
+            return super().names()
+
+    stop = threading.Event()
+    heartbeat = tmp_path / "alive"
+    with caplog.at_level(logging.WARNING, logger="lorafleet"):
+        thread = threading.Thread(
+            target=run_controller,
+            args=(Controller(FlakyStore(tmp_path / "state")),),
+            kwargs={"poll_s": 0.01, "stop": stop, "heartbeat": heartbeat},
+        )
+        thread.start()
+        thread.join(10)
+    assert not thread.is_alive() and FlakyStore.calls >= 4 and heartbeat.exists()
+    assert (
+        caplog.text.count("listing rollouts: ConnectionResetError: Connection reset by peer") == 2
+    )
