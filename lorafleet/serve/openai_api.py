@@ -244,12 +244,12 @@ class _Endpoints:
         return await self.complete(http, CompletionRequest)
 
     async def models(self) -> dict[str, Any]:
-        """``GET /openai/v1/models``: the base, every adapter and every route."""
+        """``GET /openai/v1/models``: the base, every adapter and every route, by name only
+        (``root`` is the name too: where the weights live on disk is nobody's business but
+        the server's, and anyone may call this route)."""
         runtime = self.runtime
-        data = [self._card(runtime.name, str(runtime.base_dir), None)]
-        data += [
-            self._card(name, str(path), runtime.name) for name, path in runtime.adapters.items()
-        ]
+        data = [self._card(runtime.name, runtime.name, None)]
+        data += [self._card(name, name, runtime.name) for name in runtime.adapters]
         data += [
             self._card(name, route["targets"][0]["adapter"], runtime.name)
             for name, route in runtime.routes.as_dict().items()
