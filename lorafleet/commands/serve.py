@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.limits import RequestLimits
 
 __all__ = ["serve", "standalone_app"]
 
@@ -64,6 +65,19 @@ def serve(
             help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference)."
         ),
     ] = "batched",
+    max_tokens_limit: Annotated[
+        int,
+        typer.Option(min=1, help="Largest max_tokens a request may ask for; more get 400."),
+    ] = RequestLimits.max_tokens,
+    max_prompt_chars: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Longest prompt (all message contents), in characters; more get 400."
+        ),
+    ] = RequestLimits.max_prompt_chars,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body in bytes; more get 400.")
+    ] = RequestLimits.max_body_bytes,
     fault: Annotated[
         list[str] | None,
         typer.Option(
@@ -104,6 +118,7 @@ def serve(
         admin_token=os.environ.get(admin_token_env) or None,
         max_queue=max_queue,
         request_timeout_s=request_timeout,
+        limits=RequestLimits(max_tokens_limit, max_prompt_chars, max_body_bytes),
         max_rank=max_rank,
         require_lineage=require_lineage,
         routes=RouteTable.from_file(routes) if routes else None,

@@ -44,6 +44,7 @@ from lorafleet.serve.batching import (
     run_subset,
 )
 from lorafleet.serve.faults import FaultTable
+from lorafleet.serve.limits import RequestLimits
 from lorafleet.serve.metrics import ServingMetrics
 from lorafleet.serve.routes import RouteTable
 
@@ -72,6 +73,7 @@ class LorafleetRuntime(Model):
         probe: the user message of the "adapter changes the output" check.
         lora_backend: ``"batched"`` (stacked adapters, one pass per LoRA layer) or
             ``"peft"`` (PEFT's per-adapter loop, the reference); see :class:`Generator`.
+        limits: what one completion request may ask for; the defaults when ``None``.
 
     Raises:
         LorafleetError: if an adapter has the base model's name or an invalid name.
@@ -95,6 +97,7 @@ class LorafleetRuntime(Model):
         faults: FaultTable | None = None,
         probe: str = "Write a short answer.",
         lora_backend: LoraBackend = "batched",
+        limits: RequestLimits | None = None,
     ) -> None:
         super().__init__(name)
         if name in adapters:
@@ -114,6 +117,7 @@ class LorafleetRuntime(Model):
         self.routes = routes or RouteTable()
         self.metrics = metrics or ServingMetrics()
         self.faults = faults or FaultTable()
+        self.limits = limits or RequestLimits()
         self.batcher: MicroBatcher | None = None
         self._sources = dict(adapters)
         self._probe = probe

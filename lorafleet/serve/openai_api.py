@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from lorafleet.engine.generation import FinishReason, GenerationRequest, GenerationResult
 from lorafleet.errors import LorafleetError, first_problem, validation_problems
 from lorafleet.serve.batching import Overloaded
+from lorafleet.serve.limits import RequestLimits
 from lorafleet.serve.metrics import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ class _CompletionRequest(BaseModel):
     @abstractmethod
     def generation_request(self, adapter: str | None, max_new_tokens: int) -> GenerationRequest:
         """The request for the generator."""
+
+    @abstractmethod
+    def prompt_chars(self) -> int:
+        """The prompt's length in characters (what :class:`RequestLimits` bounds)."""
 
     @abstractmethod
     def choice(self, text: str, finish_reason: FinishReason) -> dict[str, Any]:
@@ -93,6 +98,9 @@ class ChatCompletionRequest(_CompletionRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
     def generation_request(self, adapter: str | None, max_new_tokens: int) -> GenerationRequest:
         return GenerationRequest(
             messages=[m.model_dump() for m in self.messages],
@@ -121,6 +129,9 @@ class CompletionRequest(_CompletionRequest):
     id_prefix = "cmpl"
 
     prompt: str = Field(min_length=1)
+
+    def prompt_chars(self) -> int:
+        return len(self.prompt)
 
     def generation_request(self, adapter: str | None, max_new_tokens: int) -> GenerationRequest:
         return GenerationRequest(
@@ -222,6 +233,45 @@ async def _stream(
     yield "data: [DONE]\n\n"
 
 
+def _body_too_large(size: int, limits: RequestLimits) -> Response:
+    return _error(
+        400,
+        f"request body is {size} bytes; the limit is {limits.max_body_bytes} "
+        "(lorafleet serve --max-body-bytes)",
+        code="body_too_large",
+    )
+
+
+def _over_limits(
+    body: _CompletionRequest, request: GenerationRequest, limits: RequestLimits
+) -> Response | None:
+    """A 400 naming the limit a parsed request breaks, or ``None``."""
+    if request.max_new_tokens > limits.max_tokens:
+        param = (
+            "max_completion_tokens"
+            if getattr(body, "max_completion_tokens", None)
+            else "max_tokens"
+        )
+        return _error(
+            400,
+            f"{param} is {request.max_new_tokens}; the limit is {limits.max_tokens} "
+            "(lorafleet serve --max-tokens-limit)",
+            param=param,
+            code="max_tokens_over_limit",
+        )
+    chars = body.prompt_chars()
+    if chars > limits.max_prompt_chars:
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        return _error(
+            400,
+            f"{param} is {chars} characters; the limit is {limits.max_prompt_chars} "
+            "(lorafleet serve --max-prompt-chars)",
+            param=param,
+            code="prompt_over_limit",
+        )
+    return None
+
+
 class _Endpoints:
     """The route handlers of :func:`openai_router`, bound to one runtime.
 
@@ -269,8 +319,15 @@ class _Endpoints:
     async def complete(self, http: Request, schema: type[_CompletionRequest]) -> Response:
         """Parse a completion request, route it, queue it and answer (streamed or whole)."""
         runtime = self.runtime
+        limits = runtime.limits
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            return _body_too_large(int(declared), limits)
+        raw = await http.body()
+        if len(raw) > limits.max_body_bytes:
+            return _body_too_large(len(raw), limits)
         try:
-            body = schema.model_validate_json(await http.body())
+            body = schema.model_validate_json(raw)
         except ValidationError as exc:
             loc, _ = validation_problems(exc)[0]
             param = ".".join(map(str, loc)) or None
@@ -293,7 +350,11 @@ class _Endpoints:
             call.done(injected)
             message = f"injected fault on {served!r} (canary drill, /admin/faults)"
             return _error(injected, message, code="injected_fault", headers=call.headers)
-        request = body.generation_request(adapter, self.default_max_tokens)
+        request = body.generation_request(adapter, min(self.default_max_tokens, limits.max_tokens))
+        refused = _over_limits(body, request, limits)
+        if refused is not None:
+            call.done(400)
+            return refused
         head = {
             "id": f"{body.id_prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),

@@ -253,3 +253,31 @@ def test_command_line_refuses_a_bad_adapter_in_one_line(
     assert err[-1] == (
         "error: adapter 'job-analyzer' rejected (rank): rank 8 exceeds the server's max rank 4"
     )
+
+
+def test_requests_over_the_server_limits_get_400_naming_the_limit(tiny_base: Path) -> None:
+    limits = ["--max-tokens-limit", "16", "--max-prompt-chars", "200", "--max-body-bytes", "2000"]
+    with (
+        run_server_subprocess(tiny_base, {}, extra_args=limits) as url,
+        openai.OpenAI(base_url=f"{url}/openai/v1", api_key="x", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.BadRequestError) as budget:
+            client.chat.completions.create(model="base", messages=user("hi"), max_tokens=17)
+        assert budget.value.param == "max_tokens" and budget.value.code == "max_tokens_over_limit"
+        assert "the limit is 16 (lorafleet serve --max-tokens-limit)" in budget.value.message
+        with pytest.raises(openai.BadRequestError) as prompt:
+            client.completions.create(model="base", prompt="x" * 201, max_tokens=2)
+        assert prompt.value.param == "prompt" and "limit is 200" in prompt.value.message
+        with pytest.raises(openai.BadRequestError) as chat:
+            client.chat.completions.create(model="base", messages=user("y" * 300), max_tokens=2)
+        assert chat.value.param == "messages"
+        huge = httpx.post(
+            f"{url}/openai/v1/chat/completions",
+            content=b'{"model": "base", "messages": []' + b" " * 3000 + b"}",
+            headers={"content-type": "application/json"},
+            timeout=10,
+        )
+        assert huge.status_code == 400 and huge.json()["error"]["code"] == "body_too_large"
+        # within every limit, and with no max_tokens (the default budget is capped too)
+        ok = client.chat.completions.create(model="base", messages=user("hi"))
+        assert ok.usage.completion_tokens <= 16
