@@ -242,6 +242,31 @@ def _check_digests(name: str, path: Path, files: Any) -> None:
             )
 
 
+def _read_config(name: str, path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a mapping whose rank fields are integers.
+
+    Raises:
+        AdapterRejected: (reason ``format``) naming the file and what is wrong with it.
+    """
+    file = path / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterRejected(name, "format", f"{file}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterRejected(
+            name, "format", f"{file}: not JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterRejected(name, "format", f"{file}: expected a JSON object")
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise AdapterRejected(
+            name, "format", f"{file}: r and rank_pattern must be positive integers"
+        )
+    return config
+
+
 def check_adapter_files(
     name: str,
     path: Path,
@@ -281,7 +306,7 @@ def check_adapter_files(
     lineage = _read_lineage(name, path)
     if lineage is not None:
         _check_digests(name, path, lineage.get("files"))
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = _read_config(name, path)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterRejected(name, "format", f"peft_type {config['peft_type']!r} is not LORA")
     ranks = [int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())]
@@ -306,7 +331,14 @@ def check_adapter_files(
     elif require_lineage:
         raise AdapterRejected(name, "fingerprint", f"{path}: no lineage.json (required)")
     rank = 0
-    with safe_open(path / WEIGHTS, framework="pt") as weights:
+    try:
+        weights_file = safe_open(path / WEIGHTS, framework="pt")
+    except Exception as exc:  # SafetensorError (truncated, bad header), OSError
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise AdapterRejected(
+            name, "format", f"{path / WEIGHTS}: not a readable safetensors file ({detail})"
+        ) from None
+    with weights_file as weights:
         for key in weights.keys():  # noqa: SIM118 (safe_open is no Mapping)
             shape = tuple(weights.get_slice(key).get_shape())
             module, part = _module_name(key)

@@ -79,6 +79,37 @@ def test_missing_weights_are_refused(
     assert rejected(path, base_info).reason == "format"
 
 
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ('{"r": 8, "target_modules": ', "adapter_config.json: not JSON (line 1:"),
+        ("[1, 2]", "adapter_config.json: expected a JSON object"),
+        ('{"r": "eight"}', "r and rank_pattern must be positive integers"),
+        (b"\xff\xfe{}", "adapter_config.json: not UTF-8 text"),
+    ],
+)
+def test_a_broken_adapter_config_is_a_format_rejection_in_one_line(
+    fleet_adapters: dict[str, Path], base_info: BaseModelInfo, copy_adapter, config, says
+) -> None:
+    # Before: a raw JSONDecodeError, which the admin API answered as 500 with a traceback
+    path = copy_adapter(fleet_adapters[GOOD])
+    target = path / "adapter_config.json"
+    target.write_bytes(config if isinstance(config, bytes) else config.encode())
+    err = rejected(path, base_info)
+    assert err.reason == "format" and says in str(err) and "\n" not in str(err)
+
+
+def test_a_truncated_safetensors_file_is_a_format_rejection(
+    fleet_adapters: dict[str, Path], base_info: BaseModelInfo, copy_adapter
+) -> None:
+    path = copy_adapter(fleet_adapters[GOOD])
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = rejected(path, base_info)
+    assert err.reason == "format" and "not a readable safetensors file" in str(err)
+    assert "\n" not in str(err)
+
+
 def test_rank_above_server_max_is_refused(
     tiny_adapters: dict[str, Path], base_info: BaseModelInfo
 ) -> None:
