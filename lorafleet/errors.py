@@ -23,12 +23,28 @@ class LorafleetError(Exception):
 
 
 class SpecError(LorafleetError):
-    """A fleet spec breaks a rule: ``FILE:LINE: field.path: message``."""
+    """A fleet spec breaks a rule: ``FILE:LINE: field.path: message``.
 
-    def __init__(self, file: str | Path, line: int | None, field: str, message: str) -> None:
+    When validation finds several problems at once, ``more`` holds the others as
+    ``(line, field, message)``; each becomes a line of its own, so the user fixes them
+    all in one go instead of one per run.
+    """
+
+    def __init__(
+        self,
+        file: str | Path,
+        line: int | None,
+        field: str,
+        message: str,
+        more: list[tuple[int | None, str, str]] | None = None,
+    ) -> None:
         self.file, self.line, self.field, self.message = str(file), line, field, message
-        where = f"{self.file}:{line}" if line else self.file
-        super().__init__(f"{where}: {field}: {message}")
+        self.more = list(more or [])
+        lines = [
+            f"{self.file}:{at}: {where}: {why}" if at else f"{self.file}: {where}: {why}"
+            for at, where, why in [(line, field, message), *self.more]
+        ]
+        super().__init__("\n".join(lines))
 
 
 class DataError(LorafleetError):

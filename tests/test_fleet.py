@@ -61,7 +61,7 @@ def test_defaults_merge_and_paths_resolve(spec_dir: Path) -> None:
         (
             ("  lora: {r: 4, alpha: 8}\n", "  lora: {r: four, alpha: 8}\n"),
             4,
-            "experts.0.lora.r",
+            "expert_defaults.lora.r",  # where the user wrote it, not experts.0
             "valid integer",
         ),
         (
@@ -96,6 +96,31 @@ def test_errors_name_file_line_and_field(
     assert str(err.value).startswith(f"{spec_dir / 'f.yaml'}:{line}: {field}: ")
 
 
+def test_spec_check_reports_every_problem_once_in_file_order(spec_dir: Path) -> None:
+    # Given two experts sharing a bad default, and two mistakes of their own
+    body = (
+        GOOD.replace("  lora: {r: 4, alpha: 8}\n", "  lora: {r: 0, alpha: 8}\n")
+        + "\n".join(GOOD.splitlines()[5:]).replace("name: job-analyzer", "name: Second")
+        + "\n    colour: red\n"
+    )
+    (spec_dir / "f.yaml").write_text(body)
+    # When checked from the CLI
+    done = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "spec", "check", str(spec_dir / "f.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    # Then every problem is one error line, the shared default only once
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and all(line.startswith("error: ") for line in lines)
+    where = [line.split(": ")[1:3] for line in lines]
+    assert where == [
+        [f"{spec_dir / 'f.yaml'}:4", "expert_defaults.lora.r"],
+        [f"{spec_dir / 'f.yaml'}:10", "experts.1.name"],
+        [f"{spec_dir / 'f.yaml'}:14", "experts.1.colour"],
+    ]
+
+
 def test_duplicate_expert_names_are_refused(spec_dir: Path) -> None:
     body = GOOD + "\n".join(GOOD.splitlines()[5:]) + "\n"
     (spec_dir / "f.yaml").write_text(body)
@@ -122,7 +147,7 @@ def test_cli_spec_check_prints_one_line_and_exits_2(spec_dir: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert (
         lines[0]
-        == f"error: {spec_dir / 'f.yaml'}:4: experts.0.lora.r: Input should be greater than or equal to 1"
+        == f"error: {spec_dir / 'f.yaml'}:4: expert_defaults.lora.r: Input should be greater than or equal to 1"
     )
     assert "Traceback" not in proc.stderr
 

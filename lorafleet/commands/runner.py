@@ -39,7 +39,9 @@ def run_app(app: typer.Typer, **options: Any) -> None:
         code = app(standalone_mode=False, **options)
         sys.exit(code if isinstance(code, int) else 0)
     except LorafleetError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        # one line a problem (a spec check may find several at once)
+        for line in str(exc).splitlines() or [""]:
+            typer.echo(f"error: {line}", err=True)
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

@@ -44,14 +44,28 @@ def _locate(node: yaml.Node | None, loc: tuple) -> tuple[int | None, int]:
     return line, depth
 
 
-def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
-    """Where ``loc`` is written; an expert's field may come from ``expert_defaults``."""
+def _from_defaults(root: yaml.Node | None, loc: tuple) -> tuple[int | None, bool]:
+    """Where ``loc`` is written, and whether that is in ``expert_defaults`` (an expert's
+    field the expert does not write itself comes from there)."""
     line, depth = _locate(root, loc)
     if depth < len(loc) and len(loc) > 2 and loc[0] == "experts":
         d_line, d_depth = _locate(root, ("expert_defaults", *loc[2:]))
         if d_depth > max(1, depth - 2):
-            return d_line
-    return line
+            return d_line, True
+    return line, False
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Where ``loc`` is written; an expert's field may come from ``expert_defaults``."""
+    return _from_defaults(root, loc)[0]
+
+
+def _shown_field(root: yaml.Node | None, loc: tuple) -> str:
+    """The field as the user wrote it: ``expert_defaults.lora.r`` rather than
+    ``experts.0.lora.r`` when the value came from the defaults."""
+    if _from_defaults(root, loc)[1]:
+        return ".".join(map(str, ("expert_defaults", *loc[2:])))
+    return ".".join(map(str, loc)) or "spec"
 
 
 def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
@@ -98,9 +112,14 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
     try:
         spec = FleetSpec.model_validate(raw)
     except ValidationError as exc:
-        loc, message = validation_problems(exc)[0]
-        field = ".".join(map(str, loc)) or "spec"
-        raise SpecError(path, _line_of(root, loc), field, message) from None
+        found = []
+        for loc, message in validation_problems(exc):
+            where = _shown_field(root, loc)
+            found.append((_line_of(root, loc), where, message))
+        # one problem a line, in the order they appear in the file
+        found = sorted(dict.fromkeys(found), key=lambda p: (p[0] is None, p[0] or 0))
+        (line, field, message), *more = found
+        raise SpecError(path, line, field, message, more) from None
     folder = path.resolve().parent
     for i, e in enumerate(spec.experts):
         for attr in DATA_FIELDS:
