@@ -135,8 +135,23 @@ def adapters_admin_router(runtime: LorafleetRuntime, token: str | None) -> APIRo
     async def list_adapters() -> dict:
         return {"base": runtime.name, "adapters": runtime.adapter_table()}
 
+    @router.get("/adapters/{name}")
+    async def get_adapter(name: str) -> dict:
+        entry = next((a for a in runtime.adapter_table() if a["name"] == name), None)
+        if entry is None:
+            raise HTTPException(404, f"no adapter {name!r} is loaded")
+        return entry
+
     @router.put("/adapters/{name}")
-    async def load_adapter(name: str, body: LoadAdapter):
+    async def load_adapter(name: str, request: Request):
+        # The body is parsed here, whatever its content type, as the routes and faults
+        # endpoints do: a mistake is one message naming the field, not FastAPI's raw 422.
+        try:
+            body = LoadAdapter.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse(
+                {"error": {"message": first_problem(exc, "body"), "code": "body"}}, 422
+            )
         try:
             info = await runtime.load_adapter(name, body.source)
         except LorafleetError as exc:
@@ -145,6 +160,18 @@ def adapters_admin_router(runtime: LorafleetRuntime, token: str | None) -> APIRo
 
     @router.delete("/adapters/{name}")
     async def unload_adapter(name: str):
+        routes = [
+            route
+            for route, spec in runtime.routes.as_dict().items()
+            if any(t["adapter"] == name for t in spec["targets"])
+        ]
+        if routes:
+            message = (
+                f"adapter {name!r} is a target of route{'s' if len(routes) > 1 else ''} "
+                f"{', '.join(map(repr, routes))}; move the routes off it first "
+                "(PUT /admin/routes/NAME)"
+            )
+            return JSONResponse({"error": {"message": message, "code": "in_use"}}, 409)
         try:
             await runtime.unload_adapter(name)
         except KeyError:

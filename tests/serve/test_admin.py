@@ -292,3 +292,38 @@ async def test_request_past_its_deadline_is_503_and_dropped(
     finally:
         release.set()
         runtime.batcher.close()
+
+
+async def test_get_one_adapter_and_a_put_without_json_content_type(
+    served, fleet_adapters: dict[str, Path]
+) -> None:
+    _, client = served
+    one = await client.get("/admin/adapters/expert-0", headers=AUTH)
+    assert one.status_code == 200 and one.json()["name"] == "expert-0"
+    assert (await client.get("/admin/adapters/nope", headers=AUTH)).status_code == 404
+    # A body sent without a JSON content type is read all the same (as routes and faults are)
+    put = await client.put(
+        "/admin/adapters/plain",
+        content=f'{{"source": "{fleet_adapters["expert-2"]}"}}',
+        headers={**AUTH, "content-type": "text/plain"},
+    )
+    assert put.status_code == 200, put.text
+    # and a bad body is one message naming the field, not FastAPI's raw 422
+    bad = await client.put("/admin/adapters/plain", content="{}", headers=AUTH)
+    assert bad.status_code == 422
+    assert bad.json() == {"error": {"message": "source: Field required", "code": "body"}}
+    assert (await client.delete("/admin/adapters/plain", headers=AUTH)).status_code == 200
+
+
+async def test_an_adapter_a_route_targets_cannot_be_unloaded(served) -> None:
+    _, client = served
+    route = {
+        "targets": [{"adapter": "expert-0", "weight": 90}, {"adapter": "expert-1", "weight": 10}]
+    }
+    assert (await client.put("/admin/routes/writer-route", json=route, headers=AUTH)).is_success
+    refused = await client.delete("/admin/adapters/expert-1", headers=AUTH)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "in_use"
+    assert "'writer-route'" in refused.json()["error"]["message"]
+    await answer(client, "expert-1")  # still serving
+    assert (await client.delete("/admin/routes/writer-route", headers=AUTH)).is_success
