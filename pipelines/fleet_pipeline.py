@@ -108,6 +108,8 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
                 adapter=trained.outputs["adapter"],
                 report=decision.outputs["report"],
             )
+            # Effects outside KFP's artifacts (a new registry version): never from the cache.
+            registered.set_caching_options(False)
         with dsl.Else(name="gate-failed"):
             rejected = reject(report=decision.outputs["report"])
         for task in (
@@ -141,6 +143,10 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         deployed = deploy(spec_json=spec_json, outcomes=dsl.Collected(outcome.output)).after(
             published
         )
+        # Serving smoke tests and rollouts act on live systems: a cached result would claim
+        # a check or a rollout that never ran.
+        published.set_caching_options(False)
+        deployed.set_caching_options(False)
         place(base)
         place(published)
         place(deployed)

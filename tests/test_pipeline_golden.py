@@ -59,3 +59,17 @@ def test_golden_reloads_and_has_the_fleet_shape() -> None:
         conditions["register"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
     )
     assert conditions["reject"].startswith("!(")
+
+
+def test_steps_with_effects_outside_kfp_are_never_cached() -> None:
+    spec = yaml.safe_load(GOLDEN.read_text())
+    tasks = {}
+    for component in [spec["root"], *spec["components"].values()]:
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    caching = {name: task.get("cachingOptions", {}) for name, task in tasks.items()}
+    # register (a registry version), publish (a live smoke test) and deploy (rollouts)
+    for name in ("register", "publish", "deploy"):
+        assert caching[name] == {}, name
+    # the data and training steps may come from KFP's cache
+    for name in ("validate-data", "curate", "train", "evaluate", "gate"):
+        assert caching[name] == {"enableCache": True}, name
