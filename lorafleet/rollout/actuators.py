@@ -127,9 +127,13 @@ class RouterActuator:
             for base in self.target.router_urls:
                 url = f"{base.rstrip('/')}/admin/routes/{self.target.route}"
                 live = self._call(client, "GET", url)
-                if live.status_code == 200 and _same_route(live.json(), want):
+                here = want
+                if live.status_code == 200 and self.target.sticky_header is None:
+                    # a rollout that names no sticky header keeps the route's own
+                    here = {**want, "sticky_header": live.json().get("sticky_header")}
+                if live.status_code == 200 and _same_route(live.json(), here):
                     continue
-                self._call(client, "PUT", url, want)
+                self._call(client, "PUT", url, here)
                 changed = True
         return changed
 

@@ -228,6 +228,19 @@ class Controller:
 
     # -- commands -----------------------------------------------------------------------------
 
+    def _rival(self, name: str, target: Target) -> RolloutState | None:
+        """Another running rollout that moves what ``target`` moves, if any."""
+        for other in self.store.names():
+            if other == name:
+                continue
+            try:
+                state = self.store.load(other)
+            except NotFound:  # finished and deleted meanwhile
+                continue
+            if not state.final and _moved(state.target) == _moved(target):
+                return state
+        return None
+
     def start(
         self,
         name: str,
@@ -243,8 +256,14 @@ class Controller:
             policy: steps and thresholds (a snapshot is stored).
             registry: production pointers to move when the rollout is promoted.
 
+        A start is all or nothing: if the first weight cannot be applied (a router replica
+        unreachable, the canary not loaded), the rollout is forgotten again (or the finished
+        one it replaced put back) and the error raised, so the corrected start is accepted.
+
         Raises:
-            LorafleetError: if a rollout of that name is still running with another target.
+            LorafleetError: if a rollout of that name is still running with another target,
+                if another running rollout moves the same route (or InferenceService), or
+                if the first weight cannot be applied.
         """
         try:
             existing = self.store.load(name)
@@ -255,6 +274,12 @@ class Controller:
                 return existing
             raise LorafleetError(
                 f"rollout {name!r} is {existing.phase} with another target or policy; promote or roll it back first"
+            )
+        rival = self._rival(name, target)
+        if rival is not None:
+            raise LorafleetError(
+                f"rollout {rival.name!r} is {rival.phase} on the same {_moved(target)}; two "
+                "rollouts would fight over its weights: promote, roll back or abort it first"
             )
         now = self.clock()
         state = RolloutState(
@@ -275,7 +300,14 @@ class Controller:
             state = self.store.create(state, replace=existing is not None)
         except Conflict:  # a concurrent start of the same name won the race
             return self.start(name, target, policy, registry)
-        actuator.apply(state.weight)
+        try:
+            actuator.apply(state.weight)
+        except Exception:
+            if existing is not None:
+                self.store.create(existing, replace=True)
+            else:
+                self.store.delete(name)
+            raise
         if state.final:
             return self._settle(name, actuator)
         source = self.source(state)
@@ -582,6 +614,13 @@ def _updated(state: RolloutState, **fields) -> RolloutState:
     for key, value in fields.items():
         setattr(state, key, value)
     return state
+
+
+def _moved(target: Target) -> str:
+    """What a rollout moves: a route of the router, or an InferenceService's traffic."""
+    if target.mode == "router":
+        return f"route {target.route!r}"
+    return f"InferenceService {target.namespace}/{target.isvc}"
 
 
 def _one_line(error: Exception) -> str:

@@ -64,6 +64,9 @@ class StateStore(Protocol):
     def names(self) -> list[str]:
         """Every stored rollout's name, sorted."""
 
+    def delete(self, name: str) -> None:
+        """Forget a rollout (a start that could not move any weight); absent is fine."""
+
 
 def _parse(text: str, where: str) -> RolloutState:
     try:
@@ -130,6 +133,10 @@ class FileStore:
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.root.glob("*.json")) if self.root.is_dir() else []
+
+    def delete(self, name: str) -> None:
+        with self._locked(name):
+            self._path(name).unlink(missing_ok=True)
 
 
 class ConfigMapStore:
@@ -240,6 +247,18 @@ class ConfigMapStore:
             for item in listing.get("items") or []
         ]
         return sorted(n for n in names if n)
+
+    def delete(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        live = self._get(name)
+        if live is None:
+            return
+        try:
+            self.core.delete_namespaced_config_map(live["metadata"]["name"], self.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _api_error(exc, name) from None
 
 
 def _api_error(exc, name: str) -> LorafleetError:

@@ -20,7 +20,7 @@ from lorafleet.errors import LorafleetError
 from lorafleet.fleet import CanaryPolicy
 from lorafleet.rollout.controller import Controller, judge
 from lorafleet.rollout.state import Measurement, Target
-from lorafleet.rollout.store import ConfigMapStore, Conflict
+from lorafleet.rollout.store import ConfigMapStore, Conflict, NotFound
 
 NS, ISVC = "fleet", "marketplace-prod"
 STABLE, CANARY = "marketplace-prod-predictor-00001", "marketplace-prod-predictor-00002"
@@ -397,3 +397,32 @@ def test_the_controller_loop_survives_any_error_and_retries_next_round(tmp_path,
     assert (
         caplog.text.count("listing rollouts: ConnectionResetError: Connection reset by peer") == 2
     )
+
+
+async def test_a_start_that_fails_at_the_first_weight_leaves_no_configmap(k8s, prometheus) -> None:
+    # No InferenceService to move (revision mode): the first weight cannot be applied
+    clock = Clock()
+    policy = policy_for(prometheus.url)
+    target = TARGET.model_copy(update={"isvc": "no-such-isvc"})
+    with pytest.raises(LorafleetError):
+        await run(_controller(k8s, clock).start, "ghost", target, policy)
+    store = ConfigMapStore(k8s, NS)
+    assert "ghost" not in await run(store.names)
+    with pytest.raises(NotFound):
+        await run(store.load, "ghost")
+
+
+async def test_the_configmap_store_forgets_a_rollout(k8s, prometheus) -> None:
+    # What a start that could not move its first weight does to the state it stored
+    clock = Clock()
+    await run(_create_isvc, k8s)
+    state = await run(
+        _controller(k8s, clock).start, "short-lived", TARGET, policy_for(prometheus.url)
+    )
+    store = ConfigMapStore(k8s, NS)
+    assert "short-lived" in await run(store.names)
+    await run(store.delete, state.name)
+    await run(store.delete, state.name)  # absent is fine
+    assert "short-lived" not in await run(store.names)
+    with pytest.raises(NotFound):
+        await run(store.load, "short-lived")

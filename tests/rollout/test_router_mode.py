@@ -169,3 +169,59 @@ def test_router_source_measures_the_interval_from_the_routers_metrics(routers, a
     assert stable.requests == 0 and stable.error_rate is None
     again = source.measure(target, policy, ("writer-v1", "writer-v2"), new_baseline)[1]
     assert again.requests == 0, "the next interval starts where this one ended"
+
+
+def _reset(routers: list[str], token: str, route: dict) -> None:
+    for url in routers:
+        httpx.put(
+            f"{url}/admin/routes/analyzer",
+            headers={"authorization": f"Bearer {token}"},
+            json=route,
+        ).raise_for_status()
+
+
+def test_a_start_that_cannot_move_the_weights_leaves_no_rollout(
+    routers, admin_token, prometheus, tmp_path: Path
+) -> None:
+    # Given a replica list with one router that does not answer
+    store = FileStore(tmp_path)
+    broken = Target(
+        route="analyzer", stable="analyzer-v7", canary="analyzer-v8", router_urls=[*routers, CLOSED]
+    )
+    with pytest.raises(LorafleetError, match="127.0.0.1:9"):
+        Controller(store).start("analyzer", broken, _policy(prometheus))
+    # Then nothing is stored, so the corrected start is accepted
+    assert store.names() == []
+    fixed = broken.model_copy(update={"router_urls": routers})
+    assert Controller(store).start("analyzer", fixed, _policy(prometheus)).weight == 20
+    _reset(routers, admin_token, {"targets": [{"adapter": "analyzer-v7", "weight": 100}]})
+
+
+def test_one_rollout_per_route_and_the_routes_sticky_header_is_kept(
+    routers, admin_token, prometheus, tmp_path: Path
+) -> None:
+    _reset(
+        routers,
+        admin_token,
+        {"targets": [{"adapter": "analyzer-v7", "weight": 100}], "sticky_header": "x-team"},
+    )
+    controller = Controller(FileStore(tmp_path))
+    # A start that names no sticky header keeps the route's own
+    target = Target(
+        route="analyzer", stable="analyzer-v7", canary="analyzer-v8", router_urls=routers
+    )
+    controller.start("first", target, _policy(prometheus))
+    for url in routers:
+        assert _route(url, "analyzer", admin_token)["sticky"] == "x-team"
+    # A second rollout of the same route, under another name, is refused
+    other = target.model_copy(update={"canary": "analyzer-v9"})
+    with pytest.raises(
+        LorafleetError, match=r"rollout 'first' is Progressing on the same route 'analyzer'"
+    ):
+        controller.start("second", other, _policy(prometheus))
+    assert controller.store.names() == ["first"]
+    assert _route(routers[0], "analyzer", admin_token)["weights"] == {
+        "analyzer-v7": 80,
+        "analyzer-v8": 20,
+    }
+    _reset(routers, admin_token, {"targets": [{"adapter": "analyzer-v7", "weight": 100}]})
