@@ -188,7 +188,7 @@ def test_a_start_that_cannot_move_the_weights_leaves_no_rollout(
     broken = Target(
         route="analyzer", stable="analyzer-v7", canary="analyzer-v8", router_urls=[*routers, CLOSED]
     )
-    with pytest.raises(LorafleetError, match="127.0.0.1:9"):
+    with pytest.raises(LorafleetError, match=r"127\.0\.0\.1:9"):
         Controller(store).start("analyzer", broken, _policy(prometheus))
     # Then nothing is stored, so the corrected start is accepted
     assert store.names() == []
