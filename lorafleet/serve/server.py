@@ -9,6 +9,7 @@ fault admin (:mod:`lorafleet.serve.faults`) are mounted on KServe's FastAPI app.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from lorafleet.serve.routes import routes_admin_router
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["mount", "serve"]
+__all__ = ["listening_line", "mount", "serve"]
 
 
 class _HostModelServer(ModelServer):
@@ -79,7 +80,17 @@ def serve(
     runtime = build_runtime(base_dir, adapters, name, max_batch_size, max_wait_s, **options)
     # KServe builds its routes on this module-level app when it starts; ours go in first.
     mount(app, runtime, admin_token)
+    print(listening_line(runtime, host, port), file=sys.stderr, flush=True)
     _HostModelServer(host=host, http_port=port, enable_grpc=False).start([runtime])
+
+
+def listening_line(runtime: LorafleetRuntime, host: str, port: int) -> str:
+    """The one line ``lorafleet serve`` prints when its models are loaded: where, and what."""
+    models = [runtime.name, *runtime.adapters, *runtime.routes.as_dict()]
+    return (
+        f"listening on http://{host}:{port} (OpenAI API at /openai/v1, metrics at /metrics): "
+        f"{len(models)} model{'s' if len(models) != 1 else ''}: {', '.join(models)}"
+    )
 
 
 def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> None:

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.serve.model import LorafleetRuntime, build_runtime
-from lorafleet.serve.server import mount
+from lorafleet.serve.server import listening_line, mount
 from lorafleet.storage import Storage
 
 from ..conftest import S3_BUCKET
@@ -327,3 +327,11 @@ async def test_an_adapter_a_route_targets_cannot_be_unloaded(served) -> None:
     assert "'writer-route'" in refused.json()["error"]["message"]
     await answer(client, "expert-1")  # still serving
     assert (await client.delete("/admin/routes/writer-route", headers=AUTH)).is_success
+
+
+async def test_the_listening_line_names_the_address_and_every_model(served) -> None:
+    runtime, _ = served
+    line = listening_line(runtime, "127.0.0.1", 8080)
+    assert line.startswith("listening on http://127.0.0.1:8080 (OpenAI API at /openai/v1")
+    assert line.endswith(", ".join([runtime.name, *runtime.adapters, *runtime.routes.as_dict()]))
+    assert "\n" not in line
