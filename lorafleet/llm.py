@@ -25,11 +25,13 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 
@@ -40,9 +42,11 @@ __all__ = [
     "ApiKeyError",
     "Completion",
     "CompletionError",
+    "EndpointUnreachable",
     "RetryPolicy",
     "chat",
     "chat_async",
+    "check_reachable",
     "make_async_client",
     "make_client",
     "resolve_api_key",
@@ -211,6 +215,32 @@ def _completion(response: object) -> Completion:
         raise CompletionError("malformed answer: the first choice has no message text")
     model = getattr(response, "model", None)
     return Completion(content or "", model if isinstance(model, str) else None)
+
+
+class EndpointUnreachable(LorafleetError):
+    """Nothing answers at an endpoint's address: one line naming the setting and the URL."""
+
+
+def check_reachable(base_url: str, where: str, timeout_s: float = 5.0) -> None:
+    """Fail within ``timeout_s`` when nothing listens at ``base_url``'s host and port.
+
+    A run of many requests would otherwise spend every retry of every request on an
+    address that refuses them all (minutes, a warning per request) before saying so.
+
+    Raises:
+        EndpointUnreachable: naming ``where`` (the setting or flag), the URL and the reason.
+    """
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EndpointUnreachable(f"{where}: {base_url!r} is not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, TimeoutError | socket.timeout):
+            reason = f"no answer in {timeout_s:g} s"
+        raise EndpointUnreachable(f"{where}: {base_url} is unreachable ({reason})") from None
 
 
 def make_client(base_url: str, api_key: str | None, timeout_s: float = 120.0) -> openai.OpenAI:

@@ -44,6 +44,7 @@ from lorafleet.llm import (
     CompletionError,
     RetryPolicy,
     chat_async,
+    check_reachable,
     make_async_client,
     resolve_api_key,
 )
@@ -428,7 +429,13 @@ class TeacherGenerator:
             api_key = resolve_api_key(
                 "synthesis.teacher", self.settings.api_key_env, self.settings.api_key_file
             )
+            check_reachable(self.settings.base_url, "synthesis.teacher.base_url")
             failures = asyncio.run(self._run(pending, by_id, api_key))
+            if pending and failures["request-failed"] == len(pending):
+                raise LorafleetError(
+                    f"synthesis.teacher: all {len(pending)} requests to {self.settings.base_url} "
+                    f"failed (see the warnings above); nothing was synthesized"
+                )
         records, drops = self.assemble(jobs, by_id, load_done(self.work_dir))
         self.stats = {
             "jobs": len(jobs),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from lorafleet.data.synth import synthesize
 from lorafleet.data.teacher import TeacherGenerator
+from lorafleet.errors import LorafleetError
 from lorafleet.fleet import SynthesisSettings, TeacherSettings
 from lorafleet.records import read_records
 
@@ -90,28 +90,34 @@ def test_an_unknown_model_fails_without_retries(
     gen = TeacherGenerator(
         _settings(teacher_url, model="no-such-model", backoff_s=0.01), "job-analyzer", tmp_path
     )
-    with caplog.at_level(logging.INFO, logger="lorafleet"):
-        assert list(gen.generate(SEEDS[:2], 1)) == []
-    assert gen.stats["request_failures"] == {"request-failed": 2}
-    assert gen.stats["dropped"] == {"not-finished": 2}
+    # every request failed: that is an error, not "0 synthetic records"
+    with (
+        caplog.at_level(logging.INFO, logger="lorafleet"),
+        pytest.raises(LorafleetError, match=r"^synthesis.teacher: all 2 requests to .* failed"),
+    ):
+        list(gen.generate(SEEDS[:2], 1))
     assert "HTTP 404" in caplog.text and "retry" not in caplog.text
     assert _answers(tmp_path) == {}
 
 
-def test_unreachable_endpoint_is_retried_with_backoff(
+def test_an_unreachable_endpoint_fails_in_seconds_naming_the_url(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import socket
+    import time
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    gen = TeacherGenerator(_settings(url, max_retries=2, backoff_s=0.01), "job-analyzer", tmp_path)
-    with caplog.at_level(logging.INFO, logger="lorafleet"):
-        assert list(gen.generate(SEEDS[:1], 1)) == []
-    assert re.findall(r"; (retry \d of \d) in", caplog.text) == ["retry 1 of 2", "retry 2 of 2"]
-    assert "gave up after 3 attempts: ConnectError" in caplog.text
-    assert gen.stats["request_failures"] == {"request-failed": 1}
+    gen = TeacherGenerator(_settings(url, max_retries=4, backoff_s=1.0), "job-analyzer", tmp_path)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="lorafleet"), pytest.raises(LorafleetError) as err:
+        list(gen.generate(SEEDS[:30], 1))
+    # one line naming the setting and the URL, before any request or retry
+    assert (
+        str(err.value) == f"synthesis.teacher.base_url: {url} is unreachable (Connection refused)"
+    )
+    assert "retry" not in caplog.text and time.monotonic() - start < 10
 
 
 def test_a_killed_run_resumes_to_the_same_result(teacher_url: str, tmp_path: Path) -> None:
