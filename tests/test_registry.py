@@ -275,7 +275,8 @@ def test_cli_lists_shows_promotes_and_prunes(tmp_path: Path) -> None:
     assert data["experts"]["writer"]["production"] == "v1"
     assert [v["version"] for v in data["experts"]["writer"]["versions"]] == ["v1", "v2", "v3"]
     table = _cli("list", "--registry", "reg", cwd=tmp_path)
-    assert table.returncode == 0 and "production" in table.stderr and "v3" in table.stderr
+    # the table is a result: stdout (diagnostics only on stderr)
+    assert table.returncode == 0 and "production" in table.stdout and "v3" in table.stdout
 
     shown = _cli("show", "writer", "--registry", "reg", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.console import console
+from lorafleet.console import console, out
 from lorafleet.errors import LorafleetError
 from lorafleet.registry import Registry
 
@@ -90,7 +90,7 @@ def list_cmd(
                 (entry.get("base_fingerprint") or "-")[:12],
                 _role(entry, x["production"]),
             )
-    console.print(table)
+    out.print(table)
 
 
 @app.command("show")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.console import console
+from lorafleet.console import console, out
 
 __all__ = ["app"]
 
@@ -22,7 +22,7 @@ def check(file: SpecFile) -> None:
     from lorafleet.fleet import load_fleet
 
     spec = load_fleet(file)
-    console.print(
+    out.print(
         f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}"
     )
 
