@@ -306,3 +306,25 @@ def one_line() -> Callable[[pytest.ExceptionInfo[BaseException]], str]:
         return text
 
     return check
+
+
+# --- file trees -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_tree() -> Callable[[Path], dict[str, bytes]]:
+    """Write a small adapter-like tree under a folder (a nested file, a non-ASCII path, a
+    random binary) and return ``{relative path: bytes}``."""
+
+    def make(root: Path) -> dict[str, bytes]:
+        files = {
+            "adapter_config.json": b'{"r": 8}',
+            "weights/model.bin": os.urandom(4000),
+            "é/ü.txt": b"x",
+        }
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        return files
+
+    return make

@@ -315,18 +315,6 @@ def test_missing_object_and_bad_json_are_one_line(
     assert isinstance(missing.value, LorafleetError)
 
 
-def _make_tree(root: Path) -> dict[str, bytes]:
-    files = {
-        "adapter_config.json": b'{"r": 8}',
-        "weights/model.bin": os.urandom(3000),
-        "é/ü.txt": b"x",
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
-
-
 def _expected_tree_digest(files: dict[str, bytes]) -> str:
     """The documented form: ``sha256  path`` lines sorted by path bytes, then hashed."""
     lines = sorted(
@@ -336,8 +324,10 @@ def _expected_tree_digest(files: dict[str, bytes]) -> str:
     return hashlib.sha256("".join(line for _, line in lines).encode()).hexdigest()
 
 
-def test_tree_upload_download_and_digest_on_a_claim(storage: Storage, tmp_path: Path) -> None:
-    files = _make_tree(tmp_path / "src")
+def test_tree_upload_download_and_digest_on_a_claim(
+    storage: Storage, tmp_path: Path, make_tree
+) -> None:
+    files = make_tree(tmp_path / "src")
     (storage.local_path("pvc://models/adapters/w") / "stale.txt").parent.mkdir(parents=True)
     (storage.local_path("pvc://models/adapters/w") / "stale.txt").write_text("old")
 
@@ -359,10 +349,10 @@ def test_tree_upload_download_and_digest_on_a_claim(storage: Storage, tmp_path: 
 
 
 def test_a_failed_download_leaves_the_destination_untouched(
-    storage: Storage, tmp_path: Path, one_line
+    storage: Storage, tmp_path: Path, one_line, make_tree
 ) -> None:
     # Given a tree whose last file cannot be copied (a FIFO), and a destination in place
-    _make_tree(tmp_path / "src")
+    make_tree(tmp_path / "src")
     os.mkfifo(tmp_path / "src" / "zz-fifo")
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("keep")
@@ -384,8 +374,8 @@ def test_empty_prefix_is_refused_for_tree_operations(storage: Storage, tmp_path:
         storage.upload_tree(tmp_path / "missing", "pvc://models/x")
 
 
-def test_copy_between_local_and_claim(storage: Storage, tmp_path: Path) -> None:
-    _make_tree(tmp_path / "src")
+def test_copy_between_local_and_claim(storage: Storage, tmp_path: Path, make_tree) -> None:
+    make_tree(tmp_path / "src")
 
     storage.copy_tree(tmp_path / "src", "pvc://models/copy")
     storage.copy_file("pvc://models/copy/weights/model.bin", tmp_path / "one.bin")

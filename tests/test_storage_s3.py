@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import socket
 import struct
 import threading
@@ -66,22 +65,10 @@ def test_endpoint_comes_from_the_standard_variable(
     assert storage.read_text(prefix / "x.txt") == "via env"
 
 
-def _make_tree(root: Path) -> dict[str, bytes]:
-    files = {
-        "adapter_config.json": b'{"r": 8}',
-        "weights/model.bin": os.urandom(5000),
-        "é/ü.txt": b"x",
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
-
-
 def test_tree_upload_download_and_digest_equality(
-    storage: Storage, prefix: Location, tmp_path: Path
+    storage: Storage, prefix: Location, tmp_path: Path, make_tree
 ) -> None:
-    files = _make_tree(tmp_path / "src")
+    files = make_tree(tmp_path / "src")
     storage.write_text(prefix / "tree/stale.txt", "left from an earlier upload")
 
     storage.upload_tree(tmp_path / "src", prefix / "tree")
@@ -101,8 +88,10 @@ def test_tree_upload_download_and_digest_equality(
     )
 
 
-def test_copies_between_stores(storage: Storage, prefix: Location, tmp_path: Path) -> None:
-    _make_tree(tmp_path / "src")
+def test_copies_between_stores(
+    storage: Storage, prefix: Location, tmp_path: Path, make_tree
+) -> None:
+    make_tree(tmp_path / "src")
     storage.upload_tree(tmp_path / "src", prefix / "a")
 
     storage.copy_tree(prefix / "a", prefix / "b")
