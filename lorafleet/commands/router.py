@@ -14,6 +14,9 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.serve import API_KEYS_HELP, RPM_HELP
+from lorafleet.serve.auth import DEFAULT_RPM, ApiKeys
+
 __all__ = ["router", "standalone_app"]
 
 
@@ -35,6 +38,11 @@ def router(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "--http_port", help="HTTP port.")] = 8080,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", envvar="LORAFLEET_API_KEYS_FILE", help=API_KEYS_HELP),
+    ] = None,
+    api_key_rpm: Annotated[int, typer.Option(min=1, help=RPM_HELP)] = DEFAULT_RPM,
     model_name: Annotated[
         str | None, typer.Option("--model_name", hidden=True, help="Passed by KServe; unused.")
     ] = None,
@@ -43,6 +51,8 @@ def router(
 
     Each request goes to an adapter version of its route (weighted, optionally sticky by a
     header); /admin/routes changes the weights (bearer token from $LORAFLEET_ADMIN_TOKEN).
+    With API keys, the router checks them itself and forwards each client's Authorization
+    header, so an upstream with the same keys file accepts the same keys.
     The transformer container runs the same command as python -m lorafleet.serve.router.
     """
     # The server stack loads only when the router starts: `lorafleet --help` stays fast.
@@ -53,7 +63,8 @@ def router(
 
     table = RouteTable.from_file(routes) if routes else RouteTable()
     url = upstream if "://" in upstream else f"http://{upstream}"
-    app = proxy_app(url, table, os.environ.get("LORAFLEET_ADMIN_TOKEN"))
+    keys = ApiKeys.from_file(api_keys_file, api_key_rpm) if api_keys_file else None
+    app = proxy_app(url, table, os.environ.get("LORAFLEET_ADMIN_TOKEN"), api_keys=keys)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -13,17 +13,28 @@ from typing import Annotated
 import typer
 
 from lorafleet.errors import LorafleetError
+from lorafleet.serve.auth import DEFAULT_RPM, ApiKeys
 from lorafleet.serve.limits import RequestLimits
 
-__all__ = ["serve", "standalone_app"]
+__all__ = ["API_KEYS_HELP", "RPM_HELP", "serve", "standalone_app"]
+
+# Shared with `lorafleet router` (commands/router.py): one wording, one default.
+API_KEYS_HELP = (
+    "File of API keys, one NAME:KEY[:RPM] per line; when set, /openai/v1 needs "
+    "'Authorization: Bearer KEY' (401 otherwise, 429 over the key's rate). Unset: open."
+)
+RPM_HELP = "Requests per minute of an API key whose line sets none."
 
 
 def serve(
-    base: Annotated[str, typer.Option(help="Base model directory or hub id.")],
+    base: Annotated[
+        str, typer.Option(metavar="DIR|HUB_ID", help="Base model directory or hub id.")
+    ],
     adapter: Annotated[
         list[str] | None,
         typer.Option(
-            help="NAME=SOURCE of an adapter (directory, pvc://, s3://, gs://); repeat for more."
+            metavar="NAME=SOURCE",
+            help="An adapter and where it is (directory, pvc://, s3://, gs://); repeat for more.",
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
@@ -40,14 +51,20 @@ def serve(
         float, typer.Option(help="Seconds a request may take, queueing included; later 503.")
     ] = 120.0,
     max_rank: Annotated[int, typer.Option(help="Largest LoRA rank admitted.")] = 64,
+    # A plain flag (no --no- twin, no <bool> type): the help keeps its room for the text.
     require_lineage: Annotated[
         bool,
-        typer.Option(help="Refuse adapters without lineage.json (default: check it when present)."),
+        typer.Option(
+            "--require-lineage",
+            metavar="",
+            help="Refuse adapters without lineage.json (default: check it when present).",
+        ),
     ] = False,
     routes: Annotated[
         Path | None,
         typer.Option(
-            help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.'
+            metavar="FILE",
+            help='JSON file {"routes": {NAME: {"targets": [...]}}} of weighted adapter versions.',
         ),
     ] = None,
     admin_token_env: Annotated[
@@ -57,12 +74,14 @@ def serve(
         ),
     ] = "LORAFLEET_ADMIN_TOKEN",
     adapter_cache: Annotated[
-        Path | None, typer.Option(help="Download directory of s3:// and gs:// adapters.")
+        Path | None,
+        typer.Option(metavar="DIR", help="Download directory of s3:// and gs:// adapters."),
     ] = None,
     lora_backend: Annotated[
         str,
         typer.Option(
-            help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference)."
+            metavar="batched|peft",
+            help="batched: all adapters stacked, one pass per LoRA layer; peft: PEFT's per-adapter loop (the reference).",
         ),
     ] = "batched",
     max_tokens_limit: Annotated[
@@ -78,10 +97,16 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Largest request body in bytes; more get 400.")
     ] = RequestLimits.max_body_bytes,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", envvar="LORAFLEET_API_KEYS_FILE", help=API_KEYS_HELP),
+    ] = None,
+    api_key_rpm: Annotated[int, typer.Option(min=1, help=RPM_HELP)] = DEFAULT_RPM,
     fault: Annotated[
         list[str] | None,
         typer.Option(
-            help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults."
+            metavar="NAME:KEY=VALUE,...",
+            help="Canary drills only: NAME:KEY=VALUE,... makes adapter NAME fail or slow down (keys: error_rate, added_latency_ms, status); repeat for more; also settable at /admin/faults.",
         ),
     ] = None,
 ) -> None:
@@ -107,6 +132,7 @@ def serve(
             raise LorafleetError(f"--adapter {item!r}: name {adapter_name!r} given twice")
         adapters[adapter_name] = path
     faults = FaultTable(dict(parse_fault(f) for f in fault or []))
+    keys = ApiKeys.from_file(api_keys_file, api_key_rpm) if api_keys_file else None
     run_server(
         base,
         adapters,
@@ -116,6 +142,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_wait_s=max_wait_ms / 1000,
         admin_token=os.environ.get(admin_token_env) or None,
+        api_keys=keys,
         max_queue=max_queue,
         request_timeout_s=request_timeout,
         limits=RequestLimits(max_tokens_limit, max_prompt_chars, max_body_bytes),

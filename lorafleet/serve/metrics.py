@@ -65,6 +65,13 @@ class ServingMetrics:
             labels,
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "lorafleet_auth_rejections",
+            "OpenAI requests turned away before routing, by reason "
+            "(missing_key, invalid_key, rate_limited).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "lorafleet_queue_depth", "Requests waiting for a batch.", registry=self.registry
         )
@@ -72,6 +79,10 @@ class ServingMetrics:
     def track_queue(self, depth: Callable[[], float]) -> None:
         """Report ``depth()`` as the queue depth whenever metrics are scraped."""
         self.queue_depth.set_function(depth)
+
+    def reject(self, reason: str) -> None:
+        """Count one request refused by the API key check (the reason, never the key)."""
+        self.rejections.labels(reason).inc()
 
     def observe(
         self,

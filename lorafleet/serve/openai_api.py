@@ -12,6 +12,11 @@ Decoding is always greedy: sampling parameters
 (``temperature``, ``top_p``, ...) are accepted and ignored. Errors have OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``.
 
+The published OpenAPI schema is what the handlers accept: the request bodies (strict
+JSON types, the server's limits as ``maximum`` / ``maxLength``) and every status a route
+answers. With API keys configured (:mod:`lorafleet.serve.auth`) every route here needs
+``Authorization: Bearer KEY`` and keeps to its key's rate.
+
 KServe's own OpenAI endpoints need vLLM, so the runtime mounts this router on KServe's app.
 """
 
@@ -23,14 +28,16 @@ import time
 import uuid
 from abc import abstractmethod
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from lorafleet.engine.generation import FinishReason, GenerationRequest, GenerationResult
 from lorafleet.errors import LorafleetError, first_problem, validation_problems
+from lorafleet.serve.admin import request_body
+from lorafleet.serve.auth import ApiKeys
 from lorafleet.serve.batching import Overloaded
 from lorafleet.serve.limits import RequestLimits
 from lorafleet.serve.metrics import UNKNOWN_MODEL
@@ -38,12 +45,26 @@ from lorafleet.serve.metrics import UNKNOWN_MODEL
 if TYPE_CHECKING:
     from lorafleet.serve.model import LorafleetRuntime
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "openai_router"]
+__all__ = ["ChatCompletionRequest", "CompletionRequest", "ErrorResponse", "openai_router"]
+
+
+def _no_text_or_bool(value: Any) -> Any:
+    if isinstance(value, str | bool):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+# A token budget, a JSON integer >= 1: 5, and 5.0 too (JSON Schema's "integer" admits it),
+# but not "5" or true.
+Budget = Annotated[int, Field(strict=False, ge=1), BeforeValidator(_no_text_or_bool)]
 
 
 class _CompletionRequest(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored. (Pydantic models are ABCs.)"""
+    """Fields both endpoints share; unknown fields are ignored. Types are strict (``"5"`` is
+    not a number, ``1`` not a boolean), as the published schema says. (Pydantic models are
+    ABCs.)"""
 
+    model_config = ConfigDict(strict=True)
     object: ClassVar[str]
     chunk_object: ClassVar[str]
     id_prefix: ClassVar[str]
@@ -51,7 +72,7 @@ class _CompletionRequest(BaseModel):
     opening_choice: ClassVar[dict[str, Any] | None] = None
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Budget | None = None
     stop: str | list[str] | None = None
     stream: bool = False
 
@@ -79,6 +100,7 @@ class _CompletionRequest(BaseModel):
 class ChatMessage(BaseModel):
     """One chat turn."""
 
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -96,7 +118,7 @@ class ChatCompletionRequest(_CompletionRequest):
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Budget | None = None
 
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
@@ -146,6 +168,99 @@ class CompletionRequest(_CompletionRequest):
 
     def chunk_choice(self, text: str, finish_reason: FinishReason | None) -> dict[str, Any]:
         return self.choice(text, finish_reason)
+
+
+class Usage(BaseModel):
+    """Token counts of one answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Answer(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Answer):
+    """A whole chat completion (``stream: false``)."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(_Answer):
+    """A whole text completion (``stream: false``)."""
+
+    object: Literal["text_completion"]
+    choices: list[TextChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    """``GET /openai/v1/models``."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the OpenAI routes: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _request_body(schema: type[_CompletionRequest], limits: RequestLimits) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a completion route: the request model's JSON schema
+    with the server's limits, so the published schema admits what the server accepts."""
+    body = request_body(schema)
+    props = body["content"]["application/json"]["schema"]["properties"]
+    for budget in ("max_tokens", "max_completion_tokens"):
+        for branch in props.get(budget, {}).get("anyOf", []):
+            if branch.get("type") == "integer":
+                branch["maximum"] = limits.max_tokens
+    # Each text alone; all of a chat's messages together are checked too (400 prompt_over_limit).
+    texts = [props["messages"]["items"]["properties"]["content"]] if "messages" in props else []
+    texts += [props["prompt"]] if "prompt" in props else []
+    for text in texts:
+        text["maxLength"] = limits.max_prompt_chars
+    return body
 
 
 def _error(
@@ -280,10 +395,24 @@ class _Endpoints:
         default_max_tokens: the generation budget when a request sets none.
     """
 
-    def __init__(self, runtime: LorafleetRuntime, default_max_tokens: int) -> None:
+    def __init__(
+        self, runtime: LorafleetRuntime, default_max_tokens: int, api_keys: ApiKeys | None
+    ) -> None:
         self.runtime = runtime
         self.default_max_tokens = default_max_tokens
+        self.api_keys = api_keys
         self.created = int(time.time())
+
+    def refuse(self, http: Request) -> Response | None:
+        """The 401/429 answer for a request without a valid key or over its key's rate;
+        ``None`` when no keys are configured or the request may go on."""
+        if self.api_keys is None:
+            return None
+        refusal = self.api_keys.admit(http.headers.get("authorization"))
+        if refusal is None:
+            return None
+        self.runtime.metrics.reject(refusal.reason)
+        return JSONResponse(refusal.body(), refusal.status, refusal.headers())
 
     async def chat_completions(self, http: Request) -> Response:
         """``POST /openai/v1/chat/completions``."""
@@ -293,10 +422,13 @@ class _Endpoints:
         """``POST /openai/v1/completions``."""
         return await self.complete(http, CompletionRequest)
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self, http: Request) -> Response:
         """``GET /openai/v1/models``: the base, every adapter and every route, by name only
         (``root`` is the name too: where the weights live on disk is nobody's business but
-        the server's, and anyone may call this route)."""
+        the server's)."""
+        refused = self.refuse(http)
+        if refused is not None:
+            return refused
         runtime = self.runtime
         data = [self._card(runtime.name, runtime.name, None)]
         data += [self._card(name, name, runtime.name) for name in runtime.adapters]
@@ -304,7 +436,7 @@ class _Endpoints:
             self._card(name, route["targets"][0]["adapter"], runtime.name)
             for name, route in runtime.routes.as_dict().items()
         ]
-        return {"object": "list", "data": data}
+        return JSONResponse({"object": "list", "data": data})
 
     def _card(self, name: str, root: str, parent: str | None) -> dict[str, Any]:
         return {
@@ -318,6 +450,9 @@ class _Endpoints:
 
     async def complete(self, http: Request, schema: type[_CompletionRequest]) -> Response:
         """Parse a completion request, route it, queue it and answer (streamed or whole)."""
+        refused = self.refuse(http)
+        if refused is not None:
+            return refused
         runtime = self.runtime
         limits = runtime.limits
         declared = http.headers.get("content-length", "")
@@ -413,19 +548,35 @@ class _Endpoints:
         )
 
 
-def openai_router(runtime: LorafleetRuntime, default_max_tokens: int = 128) -> APIRouter:
+def openai_router(
+    runtime: LorafleetRuntime, default_max_tokens: int = 128, api_keys: ApiKeys | None = None
+) -> APIRouter:
     """The OpenAI-compatible routes for a loaded runtime, under ``/openai/v1``.
 
     Args:
         runtime: the runtime that answers.
         default_max_tokens: the generation budget when a request sets none.
+        api_keys: the keys the routes require; open to anyone when ``None``.
 
     Returns:
         A router to include in the server's FastAPI app.
     """
-    endpoints = _Endpoints(runtime, default_max_tokens)
+    endpoints = _Endpoints(runtime, default_max_tokens, api_keys)
     router = APIRouter(prefix="/openai/v1")
-    router.post("/chat/completions")(endpoints.chat_completions)
-    router.post("/completions")(endpoints.completions)
-    router.get("/models")(endpoints.models)
+    # 200: JSON, or server-sent events with `stream: true`. 400: a malformed request or one
+    # over a limit; 401/429: API keys; 404: no such model; 429/503: overloaded / timed out.
+    answers = _errors(400, 401, 404, 429, 503)
+    stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    for path, schema, answer, handler in (
+        ("/chat/completions", ChatCompletionRequest, ChatCompletion, endpoints.chat_completions),
+        ("/completions", CompletionRequest, Completion, endpoints.completions),
+    ):
+        router.post(
+            path,
+            responses={200: {"model": answer, "content": stream}, **answers},
+            openapi_extra={"requestBody": _request_body(schema, runtime.limits)},
+        )(handler)
+    router.get("/models", responses={200: {"model": ModelList}, **_errors(401, 429)})(
+        endpoints.models
+    )
     return router

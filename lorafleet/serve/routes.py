@@ -29,7 +29,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serve.adapters import AdapterRejected, validate_name
+from lorafleet.serve.adapters import ADAPTER_NAME, AdapterRejected, validate_name
 from lorafleet.serve.admin import table_admin_router
 
 __all__ = ["Route", "RouteTable", "RouteTarget", "routes_admin_router"]
@@ -38,7 +38,8 @@ __all__ = ["Route", "RouteTable", "RouteTarget", "routes_admin_router"]
 class RouteTarget(BaseModel):
     """One adapter version of a route and its share of the traffic."""
 
-    adapter: str
+    # The pattern is published in the schema; the validator words the refusal.
+    adapter: str = Field(json_schema_extra={"pattern": f"^{ADAPTER_NAME.pattern}$"})
     weight: float = Field(ge=0)
 
     @field_validator("adapter")

@@ -1,10 +1,12 @@
 """The lorafleet HTTP server: a loaded :class:`~lorafleet.serve.model.LorafleetRuntime`
 on KServe's ``ModelServer``.
 
-KServe serves v1/v2 health, readiness, metadata and ``/metrics``; the OpenAI-compatible
-endpoints (:mod:`lorafleet.serve.openai_api`), the adapter admin API
-(:mod:`lorafleet.serve.admin`), the route admin (:mod:`lorafleet.serve.routes`) and the
-fault admin (:mod:`lorafleet.serve.faults`) are mounted on KServe's FastAPI app.
+The OpenAI-compatible endpoints (:mod:`lorafleet.serve.openai_api`), the adapter admin
+API (:mod:`lorafleet.serve.admin`), the route admin (:mod:`lorafleet.serve.routes`), the
+fault admin (:mod:`lorafleet.serve.faults`) and the health, readiness and metrics routes
+(:mod:`lorafleet.serve.health`) are mounted on KServe's FastAPI app, and they are all it
+serves: the rest of KServe's v1/v2 protocol (``infer``, ``predict``, the model repository)
+is not the runtime's, and is removed from the app when the server starts.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kserve import ModelServer
+from starlette.exceptions import HTTPException
 
-from lorafleet.serve.admin import adapters_admin_router
+from lorafleet.serve.admin import adapters_admin_router, allow_every_method
+from lorafleet.serve.auth import ApiKeys
 from lorafleet.serve.batching import MAX_BATCH_SIZE, MAX_WAIT_S
 from lorafleet.serve.faults import faults_admin_router
+from lorafleet.serve.health import health_router
 from lorafleet.serve.metrics import ServingMetrics
 from lorafleet.serve.model import LorafleetRuntime, build_runtime
 from lorafleet.serve.openai_api import openai_router
@@ -57,6 +62,7 @@ def serve(
     max_batch_size: int = MAX_BATCH_SIZE,
     max_wait_s: float = MAX_WAIT_S,
     admin_token: str | None = None,
+    api_keys: ApiKeys | None = None,
     **options: Any,
 ) -> None:
     """Load a runtime and serve it until SIGINT/SIGTERM.
@@ -70,6 +76,7 @@ def serve(
         max_batch_size: the most requests in one generate call.
         max_wait_s: how long a request waits for others to share its batch.
         admin_token: bearer token of the admin API; ``None`` disables it.
+        api_keys: the keys the OpenAI routes require; open when ``None``.
         **options: further :class:`LorafleetRuntime` keyword arguments.
     """
     from kserve.model_server import app
@@ -79,7 +86,7 @@ def serve(
     options.setdefault("metrics", ServingMetrics(REGISTRY))
     runtime = build_runtime(base_dir, adapters, name, max_batch_size, max_wait_s, **options)
     # KServe builds its routes on this module-level app when it starts; ours go in first.
-    mount(app, runtime, admin_token)
+    mount(app, runtime, admin_token, api_keys)
     print(listening_line(runtime, host, port), file=sys.stderr, flush=True)
     _HostModelServer(host=host, http_port=port, enable_grpc=False).start([runtime])
 
@@ -93,16 +100,34 @@ def listening_line(runtime: LorafleetRuntime, host: str, port: int) -> str:
     )
 
 
-def mount(app: FastAPI, runtime: LorafleetRuntime, admin_token: str | None) -> None:
-    """Add the runtime's own routes to a FastAPI app: ``/openai/v1``, ``/admin/adapters``,
-    ``/admin/routes`` and ``/admin/faults`` (KServe adds health, v1/v2 and ``/metrics`` itself).
+def mount(
+    app: FastAPI,
+    runtime: LorafleetRuntime,
+    admin_token: str | None,
+    api_keys: ApiKeys | None = None,
+) -> None:
+    """Make a FastAPI app serve the runtime: ``/openai/v1``, ``/admin/adapters``,
+    ``/admin/routes``, ``/admin/faults``, health, readiness and ``/metrics``, and nothing else.
+
+    KServe adds its own v1/v2 routes to its app when the server starts, after this call;
+    the app drops every route added after this call at startup, before the first request
+    (and before the OpenAPI schema is built).
 
     Args:
         app: the app (KServe's, or a bare one in tests).
         runtime: a loaded runtime.
         admin_token: bearer token of ``/admin``; ``None`` disables it.
+        api_keys: the keys the OpenAI routes require; open when ``None``.
     """
-    app.include_router(openai_router(runtime))
+    app.include_router(openai_router(runtime, api_keys=api_keys))
     app.include_router(adapters_admin_router(runtime, admin_token))
     app.include_router(routes_admin_router(runtime.routes, admin_token, runtime.has_adapter))
     app.include_router(faults_admin_router(runtime.faults, admin_token))
+    app.include_router(health_router(runtime))
+    served = list(app.router.routes)
+
+    def drop_later_routes() -> None:
+        app.router.routes[:] = served
+
+    app.router.add_event_handler("startup", drop_later_routes)
+    app.add_exception_handler(HTTPException, allow_every_method)
