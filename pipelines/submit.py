@@ -13,10 +13,13 @@ digests; a local data path with no store to stage it to is refused before anythi
 
 from __future__ import annotations
 
+import logging
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import FleetSpec, PlatformProfile, load_fleet, spec_to_json
@@ -26,7 +29,10 @@ from lorafleet.pipelines.platform import spec_profile
 from lorafleet.staging import local_data, stage_spec
 from lorafleet.storage import Storage
 
-__all__ = ["Submission", "cluster_spec", "submit_fleet"]
+__all__ = ["CONNECT_TIMEOUT_S", "Submission", "check_reachable", "cluster_spec", "submit_fleet"]
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long a KFP endpoint has to accept a connection before ``submit`` gives up on it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,40 @@ def cluster_spec(
     return stage_spec(spec, platform.storage.object_store, storage, source=spec_path).spec
 
 
+def check_reachable(host: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when nothing accepts a connection at ``host``.
+
+    ``kfp.Client`` retries a refused or silent endpoint for minutes and logs each retry;
+    a plain TCP connect answers in ``timeout_s`` at most and sends no request.
+
+    Args:
+        host: the endpoint URL (``http://`` is assumed without a scheme).
+        timeout_s: seconds to wait for the connection.
+
+    Raises:
+        LorafleetError: ``HOST: cannot reach Kubeflow Pipelines: REASON``.
+    """
+    url = urlsplit(host if "://" in host else f"http://{host}")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        raise LorafleetError(f"--host {host}: not a valid URL (bad port)") from None
+    if not url.hostname:
+        raise LorafleetError(f"--host {host}: not a valid URL (no host name)")
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            reason = f"host name {url.hostname} not found"
+        elif isinstance(exc, TimeoutError | socket.timeout):
+            reason = f"no answer from port {port} in {timeout_s:g} s"
+        elif isinstance(exc, ConnectionRefusedError):
+            reason = f"connection to port {port} refused"
+        else:
+            reason = exc.strerror or str(exc)
+        raise LorafleetError(f"{host}: cannot reach Kubeflow Pipelines: {reason}") from None
+
+
 def submit_fleet(
     spec_path: str | Path,
     host: str,
@@ -100,7 +140,8 @@ def submit_fleet(
 
     Raises:
         LorafleetError: if the spec or profile is wrong, a local data file has no store to be
-            staged to (see :func:`cluster_spec`), or the endpoint refuses or fails.
+            staged to (see :func:`cluster_spec`), or the endpoint is unreachable
+            (:func:`check_reachable`, checked before anything is staged), refuses or fails.
     """
     import kfp
     from kfp_server_api.exceptions import ApiException
@@ -108,7 +149,10 @@ def submit_fleet(
 
     spec = load_fleet(spec_path, check_files=False)
     platform = spec_profile(spec_path, profile) if profile else None
+    check_reachable(host)
     spec = cluster_spec(spec, spec_path, profile, platform)
+    # A connection lost later fails below in one line: no retry warning per attempt.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     name = f"lorafleet-fleet-{profile}" if profile else "lorafleet-fleet"
     stamp = new_run_id()
     try:
@@ -116,7 +160,12 @@ def submit_fleet(
             # kfp.Client warns on every construction that it needs a v2 backend: we know.
             warnings.simplefilter("ignore", FutureWarning)
             package = str(compile_fleet(Path(tmp) / f"{name}.yaml", platform))
-            client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+            # kfp.Client logs a traceback per failed healthz try before it gives up itself.
+            logging.disable(logging.ERROR)
+            try:
+                client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+            finally:
+                logging.disable(logging.NOTSET)
             pipeline_id = client.get_pipeline_id(name)
             if pipeline_id is None:
                 pipeline_id = client.upload_pipeline(
@@ -147,9 +196,16 @@ def submit_fleet(
         raise LorafleetError(
             f"{host}: Kubeflow Pipelines answered {exc.status} {exc.reason}: {str(exc.body)[:200]}"
         ) from None
-    except HTTPError as exc:
+    except TimeoutError:  # kfp.Client: healthz never answered 200
         raise LorafleetError(
-            f"{host}: cannot reach Kubeflow Pipelines ({type(exc).__name__}: {exc})"
+            f"{host}: not a Kubeflow Pipelines API ({host.rstrip('/')}/apis/v2beta1/healthz "
+            "does not answer)"
+        ) from None
+    except HTTPError as exc:
+        # MaxRetryError carries the last attempt's error; its text names the pool, not why.
+        reason = getattr(exc, "reason", None) or exc
+        raise LorafleetError(
+            f"{host}: cannot reach Kubeflow Pipelines: {str(reason).rpartition(': ')[2] or type(reason).__name__}"
         ) from None
     return Submission(
         pipeline_id=pipeline_id, version_id=version_id, run_id=run.run_id, run_name=run_name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,96 @@ def test_version() -> None:
         [sys.executable, "-m", "lorafleet.cli", "--version"], capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout == f"lorafleet {__version__}\n"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_spec_check_json_is_one_object_on_stdout(tmp_path: Path) -> None:
+    # Given the demo spec, and a copy whose profile is one deploy render cannot serve
+    ok = _cli("spec", "check", str(EXAMPLES / "fleet.yaml"), "--json", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["ok"] is True and result["errors"] == []
+    assert result["name"] == "work-marketplace" and "job-analyzer" in result["experts"]
+    spec = (EXAMPLES / "fleet.yaml").read_text().replace("profile: local", "profile: gcp")
+    (tmp_path / "fleet.yaml").write_text(spec)
+    (tmp_path / "data").symlink_to(EXAMPLES / "data")
+    # When checked with --json
+    bad = _cli("spec", "check", "fleet.yaml", "--json", cwd=tmp_path)
+    # Then the JSON names each problem's file, line and field; the lines go to stderr, exit 2
+    assert bad.returncode == 2
+    result = json.loads(bad.stdout)
+    assert result["ok"] is False and result["name"] == "work-marketplace"
+    fields = [e["field"] for e in result["errors"]]
+    assert fields == [
+        "serving.storage.gcp_service_account",
+        "serving.base_uri",
+        "serving.adapter_store",
+    ]
+    assert {e["file"] for e in result["errors"]} == {"fleet.yaml"}
+    # A field the spec does not write is shown where its block is: the serving block.
+    serving_line = spec.splitlines().index("serving:") + 1
+    assert serving_line <= result["errors"][0]["line"] <= serving_line + 3
+    assert bad.stderr.splitlines()[0].startswith("error: fleet.yaml:")
+
+
+def test_rollout_status_json_is_the_state_on_stdout(tmp_path: Path) -> None:
+    from lorafleet.fleet import CanaryPolicy
+    from lorafleet.rollout.state import RolloutState, Target
+    from lorafleet.rollout.store import FileStore
+
+    # Given a rollout kept in a local state folder
+    target = Target(
+        route="writer", stable="writer-v1", canary="writer-v2", router_urls=["http://r:8080"]
+    )
+    FileStore(tmp_path / "states").create(
+        RolloutState(name="writer", target=target, policy=CanaryPolicy(steps=[10, 100]))
+    )
+    # When its status is asked for with --json
+    done = _cli("rollout", "status", "writer", "--json", "--state-dir", "states", cwd=tmp_path)
+    # Then stdout is its state as JSON, and nothing else
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)
+    assert state["name"] == "writer" and state["phase"] == "Progressing"
+
+
+def test_submit_to_a_closed_port_is_one_line_in_seconds(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    # Given a local port nothing listens on (bound, then closed) and a spec with data by URI
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "fleet.yaml").write_text(
+        "apiVersion: lorafleet/v1\nname: tiny\nbase: {model: demo}\nexperts:\n"
+        "  - {name: writer, task: proposal-writer, seed_data: s3://bucket/seed.jsonl,"
+        " eval_data: s3://bucket/eval.jsonl}\n"
+    )
+    host = f"http://127.0.0.1:{port}"
+    # When submitted there
+    started = time.monotonic()
+    done = _cli("submit", "fleet.yaml", "--host", host, cwd=tmp_path)
+    # Then one line names the host and why, exit 2, no retry warnings, in seconds
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {host}: cannot reach Kubeflow Pipelines: connection to port {port} refused"
+    ]
+    assert time.monotonic() - started < 30
+
+
+def test_serve_help_shows_no_bool_type_and_whole_defaults(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "serve", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "100", "TERM": "dumb"},
+    )
+    assert done.returncode == 0, done.stderr
+    lineage = next(line for line in done.stdout.splitlines() if "--require-lineage" in line)
+    assert "<bool>" not in lineage and "--no-require-lineage" not in done.stdout
+    assert "[default: LORAFLEET_ADMIN_TOKEN]" in done.stdout
+    assert "NAME=SOURCE" in done.stdout

@@ -23,27 +23,57 @@ ProfileOpt = Annotated[
     str | None,
     typer.Option(
         "--profile",
-        help="Cluster profile: aws, gcp or onprem (default: the spec's serving.profile).",
+        help="Cluster profile: aws, gcp, onprem, or local (kind/minikube on this machine: "
+        "local folders mounted by hostPath) (default: the spec's serving.profile).",
     ),
 ]
 RegistryOpt = Annotated[
     str | None,
     typer.Option(
         "--registry",
-        help="The registry naming the adapter versions: a folder or s3:// gs:// pvc:// URI "
-        "(default: the spec's registry.uri).",
+        help="The registry naming the adapter versions: its folder (the one holding "
+        "<expert>/versions/) or s3:// gs:// pvc:// URI (default: the spec's registry.uri).",
     ),
 ]
 
 
+def _adapters(spec, registry: str | None) -> dict[str, str]:
+    """The served versions, with the one-line fixes for a registry this machine cannot read."""
+    from lorafleet.deploy.render import resolve_adapters
+    from lorafleet.errors import LorafleetError, StorageError
+
+    if registry and Path(registry).is_file():
+        raise LorafleetError(
+            f"--registry {registry}: a file; pass the registry's folder (the one holding "
+            "<expert>/versions/v<N>.json) or its s3://, gs:// or pvc:// URI"
+        )
+    try:
+        return resolve_adapters(spec, registry)
+    except StorageError as exc:
+        if registry:
+            raise
+        raise LorafleetError(
+            f"registry.uri: {exc}; or pass --registry DIR, a local copy of the registry folder"
+        ) from None
+
+
 def _rendered(file: Path, profile: str | None, registry: str | None) -> list[dict]:
-    from lorafleet.deploy.render import render, resolve_adapters
+    from lorafleet.deploy.render import render, serving_problems, trained_base
     from lorafleet.deploy.validate import validate_manifests
+    from lorafleet.errors import LorafleetError
     from lorafleet.fleet import load_fleet
 
     spec = load_fleet(file, check_files=False)
     profile = profile or spec.serving.profile
-    objects = render(spec, profile, resolve_adapters(spec, registry))
+    # What the spec alone decides comes first: no registry is read for a spec render refuses.
+    problems = serving_problems(spec, profile)
+    if problems:
+        raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
+    adapters = _adapters(spec, registry)
+    base = None
+    if spec.base.model == "demo" and not spec.serving.base_uri:
+        base = trained_base(spec, adapters, registry)
+    objects = render(spec, profile, adapters, base)
     report = validate_manifests(objects, f"deploy render {profile}")
     if report.note:
         console.print(f"note: {report.note}")
@@ -61,7 +91,12 @@ def render_cmd(
     ] = None,
 ) -> None:
     """Render and validate the ServiceAccounts, RBAC, ServingRuntime, InferenceService,
-    PodDisruptionBudget, NetworkPolicy and ServiceMonitor that serve the fleet."""
+    PodDisruptionBudget, NetworkPolicy and ServiceMonitor that serve the fleet.
+
+    Adapter versions come from the registry (production, else the latest). Profile local
+    renders for a kind or minikube cluster on this machine: the registry folder and a
+    demo base (the folder the versions' lineage names) are mounted from the node by
+    hostPath, so the node must see them at the same paths (docs/deployment.md)."""
     from lorafleet.deploy.render import dump_yaml, write_objects
 
     objects = _rendered(file, profile, registry)

@@ -266,8 +266,12 @@ def status(
     kubeconfig: Kubeconfig = None,
     context: KubeContext = None,
     output: Output = "text",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The rollout state as JSON on stdout (= -o json).")
+    ] = False,
 ) -> None:
     """Show a rollout: phase, weights, steps, last measurements and decision (or list them all)."""
+    output = "json" if as_json else output
     controller = _controller(ctx, namespace, state_dir, kubeconfig, context)
     if name is not None:
         _show(controller.store.load(name), output, history)

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.console import console, out
+from lorafleet.console import console, out, write_json_result
+from lorafleet.errors import SpecError
 
 __all__ = ["app"]
 
@@ -16,15 +17,81 @@ app = typer.Typer(help="Check fleet specs and stage their data.", no_args_is_hel
 SpecFile = Annotated[Path, typer.Argument(help="The fleet spec (YAML).")]
 
 
+def _line_of(file: Path, field: str) -> int | None:
+    """The line of ``field`` (``serving.storage.role_arn``) in the YAML file, or of the
+    deepest part of it that is written there (a missing key: its parent mapping)."""
+    import yaml
+
+    node = yaml.compose(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    line = None
+    for part in field.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        node = next((v for k, v in node.value if k.value == part), None)
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _serving_error(file: Path, spec) -> SpecError | None:
+    """What ``lorafleet deploy render`` would refuse in the spec's serving block."""
+    from lorafleet.deploy.render import serving_problems
+
+    found = [(_line_of(file, field), field, message) for field, message in serving_problems(spec)]
+    if not found:
+        return None
+    (line, field, message), *more = found
+    return SpecError(file, line, field, message, more)
+
+
 @app.command("check")
-def check(file: SpecFile) -> None:
-    """Validate a fleet spec; errors are printed as FILE:LINE: field.path: message."""
+def check(
+    file: SpecFile,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the result as a JSON object on stdout: ok, name, experts, and errors "
+            "(file, line, field, message).",
+        ),
+    ] = False,
+) -> None:
+    """Validate a fleet spec, and that `lorafleet deploy render` accepts its serving block
+    (profile, storage identity, storage URIs); errors are printed as FILE:LINE: field.path:
+    message, one a line, with exit code 2."""
     from lorafleet.fleet import load_fleet
 
-    spec = load_fleet(file)
-    out.print(
-        f"{file}: ok — fleet {spec.name!r}, {len(spec.experts)} experts: {', '.join(e.name for e in spec.experts)}"
-    )
+    spec = None
+    try:
+        spec = load_fleet(file)
+        error = _serving_error(file, spec)
+        if error:
+            raise error
+    except SpecError as exc:
+        if as_json:
+            errors = [(exc.line, exc.field, exc.message), *exc.more]
+            write_json_result(
+                "-",
+                {
+                    "ok": False,
+                    "file": str(file),
+                    "name": spec.name if spec else None,
+                    "experts": [e.name for e in spec.experts] if spec else [],
+                    "errors": [
+                        {"file": exc.file, "line": line, "field": field, "message": message}
+                        for line, field, message in errors
+                    ],
+                },
+            )
+        raise
+    names = [e.name for e in spec.experts]
+    if as_json:
+        write_json_result(
+            "-", {"ok": True, "file": str(file), "name": spec.name, "experts": names, "errors": []}
+        )
+        return
+    out.print(f"{file}: ok — fleet {spec.name!r}, {len(names)} experts: {', '.join(names)}")
 
 
 @app.command("stage")

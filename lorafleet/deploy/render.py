@@ -8,13 +8,19 @@ mapping, and its typed parts (metadata, selector) still come from models.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kubernetes import client as k8s
 
-from lorafleet.deploy.profiles import PROFILES, Profile, service_account_metadata
+from lorafleet.deploy.profiles import (
+    PROFILES,
+    Profile,
+    identity_problem,
+    service_account_metadata,
+)
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec
 from lorafleet.io import atomic_write_text
@@ -38,6 +44,8 @@ __all__ = [
     "dump_yaml",
     "render",
     "resolve_adapters",
+    "serving_problems",
+    "trained_base",
     "write_objects",
 ]
 
@@ -81,23 +89,125 @@ def resolve_adapters(
     return versions
 
 
-def _storage_uris(spec: FleetSpec, profile: Profile) -> tuple[str, str]:
-    """(base URI, adapter store URI), checked against the profile's storage schemes."""
+def trained_base(
+    spec: FleetSpec,
+    adapters: dict[str, str],
+    registry: LocationLike | None = None,
+    storage: Storage | None = None,
+) -> str:
+    """The base folder the served adapter versions were trained on, from their lineage.
+
+    A demo base (``base.model: demo``) is built by the pipeline and is on no hub: serving it
+    means serving that folder.
+
+    Args:
+        spec: the fleet.
+        adapters: expert name -> version (see :func:`resolve_adapters`).
+        registry: the registry to read (default: ``spec.registry.uri``).
+        storage: the storage layer (default: configured from the environment).
+
+    Returns:
+        The base model path every served version's ``lineage.json`` names.
+
+    Raises:
+        LorafleetError: if the versions name no base, or different ones.
+    """
+    reader = Registry(registry or spec.registry.uri, storage)
+    bases = {
+        expert: str(reader.lineage(expert, version).get("base", {}).get("model") or "")
+        for expert, version in adapters.items()
+    }
+    found = set(bases.values())
+    if len(found) != 1 or "" in found:
+        shown = ", ".join(f"{e} {adapters[e]}: {b or 'none'}" for e, b in bases.items())
+        raise LorafleetError(
+            f"registry {reader.uri}: the served versions do not name one base ({shown}); "
+            "set serving.base_uri"
+        )
+    return found.pop()
+
+
+def _is_folder(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _base_uri(spec: FleetSpec, default_base: str | None) -> str | None:
+    """The base's URI; ``None`` for a demo base nobody has located (it is on no hub)."""
+    if spec.serving.base_uri or default_base:
+        return spec.serving.base_uri or default_base
+    return None if spec.base.model == "demo" else f"hf://{spec.base.model}"
+
+
+def _demo_base_problem(profile: Profile) -> tuple[str, str]:
+    where = (
+        "or register a version whose lineage names it"
+        if profile.host_folders
+        else "where the cluster can read it"
+    )
+    return (
+        "serving.base_uri",
+        f"required for profile {profile.name}: base.model demo is built by the pipeline and "
+        f"is on no hub (give the built base's URI, {where})",
+    )
+
+
+def _uri_problems(
+    spec: FleetSpec, profile: Profile, default_base: str | None
+) -> list[tuple[str, str]]:
+    """Storage URIs the profile's pods cannot read, as ``(field, message)``."""
     serving = spec.serving
-    base = serving.base_uri or f"hf://{spec.base.model}"
     adapters = serving.adapter_store or spec.registry.uri
-    for field, uri in (("serving.base_uri", base), ("serving.adapter_store", adapters)):
+    base = _base_uri(spec, default_base)
+    problems = []
+    if base is None and not profile.host_folders:
+        # On a local cluster render finds it in the registry (trained_base); here nothing can.
+        problems.append(_demo_base_problem(profile))
+    uris = [("serving.base_uri", base)] if base else []
+    for field, uri in [*uris, ("serving.adapter_store", adapters)]:
+        if profile.host_folders and _is_folder(uri):
+            if not Path(uri.removeprefix("file://")).is_absolute():
+                problems.append(
+                    (field, f"{uri!r}: profile {profile.name} mounts host folders by absolute path")
+                )
+            continue
         scheme = uri.split("://", 1)[0] if "://" in uri else ""
         if scheme not in profile.schemes:
-            raise LorafleetError(
-                f"{field}: {uri!r} cannot be read on profile {profile.name} "
-                f"(schemes: {', '.join(s + '://' for s in profile.schemes)})"
+            folders = ", local folders" if profile.host_folders else ""
+            problems.append(
+                (
+                    field,
+                    f"{uri!r} cannot be read on profile {profile.name} "
+                    f"(schemes: {', '.join(s + '://' for s in profile.schemes)}{folders})",
+                )
             )
     if adapters.startswith("hf://"):
-        raise LorafleetError(
-            "serving.adapter_store: the adapter store must be a bucket or PVC, not hf://"
+        problems.append(
+            ("serving.adapter_store", "the adapter store must be a bucket or PVC, not hf://")
         )
-    return base, adapters
+    return problems
+
+
+def serving_problems(
+    spec: FleetSpec, profile: str | None = None, default_base: str | None = None
+) -> list[tuple[str, str]]:
+    """Everything in the spec that :func:`render` would refuse, as ``(field, message)``.
+
+    Args:
+        spec: the fleet.
+        profile: the cluster profile (default: ``spec.serving.profile``).
+        default_base: the base URI when ``serving.base_uri`` is empty (see :func:`render`);
+            without it a demo base on the local profile is not checked: ``deploy render``
+            finds it in the registry (:func:`trained_base`).
+
+    Returns:
+        One entry per problem, in spec order; empty when the spec renders.
+    """
+    name = profile or spec.serving.profile
+    if name not in PROFILES:
+        return [("serving.profile", f"{name!r}: expected one of {', '.join(PROFILES)}")]
+    prof = PROFILES[name]
+    identity = identity_problem(prof, spec.serving)
+    return [*([identity] if identity else []), *_uri_problems(spec, prof, default_base)]
 
 
 def _resources(spec: FleetSpec) -> k8s.V1ResourceRequirements:
@@ -228,11 +338,39 @@ def _pod_placement(spec: FleetSpec, profile: Profile) -> dict[str, Any]:
     return {"node_selector": selector or None, "tolerations": tolerations or None}
 
 
-def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, str]) -> Any:
+def _model_storage(
+    spec: FleetSpec, profile: Profile, default_base: str | None
+) -> tuple[list[Any], list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """Where the base and the adapters come from: KServe ``storageUris``, or (local folders
+    on a profile with ``host_folders``) read-only ``hostPath`` volumes at the same mounts."""
+    from kserve import models as ks
+
+    uris, volumes, mounts = [], [], []
+    sources = (
+        ("base", _base_uri(spec, default_base) or "", BASE_MOUNT),
+        ("adapters", spec.serving.adapter_store or spec.registry.uri, ADAPTER_MOUNT),
+    )
+    for name, uri, mount in sources:
+        if profile.host_folders and _is_folder(uri):
+            path = os.path.normpath(uri.removeprefix("file://"))  # the node's path: no ".."
+            volumes.append(
+                k8s.V1Volume(
+                    name=name, host_path=k8s.V1HostPathVolumeSource(path=path, type="Directory")
+                )
+            )
+            mounts.append(k8s.V1VolumeMount(name=name, mount_path=mount, read_only=True))
+        else:
+            uris.append(ks.V1beta1StorageUri(uri=uri, mount_path=mount))
+    return uris, volumes, mounts
+
+
+def _inference_service(
+    spec: FleetSpec, profile: Profile, adapters: dict[str, str], default_base: str | None
+) -> Any:
     from kserve import models as ks
 
     serving = spec.serving
-    base_uri, adapter_uri = _storage_uris(spec, profile)
+    storage_uris, host_volumes, host_mounts = _model_storage(spec, profile, default_base)
     auto = serving.autoscaling
     volumes, mounts = _scratch()
     predictor = ks.V1beta1PredictorSpec(
@@ -242,10 +380,8 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
         scale_metric=auto.scale_metric,
         scale_target=auto.scale_target,
         canary_traffic_percent=serving.canary_traffic_percent,
-        storage_uris=[
-            ks.V1beta1StorageUri(uri=base_uri, mount_path=BASE_MOUNT),
-            ks.V1beta1StorageUri(uri=adapter_uri, mount_path=ADAPTER_MOUNT),
-        ],
+        storage_uris=storage_uris or None,
+        volumes=host_volumes or None,
         model=ks.V1beta1ModelSpec(
             name="kserve-container",
             model_format=ks.V1beta1ModelFormat(
@@ -254,6 +390,7 @@ def _inference_service(spec: FleetSpec, profile: Profile, adapters: dict[str, st
             runtime=f"lorafleet-{serving.runtime}",
             args=_model_args(spec, adapters),
             resources=_resources(spec),
+            volume_mounts=host_mounts or None,
         ),
         security_context=pod_security_context(),
         **_pod_placement(spec, profile),
@@ -409,13 +546,18 @@ def _training_rbac(spec: FleetSpec) -> list[Any]:
     return objects
 
 
-def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict[str, Any]]:
+def render(
+    spec: FleetSpec, profile: str, adapters: dict[str, str], default_base: str | None = None
+) -> list[dict[str, Any]]:
     """Every object that serves ``spec`` on a cluster of the given profile.
 
     Args:
         spec: the fleet.
-        profile: aws, gcp or onprem.
+        profile: aws, gcp, onprem, or local (a kind or minikube cluster on this machine:
+            local folders are mounted from the node by ``hostPath``, no storage identity).
         adapters: expert name -> adapter version (see :func:`resolve_adapters`).
+        default_base: the base URI when ``serving.base_uri`` is empty (default
+            ``hf://<base.model>``); for a demo base, the folder :func:`trained_base` finds.
 
     Returns:
         Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, the training RBAC
@@ -426,10 +568,14 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         only its Role and RoleBinding (for the pipeline's ServiceAccount) when it is ``drive``.
 
     Raises:
-        LorafleetError: if the spec does not fit the profile (storage scheme, identity).
+        LorafleetError: if the spec does not fit the profile (:func:`serving_problems`), one
+            line per problem.
     """
-    if profile not in PROFILES:
-        raise LorafleetError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    problems = serving_problems(spec, profile, default_base)
+    if not problems and _base_uri(spec, default_base) is None:
+        problems = [_demo_base_problem(PROFILES[profile])]
+    if problems:
+        raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
     prof = PROFILES[profile]
     annotations, secrets = service_account_metadata(prof, spec.serving)
 
@@ -450,7 +596,7 @@ def render(spec: FleetSpec, profile: str, adapters: dict[str, str]) -> list[dict
         *_rbac(spec, meta),
         *_training_rbac(spec),
         _serving_runtime(spec),
-        _inference_service(spec, prof, adapters),
+        _inference_service(spec, prof, adapters, default_base),
         k8s.V1PodDisruptionBudget(
             api_version="policy/v1",
             kind="PodDisruptionBudget",

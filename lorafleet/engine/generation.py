@@ -13,6 +13,7 @@ deterministic. The evaluator and the serving runtime share this code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import DynamicCache
 
 from lorafleet.engine.batched_lora import BASE_ADAPTER, BatchedLora, LoraBank, LoraKernel
 from lorafleet.errors import LorafleetError
@@ -186,6 +188,9 @@ class Generator:
         self._adapters: dict[str, Path] = {}
         self._batched = BatchedLora(lora_kernel) if lora_backend == "batched" else None
         self._lock = threading.Lock()
+        # transformers 5 renamed forward's past_key_values to cache (the old name warns).
+        forward = inspect.signature(self._model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
 
@@ -392,17 +397,18 @@ class Generator:
         model = self.model
         rows = [_Row(r) for r in requests]
         eos_id = self.tokenizer.eos_token_id
-        past = None
+        # One cache object for the whole loop: each forward pass appends its keys and values
+        # to it in place (a legacy tuple cache is deprecated).
+        cache = {self._cache_kwarg: DynamicCache(config=self._model.config)}
         for _ in range(max(r.max_new_tokens for r in requests)):
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past,
                 use_cache=True,
+                **cache,
                 **routing,
             )
-            past = out.past_key_values
             next_ids = out.logits[:, -1, :].argmax(dim=-1)  # (B,)
             for i, row in enumerate(rows):
                 if row.finish_reason is None and is_cancelled is not None and is_cancelled(i):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -43,3 +44,96 @@ def test_render_writes_validated_files_from_the_registry(tmp_path, kit):
         "proposal-writer=/mnt/models/adapters/proposal-writer/v1"
         in isvc["spec"]["predictor"]["model"]["args"]
     )
+
+
+def _registry(root: Path, experts: list[str], base: Path) -> None:
+    """A registry holding v1 of each expert, whose lineage names ``base``."""
+    from lorafleet.registry import Registry
+
+    adapter = root / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0")
+    for expert in experts:
+        Registry(root / "registry").register(
+            expert, adapter, {"base": {"model": str(base)}}, lambda v: v
+        )
+
+
+def _lorafleet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_demo_spec_renders_for_a_local_cluster(tmp_path, kit):
+    # Given the demo spec (profile local, base.model demo) and a registry next to it whose
+    # versions were trained on a base built in a run folder
+    spec = yaml.safe_load((kit.ROOT / "examples/fleet.yaml").read_text())
+    spec["registry"] = {"uri": "registry"}
+    for e in spec["experts"]:
+        e["seed_data"] = e["eval_data"] = "seed.jsonl"
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(spec))
+    base = tmp_path / "runs/r1/build-base/base"
+    base.mkdir(parents=True)
+    _registry(tmp_path, [e["name"] for e in spec["experts"]], base)
+    # When it is rendered with no --profile
+    done = _lorafleet("deploy", "render", "fleet.yaml", cwd=tmp_path)
+    # Then the InferenceService mounts the built base and the registry from the node
+    assert done.returncode == 0, done.stderr
+    objects = list(yaml.safe_load_all(done.stdout))
+    isvc = next(o for o in objects if o["kind"] == "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert "storageUris" not in predictor
+    volumes = {v["name"]: v["hostPath"]["path"] for v in predictor["volumes"]}
+    assert volumes == {"base": str(base), "adapters": str(tmp_path / "registry")}
+    mounts = {m["name"]: m["mountPath"] for m in predictor["model"]["volumeMounts"]}
+    assert mounts == {"base": "/mnt/models/base", "adapters": "/mnt/models/adapters"}
+    assert "job-analyzer=/mnt/models/adapters/job-analyzer/v1" in predictor["model"]["args"]
+    # And the serving ServiceAccount carries no cloud identity
+    sa = next(o for o in objects if o["metadata"]["name"] == "lorafleet-serving")
+    assert not sa["metadata"].get("annotations")
+
+
+def test_the_cluster_spec_fails_on_one_named_field_before_reading_its_registry(tmp_path, kit):
+    # Given the shipped cluster spec without its IRSA role (its registry is in S3, unreachable)
+    spec = yaml.safe_load((kit.ROOT / "examples/fleet-cluster.yaml").read_text())
+    assert spec["serving"]["storage"]["role_arn"]
+    del spec["serving"]["storage"]
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "data").symlink_to(kit.ROOT / "examples/data")
+    # When it is rendered, Then one line names the one missing field, and spec check agrees
+    done = _lorafleet("deploy", "render", "fleet.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: serving.storage.role_arn: required for profile aws (IRSA role of the serving pods)"
+    ]
+    check = _lorafleet("spec", "check", "fleet.yaml", cwd=tmp_path)
+    assert check.returncode == 2 and check.stdout == ""
+    assert (
+        check.stderr.startswith("error: fleet.yaml:") and "serving.storage.role_arn" in check.stderr
+    )
+
+
+def test_the_shipped_cluster_spec_renders_from_a_local_copy_of_its_registry(tmp_path, kit):
+    experts = [
+        e["name"]
+        for e in yaml.safe_load((kit.ROOT / "examples/fleet-cluster.yaml").read_text())["experts"]
+    ]
+    _registry(tmp_path, experts, tmp_path)
+    spec = str(kit.ROOT / "examples/fleet-cluster.yaml")
+    # When the registry given is a file of it, Then one line says what to pass instead
+    (tmp_path / "index.json").write_text("{}")
+    bad = _lorafleet("deploy", "render", spec, "--registry", "index.json", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: --registry index.json: a file; pass the registry's folder")
+    # When the registry folder is given, Then it renders (adapters in S3, read with IRSA)
+    done = _lorafleet("deploy", "render", spec, "--registry", "registry", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    isvc = next(o for o in yaml.safe_load_all(done.stdout) if o["kind"] == "InferenceService")
+    uris = [u["uri"] for u in isvc["spec"]["predictor"]["storageUris"]]
+    assert uris[1] == "s3://marketplace-ml/lorafleet/adapters"

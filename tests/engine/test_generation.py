@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,18 @@ def test_mixed_batch_rows_equal_single_runs(generator: Generator) -> None:
         assert b.text == a.text
         assert b.prompt_tokens == a.prompt_tokens
         assert b.finish_reason == a.finish_reason
+
+
+def test_generation_warns_about_nothing_it_passes_to_the_model(generator: Generator) -> None:
+    # A served request must not log a deprecation (a legacy tuple KV cache, a renamed
+    # forward argument): the server would print one per request.
+    requests = [chat("Write a proposal.", n, max_new_tokens=4) for n in [None, *generator.adapters]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator.generate(requests)
+    cache = [str(w.message) for w in caught if "cache" in str(w.message).lower()]
+    cache += [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert cache == []
 
 
 def test_base_and_adapters_differ(generator: Generator) -> None:
