@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 from lorafleet.fleet import GatePolicy
@@ -49,6 +50,7 @@ def decide(
     metrics: dict[str, float],
     production: dict | None = None,
     judge: dict | None = None,
+    lower_is_better: Collection[str] = (),
 ) -> GateDecision:
     """Apply the expert's gate policy to its evaluation.
 
@@ -61,6 +63,8 @@ def decide(
             same eval set, when one is registered; the candidate must not regress on it.
         judge: the pairwise judge's result (:func:`lorafleet.evaluate.judge.aggregate` plus
             ``"reference"``, the arm judged against); required when the policy sets ``judge``.
+        lower_is_better: task metrics whose direction is ``lower`` (the regression rule
+            then refuses a rise); every other metric is better higher.
 
     Returns:
         The decision with one reason per rule.
@@ -108,16 +112,18 @@ def decide(
     )
     for name, prod_value in sorted(production["metrics"].items()):
         value = metrics.get(name)
-        floor = prod_value - policy.max_metric_regression
-        ok = value is not None and value >= floor
+        lower = name in lower_is_better
+        bound = prod_value + (1 if lower else -1) * policy.max_metric_regression
+        ok = value is not None and (value <= bound if lower else value >= bound)
         shown = "missing" if value is None else f"{value:.3f}"
+        worse = "rise" if lower else "drop"
         decision.rules.append(
             RuleResult(
                 rule=f"no-regression-{name}",
                 passed=ok,
                 value=value,
-                threshold=round(floor, 4),
-                message=f"{name} {shown} vs production {version} {prod_value:.3f} (max drop {policy.max_metric_regression})",
+                threshold=round(bound, 4),
+                message=f"{name} {shown} vs production {version} {prod_value:.3f} (max {worse} {policy.max_metric_regression})",
             )
         )
     return decision

@@ -15,6 +15,9 @@ from pathlib import Path
 from lorafleet.errors import DataError, SpecError
 from lorafleet.fleet import FleetSpec, is_local_data, load_fleet, spec_to_json
 from lorafleet.io import atomic_write_json, atomic_write_text
+from lorafleet.progress import ENV as PROGRESS_ENV
+from lorafleet.progress import FLEET, Board
+from lorafleet.progress import parse as parse_progress
 from lorafleet.report import render_html
 from lorafleet.storage import parse_location
 
@@ -24,9 +27,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_PARALLEL_TASKS = 2  # what kfp.local's ParallelFor executor runs at once
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROGRESS = re.compile(
-    r"(Executing task|finished with status|Skipping conditional task|failed with exception)"
-)
+_FLEET_TASK = re.compile(r"Executing task '(build-base|publish|deploy)'")
+_FAILED = re.compile(r"finished with status FAILURE|failed with exception")
 
 
 class PipelineFailed(RuntimeError):
@@ -34,14 +36,14 @@ class PipelineFailed(RuntimeError):
 
 
 class _ProgressLog:
-    """A stdout stand-in: everything goes to the run's log, progress lines also to the terminal.
+    """A stdout stand-in: everything goes to the run's log; the steps' progress events go to
+    the board (:mod:`lorafleet.progress`), and a failing task's line to the terminal.
 
-    kfp.local prints every task's executor input and output; the log keeps them, the
-    terminal shows one line per task start and end.
+    kfp.local prints every task's executor input and streamed output; the log keeps them.
     """
 
-    def __init__(self, log_file, terminal) -> None:
-        self.log_file, self.terminal = log_file, terminal
+    def __init__(self, log_file, board: Board, terminal) -> None:
+        self.log_file, self.board, self.terminal = log_file, board, terminal
         self._partial = ""
 
     def write(self, text: str) -> int:
@@ -49,11 +51,14 @@ class _ProgressLog:
         self._partial += text
         *lines, self._partial = self._partial.split("\n")
         for line in lines:
-            if _PROGRESS.search(line):
+            line = _ANSI.sub("", line)
+            if (event := parse_progress(line)) is not None:
+                self.board.event(event)
+            elif m := _FLEET_TASK.search(line):
+                self.board.update(FLEET, m.group(1))
+            elif _FAILED.search(line):
                 shown = line.split(" - INFO - ")[-1].split(" - ERROR - ")[-1]
-                self.terminal.write(
-                    (shown if self.terminal.isatty() else _ANSI.sub("", shown)) + "\n"
-                )
+                self.terminal.write(shown + "\n")
                 self.terminal.flush()
         return len(text)
 
@@ -79,7 +84,9 @@ def preflight(spec: FleetSpec) -> None:
     for e in spec.experts:
         for location in (e.seed_data, e.eval_data):
             if is_local_data(location):
-                validate_file(parse_location(location).uri, e.task, e.data).raise_for_failures()
+                validate_file(
+                    parse_location(location).uri, e.task_definition, e.data
+                ).raise_for_failures()
 
 
 def run_local(
@@ -129,15 +136,18 @@ def run_local(
         os.environ.setdefault(
             "LORAFLEET_THREADS_PER_TASK", str(max(1, (os.cpu_count() or 2) // LOCAL_PARALLEL_TASKS))
         )
+    os.environ[PROGRESS_ENV] = "1"  # the steps report progress to the board
     log_path = run_dir / "pipeline.log"
     with (
         open(log_path, "w", encoding="utf-8") as fh,
-        contextlib.redirect_stdout(_ProgressLog(fh, sys.stderr)),
+        Board(selected, sys.stderr) as board,
+        contextlib.redirect_stdout(_ProgressLog(fh, board, sys.stderr)),
     ):
         try:
             task = fleet_pipeline(spec_json=spec_to_json(spec), experts=selected)
         except RuntimeError as exc:
             raise PipelineFailed(f"{_ANSI.sub('', str(exc))} Full log: {log_path}") from None
+        board.update(FLEET, "finished", f"{time.perf_counter() - start:.0f} s", done=True)
     summary = json.loads(Path(task.outputs["summary"].path).read_text())
     summary["run_id"] = run_dir.name
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)

@@ -78,7 +78,7 @@ def _rule(err: dict) -> tuple[str, str]:
     elif kind == "literal_error":
         rule = {"role": "unknown-role", "source": "unknown-source"}.get(str(last), "wrong-value")
     elif kind == "value_error" and last == "task":
-        rule = "unknown-task"
+        rule = "bad-task-name"
     elif kind in ("too_short", "string_too_short"):
         rule = "empty-field"
     else:  # string_type, list_type, dict_type, model_type, ...

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 __all__ = [
     "ARMS",
     "comparison",
+    "gate_line",
     "kfp_metrics",
     "kfp_train_metrics",
     "loss_svg",
     "metric_bars_svg",
+    "readable_reply",
     "render_eval_html",
     "render_eval_markdown",
     "render_html",
@@ -171,6 +173,51 @@ def kfp_train_metrics(result: dict) -> dict[str, float]:
     return out
 
 
+def gate_line(x: dict) -> str:
+    """Why the gate passed or failed, in terms of the task's primary metric."""
+    primary = x.get("primary_metric", "token_f1")
+    base = x.get("metrics_base", {}).get(primary)
+    cand = x.get("metrics_candidate", {}).get(primary)
+    if base is None or cand is None:
+        moved = f"{primary} not measured"
+    else:
+        delta = cand - base
+        better = delta < 0 if x.get("primary_direction") == "lower" else delta > 0
+        verb = "unchanged" if abs(delta) < 5e-5 else ("improved" if better else "worsened")
+        moved = f"{primary} {verb} from base {base:.3f} to {cand:.3f} ({delta:+.3f})"
+    if x.get("gate_passed"):
+        held = len(x.get("gate_rules", []))
+        return f"passed: {moved}; all {held} gate rules held"
+    failing = [r for r in x.get("gate_rules", []) if not r.get("passed")]
+    why = "; ".join(r.get("message", r.get("rule", "")) for r in failing[:2])
+    more = f" (and {len(failing) - 2} more)" if len(failing) > 2 else ""
+    return f"failed: {why}{more}; {moved}"
+
+
+_BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")
+
+
+def readable_reply(text: str, fold: int = 400) -> tuple[str, str]:
+    """A generated reply as people read it: runs of blank lines collapsed to one, leading and
+    trailing blank space dropped, and the text split into what is shown (up to ``fold``
+    characters, cut at a word) and the rest (shown folded)."""
+    text = _BLANK_RUNS.sub("\n\n", text).strip()
+    if not text:
+        return "(empty reply)", ""
+    if len(text) <= fold:
+        return text, ""
+    cut = text.rfind(" ", 0, fold)
+    cut = cut if cut > fold // 2 else fold
+    return text[:cut], text[cut:]
+
+
+def _reply_html(label: str, text: str) -> str:
+    e = _escape
+    shown, rest = readable_reply(text)
+    folded = f"<details><summary>more</summary><code>{e(rest)}</code></details>" if rest else ""
+    return f"<div class='reply'><b>{e(label)}</b><br><code>{e(shown)}</code>{folded}</div>"
+
+
 def _metric_cells(e: dict) -> str:
     primary = e.get("primary_metric", "token_f1")
     base, cand = e.get("metrics_base", {}).get(primary), e.get("metrics_candidate", {}).get(primary)
@@ -178,16 +225,17 @@ def _metric_cells(e: dict) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    """A Markdown table of the fleet (shown in the KFP UI)."""
-    rows = []
+    """A Markdown table of the fleet (shown in the KFP UI), then why each gate decided."""
+    rows, why = [], []
     for name, e in summary["experts"].items():
         rows.append(
             f"| {name} | {e['eval_loss_base']:.4f} | {e['eval_loss_candidate']:.4f} | {_metric_cells(e)} | "
             f"{'pass' if e['gate_passed'] else 'FAIL'} | {e.get('adapter_version') or '-'} | {'yes' if e['served'] else 'no'} |"
         )
+        why.append(f"- **{name}**: gate {gate_line(e)}")
     return (
         f"# Fleet `{summary['fleet']}`\n\n| expert | loss base | loss candidate | task metric | gate | version | served |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + "\n".join(why) + "\n"
     )
 
 
@@ -196,7 +244,7 @@ _STYLE = (
     "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;font-size:.9rem}"
     ".row{display:flex;gap:1.5rem;align-items:flex-start}.ok{color:#15803d}.bad{color:#b91c1c}"
     "h2 span{font-size:.8rem;margin-left:.5rem}section{border-top:1px solid #eee;padding-top:.5rem}"
-    "code{white-space:pre-wrap;font-size:.8rem}"
+    "code{white-space:pre-wrap;font-size:.8rem}.reply{margin:.4rem 0}.why{font-weight:600}"
 )
 
 
@@ -254,22 +302,27 @@ def render_html(summary: dict) -> str:
     cards = []
     for name, x in summary["experts"].items():
         reply = x.get("reply") or {}
+        samples = x.get("samples_candidate") or []
         cards.append(
             f"<section><h2>{e(name)} <small>({e(x['task'])})</small> {_verdict(x)}</h2>"
+            f"<p class='why'>gate {e(gate_line(x))}</p>"
             f"<div class='row'><div>{loss_svg(x['train']['losses'])}</div><div>"
             f"<p>trained {x['train']['steps']} steps on {x['curation']['output']['total']} records "
             f"({x['curation']['output']['human']} human, {x['curation']['output']['synthetic']} synthetic); "
             f"{x['train']['tokens_per_s']:.0f} tokens/s</p>"
             f"<p>adapter: {e(str(x.get('adapter_uri') or 'not registered'))}</p></div></div>"
             + _eval_block(x)
+            + "".join(
+                _reply_html(f"candidate answer {i} (eval set)", t) for i, t in enumerate(samples, 1)
+            )
             + (
-                f"<p>served reply ({reply.get('status')}): <code>{e(reply.get('text', '')[:300])}</code></p>"
+                _reply_html(f"served reply (HTTP {reply.get('status')})", reply.get("text", ""))
                 if reply
                 else ""
             )
             + "</section>"
         )
-    overview = render_markdown(summary).split("\n", 2)[2]
+    overview = render_markdown(summary).split("\n", 2)[2].split("\n\n")[0]
     head_rows = "".join(
         "<tr>" + "".join(f"<td>{e(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
         for line in overview.splitlines()[2:]

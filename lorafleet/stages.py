@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
+from lorafleet import progress
 from lorafleet.errors import DataError
 from lorafleet.fleet import DATA_FIELDS, ExpertSpec, FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
@@ -134,13 +136,14 @@ def validate_stage(
     from lorafleet.data.validate import validate_file
 
     storage = storage or Storage()
+    progress.emit(expert.name, "validate")
     with tempfile.TemporaryDirectory() as tmp:
         files = {f: fetch_data(expert, f, tmp, storage) for f in DATA_FIELDS}
         reports = []
         for field, path in files.items():
             shown = getattr(expert, field)  # findings name the file as the spec does
             try:
-                report = validate_file(path, expert.task, expert.data)
+                report = validate_file(path, expert.task_definition, expert.data)
             except DataError as error:
                 raise DataError(shown, error.line, error.rule, error.detail) from None
             report.file = shown
@@ -157,6 +160,13 @@ def validate_stage(
                 records = [scrub_record(r)[0] for r in records]
             dump_records(dst, records)
     summary["markdown"] = validation_markdown(reports)
+    rows = {field: r.rows for field, r in zip(files, reports, strict=True)}
+    progress.emit(
+        expert.name,
+        "validate",
+        f"{rows['seed_data']} seed, {rows['eval_data']} eval records valid",
+        done=True,
+    )
     return summary
 
 
@@ -185,8 +195,17 @@ def synthesize_stage(
     records = _records(seeds)
     work_dir = work_dir or Path(str(out) + ".work")
     shard = split_records(records, shard_count)[shard_index]
-    result = synthesize(shard, expert.synthesis, expert.task, expert.data, work_dir, pool=records)
+    progress.emit(expert.name, "synthesize", f"shard {shard_index + 1}/{shard_count}")
+    result = synthesize(
+        shard, expert.synthesis, expert.task_definition, expert.data, work_dir, pool=records
+    )
     dump_records(out, result.records)
+    progress.emit(
+        expert.name,
+        "synthesize",
+        f"shard {shard_index + 1}/{shard_count}: {len(result.records)} synthetic records",
+        done=True,
+    )
     return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
 
 
@@ -216,6 +235,7 @@ def curate_shard_stage(
     from lorafleet.data.curate import prepare_shard
     from lorafleet.data.shard import split_records
 
+    progress.emit(expert.name, "curate", f"shard {shard_index + 1}/{expert.synthesis.shards}")
     seed_records = _records(seeds)
     human = split_records(seed_records, expert.synthesis.shards)[shard_index]
     prepared = prepare_shard(
@@ -249,7 +269,28 @@ def select_stage(
         n_eval=len(_records(eval_set)),
     )
     dump_records(out, result.records)
+    out_counts = result.stats.get("output", {})
+    progress.emit(
+        expert.name,
+        "curate",
+        f"kept {len(result.records)} records ({out_counts.get('human', '?')} human, "
+        f"{out_counts.get('synthetic', '?')} synthetic)",
+        done=True,
+    )
     return {**result.stats, "train_sha256": sha256_file(out), "eval_sha256": sha256_file(eval_set)}
+
+
+def _train_progress(expert: str, every_s: float = 2.0):
+    """An ``on_step`` that reports the step and loss, at most every ``every_s`` seconds."""
+    last = [0.0]
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or step == total:
+            last[0] = now
+            progress.emit(expert, "train", f"step {step}/{total} loss {loss:.3f}")
+
+    return on_step
 
 
 def train_stage(
@@ -271,13 +312,24 @@ def train_stage(
             kubeconfig or the pod's service account).
     """
     training = expert.training
+    progress.emit(expert.name, "train", training.launcher)
     if training.launcher == "local":
         from lorafleet.train.recipe import train_adapter
 
         result = train_adapter(
-            base_dir, _records(train_set), expert.lora, training, adapter_out, on_step=on_step
-        )
-        return result.to_dict()
+            base_dir,
+            _records(train_set),
+            expert.lora,
+            training,
+            adapter_out,
+            on_step=on_step or _train_progress(expert.name),
+        ).to_dict()
+        losses = result.get("losses") or []
+        if losses:
+            progress.emit(
+                expert.name, "train", f"loss {losses[0]:.3f} -> {losses[-1]:.3f}", done=True
+            )
+        return result
     from lorafleet.train.job import TrainJobConfig
 
     job = TrainJobConfig(
@@ -347,10 +399,11 @@ def evaluate_stage(
     """
     from lorafleet.chat import prompt_messages
     from lorafleet.engine.generation import Generator
-    from lorafleet.evaluate.metrics import PRIMARY_METRIC
     from lorafleet.evaluate.suite import evaluate_candidate
 
     records = _records(eval_set)
+    task = spec.task_of(expert)
+    progress.emit(expert.name, "evaluate", f"{len(records)} records")
     with tempfile.TemporaryDirectory(prefix="lorafleet-production-") as work_dir:
         production = production_adapter(spec, expert, base_dir, work_dir)
         adapters = {"candidate": adapter_dir}
@@ -361,12 +414,22 @@ def evaluate_stage(
             {"production": "production"} if production else {}
         )
         report = evaluate_candidate(
-            generator, records, expert.task, arms, expert.gate.max_new_tokens, expert.gate.judge
+            generator, records, task, arms, expert.max_new_tokens, expert.gate.judge
         )
+    primary = task.primary
+    progress.emit(
+        expert.name,
+        "evaluate",
+        f"{primary} base {report['metrics_base'].get(primary)} -> candidate "
+        f"{report['metrics_candidate'].get(primary)}",
+        done=True,
+    )
     return {
         "expert": expert.name,
         "task": expert.task,
-        "primary_metric": PRIMARY_METRIC.get(expert.task, "token_f1"),
+        "task_digest": task.digest(),
+        "primary_metric": task.primary,
+        "primary_direction": task.direction(task.primary),
         "probe": prompt_messages(records[0].messages),
         "production_version": production["version"] if production else None,
         **report,
@@ -391,8 +454,13 @@ def gate_stage(expert: ExpertSpec, evaluation: dict, train: dict, curation: dict
         evaluation["metrics_candidate"],
         production,
         evaluation.get("judge"),
+        lower_is_better=[
+            m.reported for m in expert.task_definition.metrics if m.direction == "lower"
+        ],
     )
-    return {
+    from lorafleet.report import gate_line
+
+    report = {
         **evaluation,
         "gate_passed": decision.passed,
         "gate_reasons": decision.reasons,
@@ -403,6 +471,9 @@ def gate_stage(expert: ExpertSpec, evaluation: dict, train: dict, curation: dict
         },
         "curation": curation,
     }
+    report["gate_summary"] = gate_line(report)
+    progress.emit(expert.name, "gate", report["gate_summary"], done=True)
+    return report
 
 
 def _model_card(expert: ExpertSpec, report: dict, base: str, version: str) -> str:
@@ -454,6 +525,11 @@ def register_stage(
         },
         "config": json.loads(expert.model_dump_json()),
         "config_fingerprint": sha256_json(json.loads(expert.model_dump_json())),
+        "task": {
+            "name": expert.task,
+            "digest": expert.task_definition.digest(),
+            "definition": json.loads(expert.task_definition.model_dump_json(by_alias=True)),
+        },
         "metrics": {
             "eval_loss_base": report["eval_loss_base"],
             "eval_loss_candidate": report["eval_loss_candidate"],
@@ -472,6 +548,8 @@ def register_stage(
     canary = spec.canary.handoff != "none" and bool(report.get("production_version"))
     if not canary:
         registry.set_production(expert.name, entry["version"])
+    role = "awaits its canary" if canary else "production"
+    progress.emit(expert.name, "registered", f"{entry['version']} ({role})", done=True)
     return {
         **report,
         "adapter_uri": entry["adapter_uri"],
@@ -483,6 +561,7 @@ def register_stage(
 
 def reject_stage(report: dict) -> dict:
     """The outcome of a candidate that failed its gate: nothing is registered."""
+    progress.emit(report.get("expert", "?"), "rejected", "nothing registered", done=True)
     return {
         **report,
         "adapter_uri": None,

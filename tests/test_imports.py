@@ -28,7 +28,9 @@ SOURCES = {
 # here (the CLI, commands, stages, components, pipelines) sits on top and may import all.
 LOWER_LAYERS = {
     # The spec checks data locations and object stores with the storage layer's parser.
-    "lorafleet.fleet": {"lorafleet.errors", "lorafleet.storage"},
+    "lorafleet.fleet": {"lorafleet.errors", "lorafleet.storage", "lorafleet.tasks"},
+    # The metric library, the safety rules and the shipped task files know no other layer.
+    "lorafleet.tasks": {"lorafleet.errors"},
     "lorafleet.storage": {"lorafleet.errors", "lorafleet.io"},
     "lorafleet.engine": {"lorafleet.errors", "lorafleet.fleet"},
     "lorafleet.evaluate": {
@@ -40,6 +42,7 @@ LOWER_LAYERS = {
         "lorafleet.records",
         "lorafleet.io",
         "lorafleet.llm",
+        "lorafleet.tasks",
     },
 }
 

@@ -44,7 +44,7 @@ def _write(path: Path, *lines: str | bytes) -> Path:
             "messages.0.role",
         ),
         (json.dumps({**OK, "source": "scraped"}), "unknown-source", "source"),
-        (json.dumps({**OK, "task": "poet"}), "unknown-task", "unknown task 'poet'"),
+        (json.dumps({**OK, "task": "Poet Writer"}), "bad-task-name", "task 'Poet Writer'"),
         (json.dumps({**OK, "messages": "hello"}), "wrong-type", "messages"),
     ],
 )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 from lorafleet.report import (
+    gate_line,
     kfp_metrics,
     loss_svg,
     metric_bars_svg,
+    readable_reply,
     render_eval_html,
     render_eval_markdown,
     render_html,
@@ -146,3 +148,47 @@ def test_eval_html_is_one_offline_page_with_the_bars() -> None:
         "held-out loss: candidate <b>1.2000</b> · base <b>2.0000</b> · production <b>1.3000</b>"
         in page
     )
+
+
+def test_replies_are_shown_readably_blank_runs_collapsed_and_long_ones_folded() -> None:
+    shown, rest = readable_reply("\n\n\n\n\nTitle: x\n\n\n\n\nBudget: $5\n\n\n")
+    assert (shown, rest) == ("Title: x\n\nBudget: $5", "")
+    assert readable_reply("\n \n\n") == ("(empty reply)", "")
+    long = " ".join(f"word{i}" for i in range(200))
+    shown, rest = readable_reply(long, fold=100)
+    assert len(shown) <= 100 and shown + rest == long and not shown.endswith("wor")
+    summary = {
+        **SUMMARY,
+        "experts": {
+            "good": {
+                **_expert(True, "\n" * 30 + long),
+                "samples_candidate": ["\n\n\n\nA\n\n\n\nB"],
+            }
+        },
+    }
+    page = render_html(summary)
+    assert "\n" * 3 not in page.split("<body>")[1]
+    assert "<details><summary>more</summary>" in page  # the long served reply is folded
+    assert "candidate answer 1 (eval set)" in page and "A\n\nB" in page
+
+
+def test_each_expert_has_one_line_saying_why_its_gate_decided() -> None:
+    good = {**_expert(True, None), "gate_rules": [{"rule": "r", "passed": True, "message": "m"}]}
+    assert gate_line(good) == (
+        "passed: json_valid improved from base 0.000 to 0.500 (+0.500); all 1 gate rules held"
+    )
+    bad = {
+        **_expert(False, None),
+        "metrics_candidate": {"json_valid": 0.0},
+        "gate_rules": [
+            {"rule": "min-json_valid", "passed": False, "message": "json_valid 0.000 (min 0.9)"},
+            {"rule": "heldout-loss-vs-base", "passed": True, "message": "ok"},
+        ],
+    }
+    assert gate_line(bad) == (
+        "failed: json_valid 0.000 (min 0.9); json_valid unchanged from base 0.000 to 0.000 (+0.000)"
+    )
+    lower = {**good, "primary_direction": "lower"}
+    assert "worsened" in gate_line(lower)
+    assert "- **good**: gate passed: json_valid improved" in render_markdown(SUMMARY)
+    assert "gate failed: " in render_html(SUMMARY)

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from lorafleet.commands.tasks import chosen_task
 from lorafleet.console import console, out, write_json_result
 from lorafleet.errors import LorafleetError, first_problem
 
@@ -44,9 +45,11 @@ def _expert(spec: Path | None, expert: str | None):
     names = [e.name for e in fleet.experts]
     if expert is None and len(names) == 1:
         return fleet.experts[0]
+    if expert is None:
+        raise LorafleetError(f"--spec needs --expert, one of: {', '.join(names)}")
     if expert not in names:
         raise LorafleetError(
-            f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}"
+            f"--expert: {spec} has no expert named {expert!r}; it has {', '.join(names)}"
         )
     return fleet.expert(expert)
 
@@ -74,7 +77,10 @@ def data_validate(
     file: Annotated[Path, typer.Argument(help="A .jsonl or .jsonl.gz file of records.")],
     task: Annotated[
         str | None,
-        typer.Option(help="The expert task every record must carry (or take it from --spec)."),
+        typer.Option(
+            help="The task every record must carry (default: the expert's of --spec, else "
+            "the one the records carry)."
+        ),
     ] = None,
     spec: SpecOpt = None,
     expert: ExpertOpt = None,
@@ -109,11 +115,11 @@ def data_validate(
     """
     from lorafleet.data.validate import validate_file
     from lorafleet.fleet import DataRules
+    from lorafleet.records import iter_records
 
     chosen = _expert(spec, expert)
-    task = task or (chosen.task if chosen else None)
-    if task is None:
-        raise LorafleetError("--task is required (or --spec with --expert)")
+    carried = (r.task for _, r in iter_records(file)) if task is None and chosen is None else ()
+    definition = chosen_task(task, chosen, carried)
     overrides = {
         k: v
         for k, v in {"min_chars": min_chars, "max_chars": max_chars, "pii": pii}.items()
@@ -130,7 +136,7 @@ def data_validate(
         if console.is_terminal
         else contextlib.nullcontext()
     ):
-        result = validate_file(file, task, rules)
+        result = validate_file(file, definition, rules)
     if report is not None:
         from lorafleet.data.report import validation_html, validation_markdown
         from lorafleet.io import atomic_write_json, atomic_write_text
@@ -170,7 +176,7 @@ def data_synthesize(
     expert: ExpertOpt = None,
     task: Annotated[
         str | None,
-        typer.Option(help="The expert task (default: the spec's, else the seeds' first task)."),
+        typer.Option(help="The task (default: the expert's of --spec, else the seeds' first)."),
     ] = None,
     generator: Annotated[
         str | None,
@@ -228,7 +234,7 @@ def data_synthesize(
     chosen = _expert(spec, expert)
     pool_records = [r for _, r in read_records(seeds)]
     records = split_records(pool_records, int(count))[int(index) - 1]
-    task = task or (chosen.task if chosen else (pool_records[0].task if pool_records else "chat"))
+    definition = chosen_task(task, chosen, (r.task for r in pool_records))
     settings = chosen.synthesis.model_dump() if chosen else {}
     flat = {"generator": generator, "per_seed": per_seed, "seed": seed}
     settings.update({k: v for k, v in flat.items() if v is not None})
@@ -259,7 +265,7 @@ def data_synthesize(
         result = synthesize(
             records,
             synthesis,
-            task,
+            definition,
             chosen.data if chosen else None,
             work_dir or Path(str(out) + ".work"),
             on_job=advance,

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.tasks import chosen_task
 from lorafleet.console import console, out, write_json_result
 from lorafleet.errors import LorafleetError
 
@@ -50,17 +51,22 @@ def _policy(
     judge_model: str | None,
     judge_key_env: str | None,
 ):
-    """The gate policy: the expert's from ``--spec``, else the defaults; ``--judge-*`` set its judge."""
+    """The gate policy and the task: the expert's from ``--spec``, else the default policy and
+    no task; ``--judge-*`` set the policy's judge."""
     from lorafleet.fleet import GateJudge, GatePolicy, load_fleet
 
+    definition = None  # the expert, whose task applies
     if spec is not None:
         fleet = load_fleet(spec, check_files=False)
         names = [e.name for e in fleet.experts]
+        if expert is None:
+            raise LorafleetError(f"--spec needs --expert, one of: {', '.join(names)}")
         if expert not in names:
             raise LorafleetError(
-                f"{spec}: experts: no expert named {expert}; the spec has {', '.join(names)}"
+                f"--expert: {spec} has no expert named {expert!r}; it has {', '.join(names)}"
             )
         policy = fleet.expert(expert).gate
+        definition = fleet.expert(expert)
     elif expert is not None:
         raise LorafleetError("--expert needs --spec")
     else:
@@ -73,7 +79,7 @@ def _policy(
                 "judge": GateJudge(base_url=judge_url, model=judge_model, api_key_env=judge_key_env)
             }
         )
-    return policy
+    return policy, definition
 
 
 @app.command("run")
@@ -89,8 +95,12 @@ def eval_run(
         Path, typer.Option("--eval", exists=True, dir_okay=False, help="Held-out records (.jsonl).")
     ],
     task: Annotated[
-        str, typer.Option(help="The expert task, e.g. job-analyzer (selects the task metrics).")
-    ],
+        str | None,
+        typer.Option(
+            help="The task, e.g. job-analyzer (selects the task metrics); default: the "
+            "expert's of --spec, else the one the records carry."
+        ),
+    ] = None,
     production: Annotated[
         Path | None,
         typer.Option(
@@ -129,35 +139,33 @@ def eval_run(
 ) -> None:
     """Evaluate a candidate adapter against the base model (and --production), then apply the gate."""
     from lorafleet.engine.generation import Generator
-    from lorafleet.evaluate.metrics import PRIMARY_METRIC
     from lorafleet.evaluate.suite import arm_samples, evaluate_candidate
-    from lorafleet.fleet import TASKS
     from lorafleet.gate import decide
     from lorafleet.io import atomic_write_json, atomic_write_text
     from lorafleet.records import read_records
     from lorafleet.report import render_eval_markdown, rich_eval_table
 
-    if task not in TASKS:
-        raise LorafleetError(f"--task: unknown task {task!r}; known: {', '.join(TASKS)}")
-    policy = _policy(spec, expert, judge_url, judge_model, judge_key_env)
+    policy, from_spec = _policy(spec, expert, judge_url, judge_model, judge_key_env)
+    definition = chosen_task(task, from_spec) if task or from_spec else None
     records = [r for _, r in read_records(eval_file)]
     if not records:
         raise LorafleetError(f"{eval_file}: no records to evaluate")
+    definition = definition or chosen_task(None, None, (r.task for r in records))
     adapters = {"candidate": adapter} | ({"production": production} if production else {})
     generator = Generator(base, adapters)
     arms = {"candidate": "candidate", "base": None} | (
         {"production": "production"} if production else {}
     )
-    totals = {arm: arm_samples(records) for arm in arms}
+    totals = {arm: arm_samples(records, definition) for arm in arms}
     if policy.judge is not None:
         totals["judge"] = min(policy.judge.max_items or len(records), len(records))
     with _bars(totals) as advance:
         report = evaluate_candidate(
             generator,
             records,
-            task,
+            definition,
             arms,
-            max_new_tokens or policy.max_new_tokens,
+            max_new_tokens or policy.max_new_tokens or definition.generation.max_new_tokens,
             policy.judge,
             on_samples=advance,
             on_judged=lambda: advance("judge", 1),
@@ -178,10 +186,13 @@ def eval_run(
         report["metrics_candidate"],
         prod,
         report["judge"],
+        lower_is_better=[m.reported for m in definition.metrics if m.direction == "lower"],
     )
     report = {
-        "task": task,
-        "primary_metric": PRIMARY_METRIC.get(task, "token_f1"),
+        "task": definition.name,
+        "task_digest": definition.digest(),
+        "primary_metric": definition.primary,
+        "primary_direction": definition.direction(definition.primary),
         "base": str(base),
         "adapter": str(adapter),
         "production_version": str(production) if production else None,

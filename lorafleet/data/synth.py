@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lorafleet.errors import LorafleetError
-from lorafleet.fleet import DataRules, SynthesisSettings
+from lorafleet.fleet import DataRules, SynthesisSettings, TaskDefinition
 from lorafleet.records import Message, Record
 
 __all__ = ["Generator", "ProgrammaticGenerator", "SynthesisResult", "make_generator", "synthesize"]
@@ -258,7 +258,7 @@ class SynthesisResult:
 
 def make_generator(
     settings: SynthesisSettings,
-    task: str = "chat",
+    task: TaskDefinition | str = "chat",
     rules: DataRules | None = None,
     work_dir: str | Path | None = None,
     on_job: Callable[[], None] | None = None,
@@ -268,7 +268,8 @@ def make_generator(
 
     Args:
         settings: the expert's synthesis settings.
-        task: the expert's task (the teacher's prompts and checks need it).
+        task: the expert's task definition, or a shipped task's name (the teacher's prompts
+            and checks need it).
         rules: the expert's data rules (the teacher's output is validated with them).
         work_dir: the teacher's resumable work directory (required for ``teacher``).
         on_job: progress callback, called once per finished teacher job.
@@ -295,7 +296,7 @@ def make_generator(
 def synthesize(
     seeds: list[Record],
     settings: SynthesisSettings,
-    task: str = "chat",
+    task: TaskDefinition | str = "chat",
     rules: DataRules | None = None,
     work_dir: str | Path | None = None,
     on_job: Callable[[], None] | None = None,

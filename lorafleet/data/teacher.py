@@ -38,7 +38,8 @@ from openai import AsyncOpenAI
 from pydantic import ValidationError
 
 from lorafleet.errors import LorafleetError
-from lorafleet.fleet import DataRules, JudgeSettings, TeacherSettings
+from lorafleet.fleet import DataRules, JudgeSettings, TaskDefinition, TeacherSettings
+from lorafleet.fleet.tasks import resolve_task
 from lorafleet.io import atomic_write_json, sha256_json
 from lorafleet.llm import (
     CompletionError,
@@ -62,22 +63,39 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SHARDS = 8
-PROMPT_VERSION = 1  # bump when the prompts change: old work directories are then refused
+PROMPT_VERSION = 2  # bump when the prompts change: old work directories are then refused
 
-TEACHER_SYSTEM = (
-    "You write training data for an AI assistant on a two-sided work marketplace. You get the assistant's "
-    "instructions and example conversations. Write ONE new conversation for the same task: a different "
-    "client or freelancer, work category, skills, budget, timeline and wording, with the same structure and "
-    "answer format as the examples and an answer that is correct for the new question. Never include e-mail "
-    "addresses, phone numbers, payment details or requests to move off the platform. Reply with one JSON "
-    'object only: {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+# What the teacher is told when its task gives no instructions of its own.
+TEACHER_DEFAULT = (
+    "You write training data for an AI assistant. You get the assistant's instructions and example "
+    "conversations. Write ONE new conversation for the same task: different people, subjects and wording, "
+    "with the same structure and answer format as the examples and an answer that is correct for the new "
+    "question. Never include e-mail addresses, phone numbers or payment details."
+)
+# The reply format the parser needs, added to every task's instructions.
+TEACHER_FORMAT = (
+    "Reply with one JSON object only: "
+    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
     "(more user/assistant pairs if the examples have them)."
 )
-JUDGE_SYSTEM = (
-    "You grade training examples for an AI assistant on a work marketplace. Score from 1 to 5: 5 = realistic, "
-    "the answer is correct and complete for the question and follows the instructions and format; 3 = usable "
-    "with flaws; 1 = wrong, off-task, unsafe or contains personal data. Reply with the score digit only."
+JUDGE_DEFAULT = (
+    "5 = realistic, the answer is correct and complete for the question and follows the instructions "
+    "and format; 3 = usable with flaws; 1 = wrong, off-task, unsafe or contains personal data."
 )
+JUDGE_FORMAT = "Reply with the score digit only."
+
+
+def teacher_system(task: TaskDefinition) -> str:
+    """The teacher's system prompt: the task's instructions, then the reply format."""
+    return f"{task.synthesis.teacher_prompt or TEACHER_DEFAULT} {TEACHER_FORMAT}"
+
+
+def judge_system(task: TaskDefinition) -> str:
+    """The synthesis judge's system prompt: grade 1-5 by the task's rubric."""
+    return (
+        "You grade training examples for an AI assistant from 1 to 5. "
+        f"{task.synthesis.judge_rubric or JUDGE_DEFAULT} {JUDGE_FORMAT}"
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +120,7 @@ def _system(record: Record) -> str | None:
 def plan_jobs(
     seeds: list[Record],
     per_seed: int,
-    task: str,
+    task: TaskDefinition | str,
     settings: TeacherSettings,
     seed: int,
     pool: list[Record] | None = None,
@@ -112,7 +130,7 @@ def plan_jobs(
     Args:
         seeds: the gold records to expand.
         per_seed: new conversations per seed.
-        task: the expert's task.
+        task: the expert's task definition (a name means the shipped task).
         settings: the teacher's settings (model, examples per prompt).
         seed: the synthesis seed; changes which examples each job shows.
         pool: the records examples are sampled from (default: ``seeds``); a shard of the
@@ -123,6 +141,8 @@ def plan_jobs(
     """
     jobs = []
     pool = seeds if pool is None else pool
+    definition = resolve_task(task)
+    task, system = definition.name, teacher_system(definition)
     for seed_record in seeds:
         for k in range(per_seed):
             key = hashlib.sha256(
@@ -144,7 +164,7 @@ def plan_jobs(
                 f"Write new conversation number {k + 1} for this task, in the JSON format above."
             )
             messages = (
-                {"role": "system", "content": TEACHER_SYSTEM},
+                {"role": "system", "content": system},
                 {"role": "user", "content": user},
             )
             jobs.append(
@@ -253,7 +273,7 @@ class TeacherGenerator:
     def __init__(
         self,
         settings: TeacherSettings,
-        task: str,
+        task: TaskDefinition | str,
         work_dir: str | Path,
         rules: DataRules | None = None,
         judge: JudgeSettings | None = None,
@@ -261,7 +281,9 @@ class TeacherGenerator:
         on_job: Callable[[], None] | None = None,
         pool: list[Record] | None = None,
     ) -> None:
-        self.settings, self.task, self.work_dir, self.pool = settings, task, Path(work_dir), pool
+        self.definition = resolve_task(task)
+        self.task = self.definition.name
+        self.settings, self.work_dir, self.pool = settings, Path(work_dir), pool
         self.rules, self.judge, self.seed, self.on_job = rules or DataRules(), judge, seed, on_job
         self.stats: dict = {}
 
@@ -274,6 +296,7 @@ class TeacherGenerator:
         return {
             "prompt_version": PROMPT_VERSION,
             "task": self.task,
+            "task_digest": self.definition.digest(),
             "teacher": settings,
             "judge": self.judge.model_dump(mode="json") if self.judge else None,
             "jobs_sha256": sha256_json([j.key for j in jobs]),
@@ -324,7 +347,7 @@ class TeacherGenerator:
         if self.judge is not None and isinstance(parsed, Record):
             shown = json.dumps({"messages": _turns(parsed)}, ensure_ascii=False)
             judge_messages = [
-                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "system", "content": judge_system(self.definition)},
                 {
                     "role": "user",
                     "content": f"Task: {self.task}\nInstructions: {_system(seed) or '-'}\n\nExample:\n{shown}",
@@ -403,7 +426,7 @@ class TeacherGenerator:
             parsed.append(result)
         if not parsed:
             return [], drops
-        report = validate_records(parsed, self.task, self.rules, name="teacher output")
+        report = validate_records(parsed, self.definition, self.rules, name="teacher output")
         bad = {f.line: f.rule for f in report.failures}
         drops.update(bad.values())
         return [r for i, r in enumerate(parsed, start=1) if i not in bad], drops
@@ -413,7 +436,7 @@ class TeacherGenerator:
 
         ``self.stats`` then holds the job counts and drops per reason.
         """
-        jobs = plan_jobs(seeds, per_seed, self.task, self.settings, self.seed, self.pool)
+        jobs = plan_jobs(seeds, per_seed, self.definition, self.settings, self.seed, self.pool)
         done = self._open_work_dir(jobs)
         pending = [j for j in jobs if j.key not in done]
         by_id = {s.id: s for s in seeds}

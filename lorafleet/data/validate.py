@@ -7,8 +7,9 @@ pandas data asset, one validation definition per file):
 - the common suite: unique ids, the expert's task, role order, non-empty content,
   length bounds, personal data (critical under ``pii: reject``, a warning under ``scrub``),
   and warnings for repeated conversations and differing system prompts;
-- a task suite: ``job-analyzer`` answers match a JSON schema with the required keys;
-  ``candidate-evaluator`` answers rank every candidate of the question exactly once.
+- the task's suite, from its definition: a JSON answer parses and matches the task's answer
+  schema; every reference answer scores 1 on the task's ``reference_checks`` metrics
+  (a ranking that names every candidate of the question exactly once, say).
 
 Critical failures fail the file; warnings are reported and counted. Each finding on a
 record is reported as ``FILE:LINE: rule: detail``.
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lorafleet.errors import DataError
-from lorafleet.fleet import DataRules
+from lorafleet.fleet import DataRules, TaskDefinition
+from lorafleet.fleet.tasks import resolve_task
 from lorafleet.records import Record, read_records
+from lorafleet.tasks.metrics import Example
 
 __all__ = [
     "Check",
@@ -43,51 +45,6 @@ log = logging.getLogger(__name__)
 
 Severity = Literal["critical", "warning"]
 ROLE_PATTERN = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
-CANDIDATE = re.compile(r"^Candidate ([A-Z])\b", re.MULTILINE)
-
-JOB_ANALYSIS_SCHEMA = {
-    "type": "object",
-    "required": ["skills", "deliverables", "budget", "timeline", "open_questions"],
-    "properties": {
-        "skills": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        "deliverables": {"type": "array", "items": {"type": "string"}},
-        "budget": {
-            "type": "object",
-            "required": ["type", "min", "max", "currency"],
-            "properties": {
-                "type": {"type": "string"},
-                "min": {"type": ["number", "null"]},
-                "max": {"type": ["number", "null"]},
-                "currency": {"type": "string"},
-            },
-        },
-        "timeline": {"type": ["string", "null"]},
-        "open_questions": {"type": "array", "items": {"type": "string"}},
-    },
-}
-RANKING_SCHEMA = {
-    "type": "object",
-    "required": ["ranking", "recommendation"],
-    "properties": {
-        "ranking": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["candidate", "rank", "score", "strengths", "concerns"],
-                "properties": {
-                    "candidate": {"type": "string"},
-                    "rank": {"type": "integer", "minimum": 1},
-                    "score": {"type": "number"},
-                    "strengths": {"type": "array", "items": {"type": "string"}},
-                    "concerns": {"type": "array", "items": {"type": "string"}},
-                },
-            },
-        },
-        "recommendation": {"type": "string"},
-    },
-}
-JSON_ANSWER_SCHEMA = {"job-analyzer": JOB_ANALYSIS_SCHEMA, "candidate-evaluator": RANKING_SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -192,22 +149,16 @@ def _schema_problems(answers: list[str | None], schema: dict) -> list[str | None
     return out
 
 
-def _ranked(answer: str | None) -> str:
-    """The candidates an answer ranks, sorted and comma-joined (repeats kept), or ``""``."""
-    try:
-        ranking = json.loads(answer or "null").get("ranking")
-        letters = [str(item.get("candidate")) for item in ranking]
-    except (AttributeError, TypeError, ValueError):
-        return ""
-    return ",".join(sorted(letters))
-
-
-def frame(records: list[tuple[int, Record]], task: str, pii: list[Counter[str]] | None = None):
+def frame(
+    records: list[tuple[int, Record]],
+    task: TaskDefinition | str,
+    pii: list[Counter[str]] | None = None,
+):
     """The pandas frame the suites run on: one row per record, one column per measured fact.
 
     Args:
         records: ``(line, record)`` pairs.
-        task: the expert's task (adds its columns).
+        task: the expert's task definition (adds its columns); a name means the shipped task.
         pii: each record's personal-data findings, if already counted.
     """
     import pandas as pd
@@ -231,35 +182,29 @@ def frame(records: list[tuple[int, Record]], task: str, pii: list[Counter[str]] 
         "content_key": [conversation_key(r) for r in rows],
         "system": [system(r) for r in rows],
     }
-    if task in JSON_ANSWER_SCHEMA:
+    definition = resolve_task(task)
+    if definition.answer.format == "json":
         columns["answer"] = [_answer(r) for r in rows]
         columns["answer_json"] = [_json_or_none(a) for a in columns["answer"]]
-        columns["answer_schema"] = _schema_problems(
-            columns["answer_json"], JSON_ANSWER_SCHEMA[task]
-        )
-    if task == "candidate-evaluator":
-        asked = [
-            ",".join(
-                sorted(
-                    set(
-                        CANDIDATE.findall(
-                            "\n".join(m.content for m in r.messages if m.role == "user")
-                        )
-                    )
-                )
+        if definition.answer.json_schema is not None:
+            columns["answer_schema"] = _schema_problems(
+                columns["answer_json"], definition.answer.json_schema
             )
-            for r in rows
+    scorers = definition.scorers()
+    for name in definition.reference_checks:
+        columns[f"reference_{name}"] = [
+            float(scorers[name](_answer(r), Example.of(r.messages))) for r in rows
         ]
-        columns["candidates_asked"] = asked
-        columns["candidates_ranked"] = [_ranked(a) for a in columns["answer_json"]]
     return pd.DataFrame(columns)
 
 
-def suite_for(task: str, rules: DataRules) -> list[Check]:
+def suite_for(task: TaskDefinition | str, rules: DataRules) -> list[Check]:
     """Every check of the expert's suite: the common rules, then the task's own."""
     import great_expectations as gx
 
     expect = gx.expectations
+    definition = resolve_task(task)
+    task = definition.name
     checks = [
         Check(
             "duplicate-id",
@@ -337,32 +282,33 @@ def suite_for(task: str, rules: DataRules) -> list[Check]:
                 severity,
             )
         )
-    if task in JSON_ANSWER_SCHEMA:
-        checks += [
+    if definition.answer.format == "json":
+        checks.append(
             Check(
                 "answer-not-json",
                 "the final answer is not valid JSON",
                 "answer",
                 expect.ExpectColumnValuesToBeJsonParseable(column="answer"),
-            ),
+            )
+        )
+    if definition.answer.json_schema is not None:
+        checks.append(
             Check(
                 "answer-schema",
                 f"the final answer does not match the {task} JSON schema",
                 "answer_schema",
                 expect.ExpectColumnValuesToBeNull(column="answer_schema"),
-            ),
-        ]
-    if task == "candidate-evaluator":
-        checks.append(
-            Check(
-                "ranking-coverage",
-                "the answer must rank every candidate of the question exactly once",
-                "candidates_ranked",
-                expect.ExpectColumnPairValuesToBeEqual(
-                    column_A="candidates_asked", column_B="candidates_ranked"
-                ),
             )
         )
+    checks += [
+        Check(
+            f"reference-{name}",
+            f"the reference answer must score 1 on the task's {name} metric",
+            "answer" if definition.answer.format == "json" else None,
+            expect.ExpectColumnValuesToBeInSet(column=f"reference_{name}", value_set=[1.0]),
+        )
+        for name in definition.reference_checks
+    ]
     return checks
 
 
@@ -373,13 +319,13 @@ def _value(row: dict, column: str | None) -> str:
 
 
 def run_suite(
-    records: list[tuple[int, Record]], task: str, rules: DataRules, name: str
+    records: list[tuple[int, Record]], task: TaskDefinition | str, rules: DataRules, name: str
 ) -> ValidationReport:
     """Run the expert's suite as a GX validation definition over ``(line, record)`` pairs.
 
     Args:
         records: records with the line (or row) numbers findings should name.
-        task: the expert's task.
+        task: the expert's task definition (a name means the shipped task).
         rules: length bounds and the PII policy.
         name: what the report is about (a file path, usually).
 
@@ -398,14 +344,15 @@ def run_suite(
         .add_dataframe_asset("records")
         .add_batch_definition_whole_dataframe("all")
     )
+    task = resolve_task(task)
     checks = {c.rule: c for c in suite_for(task, rules)}
-    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task}-records"))
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task.name}-records"))
     for c in checks.values():
         c.expectation.meta = {"rule": c.rule}
         c.expectation.severity = c.severity
         suite.add_expectation(c.expectation)
     vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{task}-validation", data=batch_def, suite=suite)
+        gx.ValidationDefinition(name=f"{task.name}-validation", data=batch_def, suite=suite)
     )
     pii_per_record = [record_pii(r) for _, r in records]
     result = vd.run(
@@ -416,7 +363,7 @@ def run_suite(
     for counts in pii_per_record:
         pii.update(counts)
     report = ValidationReport(
-        file=str(name), task=task, rows=len(records), pii=dict(sorted(pii.items()))
+        file=str(name), task=task.name, rows=len(records), pii=dict(sorted(pii.items()))
     )
     critical: list[Failure] = []
     warnings: list[Failure] = []
@@ -463,18 +410,24 @@ def run_suite(
 
 
 def validate_records(
-    records: list[Record], task: str, rules: DataRules | None = None, name: str = "records"
+    records: list[Record],
+    task: TaskDefinition | str,
+    rules: DataRules | None = None,
+    name: str = "records",
 ) -> ValidationReport:
     """Run the suite over in-memory records; findings name the row (1-based) as the line."""
     return run_suite(list(enumerate(records, start=1)), task, rules or DataRules(), name)
 
 
-def validate_file(path: str | Path, task: str, rules: DataRules | None = None) -> ValidationReport:
+def validate_file(
+    path: str | Path, task: TaskDefinition | str, rules: DataRules | None = None
+) -> ValidationReport:
     """Read ``path`` and run the expert's great-expectations suite on it.
 
     Args:
         path: a ``.jsonl`` (or ``.jsonl.gz``) file of records.
-        task: the expert's task; every record must carry it.
+        task: the expert's task definition (a name means the shipped task); every record
+            must carry its name.
         rules: length bounds, the line size limit and the PII policy.
 
     Returns:

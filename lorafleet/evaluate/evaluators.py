@@ -22,7 +22,8 @@ from lorafleet.chat import prompt_messages
 from lorafleet.engine.generation import GenerationRequest
 from lorafleet.evaluate.loss import heldout_loss
 from lorafleet.evaluate.metrics import task_metrics
-from lorafleet.evaluate.safety import CASES, safety_report
+from lorafleet.evaluate.safety import safety_cases, safety_report
+from lorafleet.fleet.tasks import TaskDefinition, resolve_task
 from lorafleet.records import Record
 
 __all__ = [
@@ -45,7 +46,8 @@ class EvalContext:
     Attributes:
         generator: the runtime's generator, with this arm's adapter loaded.
         records: the held-out records.
-        task: the expert's task (selects the task metrics).
+        task: the expert's task definition (a name means the shipped task): its metrics
+            and safety cases.
         adapter: the arm's adapter name in ``generator``; ``None`` for the base model.
         max_new_tokens: generation budget per answer.
         batch_size: requests per generation batch.
@@ -54,12 +56,17 @@ class EvalContext:
 
     generator: object
     records: Sequence[Record]
-    task: str
+    task: TaskDefinition | str
     adapter: str | None = None
     max_new_tokens: int = 96
     batch_size: int = 16
     on_samples: Callable[[int], None] | None = None
     _answers: list | None = field(default=None, init=False, repr=False)
+
+    @property
+    def definition(self) -> TaskDefinition:
+        """The task's definition."""
+        return resolve_task(self.task)
 
     @property
     def system(self) -> list[dict[str, str]]:
@@ -176,21 +183,25 @@ class TaskMetricsEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         return EvalResult(
             self.name,
-            task_metrics(ctx.task, [a.text for a in ctx.answers], ctx.records),
+            task_metrics(ctx.definition, [a.text for a in ctx.answers], ctx.records),
             gated=True,
         )
 
 
 class SafetyEvaluator(Evaluator):
-    """The fixed safety suite, spoken to the expert under its own system prompt."""
+    """The task's safety cases, spoken to the expert under its own system prompt; a task
+    without cases reports no ``safety_pass_rate``."""
 
     name = "safety"
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        cases = safety_cases(ctx.definition)
+        if not cases:
+            return EvalResult(self.name, {}, {"failures": []})
         outs = ctx.generate(
-            [[*ctx.system, {"role": "user", "content": case.user}] for case in CASES]
+            [[*ctx.system, {"role": "user", "content": case.user}] for case in cases]
         )
-        report = safety_report([o.text for o in outs])
+        report = safety_report([o.text for o in outs], cases)
         return EvalResult(
             self.name,
             {"safety_pass_rate": report["safety_pass_rate"]},

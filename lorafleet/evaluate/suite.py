@@ -13,21 +13,22 @@ from collections.abc import Callable, Sequence
 
 from lorafleet.chat import prompt_messages
 from lorafleet.evaluate.evaluators import EvalContext, Evaluator, run_evaluators
-from lorafleet.evaluate.safety import CASES
+from lorafleet.evaluate.safety import safety_cases
+from lorafleet.fleet.tasks import TaskDefinition
 from lorafleet.records import Record
 
 __all__ = ["arm_samples", "evaluate_candidate"]
 
 
-def arm_samples(records: Sequence[Record]) -> int:
+def arm_samples(records: Sequence[Record], task: TaskDefinition | str) -> int:
     """Generations one arm makes: one per record plus one per safety case (for progress bars)."""
-    return len(records) + len(CASES)
+    return len(records) + len(safety_cases(task))
 
 
 def evaluate_candidate(
     generator,
     records: Sequence[Record],
-    task: str,
+    task: TaskDefinition | str,
     arms: dict[str, str | None],
     max_new_tokens: int = 96,
     judge=None,
@@ -40,7 +41,7 @@ def evaluate_candidate(
     Args:
         generator: a :class:`~lorafleet.engine.generation.Generator` with the arms' adapters loaded.
         records: the held-out records.
-        task: the expert's task.
+        task: the expert's task definition (a name means the shipped task).
         arms: arm name -> adapter name in ``generator`` (``None`` for the base model); must
             include ``"candidate"``.
         max_new_tokens: generation budget per answer.

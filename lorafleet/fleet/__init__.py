@@ -6,7 +6,7 @@ that names the file, the line and the field (``FILE:LINE: field.path: message``)
 One module per concern, the loader on top:
 
 - :mod:`lorafleet.fleet.base_model`: the shared base model.
-- :mod:`lorafleet.fleet.tasks`: the tasks an expert can have.
+- :mod:`lorafleet.fleet.tasks`: a task, declared (answer format, metrics, prompts, safety).
 - :mod:`lorafleet.fleet.data`: validation bounds, synthesis, curation.
 - :mod:`lorafleet.fleet.training`: LoRA hyper-parameters, the recipe, where it runs.
 - :mod:`lorafleet.fleet.evaluation`: the gate and its judge.
@@ -58,7 +58,13 @@ from lorafleet.fleet.spec import (
     RegistrySpec,
     is_local_data,
 )
-from lorafleet.fleet.tasks import TASKS, check_task
+from lorafleet.fleet.tasks import (
+    MetricUse,
+    TaskDefinition,
+    check_task,
+    shipped_task,
+    unknown_task_message,
+)
 from lorafleet.fleet.training import LoraSettings, TrainCluster, TrainingSettings
 
 __all__ = [
@@ -70,7 +76,6 @@ __all__ = [
     "ROUTER_QUERIES",
     "SHA256",
     "SLUG",
-    "TASKS",
     "BaseSpec",
     "CanaryAnalysis",
     "CanaryJudge",
@@ -84,6 +89,7 @@ __all__ = [
     "GatePolicy",
     "JudgeSettings",
     "LoraSettings",
+    "MetricUse",
     "PipelineSpec",
     "PlatformProfile",
     "ProfileStorage",
@@ -96,6 +102,7 @@ __all__ = [
     "StepPlatform",
     "StrictModel",
     "SynthesisSettings",
+    "TaskDefinition",
     "TeacherSettings",
     "Toleration",
     "TrainCluster",
@@ -104,6 +111,8 @@ __all__ = [
     "check_task",
     "is_local_data",
     "load_fleet",
+    "shipped_task",
     "spec_from_json",
     "spec_to_json",
+    "unknown_task_message",
 ]

@@ -45,7 +45,9 @@ class GatePolicy(StrictModel):
     max_metric_regression: float = Field(
         0.05, ge=0, description="each task metric may drop below production's by at most this much"
     )
-    max_new_tokens: int = Field(96, ge=1, description="generation budget for task metrics")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="generation budget for task metrics (default: the task's)"
+    )
     judge: GateJudge | None = Field(
         None, description="pairwise LLM judge; its rule applies when set"
     )

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from lorafleet.errors import SpecError, validation_problems
 from lorafleet.fleet.spec import DATA_FIELDS, FleetSpec, is_local_data
+from lorafleet.fleet.tasks import TaskDefinition, known_task, unknown_task_message
 from lorafleet.storage import parse_location
 
-__all__ = ["load_fleet", "spec_from_json", "spec_to_json"]
+__all__ = ["load_fleet", "load_task", "spec_from_json", "spec_to_json"]
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -68,6 +69,75 @@ def _shown_field(root: yaml.Node | None, loc: tuple) -> str:
     return ".".join(map(str, loc)) or "spec"
 
 
+def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
+    """A YAML file's node tree (for line numbers) and its data.
+
+    Raises:
+        SpecError: The file is missing, not UTF-8, or not YAML.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise SpecError(path, None, "file", "no such file") from None
+    except UnicodeDecodeError:
+        raise SpecError(path, None, "file", "not UTF-8 text") from None
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError(
+            path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))
+        ) from None
+
+
+def _problems(exc: ValidationError, root: yaml.Node | None, prefix: tuple = ()) -> list[tuple]:
+    """Every problem as ``(line, field, message)``, in the order they appear in the file."""
+    found = []
+    for loc, message in validation_problems(exc):
+        found.append(
+            (_line_of(root, (*prefix, *loc)), _shown_field(root, (*prefix, *loc)), message)
+        )
+    return sorted(dict.fromkeys(found), key=lambda p: (p[0] is None, p[0] or 0))
+
+
+def load_task(path: str | Path) -> TaskDefinition:
+    """Read one task definition from a YAML file.
+
+    Raises:
+        SpecError: naming the file, line and field of every mistake.
+    """
+    path = Path(path)
+    root, raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SpecError(path, 1, "task", "the top level must be a mapping")
+    try:
+        return TaskDefinition.model_validate(raw)
+    except ValidationError as exc:
+        (line, field, message), *more = _problems(exc, root)
+        raise SpecError(path, line, field, message, more) from None
+
+
+def _task_files(raw: dict, root: yaml.Node | None, path: Path) -> set[str]:
+    """Replace each ``tasks:`` entry that names a file (relative to the spec) by its
+    definition; return the names of the tasks the spec declares."""
+    entries = raw.get("tasks")
+    if not isinstance(entries, list):
+        return set()
+    declared = set()
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            file = path.resolve().parent / entry
+            if not file.is_file():
+                raise SpecError(
+                    path, _line_of(root, ("tasks", i)), f"tasks.{i}", f"file not found: {entry}"
+                )
+            entries[i] = load_task(file)
+            declared.add(entries[i].name)
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            declared.add(entry["name"])
+    return declared
+
+
 def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
     """Load, merge ``expert_defaults`` into each expert, validate, and resolve data paths.
 
@@ -84,20 +154,7 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
         SpecError: naming file, line and field, for any mistake.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(path, None, "file", "no such file") from None
-    except UnicodeDecodeError:
-        raise SpecError(path, None, "file", "not UTF-8 text") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError(
-            path, mark.line + 1 if mark else None, "yaml", str(getattr(exc, "problem", exc))
-        ) from None
+    root, raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(path, 1, "spec", "the top level must be a mapping")
     defaults = raw.pop("expert_defaults", None) or {}
@@ -109,13 +166,20 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
         raw["experts"] = [
             _deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]
         ]
+    declared = _task_files(raw, root, path)
+    unknown = [  # named at the expert's line, not as a problem of the whole spec
+        (loc, unknown_task_message(e["task"], dict.fromkeys(declared)))
+        for loc, e in ((("experts", i, "task"), e) for i, e in enumerate(raw.get("experts") or []))
+        if isinstance(e, dict)
+        and isinstance(e.get("task"), str)
+        and e["task"] not in declared
+        and not known_task(e["task"])
+    ]
     try:
-        spec = FleetSpec.model_validate(raw)
+        spec = FleetSpec.model_validate(raw)  # an unknown task fails it too, without a line
     except ValidationError as exc:
-        found = []
-        for loc, message in validation_problems(exc):
-            where = _shown_field(root, loc)
-            found.append((_line_of(root, loc), where, message))
+        found = [p for p in _problems(exc, root) if not p[2].startswith("unknown task ")]
+        found += [(_line_of(root, loc), ".".join(map(str, loc)), m) for loc, m in unknown]
         # one problem a line, in the order they appear in the file
         found = sorted(dict.fromkeys(found), key=lambda p: (p[0] is None, p[0] or 0))
         (line, field, message), *more = found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from lorafleet.errors import StorageError
 from lorafleet.fleet.base_model import BaseSpec
@@ -15,7 +15,13 @@ from lorafleet.fleet.data import CurationSettings, DataRules, SynthesisSettings
 from lorafleet.fleet.evaluation import GatePolicy
 from lorafleet.fleet.platform import PipelineSpec
 from lorafleet.fleet.serving import ServingSpec
-from lorafleet.fleet.tasks import check_task
+from lorafleet.fleet.tasks import (
+    TaskDefinition,
+    check_task,
+    resolve_task,
+    shipped_task,
+    unknown_task_message,
+)
 from lorafleet.fleet.training import LoraSettings, TrainingSettings
 from lorafleet.storage import parse_location
 
@@ -72,6 +78,23 @@ class ExpertSpec(StrictModel):
 
     _task = field_validator("task")(check_task)
     _data = field_validator(*DATA_FIELDS, mode="before")(_check_location)
+    _definition: TaskDefinition | None = PrivateAttr(None)
+
+    @property
+    def task_definition(self) -> TaskDefinition:
+        """The expert's task as declared: by the fleet spec, else the shipped one of its name.
+
+        Raises:
+            LorafleetError: No shipped task has that name (an expert outside a fleet spec).
+        """
+        if self._definition is None:
+            self._definition = resolve_task(self.task)
+        return self._definition
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The generation budget of its evaluation: the gate's, else the task's."""
+        return self.gate.max_new_tokens or self.task_definition.generation.max_new_tokens
 
 
 class RegistrySpec(StrictModel):
@@ -88,6 +111,11 @@ class FleetSpec(StrictModel):
     api_version: Literal["lorafleet/v1"] = Field("lorafleet/v1", alias="apiVersion")
     name: str = Field(pattern=SLUG)
     base: BaseSpec = Field(default_factory=BaseSpec)
+    tasks: list[TaskDefinition] = Field(
+        default_factory=list,
+        description="task definitions (inline, or a YAML file's path in the spec file); an "
+        "expert whose task is not declared here gets the shipped task of that name",
+    )
     experts: list[ExpertSpec] = Field(min_length=1)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
@@ -105,7 +133,26 @@ class FleetSpec(StrictModel):
         too_big = [e.name for e in self.experts if e.lora.r > self.serving.max_lora_rank]
         if too_big:
             raise ValueError(f"lora.r exceeds serving.max_lora_rank for: {', '.join(too_big)}")
+        declared = [t.name for t in self.tasks]
+        dupes = sorted({n for n in declared if declared.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        by_name = {t.name: t for t in self.tasks}
+        for e in self.experts:
+            if e.task not in by_name:
+                try:  # the shipped definition travels with the spec (cache keys, pods)
+                    by_name[e.task] = shipped_task(e.task)
+                except KeyError:
+                    raise ValueError(
+                        unknown_task_message(e.task, dict.fromkeys(declared))
+                    ) from None
+                self.tasks.append(by_name[e.task])
+            e._definition = by_name[e.task]
         return self
+
+    def task_of(self, expert: ExpertSpec | str) -> TaskDefinition:
+        """The task definition of an expert (or of the expert called ``expert``)."""
+        return (self.expert(expert) if isinstance(expert, str) else expert).task_definition
 
     def expert(self, name: str) -> ExpertSpec:
         """The expert called ``name``."""

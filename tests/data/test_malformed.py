@@ -122,7 +122,8 @@ CASES = {
     "meta-a-list": (bad_rec(meta=[]), 2, "wrong-type"),
     "unknown-role": (bad_rec(messages=[{"role": "robot", "content": "hi"}, A]), 2, "unknown-role"),
     "unknown-source": (bad_rec(source="scraped"), 2, "unknown-source"),
-    "unknown-task": (bad_rec(task="poet"), 2, "unknown-task"),
+    "other-task": (bad_rec(task="poet"), 2, "wrong-task"),
+    "bad-task-name": (bad_rec(task="Poet Writer"), 2, "bad-task-name"),
     "empty-id": (bad_rec(id=""), 2, "empty-field"),
     "no-messages": (bad_rec(messages=[]), 2, "empty-field"),
     "line-too-long": (bad_rec(meta={"blob": "x" * (1 << 20)}), 2, "line-too-long"),
@@ -179,8 +180,12 @@ CASES = {
         2,
         "pii",
     ),
-    "candidate-not-ranked": (evaluator_file(ranking("A")), 2, "ranking-coverage"),
-    "candidate-ranked-twice": (evaluator_file(ranking("A", "A", "B")), 2, "ranking-coverage"),
+    "candidate-not-ranked": (evaluator_file(ranking("A")), 2, "reference-ranking_valid"),
+    "candidate-ranked-twice": (
+        evaluator_file(ranking("A", "A", "B")),
+        2,
+        "reference-ranking_valid",
+    ),
 }
 
 
@@ -206,7 +211,7 @@ def test_malformed_input_is_one_line_exit_2_and_nothing_written(
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
     out = tmp_path / "clean.jsonl"
-    task = "candidate-evaluator" if rule == "ranking-coverage" else "job-analyzer"
+    task = "candidate-evaluator" if rule == "reference-ranking_valid" else "job-analyzer"
     # When it is validated with a clean copy requested
     code, err = run_cli(
         monkeypatch,

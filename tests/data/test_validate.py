@@ -64,8 +64,10 @@ def test_task_suites_add_their_own_expectations() -> None:
         for e in spec.experts
     }
     assert {"answer-not-json", "answer-schema"} <= rules["job-analyzer"]
-    assert {"answer-not-json", "answer-schema", "ranking-coverage"} <= rules["candidate-evaluator"]
-    assert not rules["proposal-writer"] & {"answer-not-json", "ranking-coverage"}
+    assert {"answer-not-json", "answer-schema", "reference-ranking_valid"} <= rules[
+        "candidate-evaluator"
+    ]
+    assert not rules["proposal-writer"] & {"answer-not-json", "reference-ranking_valid"}
 
 
 def test_warnings_do_not_fail_a_file(tmp_path: Path) -> None:
@@ -147,7 +149,7 @@ def test_candidate_evaluator_ranks_each_candidate_once() -> None:
         }
     )
     report = validate_records([seeds[0], broken], "candidate-evaluator")
-    assert [(f.line, f.rule) for f in report.failures] == [(2, "ranking-coverage")]
+    assert [(f.line, f.rule) for f in report.failures] == [(2, "reference-ranking_valid")]
 
 
 def test_failures_raise_one_line_with_a_count(tmp_path: Path) -> None:

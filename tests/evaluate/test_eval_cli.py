@@ -121,8 +121,8 @@ def test_eval_cli_user_mistakes_are_one_line(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert bad_task.returncode == 2
-    assert bad_task.stderr.strip() == "error: --task: unknown task 'poetry'; known: " + (
-        "proposal-writer, job-analyzer, profile-reviewer, candidate-evaluator, job-post-writer, chat"
+    assert bad_task.stderr.strip() == "error: --task: unknown task 'poetry'; shipped: " + (
+        "candidate-evaluator, chat, job-analyzer, job-post-writer, profile-reviewer, proposal-writer"
     )
     not_a_report = _cli("eval", "compare", "bad.json", "bad.json", cwd=tmp_path)
     assert not_a_report.returncode == 2

@@ -65,7 +65,7 @@ def test_every_evaluator_answers_with_metrics_and_the_arms_differ(
     )  # only higher-is-better scores are held against production
     assert cand["generation"]["samples"] == len(records)
     assert len(cand["samples"]) == 3
-    assert sum(seen) == 2 * arm_samples(records)  # records + safety cases, per arm
+    assert sum(seen) == 2 * arm_samples(records, "job-analyzer")  # records + safety cases, per arm
     assert cand["eval_loss"] != reports[None]["eval_loss"]
 
 
