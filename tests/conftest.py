@@ -23,6 +23,8 @@ import pytest
 
 from lorafleet.base import DemoBaseConfig, build_demo_base
 
+from .cli_support import run_lorafleet
+
 # Builds in about a second. 30 pre-training steps lift greedy output above one repeated token.
 TINY_BASE = DemoBaseConfig(
     vocab_size=300,
@@ -328,3 +330,9 @@ def make_tree() -> Callable[[Path], dict[str, bytes]]:
         return files
 
     return make
+
+
+@pytest.fixture
+def lorafleet_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """The real CLI in a subprocess: ``lorafleet_cli(*args, cwd=, env=None, timeout=120)``."""
+    return run_lorafleet

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .cli_support import run_lorafleet as _cli
+
 REC = {
     "id": "a1",
     "task": "job-analyzer",
@@ -30,16 +32,6 @@ REC = {
     "source": "human",
     "meta": {},
 }
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_run_with_bad_data_stops_before_any_task(tmp_path: Path) -> None:

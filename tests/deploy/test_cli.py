@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from ..cli_support import run_lorafleet as _lorafleet
+
 
 def test_render_writes_validated_files_from_the_registry(tmp_path, kit):
     # Given the test fleet next to a registry holding one adapter version per expert
@@ -58,16 +60,6 @@ def _registry(root: Path, experts: list[str], base: Path) -> None:
         Registry(root / "registry").register(
             expert, adapter, {"base": {"model": str(base)}}, lambda v: v
         )
-
-
-def _lorafleet(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_the_demo_spec_renders_for_a_local_cluster(tmp_path, kit):

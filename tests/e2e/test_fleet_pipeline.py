@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -52,17 +50,10 @@ registry: {{uri: registry}}
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
+def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path, lorafleet_cli) -> None:
     (tmp_path / "fleet.yaml").write_text(SPEC)
     env = {**os.environ, "LORAFLEET_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "run", "fleet.yaml", "--run-id", "r1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = lorafleet_cli("run", "fleet.yaml", "--run-id", "r1", cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "r1"
     summary = json.loads((run / "summary.json").read_text())
@@ -117,22 +108,15 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
         + "    training: {max_steps: 2}\n    gate: {max_loss_ratio: 1.01, max_loss_regression: 0.0}\n",
     )
     (tmp_path / "worse.yaml").write_text(worse)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorafleet.cli",
-            "run",
-            "worse.yaml",
-            "--run-id",
-            "r2",
-            "--expert",
-            "job-analyzer",
-        ],
+    proc = lorafleet_cli(
+        "run",
+        "worse.yaml",
+        "--run-id",
+        "r2",
+        "--expert",
+        "job-analyzer",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,22 +139,15 @@ def test_fleet_pipeline_gates_registers_and_serves(tmp_path: Path) -> None:
         + "    training: {epochs: 3, learning_rate: 0.01, batch_size: 8, max_seq_len: 384}\n",
     )
     (tmp_path / "better.yaml").write_text(better)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorafleet.cli",
-            "run",
-            "better.yaml",
-            "--run-id",
-            "r3",
-            "--expert",
-            "job-analyzer",
-        ],
+    proc = lorafleet_cli(
+        "run",
+        "better.yaml",
+        "--run-id",
+        "r3",
+        "--expert",
+        "job-analyzer",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,7 +114,7 @@ registry: {uri: registry}
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_task_declared_in_yaml_alone_runs_the_whole_pipeline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lorafleet_cli
 ) -> None:
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "contract-summarizer.yaml").write_text(TASK)
@@ -140,14 +138,7 @@ def test_a_task_declared_in_yaml_alone_runs_the_whole_pipeline(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", "run", "fleet.yaml", "--run-id", "r1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = lorafleet_cli("run", "fleet.yaml", "--run-id", "r1", cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "r1" / "summary.json").read_text())
     expert = summary["experts"]["contract-summarizer"]
@@ -174,22 +165,8 @@ def test_a_task_declared_in_yaml_alone_runs_the_whole_pipeline(
     bad["messages"][-1]["content"] = json.dumps({"parties": ["Acme"], "term_months": 0, "fee": 1})
     seeds = (tmp_path / "data" / "seed.jsonl").read_text() + json.dumps(bad) + "\n"
     (tmp_path / "data" / "seed.jsonl").write_text(seeds)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorafleet.cli",
-            "data",
-            "validate",
-            "data/seed.jsonl",
-            "--spec",
-            "fleet.yaml",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = lorafleet_cli(
+        "data", "validate", "data/seed.jsonl", "--spec", "fleet.yaml", cwd=tmp_path, env=env
     )
     assert proc.returncode == 2
     assert "data/seed.jsonl:13: answer-schema: the final answer does not match the " in proc.stderr
