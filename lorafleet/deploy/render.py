@@ -9,6 +9,7 @@ mapping, and its typed parts (metadata, selector) still come from models.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lorafleet.deploy.profiles import (
     service_account_metadata,
 )
 from lorafleet.errors import LorafleetError
-from lorafleet.fleet import FleetSpec
+from lorafleet.fleet import FleetSpec, ServingSpec
 from lorafleet.io import atomic_write_text
 from lorafleet.k8s_objects import (
     ADAPTER_MOUNT,
@@ -41,6 +42,7 @@ from lorafleet.storage import LocationLike, Storage
 __all__ = [
     "TRAINING_ROLE",
     "VLLM_IMAGE",
+    "deployment_annotations",
     "dump_yaml",
     "render",
     "resolve_adapters",
@@ -138,6 +140,18 @@ def _base_uri(spec: FleetSpec, default_base: str | None) -> str | None:
     return None if spec.base.model == "demo" else f"hf://{spec.base.model}"
 
 
+def deployment_annotations(serving: ServingSpec) -> dict[str, str]:
+    """The InferenceService's mode annotations, in the names KServe >= 0.16 validates.
+
+    KServe's validating webhook reads the legacy ``RawDeployment`` value as Knative and checks
+    the scale metric against the KPA's list (refusing cpu and memory); ``Standard`` with the
+    ``hpa`` autoscaler class is checked, and reconciled, as the HPA it becomes.
+    """
+    if serving.deployment_mode == "Serverless":
+        return {f"{KSERVE}/deploymentMode": "Knative"}
+    return {f"{KSERVE}/deploymentMode": "Standard", f"{KSERVE}/autoscalerClass": "hpa"}
+
+
 def _demo_base_problem(profile: Profile) -> tuple[str, str]:
     where = (
         "or register a version whose lineage names it"
@@ -207,7 +221,37 @@ def serving_problems(
         return [("serving.profile", f"{name!r}: expected one of {', '.join(PROFILES)}")]
     prof = PROFILES[name]
     identity = identity_problem(prof, spec.serving)
-    return [*([identity] if identity else []), *_uri_problems(spec, prof, default_base)]
+    return [
+        *_name_problems(spec),
+        *([identity] if identity else []),
+        *_uri_problems(spec, prof, default_base),
+    ]
+
+
+# KServe's InferenceService name rule (IsvcNameFmt, inference_service_validation.go): a
+# DNS-1123 label that starts with a letter.
+ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _name_problems(spec: FleetSpec) -> list[tuple[str, str]]:
+    problems = []
+    if not ISVC_NAME.match(spec.name) or len(spec.name) > 63:
+        problems.append(
+            (
+                "name",
+                f"{spec.name!r}: KServe names the InferenceService after the fleet and needs a "
+                "lower-case DNS label starting with a letter",
+            )
+        )
+    if spec.canary.mode == "revision" and spec.serving.deployment_mode != "Serverless":
+        problems.append(
+            (
+                "canary.mode",
+                "revision canaries need serving.deployment_mode: Serverless (KServe's "
+                "RawDeployment has no revisions); use mode: router",
+            )
+        )
+    return problems
 
 
 def _resources(spec: FleetSpec) -> k8s.V1ResourceRequirements:
@@ -382,8 +426,10 @@ def _inference_service(
         canary_traffic_percent=serving.canary_traffic_percent,
         storage_uris=storage_uris or None,
         volumes=host_volumes or None,
+        # No name: KServe >= 0.16 refuses one in a standard predictor (validatePredictor in
+        # inference_service_validation.go), and the SDK's default is ''.
         model=ks.V1beta1ModelSpec(
-            name="kserve-container",
+            name=None,
             model_format=ks.V1beta1ModelFormat(
                 name="vllm" if serving.runtime == "vllm" else "lorafleet"
             ),
@@ -431,9 +477,7 @@ def _inference_service(
     return ks.V1beta1InferenceService(
         api_version=f"{KSERVE}/v1beta1",
         kind="InferenceService",
-        metadata=object_meta(
-            spec, spec.name, "inference", {f"{KSERVE}/deploymentMode": "RawDeployment"}
-        ),
+        metadata=object_meta(spec, spec.name, "inference", deployment_annotations(serving)),
         spec=ks.V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
     )
 
@@ -513,15 +557,18 @@ def _training_rbac(spec: FleetSpec) -> list[Any]:
             rules=[
                 # The step creates the job (a TrainJob, or a PyTorchJob where Kubeflow Trainer is
                 # absent) and reads it by name until it ends; a retried step gets the job it
-                # created before (the name is a hash of the inputs). Jobs are never listed,
-                # watched, updated or deleted.
+                # created before (the name is a hash of the inputs). It deletes the job when the
+                # step fails or is cancelled, so its GPUs are freed. Jobs are never listed,
+                # watched or updated.
                 k8s.V1PolicyRule(
                     api_groups=["trainer.kubeflow.org"],
                     resources=["trainjobs"],
-                    verbs=["get", "create"],
+                    verbs=["get", "create", "delete"],
                 ),
                 k8s.V1PolicyRule(
-                    api_groups=["kubeflow.org"], resources=["pytorchjobs"], verbs=["get", "create"]
+                    api_groups=["kubeflow.org"],
+                    resources=["pytorchjobs"],
+                    verbs=["get", "create", "delete"],
                 ),
                 # Diagnostics of the job's pods.
                 k8s.V1PolicyRule(

@@ -9,7 +9,16 @@ from pydantic import Field, model_validator
 from lorafleet.fleet.common import SLUG, StrictModel
 from lorafleet.fleet.platform import Toleration
 
-__all__ = ["ServingAutoscaling", "ServingSpec", "ServingStorage"]
+__all__ = ["VLLM_LORA_RANKS", "ServingAutoscaling", "ServingSpec", "ServingStorage"]
+
+# vLLM's --max-lora-rank choices (vllm/config/lora.py, 0.11.0): any other value stops it at start-up.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# What KServe's autoscaler honours per deployment mode: RawDeployment makes an HPA, which scales
+# on cpu or memory only (concurrency and rps are Knative's); Serverless makes a Knative KPA.
+MODE_METRICS = {
+    "RawDeployment": ("cpu", "memory"),
+    "Serverless": ("concurrency", "rps", "cpu", "memory"),
+}
 
 
 class ServingStorage(StrictModel):
@@ -27,14 +36,19 @@ class ServingStorage(StrictModel):
 
 
 class ServingAutoscaling(StrictModel):
-    """KServe autoscaling knobs of the predictor."""
+    """KServe autoscaling knobs of the predictor (what each ``deployment_mode`` honours)."""
 
     min_replicas: int = Field(
         1, ge=1, description="replicas kept running (RawDeployment mode: no scale to zero)"
     )
     max_replicas: int = Field(2, ge=1)
-    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
-    scale_target: int = Field(8, ge=1, description="target value of scale_metric per replica")
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = Field(
+        "cpu",
+        description="RawDeployment (HPA): cpu or memory; Serverless (Knative) also concurrency, rps",
+    )
+    scale_target: int = Field(
+        80, ge=1, description="target per replica: % utilisation for cpu, else the metric's unit"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ServingAutoscaling:
@@ -48,10 +62,17 @@ class ServingSpec(StrictModel):
 
     runtime: Literal["lorafleet", "vllm"] = "lorafleet"
     profile: Literal["local", "aws", "gcp", "onprem"] = "local"
+    deployment_mode: Literal["RawDeployment", "Serverless"] = Field(
+        "RawDeployment",
+        description="KServe mode: RawDeployment (Deployment + HPA), or Serverless where Knative is installed",
+    )
     gpus: int = Field(0, ge=0)
     # = lorafleet.serve.batching.MAX_BATCH_SIZE (not imported: the spec needs no torch).
     max_batch_size: int = Field(64, ge=1)
-    max_lora_rank: int = Field(64, ge=1)
+    max_lora_rank: int = Field(
+        64,
+        description=f"one of vLLM's --max-lora-rank choices: {', '.join(map(str, VLLM_LORA_RANKS))}",
+    )
     adapter_store: str = Field(
         "", description="s3://, gs://, pvc:// or a directory; empty = registry"
     )
@@ -74,11 +95,30 @@ class ServingSpec(StrictModel):
         False, description="put the lorafleet router in front as a KServe transformer"
     )
     canary_traffic_percent: int | None = Field(
-        None, ge=0, le=100, description="ISVC revision canary"
+        None, ge=0, le=100, description="ISVC revision canary (deployment_mode Serverless only)"
     )
 
     @model_validator(mode="after")
     def _runtime(self) -> ServingSpec:
         if self.runtime == "vllm" and self.gpus < 1:
             raise ValueError("runtime 'vllm' needs gpus >= 1")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(
+                f"max_lora_rank {self.max_lora_rank}: vLLM accepts only "
+                f"{', '.join(map(str, VLLM_LORA_RANKS))}"
+            )
+        mode, auto = self.deployment_mode, self.autoscaling
+        # KServe accepts these and then ignores them: refuse rather than render a no-op.
+        if auto.scale_metric not in MODE_METRICS[mode]:
+            raise ValueError(
+                f"autoscaling.scale_metric {auto.scale_metric}: deployment_mode {mode} scales only "
+                f"on {' or '.join(MODE_METRICS[mode])} (concurrency and rps need Serverless)"
+            )
+        if auto.scale_metric == "cpu" and auto.scale_target > 100:
+            raise ValueError("autoscaling.scale_target: a cpu target is a percentage (1-100)")
+        if self.canary_traffic_percent is not None and mode != "Serverless":
+            raise ValueError(
+                "canary_traffic_percent: only KServe's Serverless mode has revisions to split "
+                "(set deployment_mode: Serverless, or use canary.mode: router)"
+            )
         return self

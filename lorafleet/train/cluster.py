@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,6 +43,7 @@ __all__ = [
     "build_pytorchjob",
     "build_trainjob",
     "check_job_paths",
+    "delete_job",
     "job_state",
     "run_on_cluster",
     "submit_job",
@@ -51,6 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 JOB_ENV = "LORAFLEET_TRAIN_JOB"
+# Who owns the TrainJob's runtime patch: Kubeflow Trainer (>= 2.2) refuses a manager that is not
+# a domain-prefixed path (apimachinery's IsDomainPrefixedPath), like Kueue's "kueue.x-k8s.io/manager".
+PATCH_MANAGER = "lorafleet.io/pipeline"
 RESTARTS = 3  # PyTorchJob restarts (backoffLimit); a TrainJob's come from its runtime's JobSet failure policy
 
 
@@ -178,7 +185,7 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
         serviceAccountName=cluster.service_account,
     )
     patch = m.TrainerV1alpha1RuntimePatch(
-        manager="lorafleet",
+        manager=PATCH_MANAGER,
         trainingRuntimeSpec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
             template=m.TrainerV1alpha1JobSetTemplatePatch(
                 spec=m.TrainerV1alpha1JobSetSpecPatch(
@@ -437,6 +444,61 @@ def wait_for_job(
         delay = min(poll_s, delay * 2)
 
 
+def delete_job(api, kind: JobKind, namespace: str, name: str) -> None:
+    """Delete a training job and, with it, its pods (foreground); one already gone is fine.
+
+    A failure to delete is logged, not raised: the caller is already ending with the error
+    that made it clean up.
+    """
+    from kubernetes.client import CustomObjectsApi, V1DeleteOptions
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        CustomObjectsApi(api).delete_namespaced_custom_object(
+            kind.group,
+            kind.version,
+            namespace,
+            kind.plural,
+            name,
+            body=V1DeleteOptions(propagation_policy="Foreground"),
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning(
+                "%s/%s in %s was not deleted (the API server said %s %s): delete it to free "
+                "its GPUs",
+                kind.kind,
+                name,
+                namespace,
+                exc.status,
+                exc.reason,
+            )
+        return
+    log.info("deleted %s/%s in %s", kind.kind, name, namespace)
+
+
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` while the block runs, so ``finally``/``except`` run.
+
+    Kubeflow Pipelines cancels a run by deleting its pods: the kubelet sends SIGTERM, whose
+    default action ends the process without unwinding. Only the main thread can take
+    signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _stage_in(src: str | Path, dst: Path) -> Path:
     """Copy a file or directory onto the shared volume (replacing an earlier copy), atomically."""
     src = Path(src)
@@ -468,7 +530,8 @@ def run_on_cluster(
     trains there and the adapter is copied back to ``adapter_out``. The job's name is a
     hash of its inputs and settings, so a retried step finds the job it started (a
     running one is followed, a finished one is not run again) and a restarted job
-    resumes from its checkpoints on the volume.
+    resumes from its checkpoints on the volume. When the job fails or times out, or the step
+    is cancelled (SIGTERM), the job is deleted so its GPUs are freed.
 
     Args:
         name: a readable prefix of the job name (the expert's name).
@@ -541,7 +604,14 @@ def run_on_cluster(
         except ApiException:
             raise exc from None
         report(f"{kind.kind} exists in {namespace} (a retried step): following it")
-    wait_for_job(api, kind, namespace, job_name, cluster.timeout_s, poll_s, report)
+    try:
+        with sigterm_exits():
+            wait_for_job(api, kind, namespace, job_name, cluster.timeout_s, poll_s, report)
+    except BaseException:
+        # Failed, timed out or cancelled: a job left running holds its nodes' GPUs. A retried
+        # step creates it again and resumes from the checkpoints on the volume.
+        delete_job(api, kind, namespace, job_name)
+        raise
     result_file = work / "adapter.run" / "result.json"
     if not result_file.is_file():
         raise TrainingJobFailed(f"{kind.kind}/{job_name} succeeded but wrote no {result_file}")

@@ -48,6 +48,10 @@ def test_chart_lints_clean_for_every_profile(chart, profile):
             "at '/training': additional properties 'namespaces' not allowed",
         ),
         ({"training": {"namespace": "ML_Training"}}, "at '/training/namespace'"),
+        # KServe refuses an InferenceService name that starts with a digit; vLLM these ranks.
+        ({"fleetName": "1st-fleet"}, "at '/fleetName'"),
+        ({"maxLoraRank": 48}, "at '/maxLoraRank'"),
+        ({"deploymentMode": "Raw"}, "at '/deploymentMode'"),
     ],
 )
 def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, message):
@@ -63,6 +67,33 @@ def test_vllm_without_gpus_fails_with_the_rule(chart):
         Chart.load(chart).render(
             {"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet"
         )
+
+
+@pytest.mark.parametrize(
+    ("values", "rule"),
+    [
+        ({"canaryTrafficPercent": 10}, "only deploymentMode Serverless has revisions"),
+        (
+            {"autoscaling": {"scaleMetric": "concurrency"}},
+            "deploymentMode RawDeployment scales only on cpu or memory",
+        ),
+    ],
+)
+def test_settings_raw_deployment_ignores_are_refused(chart, values, rule):
+    with pytest.raises(HelmRenderError, match=rule):
+        Chart.load(chart).render(values, name="lorafleet", namespace="lorafleet")
+
+
+def test_serverless_renders_the_revision_canary_and_concurrency(chart):
+    values = {
+        "deploymentMode": "Serverless",
+        "canaryTrafficPercent": 10,
+        "autoscaling": {"scaleMetric": "concurrency", "scaleTarget": 8},
+    }
+    files = Chart.load(chart).render(values, name="lorafleet", namespace="lorafleet")
+    isvc = yaml.safe_load(files["lorafleet/templates/inferenceservice.yaml"])
+    assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Knative"}
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
 
 
 def test_helm_test_hook_lists_every_adapter(helm_rendered, kit):

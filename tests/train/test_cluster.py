@@ -22,10 +22,13 @@ from lorafleet.errors import LorafleetError
 from lorafleet.fleet import LoraSettings, TrainingSettings
 from lorafleet.train.cluster import (
     JOB_ENV,
+    PATCH_MANAGER,
     PYTORCHJOB,
     TRAINJOB,
     TrainingJobFailed,
     check_job_paths,
+    run_on_cluster,
+    sigterm_exits,
     submit_job,
     wait_for_job,
 )
@@ -60,7 +63,7 @@ def _api(kmock, *kinds):
             namespaced=True,
             kind=kind.kind,
             singular=kind.kind.lower(),
-            verbs={"create", "get", "list", "patch"},
+            verbs={"create", "get", "list", "patch", "delete"},
             subresources={"status"},
         )
     return ApiClient(Configuration(host=str(kmock.url).rstrip("/")))
@@ -475,3 +478,127 @@ async def test_the_pipeline_train_step_trains_through_a_trainjob(
     assert any("Running" in m for m in caplog.messages) and any(
         "Succeeded" in m for m in caplog.messages
     )
+
+
+def _trainjob_training(pvc: Path) -> TrainingSettings:
+    return TrainingSettings(
+        launcher="trainjob",
+        max_steps=3,
+        cluster={
+            "image": "registry.example/lorafleet:0.1.0",
+            "namespace": "ml-train",
+            "accelerator": None,
+            "volume": {"claim": "lorafleet-data", "mount_path": str(pvc)},
+        },
+    )
+
+
+async def _first_trainjob(api) -> dict:
+    objects = CustomObjectsApi(api)
+    while True:
+        jobs = await asyncio.to_thread(
+            objects.list_namespaced_custom_object,
+            TRAINJOB.group,
+            TRAINJOB.version,
+            "ml-train",
+            TRAINJOB.plural,
+        )
+        if jobs["items"]:
+            return jobs["items"][0]
+        await asyncio.sleep(0.05)
+
+
+def _trainjobs(api) -> list[dict]:
+    return CustomObjectsApi(api).list_namespaced_custom_object(
+        TRAINJOB.group, TRAINJOB.version, "ml-train", TRAINJOB.plural
+    )["items"]
+
+
+async def test_a_failed_trainjob_is_deleted_so_its_gpus_are_freed(
+    kmock, tiny_base: Path, tmp_path: Path
+) -> None:
+    """Given the step following its TrainJob, when the operator marks the job Failed, then the
+    step fails with the reason and the TrainJob is gone (nothing keeps its nodes)."""
+    pvc = tmp_path / "pvc"
+    pvc.mkdir()
+    train_set = tmp_path / "train.jsonl"
+    train_set.write_text('{"prompt": "p", "completion": "c"}\n')
+    training = _trainjob_training(pvc)
+    job = JOB.model_copy(update={"training": training})
+
+    async def operator(api) -> None:
+        created = await _first_trainjob(api)
+        assert created["spec"]["runtimePatches"][0]["manager"] == PATCH_MANAGER
+        await asyncio.to_thread(
+            _set_status,
+            api,
+            TRAINJOB,
+            created["metadata"]["name"],
+            {"conditions": [_condition("Failed", "JobsFailed", "node-0 OOMKilled")]},
+        )
+
+    with _api(kmock, TRAINJOB, PYTORCHJOB) as api:
+        step = asyncio.to_thread(
+            run_on_cluster,
+            "job-analyzer",
+            tiny_base,
+            train_set,
+            tmp_path / "adapter",
+            job,
+            training,
+            api,
+            0.05,
+        )
+        results = await asyncio.gather(step, operator(api), return_exceptions=True)
+        assert isinstance(results[0], TrainingJobFailed) and "OOMKilled" in str(results[0])
+        assert results[1] is None
+        assert await asyncio.to_thread(_trainjobs, api) == []
+
+
+async def test_a_cancelled_step_deletes_its_trainjob(
+    kmock, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a running TrainJob, when the step is cancelled while it waits (KFP deletes the
+    pod: SIGTERM, which :func:`sigterm_exits` turns into SystemExit), then the TrainJob is
+    deleted before the step exits. The signal itself is tested below, in the main thread."""
+    import lorafleet.train.cluster as cluster
+
+    pvc = tmp_path / "pvc"
+    pvc.mkdir()
+    train_set = tmp_path / "train.jsonl"
+    train_set.write_text('{"prompt": "p", "completion": "c"}\n')
+    training = _trainjob_training(pvc)
+    seen: list[list[dict]] = []
+
+    def cancelled_wait(api, kind, namespace, name, *args, **kwargs):
+        seen.append(_trainjobs(api))  # the job exists while the step waits
+        raise SystemExit(143)
+
+    monkeypatch.setattr(cluster, "wait_for_job", cancelled_wait)
+    with _api(kmock, TRAINJOB, PYTORCHJOB) as api:
+        with pytest.raises(SystemExit) as info:
+            await asyncio.to_thread(
+                run_on_cluster,
+                "job-analyzer",
+                tiny_base,
+                train_set,
+                tmp_path / "adapter",
+                JOB.model_copy(update={"training": training}),
+                training,
+                api,
+            )
+        assert info.value.code == 143
+        assert len(seen) == 1 and len(seen[0]) == 1
+        assert await asyncio.to_thread(_trainjobs, api) == []
+
+
+def test_sigterm_becomes_system_exit_while_waiting_and_is_restored_after() -> None:
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info, sigterm_exits():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
