@@ -8,6 +8,7 @@ one-off use, from the command's own options. Every user mistake is one line
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from lorafleet.commands.tasks import chosen_task
 from lorafleet.console import console, out, write_json_result
-from lorafleet.errors import LorafleetError, first_problem
+from lorafleet.errors import LorafleetError, first_problem, validation_problems
 
 app = typer.Typer(
     help="Validate, synthesize, curate and describe data files (JSONL records).",
@@ -52,6 +53,54 @@ def _expert(spec: Path | None, expert: str | None):
             f"--expert: {spec} has no expert named {expert!r}; it has {', '.join(names)}"
         )
     return fleet.expert(expert)
+
+
+# Each command's options, by the settings field they set: its messages name the flag typed.
+_RULES_FLAGS = {"min_chars": "--min-chars", "max_chars": "--max-chars", "pii": "--pii"}
+_SYNTHESIS_FLAGS = {
+    "generator": "--generator",
+    "per_seed": "--per-seed",
+    "seed": "--seed",
+    "teacher.base_url": "--teacher-url",
+    "teacher.model": "--teacher-model",
+    "teacher.api_key_env": "--api-key-env",
+    "teacher.api_key_file": "--api-key-file",
+    "teacher.concurrency": "--concurrency",
+    "judge.model": "--judge-model",
+    "judge.min_score": "--min-score",
+}
+_CURATION_FLAGS = {"near_dup_threshold": "--near-dup-threshold", "pii": "--pii"}
+
+
+def _option_problem(
+    exc: ValidationError, flags: dict[str, str], typed: dict[str, object], root: str
+) -> str:
+    """The first problem of settings built from options over a ``--spec`` expert's, in the
+    words the user typed: ``--pii: Input should be ...``, ``--teacher-model is required with
+    --teacher-url``, ``--min-chars 9000 must not exceed --max-chars``. A problem with a
+    value the spec gave keeps the field's name.
+
+    Args:
+        exc: the validation error of the settings.
+        flags: field path -> the option that sets it.
+        typed: field path -> value, for each option the user gave.
+        root: names a rule across fields that no option was given for.
+    """
+    error = exc.errors()[0]
+    path = ".".join(map(str, error["loc"]))
+    message = validation_problems(exc)[0][1]
+    if path in flags and error["type"] == "missing":
+        block = path.rpartition(".")[0]
+        given = [flags[p] for p in typed if p in flags and p.rpartition(".")[0] == block]
+        return f"{flags[path]} is required" + (f" with {' '.join(given)}" if given else "")
+    if path in flags and path in typed:
+        return f"{flags[path]}: {message}"
+    if not path and any(p in flags for p in typed):
+        for field, flag in flags.items():
+            named = f"{flag} {typed[field]}" if field in typed else flag
+            message = re.sub(rf"\b{re.escape(field)}\b", named, message)
+        return message
+    return first_problem(exc, root)
 
 
 @contextlib.contextmanager
@@ -130,7 +179,8 @@ def data_validate(
             {**(chosen.data.model_dump() if chosen else {}), **overrides}
         )
     except ValidationError as exc:
-        raise LorafleetError(f"invalid option: {first_problem(exc, 'data rules')}") from None
+        problem = _option_problem(exc, _RULES_FLAGS, overrides, "data rules")
+        raise LorafleetError(f"invalid option: {problem}") from None
     with (
         console.status(f"validating {file}", spinner="dots")
         if console.is_terminal
@@ -259,7 +309,19 @@ def data_synthesize(
     try:
         synthesis = SynthesisSettings.model_validate(settings)
     except ValidationError as exc:
-        raise LorafleetError(f"invalid option: {first_problem(exc, 'synthesis')}") from None
+        given = {**flat, **{f"teacher.{k}": v for k, v in teacher.items()}}
+        given |= {"judge.model": judge_model, "judge.min_score": min_score}
+        typed = {path: value for path, value in given.items() if value is not None}
+        # A spec that loaded has its teacher: these options asked for one they do not give.
+        asked = ["--generator teacher"] if typed.get("generator") == "teacher" else []
+        asked += [_SYNTHESIS_FLAGS[p] for p in ("judge.model", "judge.min_score") if p in typed]
+        if not exc.errors()[0]["loc"] and not settings.get("teacher") and asked:
+            raise LorafleetError(
+                f"{' and '.join(asked)} need{'s' if len(asked) == 1 else ''} a teacher: "
+                "add --teacher-url URL and --teacher-model NAME"
+            ) from None
+        problem = _option_problem(exc, _SYNTHESIS_FLAGS, typed, "synthesis")
+        raise LorafleetError(f"invalid option: {problem}") from None
     total = len(records) * synthesis.per_seed if synthesis.generator == "teacher" else None
     with _progress(f"synthesizing ({synthesis.generator})", total) as advance:
         result = synthesize(
@@ -341,7 +403,10 @@ def data_curate(
             {"pii": pii or (chosen.data.pii if chosen else "scrub")}
         ).pii
     except ValidationError as exc:
-        raise LorafleetError(f"invalid option: {first_problem(exc, 'curation')}") from None
+        typed = {"near_dup_threshold": near_dup_threshold, "pii": pii}
+        typed = {path: value for path, value in typed.items() if value is not None}
+        problem = _option_problem(exc, _CURATION_FLAGS, typed, "curation")
+        raise LorafleetError(f"invalid option: {problem}") from None
     generated = merge_records(shards, human)
     with _progress("curating", len(human) + len(generated)) as advance:
         result = curate(human, generated, eval_records, settings, ratio, pii=policy, on_row=advance)

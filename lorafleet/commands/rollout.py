@@ -250,7 +250,20 @@ def start(
             isvc=isvc,
         )
     except ValidationError as exc:
-        raise LorafleetError(f"rollout {name!r}: {first_problem(exc, '')}") from None
+        # The target's rules, in the flags the user types (the model names its fields).
+        given = {"--route": route, "--stable": stable, "--canary": canary}
+        missing = [flag for flag, value in given.items() if not value]
+        if not (router_url or services):
+            missing.append("--router-url URL (or --router-service SERVICE)")
+        if policy.mode == "router" and missing:
+            problem = f"a router canary needs {', '.join(missing)}"
+        elif policy.mode == "router" and stable == canary:
+            problem = f"--stable and --canary must be different adapters (both {stable!r})"
+        elif policy.mode == "revision" and not isvc:
+            problem = "a revision canary needs --isvc NAME (the InferenceService)"
+        else:
+            problem = first_problem(exc, "")
+        raise LorafleetError(f"rollout {name!r}: {problem}") from None
     _show(controller.start(name, target, policy), output)
 
 

@@ -13,10 +13,28 @@ from typing import Any
 
 import click
 import typer
+from typer.core import TyperOption
 
 from lorafleet.errors import LorafleetError
 
 __all__ = ["run_app"]
+
+
+def _untyped_flags() -> None:
+    """Show flags in rich help without a type. typer 0.29's rich help writes ``<bool>``
+    after every flag, ``--help`` included, though a flag takes no value (its plain help,
+    ``TyperOption.get_help_record``, leaves it out); typer offers no setting for it, and
+    ``--help`` is made inside typer, so no option's ``metavar`` can fix it. typer up to
+    0.28 has no ``display_type_rich`` and already hides a flag's ``BOOLEAN``. Idempotent."""
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "untyped_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: click.Context) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich.untyped_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 def run_app(app: typer.Typer, **options: Any) -> None:
@@ -27,6 +45,7 @@ def run_app(app: typer.Typer, **options: Any) -> None:
         app: the typer app to run.
         **options: passed to click (``args``, ``prog_name``, ``obj``).
     """
+    _untyped_flags()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     level = os.environ.get("LORAFLEET_LOG", "WARNING")

@@ -163,3 +163,28 @@ def stage(
         f"{len(done.uploaded)} uploaded, {len(done.present)} already there"
         + ("" if out == "-" else f"; wrote {out}")
     )
+
+
+@app.command("reference")
+def reference(
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Where the Markdown goes: a file, or - for stdout "
+            "(`make docs` writes docs/fleet-spec-reference.md).",
+        ),
+    ] = "-",
+) -> None:
+    """Print the field reference of the fleet spec as Markdown: every field of every part,
+    with its type, default, constraints and description, generated from the spec's models."""
+    from lorafleet.fleet.reference import render_reference
+    from lorafleet.io import atomic_write_text
+
+    text = render_reference()
+    if out == "-":
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+        console.print(f"wrote {out}")

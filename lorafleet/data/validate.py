@@ -313,9 +313,16 @@ def suite_for(task: TaskDefinition | str, rules: DataRules) -> list[Check]:
 
 
 def _value(row: dict, column: str | None) -> str:
-    value = row.get(column) if column else None
-    text = repr(value)
-    return f" (got {text[:120]}{'...' if len(text) > 120 else ''})" if column else ""
+    """`` (got VALUE)`` for a finding: the offending cell as the user wrote it, not as the
+    dataframe holds it (``0``, not ``np.int64(0)``; ``nothing`` for a missing value)."""
+    if not column:
+        return ""
+    value = row.get(column)
+    if type(value).__module__ == "numpy":  # a numpy scalar: its Python value
+        value = value.item()
+    missing = value is None or (isinstance(value, float) and value != value)  # None or NaN
+    text = "nothing" if missing else repr(value)
+    return f" (got {text[:120]}{'...' if len(text) > 120 else ''})"
 
 
 def run_suite(

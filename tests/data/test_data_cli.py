@@ -170,9 +170,8 @@ def test_bad_options_are_one_line(
         "teacher",
     )
     assert code == 2
-    assert (
-        err.strip()
-        == "error: invalid option: synthesis: generator 'teacher' needs a teacher block (base_url, model)"
+    assert err.strip() == (
+        "error: --generator teacher needs a teacher: add --teacher-url URL and --teacher-model NAME"
     )
     code, err = run_cli(
         monkeypatch,
@@ -184,7 +183,7 @@ def test_bad_options_are_one_line(
         "--pii",
         "maybe",
     )
-    assert code == 2 and err.startswith("error: invalid option: pii: ")
+    assert code == 2 and err.startswith("error: invalid option: --pii: ")
     code, err = run_cli(
         monkeypatch,
         capsys,
@@ -248,3 +247,54 @@ def test_a_missing_teacher_key_stops_the_run_before_any_request(
     assert openai_stub.requests and {r["authorization"] for r in openai_stub.requests} == {
         f"Bearer {PLACEHOLDER_KEY}"
     }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # synthesize: the teacher's flags, not the spec's teacher block
+        (["--teacher-url", "http://127.0.0.1:9/v1"], "invalid option: --teacher-model is required with --teacher-url"),
+        (["--generator", "teacher", "--teacher-model", "m"], "invalid option: --teacher-url is required with --teacher-model"),
+        (["--judge-model", "j"], "--judge-model needs a teacher: add --teacher-url URL and --teacher-model NAME"),
+        (["--per-seed", "-1"], "invalid option: --per-seed: Input should be greater than or equal to 0"),
+        (["--teacher-url", "http://x/v1", "--teacher-model", "m", "--min-score", "9"], "invalid option: --min-score: Input should be less than or equal to 5"),
+    ],
+)  # fmt: skip
+def test_synthesize_options_are_named_as_typed(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = ("--out", tmp_path / "s.jsonl")
+    code, err = run_cli(monkeypatch, capsys, "synthesize", DATA / "seed.jsonl", *out, *args)
+    assert (code, err.strip()) == (2, f"error: {message}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("validate", ["--min-chars", "100", "--max-chars", "10"], "--min-chars 100 must not exceed --max-chars 10"),
+        ("validate", ["--min-chars", "9000"], "--min-chars 9000 must not exceed --max-chars"),
+        ("validate", ["--min-chars", "0"], "--min-chars: Input should be greater than or equal to 1"),
+        ("curate", ["--near-dup-threshold", "2"], "--near-dup-threshold: Input should be less than or equal to 1"),
+        ("curate", ["--pii", "maybe"], "--pii: Input should be 'scrub', 'reject' or 'off'"),
+    ],
+)  # fmt: skip
+def test_validate_and_curate_options_are_named_as_typed(
+    command: str,
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    files = {
+        "validate": [DATA / "seed.jsonl", "--task", "job-analyzer"],
+        "curate": ["--seeds", DATA / "seed.jsonl", "--eval", DATA / "eval.jsonl", "--out", tmp_path / "c.jsonl"],
+    }  # fmt: skip
+    code, err = run_cli(monkeypatch, capsys, command, *files[command], *args)
+    assert (code, err.strip()) == (2, f"error: invalid option: {message}")
+    assert not list(tmp_path.iterdir())

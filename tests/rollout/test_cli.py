@@ -167,7 +167,17 @@ def test_local_start_status_pause_promote_and_repeats(router, rkit, tmp_path: Pa
                 CLOSED,
             ],
             "t",
-            "error: rollout 'w': stable and canary must be different adapters",
+            "error: rollout 'w': --stable and --canary must be different adapters (both 'a')",
+        ),
+        (
+            ["start", "w", "--route", "w", "--stable", "a", "--canary", "b"],
+            "t",
+            "error: rollout 'w': a router canary needs --router-url URL (or --router-service SERVICE)",
+        ),
+        (
+            ["start", "w", "--route", "w", "--router-url", CLOSED],
+            "t",
+            "error: rollout 'w': a router canary needs --stable, --canary",
         ),
         (
             [
