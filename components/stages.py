@@ -15,15 +15,66 @@ __all__ = [
     "curate_shard",
     "deploy",
     "evaluate",
+    "expert_views",
     "gate",
     "plan_shards",
     "publish",
     "register",
     "reject",
+    "resolve_fleet",
     "synthesize",
     "train",
     "validate_data",
 ]
+
+
+@fleet_component
+def resolve_fleet(
+    spec_json: str,
+    spec_uri: str,
+    base_model: str,
+    base_revision: str,
+    max_loss_ratio: float,
+) -> NamedTuple("Fleet", fleet_json=str, base_view=str):
+    """The fleet this run builds: the spec (or the one at spec_uri) with the run's parameters
+    applied and every data file's digest filled in; and the base step's view of it."""
+    from collections import namedtuple
+
+    from lorafleet.fleet import spec_to_json
+    from lorafleet.fleet.views import step_view
+    from lorafleet.stages import resolve_stage
+
+    spec = resolve_stage(spec_json, spec_uri, base_model, base_revision, max_loss_ratio)
+    return namedtuple("Fleet", ["fleet_json", "base_view"])(
+        spec_to_json(spec), spec_to_json(step_view(spec, "base"))
+    )
+
+
+@fleet_component
+def expert_views(
+    spec_json: str,
+    spec_uri: str,
+    base_model: str,
+    base_revision: str,
+    max_loss_ratio: float,
+    expert: str,
+) -> NamedTuple("Views", fleet=str, data=str, train=str, evaluate=str, gate=str):
+    """The fleet as resolve-fleet makes it (this expert's data digests read afresh), and what
+    each of the expert's steps reads of it (lorafleet.fleet.views): an edit reruns only the
+    steps that read it."""
+    from collections import namedtuple
+
+    from lorafleet.fleet import spec_to_json
+    from lorafleet.fleet.views import step_view
+    from lorafleet.stages import resolve_stage
+
+    spec = resolve_stage(
+        spec_json, spec_uri, base_model, base_revision, max_loss_ratio, experts=[expert]
+    )
+    views = ["data", "train", "evaluate", "gate"]
+    return namedtuple("Views", ["fleet", *views])(
+        spec_to_json(spec), *(spec_to_json(step_view(spec, v, expert)) for v in views)
+    )
 
 
 @fleet_component
@@ -62,11 +113,15 @@ def validate_data(
 
 @fleet_component
 def plan_shards(spec_json: str, expert: str) -> list:
-    """The expert's data shards, ``[0, ..., synthesis.shards - 1]``: what synthesis and curation fan out over."""
+    """The expert's data shards, ``[{"shard": 0, "view": ...}, ...]`` (``synthesis.shards``
+    of them): what synthesis and curation fan out over, each with the data view it reads."""
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import shard_indices
 
-    return shard_indices(spec_from_json(spec_json).expert(expert))
+    return [
+        {"shard": i, "view": spec_json}
+        for i in shard_indices(spec_from_json(spec_json).expert(expert))
+    ]
 
 
 @fleet_component

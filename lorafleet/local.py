@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_PARALLEL_TASKS = 2  # what kfp.local's ParallelFor executor runs at once
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_FLEET_TASK = re.compile(r"Executing task '(build-base|publish|deploy)'")
+_FLEET_TASK = re.compile(r"Executing task '(resolve-fleet|build-base|publish|deploy)'")
 _FAILED = re.compile(r"finished with status FAILURE|failed with exception")
 
 

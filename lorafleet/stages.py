@@ -77,6 +77,81 @@ def fetch_data(expert: ExpertSpec, field: str, work_dir: str | Path, storage: St
     return path
 
 
+def resolve_stage(
+    spec_json: str = "",
+    spec_uri: str = "",
+    base_model: str = "",
+    base_revision: str = "",
+    max_loss_ratio: float = 0.0,
+    storage: Storage | None = None,
+    experts: list[str] | None = None,
+) -> FleetSpec:
+    """The fleet this run builds: the spec (given as JSON, or read from a URI), the run's
+    parameters applied, and every data file's SHA-256 filled in.
+
+    The digests key the data steps on the files' content: an edited seed file on a volume
+    or in a bucket reruns validation and everything after it, an unchanged one nothing.
+
+    Args:
+        spec_json: the spec as compiled into the run (``spec_to_json``).
+        spec_uri: a fleet YAML in a store (``s3://``, ``gs://``, ``pvc://``); wins over
+            ``spec_json`` when set.
+        base_model: replaces ``base.model`` when set.
+        base_revision: replaces ``base.revision`` when set.
+        max_loss_ratio: replaces every expert's ``gate.max_loss_ratio`` when above 0.
+        storage: where the spec and data files are read (default: from the environment).
+        experts: fill in only these experts' digests (default: every expert's).
+
+    Raises:
+        SpecError: naming the run parameter (or the spec field) that is wrong.
+        StorageError: if the spec or a data file cannot be read.
+    """
+    from pydantic import ValidationError
+
+    from lorafleet.errors import SpecError, first_problem
+    from lorafleet.fleet import load_fleet, spec_from_json
+
+    storage = storage or Storage()
+    if spec_uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "fleet.yaml"
+            local.write_text(storage.read_text(spec_uri), encoding="utf-8")
+            try:
+                spec = load_fleet(local, check_files=False)
+            except SpecError as error:  # name the URI, not the temporary copy
+                raise SpecError(
+                    spec_uri, error.line, error.field, error.message, error.more
+                ) from None
+    elif spec_json:
+        spec = spec_from_json(spec_json)
+    else:
+        raise SpecError("pipeline", None, "spec_json", "give spec_json or spec_uri")
+    raw = json.loads(spec.model_dump_json(by_alias=True))
+    given = {"base_model": base_model, "base_revision": base_revision}
+    if base_model:
+        raw["base"]["model"] = base_model
+    if base_revision:
+        raw["base"]["revision"] = base_revision
+    if max_loss_ratio > 0:
+        given["max_loss_ratio"] = max_loss_ratio
+        for e in raw["experts"]:
+            e["gate"]["max_loss_ratio"] = max_loss_ratio
+    try:
+        spec = FleetSpec.model_validate(raw)
+    except ValidationError as exc:
+        set_ = ", ".join(f"{k}={v!r}" for k, v in given.items() if v)
+        raise SpecError(
+            "pipeline parameters", None, set_ or "spec", first_problem(exc, "spec")
+        ) from None
+    for e in spec.experts:
+        if experts is not None and e.name not in experts:
+            continue
+        for field in DATA_FIELDS:
+            if getattr(e, f"{field}_sha256") is None:
+                setattr(e, f"{field}_sha256", storage.digest(getattr(e, field)))
+    return spec
+
+
 def build_base(spec: FleetSpec, storage: Storage | None = None) -> str:
     """The base model to fine-tune: the cached demo build, or the spec's path / hub id.
 

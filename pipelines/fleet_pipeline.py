@@ -22,11 +22,13 @@ from lorafleet.components.stages import (
     curate_shard,
     deploy,
     evaluate,
+    expert_views,
     gate,
     plan_shards,
     publish,
     register,
     reject,
+    resolve_fleet,
     synthesize,
     train,
     validate_data,
@@ -60,41 +62,68 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
     """
 
     @dsl.pipeline(name="lorafleet-expert", description="Build, evaluate and gate one LoRA expert.")
-    def expert_pipeline(spec_json: str, expert: str, base: Input[Model]) -> str:
-        data = validate_data(spec_json=spec_json, expert=expert)
+    def expert_pipeline(
+        spec_json: str,
+        spec_uri: str,
+        base_model: str,
+        base_revision: str,
+        max_loss_ratio: float,
+        expert: str,
+        base: Input[Model],
+    ) -> str:
+        # Each step gets its view of the fleet (lorafleet.fleet.views), so that its cache key
+        # changes only when what it reads changes: a canary edit reruns no training. (The
+        # run's parameters come in, not resolve-fleet's output: kfp.local hands a loop
+        # iteration its loop item in place of any task output passed into the loop.)
+        views = expert_views(
+            spec_json=spec_json,
+            spec_uri=spec_uri,
+            base_model=base_model,
+            base_revision=base_revision,
+            max_loss_ratio=max_loss_ratio,
+            expert=expert,
+        )
+        # It reads the live data files' digests: a cached result would hide an edited file.
+        views.set_caching_options(False)
+        fleet_json = views.outputs["fleet"]
+        data_view, train_view = views.outputs["data"], views.outputs["train"]
+        eval_view, gate_view = views.outputs["evaluate"], views.outputs["gate"]
+        data = validate_data(spec_json=data_view, expert=expert)
         # Synthesis and the per-row half of curation fan out over the expert's data shards;
         # the order-dependent half (dedup, cap) runs once over all of them.
-        plan = plan_shards(spec_json=spec_json, expert=expert)
-        with dsl.ParallelFor(plan.output, name="data-shards") as shard:
+        plan = plan_shards(spec_json=data_view, expert=expert)
+        # Each item carries the data view: inside the loop, only the loop item and the
+        # expert pipeline's inputs reach a step (see above).
+        with dsl.ParallelFor(plan.output, name="data-shards") as item:
             syn = synthesize(
-                spec_json=spec_json, expert=expert, shard=shard, seeds=data.outputs["seeds"]
+                spec_json=item.view, expert=expert, shard=item.shard, seeds=data.outputs["seeds"]
             )
             prep = curate_shard(
-                spec_json=spec_json,
+                spec_json=item.view,
                 expert=expert,
-                shard=shard,
+                shard=item.shard,
                 seeds=data.outputs["seeds"],
                 synthetic=syn.outputs["synthetic"],
                 eval_set=data.outputs["eval_set"],
             )
         cur = curate(
-            spec_json=spec_json,
+            spec_json=data_view,
             expert=expert,
             prepared=dsl.Collected(prep.outputs["prepared"]),
             eval_set=data.outputs["eval_set"],
         )
         trained = train(
-            spec_json=spec_json, expert=expert, base=base, train_set=cur.outputs["train_set"]
+            spec_json=train_view, expert=expert, base=base, train_set=cur.outputs["train_set"]
         )
         evaluated = evaluate(
-            spec_json=spec_json,
+            spec_json=eval_view,
             expert=expert,
             base=base,
             adapter=trained.outputs["adapter"],
             eval_set=data.outputs["eval_set"],
         )
         decision = gate(
-            spec_json=spec_json,
+            spec_json=gate_view,
             expert=expert,
             evaluation=evaluated.outputs["evaluation"],
             train_log=trained.outputs["train_log"],
@@ -102,7 +131,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         )
         with dsl.If(decision.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
             registered = register(
-                spec_json=spec_json,
+                spec_json=fleet_json,
                 expert=expert,
                 base=base,
                 adapter=trained.outputs["adapter"],
@@ -113,6 +142,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         with dsl.Else(name="gate-failed"):
             rejected = reject(report=decision.outputs["report"])
         for task in (
+            views,
             data,
             plan,
             syn,
@@ -132,21 +162,49 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         name="lorafleet-fleet",
         description="Build, gate and publish a fleet of LoRA experts on one base.",
     )
-    def fleet_pipeline(spec_json: str, experts: list) -> FleetOutputs:
-        base = build_base(spec_json=spec_json)
+    def fleet_pipeline(
+        spec_json: str,
+        experts: list,
+        spec_uri: str = "",
+        base_model: str = "",
+        base_revision: str = "",
+        max_loss_ratio: float = 0.0,
+    ) -> FleetOutputs:
+        # Run parameters a KFP UI user can set without editing the spec: which experts, the
+        # base model and revision, the gate's loss bar, or another spec (a staged fleet YAML).
+        fleet = resolve_fleet(
+            spec_json=spec_json,
+            spec_uri=spec_uri,
+            base_model=base_model,
+            base_revision=base_revision,
+            max_loss_ratio=max_loss_ratio,
+        )
+        # It reads the live data files' digests: a cached result would hide an edited file.
+        fleet.set_caching_options(False)
+        fleet_json = fleet.outputs["fleet_json"]
+        base = build_base(spec_json=fleet.outputs["base_view"])
         with dsl.ParallelFor(experts, parallelism=MAX_PARALLEL_EXPERTS, name="experts") as expert:
-            outcome = expert_pipeline(spec_json=spec_json, expert=expert, base=base.outputs["base"])
+            outcome = expert_pipeline(
+                spec_json=spec_json,
+                spec_uri=spec_uri,
+                base_model=base_model,
+                base_revision=base_revision,
+                max_loss_ratio=max_loss_ratio,
+                expert=expert,
+                base=base.outputs["base"],
+            )
         published = publish(
-            spec_json=spec_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output)
+            spec_json=fleet_json, base=base.outputs["base"], outcomes=dsl.Collected(outcome.output)
         )
         # After the smoke test: canary rollouts of the new versions (canary.handoff; none locally).
-        deployed = deploy(spec_json=spec_json, outcomes=dsl.Collected(outcome.output)).after(
+        deployed = deploy(spec_json=fleet_json, outcomes=dsl.Collected(outcome.output)).after(
             published
         )
         # Serving smoke tests and rollouts act on live systems: a cached result would claim
         # a check or a rollout that never ran.
         published.set_caching_options(False)
         deployed.set_caching_options(False)
+        place(fleet)
         place(base)
         place(published)
         place(deployed)

@@ -28,7 +28,17 @@ def test_golden_reloads_and_has_the_fleet_shape() -> None:
     component = load_component_from_file(str(GOLDEN))
     assert component.name == "lorafleet-fleet"
     spec = yaml.safe_load(GOLDEN.read_text())
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"spec_json", "experts"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    # what a KFP UI user sets without editing the spec
+    assert set(params) == {
+        "spec_json",
+        "experts",
+        "spec_uri",
+        "base_model",
+        "base_revision",
+        "max_loss_ratio",
+    }
+    assert params["spec_uri"]["defaultValue"] == "" and params["max_loss_ratio"]["isOptional"]
     dag = spec["root"]["dag"]["tasks"]
     loop = next(t for t in dag.values() if "parameterIterator" in t)
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
@@ -67,9 +77,39 @@ def test_steps_with_effects_outside_kfp_are_never_cached() -> None:
     for component in [spec["root"], *spec["components"].values()]:
         tasks.update(component.get("dag", {}).get("tasks", {}))
     caching = {name: task.get("cachingOptions", {}) for name, task in tasks.items()}
-    # register (a registry version), publish (a live smoke test) and deploy (rollouts)
-    for name in ("register", "publish", "deploy"):
+    # register (a registry version), publish (a live smoke test), deploy (rollouts) and
+    # resolve-fleet (it reads the data files' digests)
+    for name in ("register", "publish", "deploy", "resolve-fleet"):
         assert caching[name] == {}, name
     # the data and training steps may come from KFP's cache
     for name in ("validate-data", "curate", "train", "evaluate", "gate"):
         assert caching[name] == {"enableCache": True}, name
+
+
+def test_each_expert_step_reads_its_own_view_of_the_fleet() -> None:
+    spec = yaml.safe_load(GOLDEN.read_text())
+    tasks = {}
+    for component in [spec["root"], *spec["components"].values()]:
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+
+    def source(step: str) -> str:
+        param = tasks[step]["inputs"]["parameters"]["spec_json"]
+        channel = param.get("taskOutputParameter") or {}
+        return channel.get("outputParameterKey") or param.get("componentInputParameter", "")
+
+    assert source("build-base") == "base_view"
+    for step in ("validate-data", "plan-shards", "curate"):
+        assert source(step).endswith("data"), step
+    assert source("train").endswith("train")
+    assert source("evaluate").endswith("evaluate")
+    assert source("gate").endswith("gate")
+    # the uncached steps read the whole resolved fleet
+    assert source("register").endswith("expert-views-fleet")
+    for step in ("publish", "deploy"):
+        param = tasks[step]["inputs"]["parameters"]["spec_json"]["taskOutputParameter"]
+        assert param == {"outputParameterKey": "fleet_json", "producerTask": "resolve-fleet"}
+    # inside the data-shard loop, each step reads the view its loop item carries
+    for step in ("synthesize", "curate-shard"):
+        param = tasks[step]["inputs"]["parameters"]["spec_json"]
+        assert param["componentInputParameter"].endswith("loop-item"), step
+        assert "view" in param["parameterExpressionSelector"], step

@@ -167,9 +167,10 @@ def load_fleet(path: str | Path, *, check_files: bool = True) -> FleetSpec:
             _deep_merge(defaults, e) if isinstance(e, dict) else e for e in raw["experts"]
         ]
     declared = _task_files(raw, root, path)
+    experts = raw["experts"] if isinstance(raw.get("experts"), list) else []
     unknown = [  # named at the expert's line, not as a problem of the whole spec
         (loc, unknown_task_message(e["task"], dict.fromkeys(declared)))
-        for loc, e in ((("experts", i, "task"), e) for i, e in enumerate(raw.get("experts") or []))
+        for loc, e in ((("experts", i, "task"), e) for i, e in enumerate(experts))
         if isinstance(e, dict)
         and isinstance(e.get("task"), str)
         and e["task"] not in declared

@@ -24,7 +24,9 @@ __all__ = [
 
 # The pipeline's step (task) names, as compiled: the keys of ``pipeline.profiles.<p>.steps``.
 PIPELINE_STEPS = (
+    "resolve-fleet",
     "build-base",
+    "expert-views",
     "validate-data",
     "plan-shards",
     "synthesize",
