@@ -22,12 +22,19 @@ class LorafleetError(Exception):
     exit_code = 2
 
 
+def _shown(text: str) -> str:
+    """``text`` on one line: unprintable characters (a newline, a control character: a YAML
+    key may hold anything) as their escapes, and ``''`` for nothing at all."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "''"
+
+
 class SpecError(LorafleetError):
     """A fleet spec breaks a rule: ``FILE:LINE: field.path: message``.
 
     When validation finds several problems at once, ``more`` holds the others as
     ``(line, field, message)``; each becomes a line of its own, so the user fixes them
-    all in one go instead of one per run.
+    all in one go instead of one per run. A field or message that holds a newline or
+    another unprintable character (a YAML key, a parser's message) is shown on its one line.
     """
 
     def __init__(
@@ -42,7 +49,10 @@ class SpecError(LorafleetError):
         self.more = list(more or [])
         lines = [
             f"{self.file}:{at}: {where}: {why}" if at else f"{self.file}: {where}: {why}"
-            for at, where, why in [(line, field, message), *self.more]
+            for at, where, why in (
+                (at, _shown(where), _shown(" ".join(why.split())))
+                for at, where, why in [(line, field, message), *self.more]
+            )
         ]
         super().__init__("\n".join(lines))
 

@@ -28,8 +28,9 @@ __all__ = [
 # measured), ``$namespace`` and ``$interval`` (e.g. ``30s``) are filled in per query.
 ROUTER_QUERIES = {
     "requests": 'sum(increase(lorafleet_requests_total{model="$route",adapter="$version"}[$interval]))',
-    # 5xx only: a client's own mistakes (4xx) say nothing about the candidate.
-    "error_rate": 'sum(increase(lorafleet_requests_total{model="$route",adapter="$version",status=~"5.."}[$interval]))'
+    # 5xx, and 404 (the version is missing on a replica): a client's other mistakes (4xx) say
+    # nothing about the candidate (the same rule as lorafleet.rollout.sources.is_failure).
+    "error_rate": 'sum(increase(lorafleet_requests_total{model="$route",adapter="$version",status=~"5..|404"}[$interval]))'
     ' / sum(increase(lorafleet_requests_total{model="$route",adapter="$version"}[$interval]))',
     "p95_latency_ms": "1000 * histogram_quantile(0.95, sum by (le) (increase("
     'lorafleet_request_latency_seconds_bucket{model="$route",adapter="$version"}[$interval])))',

@@ -1,7 +1,7 @@
 """Measurements for a rollout's analysis: from the router's ``/metrics`` or from Prometheus.
 
 :class:`RouterSource` scrapes every router replica's Prometheus text exposition, keeps the
-counters of the two versions of one route (requests, 5xx answers, latency histogram
+counters of the two versions of one route (requests, failed answers, latency histogram
 buckets, and an online judge's score sum and count when there is one), and measures an
 interval as the difference between two scrapes: the previous scrape is the *baseline*
 stored in the rollout state, so a restarted controller measures from where the last one
@@ -34,11 +34,19 @@ __all__ = [
     "counters_from_text",
     "histogram_quantile",
     "interval_text",
+    "is_failure",
     "measure_snapshots",
 ]
 
 REQUESTS = "lorafleet_requests_total"
 LATENCY_BUCKET = "lorafleet_request_latency_seconds_bucket"
+
+
+def is_failure(status: str) -> bool:
+    """Whether an answer of this HTTP status counts against the version that gave it: a 5xx,
+    or a 404 (the version is missing on the replica that got the request; the route exists,
+    so it is no client's mistake). Other 4xx are the client's own mistakes."""
+    return status.startswith("5") or status == "404"
 
 
 class SourceError(LorafleetError):
@@ -101,7 +109,7 @@ def counters_from_text(
             slot = out[labels["adapter"]]
             if sample.name == REQUESTS:
                 slot["requests"] += sample.value
-                if labels.get("status", "").startswith("5"):
+                if is_failure(labels.get("status", "")):
                     slot["errors"] += sample.value
             elif sample.name == LATENCY_BUCKET:
                 slot["buckets"][labels["le"]] = (

@@ -120,7 +120,7 @@ def status_text(state: RolloutState, now: float | None = None, history: int = 5)
         + ("" if state.settled or not state.final else "   [applying]"),
         f"Steps:       {_steps(state)}",
         f"Analysis:    {_source(state)}",
-        f"Thresholds:  5xx rate <= {p.max_error_rate:.1%}, p95 <= {p.max_p95_latency_ms:g} ms"
+        f"Thresholds:  error rate <= {p.max_error_rate:.1%}, p95 <= {p.max_p95_latency_ms:g} ms"
         + (f", judge >= {p.analysis.judge.min_score:g}" if p.analysis.judge else "")
         + f", >= {p.analysis.min_requests} canary requests per analysis",
         f"Limits:      failures {state.failures}/{p.failure_limit}, inconclusive {state.inconclusive}/"
@@ -142,7 +142,7 @@ def status_text(state: RolloutState, now: float | None = None, history: int = 5)
         if last.reasons:
             lines.append(f"             {'; '.join(last.reasons)}")
         lines.append(
-            f"  {'':<7} {'version':<24} {'requests':>8} {'5xx':>6} {'error rate':>10} {'p95 ms':>8} {'judge':>6}"
+            f"  {'':<7} {'version':<24} {'requests':>8} {'errors':>6} {'error rate':>10} {'p95 ms':>8} {'judge':>6}"
         )
         lines += [_row("stable", last.stable), _row("canary", last.canary)]
     if history and state.history:

@@ -5,6 +5,8 @@ first request of a batch waits a few milliseconds for company; the batch then ru
 call in which every decode step is batched across its requests. A full queue raises
 :class:`Overloaded` (the server's 429), and a request whose caller stopped waiting
 (deadline, disconnect) is dropped before its batch starts or stops decoding mid-batch.
+A batch whose call raises is split and run again (:func:`run_isolated`), so the exception
+reaches only the requests that raise it on their own; their batch-mates are answered.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = [
     "DeltaCallback",
     "MicroBatcher",
     "Overloaded",
+    "RetryDiverged",
+    "run_isolated",
     "run_subset",
 ]
 
@@ -65,6 +69,61 @@ def run_subset(
         lambda j: is_cancelled(keep[j]),
     )
     return list(zip(keep, results, strict=True))
+
+
+class RetryDiverged(RuntimeError):
+    """A streamed request, run again alone after its batch failed, did not repeat the text it
+    had already streamed; its client cannot be given a consistent answer."""
+
+
+def run_isolated(
+    run_batch: BatchRunner,
+    requests: Sequence[GenerationRequest],
+    keep: Sequence[int],
+    on_delta: Callable[[int, str], None],
+    is_cancelled: Callable[[int], bool],
+) -> list[tuple[int, GenerationResult | Exception]]:
+    """:func:`run_subset`, but a call that raises is split in halves and each half run again,
+    down to single requests: an exception reaches only the rows that raise it alone.
+
+    One bad row among ``n`` costs about ``2 log2 n`` extra calls, and a batch too big for the
+    device (out of memory) is retried in halves. Decoding is greedy, so a row run again
+    repeats its tokens; the text it streamed before the failure is not sent twice, and a
+    row whose retry does not repeat it gets :class:`RetryDiverged` instead of its result.
+    Rows whose caller went away (``is_cancelled``) are not run again.
+
+    Returns:
+        ``[(i, result or exception), ...]`` in the full batch's indices, for the rows run.
+    """
+    streamed: dict[int, str] = {}  # text handed to on_delta so far, over all attempts
+    attempt: dict[int, str] = {}  # text of the row's current attempt
+
+    def deliver(i: int, text: str) -> None:
+        attempt[i] += text
+        sent = streamed.get(i, "")
+        if len(attempt[i]) > len(sent) and attempt[i].startswith(sent):
+            on_delta(i, attempt[i][len(sent) :])
+            streamed[i] = attempt[i]
+
+    def run(rows: list[int]) -> list[tuple[int, GenerationResult | Exception]]:
+        rows = [i for i in rows if not is_cancelled(i)]
+        attempt.update(dict.fromkeys(rows, ""))
+        try:
+            return run_subset(run_batch, requests, rows, deliver, is_cancelled)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [(rows[0], exc)]
+            half = len(rows) // 2
+            return run(rows[:half]) + run(rows[half:])
+
+    def checked(i: int, result: GenerationResult | Exception) -> GenerationResult | Exception:
+        if isinstance(result, Exception) or result.text.startswith(streamed.get(i, "")):
+            return result
+        return RetryDiverged(
+            "the answer changed when the request was run again after its batch failed"
+        )
+
+    return [(i, checked(i, result)) for i, result in run(list(keep))]
 
 
 class Overloaded(Exception):
@@ -216,7 +275,7 @@ class MicroBatcher:
             if live:
                 self.batch_sizes[len(live)] += 1
             requests = [p.request for p in batch]
-            return run_subset(self._run_batch_fn, requests, live, on_delta, is_cancelled)
+            return run_isolated(self._run_batch_fn, requests, live, on_delta, is_cancelled)
 
         start = time.perf_counter()
         try:

@@ -7,7 +7,10 @@
 :class:`~lorafleet.serve.routes.RouteTable`; the adapter that answered is in the
 ``x-lorafleet-adapter`` response header. A full queue answers 429 and a request past its
 deadline 503, both with ``Retry-After``; a client that disconnects stops its row's
-decoding. Every answer is counted in :class:`~lorafleet.serve.metrics.ServingMetrics`.
+decoding. Every answer of the completion routes is counted with its status in
+:class:`~lorafleet.serve.metrics.ServingMetrics`, whatever produced it: a refusal, a
+client's mistake, or an exception (a 500, ``code: internal_error``, also when it ends a
+stream that already began).
 Decoding is always greedy: sampling parameters
 (``temperature``, ``top_p``, ...) are accepted and ignored. Errors have OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from abc import abstractmethod
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
     from lorafleet.serve.model import LorafleetRuntime
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "ErrorResponse", "openai_router"]
+
+log = logging.getLogger(__name__)
 
 
 def _no_text_or_bool(value: Any) -> Any:
@@ -291,20 +297,39 @@ def _timed_out(runtime: LorafleetRuntime) -> str:
     return f"request timed out after {runtime.request_timeout_s:g} s (server busy); retry later"
 
 
+def _internal_error(call: _MeteredCall, exc: Exception) -> str:
+    """Log a server fault with its traceback; the client's one line names only its type."""
+    log.error("completion for %r failed", call.adapter, exc_info=exc)
+    return f"the server failed to answer ({type(exc).__name__}); the server log has the details"
+
+
 async def _until_disconnected(http: Request, poll_s: float = 0.25) -> None:
     while not await http.is_disconnected():
         await asyncio.sleep(poll_s)
 
 
 class _MeteredCall:
-    """One completion request on its way through the runtime, for metrics and headers."""
+    """One completion request on its way through the runtime, for metrics and headers.
 
-    def __init__(self, runtime: LorafleetRuntime, model: str, adapter: str) -> None:
-        self.runtime, self.model, self.adapter = runtime, model, adapter
+    Labelled :data:`UNKNOWN_MODEL` until :meth:`label` names the model and the adapter (a
+    request refused before its body was read has neither); counted once, by :meth:`done`.
+    """
+
+    def __init__(self, runtime: LorafleetRuntime) -> None:
+        self.runtime = runtime
+        self.model = self.adapter = UNKNOWN_MODEL
         self.start = time.perf_counter()
+        self.headers: dict[str, str] = {}
+        self.counted = False
+
+    def label(self, model: str, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
         self.headers = {"x-lorafleet-adapter": adapter}
 
     def done(self, status: int, result: GenerationResult | None = None) -> None:
+        if self.counted:
+            return
+        self.counted = True
         tokens = (result.prompt_tokens, result.completion_tokens) if result else (0, 0)
         self.runtime.metrics.observe(
             self.model, self.adapter, status, time.perf_counter() - self.start, *tokens
@@ -338,6 +363,8 @@ async def _stream(
         status, error = 503, _timed_out(call.runtime)
     except LorafleetError as exc:  # the adapter was unloaded while the request queued
         status, error = 404, str(exc)
+    except Exception as exc:  # a server fault, after the 200 went out: the client is told
+        status, error = 500, _internal_error(call, exc)
     finally:
         future.cancel()  # no-op when done; stops the row when the client went away
         call.done(status, result)
@@ -449,6 +476,22 @@ class _Endpoints:
         }
 
     async def complete(self, http: Request, schema: type[_CompletionRequest]) -> Response:
+        """Answer a completion request and count the answer, whatever raised on the way: an
+        exception is a 500 (``code: internal_error``), logged with its traceback."""
+        call = _MeteredCall(self.runtime)
+        try:
+            response = await self._complete(http, schema, call)
+        except Exception as exc:
+            call.done(500)
+            message = _internal_error(call, exc)
+            return _error(500, message, code="internal_error", headers=call.headers)
+        if not isinstance(response, StreamingResponse):  # a stream counts itself as it ends
+            call.done(response.status_code)
+        return response
+
+    async def _complete(
+        self, http: Request, schema: type[_CompletionRequest], call: _MeteredCall
+    ) -> Response:
         """Parse a completion request, route it, queue it and answer (streamed or whole)."""
         refused = self.refuse(http)
         if refused is not None:
@@ -468,27 +511,28 @@ class _Endpoints:
             param = ".".join(map(str, loc)) or None
             return _error(400, first_problem(exc, "body"), param=param)
         served = runtime.routes.resolve(body.model, http.headers)
-        call = _MeteredCall(runtime, body.model, served)
         try:
             adapter = runtime.adapter_for(served)
         except KeyError:
-            call.model = call.adapter = UNKNOWN_MODEL
-            call.done(404)
+            # A route whose target is missing here is the route's failure, and counted as
+            # such (a canary must see it); any other name stays out of the labels.
+            if body.model in runtime.routes:
+                call.label(body.model, served)
             return _error(
                 404,
                 f"The model `{body.model}` does not exist.",
                 param="model",
                 code="model_not_found",
+                headers=call.headers,
             )
+        call.label(body.model, served)
         injected = await runtime.faults.inject(served)  # canary drills only; no fault: None
         if injected is not None:
-            call.done(injected)
             message = f"injected fault on {served!r} (canary drill, /admin/faults)"
             return _error(injected, message, code="injected_fault", headers=call.headers)
         request = body.generation_request(adapter, min(self.default_max_tokens, limits.max_tokens))
         refused = _over_limits(body, request, limits)
         if refused is not None:
-            call.done(400)
             return refused
         head = {
             "id": f"{body.id_prefix}-{uuid.uuid4().hex}",
@@ -499,7 +543,6 @@ class _Endpoints:
         try:
             future = runtime.batcher.enqueue(request, texts.put_nowait if body.stream else None)
         except Overloaded as exc:
-            call.done(429)
             return _error(429, str(exc), code="overloaded", headers=call.retry_headers())
         if body.stream:
             return StreamingResponse(
@@ -530,15 +573,12 @@ class _Endpoints:
         if not future.done():
             future.cancel()  # timed out, or the client went away: drop the work
             if watch.done() and not watch.cancelled():
-                call.done(499)
                 return Response(status_code=499)
-            call.done(503)
             message = _timed_out(self.runtime)
             return _error(503, message, code="timeout", headers=call.retry_headers())
         try:
             result = future.result()
         except LorafleetError as exc:  # the adapter was unloaded while the request queued
-            call.done(404)
             return _error(404, str(exc), param="model", code="model_not_found")
         call.done(200, result)
         choice = {"index": 0, **body.choice(result.text, result.finish_reason)}
@@ -564,8 +604,9 @@ def openai_router(
     endpoints = _Endpoints(runtime, default_max_tokens, api_keys)
     router = APIRouter(prefix="/openai/v1")
     # 200: JSON, or server-sent events with `stream: true`. 400: a malformed request or one
-    # over a limit; 401/429: API keys; 404: no such model; 429/503: overloaded / timed out.
-    answers = _errors(400, 401, 404, 429, 503)
+    # over a limit; 401/429: API keys; 404: no such model; 429/503: overloaded / timed out;
+    # 500: a server fault.
+    answers = _errors(400, 401, 404, 429, 500, 503)
     stream = {"text/event-stream": {"schema": {"type": "string"}}}
     for path, schema, answer, handler in (
         ("/chat/completions", ChatCompletionRequest, ChatCompletion, endpoints.chat_completions),

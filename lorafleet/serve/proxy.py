@@ -11,6 +11,11 @@ same keys accepts it too. The published OpenAPI schema names what the router che
 JSON object with a string ``model`` and, if present, a boolean ``stream``) and every status
 it answers; the rest of a body is the upstream's to judge, and its answer is passed on.
 
+Every answer of the completion routes is counted with its status, as the runtime counts
+its own: the router's refusals, the upstream's answers, a stream by how it ended (the
+status of an error event the upstream sent after its 200, 502 when the upstream broke
+off, 499 when the client left) and a fault of the router itself (500).
+
 Run it with ``lorafleet router --upstream URL [--routes FILE]`` or, as the transformer
 container does, ``python -m lorafleet.serve.router``.
 """
@@ -18,8 +23,10 @@ container does, ``python -m lorafleet.serve.router``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,6 +42,11 @@ from lorafleet.serve.metrics import UNKNOWN_MODEL, ServingMetrics
 from lorafleet.serve.routes import RouteTable, routes_admin_router
 
 __all__ = ["proxy_app"]
+
+log = logging.getLogger(__name__)
+
+# The most bytes of an unfinished server-sent event kept while looking for error events.
+_MAX_EVENT_BYTES = 64 * 1024
 
 
 # What the router itself checks of a completion request; the upstream judges the rest.
@@ -82,9 +94,52 @@ def _parse(raw: bytes) -> dict[str, Any] | str:
 def _usage(body: bytes) -> tuple[int, int]:
     try:
         usage = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
+        return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    except (ValueError, TypeError, AttributeError):  # not the upstream's to break the router
         return 0, 0
-    return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+
+
+def _error_event_status(event: bytes) -> int | None:
+    """The status of a server-sent error event (``data: {"error": {..., "code": 500}}``, as
+    the runtime ends a stream that failed after its 200): the code when it is an HTTP status,
+    else 500; ``None`` for any other event."""
+    for line in event.splitlines():
+        if not (line.startswith(b"data:") and b'"error"' in line):
+            continue
+        try:
+            error = json.loads(line[5:]).get("error")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(error, dict):
+            code = error.get("code")
+            return code if isinstance(code, int) and 400 <= code <= 599 else 500
+    return None
+
+
+class _StreamStatus:
+    """The status a relayed stream ends with: the upstream's, or that of its error event."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *events, self._tail = (self._tail + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+        for event in events:
+            failed = _error_event_status(event)
+            if failed is not None:
+                self.status = failed
+        if len(self._tail) > _MAX_EVENT_BYTES:  # not an error event of ours; stop holding it
+            self._tail = b""
+
+
+@dataclass
+class _Tally:
+    """What one completion request is counted under."""
+
+    model: str = UNKNOWN_MODEL
+    adapter: str = UNKNOWN_MODEL
+    tokens: tuple[int, int] = (0, 0)
 
 
 class _ProxyHandlers:
@@ -126,23 +181,42 @@ class _ProxyHandlers:
         return await self.forward(request, "/openai/v1/completions")
 
     async def forward(self, request: Request, path: str) -> Response:
+        """Send a completion request to its route's adapter and count the answer, whatever
+        raised on the way (a 500, logged with its traceback); streams count themselves."""
+        start, tally = time.perf_counter(), _Tally()
+        try:
+            response = await self._forward(request, path, start, tally)
+        except Exception as exc:
+            log.error("forwarding a completion for %r failed", tally.adapter, exc_info=exc)
+            message = f"the router failed to answer ({type(exc).__name__})"
+            response = _error(500, message, "internal_error")
+        if not isinstance(response, StreamingResponse):
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(
+                tally.model, tally.adapter, response.status_code, elapsed, *tally.tokens
+            )
+        return response
+
+    async def _forward(self, request: Request, path: str, start: float, tally: _Tally) -> Response:
         """Send a completion request to its route's adapter; streams are relayed as they come."""
         refused = self.refuse(request)
         if refused is not None:
             return refused
-        start = time.perf_counter()
         body = _parse(await request.body())
         if isinstance(body, str):
             return _error(400, body, "invalid_body")
         model = body["model"]
         adapter = self.table.resolve(model, request.headers)
         body["model"] = adapter
+        # A name the router does not route is the client's string: labelled only once the
+        # upstream has shown it serves it.
+        if model in self.table:
+            tally.model, tally.adapter = model, adapter
         auth = {"authorization": request.headers["authorization"]} if self.api_keys else {}
         upstream_request = self.client.build_request("POST", path, json=body, headers=auth)
         try:
             response = await self.client.send(upstream_request, stream=True)
         except httpx.TransportError as exc:
-            self.metrics.observe(model, adapter, 503, time.perf_counter() - start)
             return _error(503, f"upstream unreachable: {exc}", "upstream_unreachable")
         # A name the router does not route passes through as the client wrote it; only a
         # printable ASCII one can be a header value (others made the answer a 500).
@@ -151,29 +225,40 @@ class _ProxyHandlers:
         for name in ("content-type", "retry-after"):
             if name in response.headers:
                 headers[name] = response.headers[name]
+        if response.status_code != 404:  # 404: the upstream serves no such model
+            tally.model, tally.adapter = model, adapter
         if body.get("stream"):
-            relay = self._relay(response, model, adapter, start)
+            relay = self._relay(response, tally, start)
             return StreamingResponse(relay, response.status_code, headers)
-        if response.status_code == 404 and model not in self.table:
-            # the upstream serves no such model: keep the client's string out of the labels
-            model = adapter = UNKNOWN_MODEL
-        content = await response.aread()
-        await response.aclose()
-        self.metrics.observe(
-            model, adapter, response.status_code, time.perf_counter() - start, *_usage(content)
-        )
+        try:
+            content = await response.aread()
+        except httpx.TransportError as exc:
+            return _error(502, f"upstream broke off its answer: {exc}", "upstream_failed")
+        finally:
+            await response.aclose()
+        tally.tokens = _usage(content)
         return Response(content, response.status_code, headers)
 
     async def _relay(
-        self, response: httpx.Response, model: str, adapter: str, start: float
+        self, response: httpx.Response, tally: _Tally, start: float
     ) -> AsyncIterator[bytes]:
-        """The upstream's stream, chunk by chunk; counted once it ends or the client leaves."""
+        """The upstream's stream, chunk by chunk; counted once it ends (with the status of
+        an error event in it, if any), breaks off (502) or the client leaves (499)."""
+        ended = _StreamStatus(response.status_code)
+        status = 499  # stays if the client goes away mid-stream
         try:
-            async for chunk in response.aiter_raw():
-                yield chunk
+            try:
+                async for chunk in response.aiter_raw():
+                    ended.feed(chunk)
+                    yield chunk
+                status = ended.status
+            except httpx.TransportError as exc:
+                status = 502
+                error = {"message": f"upstream broke off the stream: {exc}", "code": status}
+                yield f"data: {json.dumps({'error': error})}\n\n".encode()
         finally:
             await response.aclose()
-            self.metrics.observe(model, adapter, response.status_code, time.perf_counter() - start)
+            self.metrics.observe(tally.model, tally.adapter, status, time.perf_counter() - start)
 
     async def models(self, request: Request) -> Response:
         """``GET /openai/v1/models``: the routes (``parent`` = first target), then the upstream's."""
@@ -246,7 +331,7 @@ def proxy_app(
     app = FastAPI(title="lorafleet router")
     app.router.add_event_handler("shutdown", client.aclose)
     app.include_router(routes_admin_router(table, admin_token))
-    errors = {status: {"model": ProxyError} for status in (400, 401, 404, 429, 503)}
+    errors = {status: {"model": ProxyError} for status in (400, 401, 404, 429, 500, 502, 503)}
     completion = {
         "responses": {
             200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},

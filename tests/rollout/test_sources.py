@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from lorafleet.fleet import CanaryPolicy
+from lorafleet.rollout.controller import judge
 from lorafleet.rollout.sources import (
     PrometheusSource,
     SourceError,
@@ -59,6 +60,23 @@ def test_router_exposition_counts_5xx_and_latency_per_version() -> None:
     assert m.error_rate == pytest.approx(2 / 6)
     # 3 of 6 observations are 0.6 s: p95 lies in (0.5, 1]: 0.5 + 0.5 * (5.7 - 3) / 3 = 0.95 s
     assert m.p95_latency_ms == pytest.approx(950.0)
+
+
+def test_a_replica_answering_404_for_the_canary_is_a_failure() -> None:
+    # Given a replica that lacks the candidate: its share of the route's requests get 404
+    text = _exposition(
+        [("writer", "v1", 200, 0.02)] * 30
+        + [("writer", "v2", 200, 0.02)] * 20
+        + [("writer", "v2", 404, 0.01)] * 10
+        + [("writer", "v2", 400, 0.01)] * 5  # a client's mistake still is not
+    )
+    # When the interval is measured and judged
+    counters = counters_from_text(text, "writer", ["v1", "v2"], judge_metric=None)
+    (stable, canary) = measure_snapshots({"r": counters}, {"r": {}}, ["v1", "v2"])
+    verdict, reasons = judge(canary, CanaryPolicy.model_validate({"max_error_rate": 0.05}))
+    # Then the 404s are the candidate's errors, and they fail it
+    assert (stable.errors, canary.requests, canary.errors) == (0, 35, 10)
+    assert verdict == "Failed" and any(r.startswith("error rate 28.6%") for r in reasons)
 
 
 def test_delta_measures_the_interval_and_survives_a_counter_reset() -> None:

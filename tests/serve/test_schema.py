@@ -52,7 +52,7 @@ def test_completion_bodies_and_answers_are_published_with_the_limits(app: FastAP
     content = body["properties"]["messages"]["items"]["properties"]["content"]
     assert content["maxLength"] == 99
     assert "$ref" not in str(body)  # pydantic's $defs do not resolve in an OpenAPI document
-    assert set(chat["responses"]) == {"200", "400", "401", "404", "429", "503"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "429", "500", "503"}
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     prompt = paths["/openai/v1/completions"]["post"]["requestBody"]["content"]
     assert prompt["application/json"]["schema"]["properties"]["prompt"]["maxLength"] == 99
