@@ -90,6 +90,13 @@ def compile_pipeline(
             help="Cluster profile (aws, gcp, onprem): add its Kubernetes settings to every step."
         ),
     ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Component image of every step, best pinned by digest "
+            "(REGISTRY/PATH@sha256:...; default: the release image)."
+        ),
+    ] = None,
 ) -> None:
     """Compile the fleet pipeline to the IR YAML you upload in the Kubeflow Pipelines UI.
 
@@ -100,7 +107,7 @@ def compile_pipeline(
 
     platform = spec_profile(spec, profile) if profile else None
     out = out or Path((profile_golden(profile) if profile else GOLDEN).name)
-    compile_fleet(out, platform)
+    compile_fleet(out, platform, image=image)
     console.print(f"wrote {out}")
 
 

@@ -2,7 +2,9 @@
 
 A fleet spec's ``pipeline.profiles.<profile>`` says where each step's pod runs: accelerator
 type and count, node selector, tolerations, PVC mounts and Secret keys as environment
-variables, and which object store the steps share. :func:`placer` turns one profile into
+variables, CPU and memory, retries, a timeout, image pull policy and secrets, and which
+object store the steps share. Every step starts from :data:`STEP_DEFAULTS` (its kind's
+resources and timeout; retries on the idempotent steps). :func:`placer` turns one profile into
 the ``place`` hook of :func:`~lorafleet.pipelines.fleet_pipeline.build_fleet_pipeline`; the
 compiler writes the settings into the IR's ``platforms.kubernetes`` section (accelerators
 and environment variables into each container).
@@ -18,12 +20,65 @@ from kfp.dsl import PipelineTask
 
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import PlatformProfile, StepPlatform, load_fleet
+from lorafleet.fleet.platform import NON_IDEMPOTENT_STEPS
 from lorafleet.storage import PVC_MOUNTS_ENV
 
-__all__ = ["S3_ENDPOINT_ENV", "apply_step_platform", "placer", "spec_profile", "step_env"]
+__all__ = [
+    "DEFAULT_RETRIES",
+    "S3_ENDPOINT_ENV",
+    "STEP_DEFAULTS",
+    "apply_step_platform",
+    "placer",
+    "spec_profile",
+    "step_env",
+    "step_settings",
+]
 
 # What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+
+# A failed pod of an idempotent step (evicted, preempted, a store's hiccup) is retried twice.
+DEFAULT_RETRIES = 2
+_BACKOFF = "30s"  # then 60 s: a preempted node's replacement has time to come up
+
+_LIGHT = StepPlatform(
+    cpu_request="500m", cpu_limit="1", memory_request="1Gi", memory_limit="1Gi",
+    timeout_seconds=3600,
+)  # fmt: skip
+# Data steps hold a shard's records, MinHash signatures and great-expectations in memory.
+_DATA = StepPlatform(
+    cpu_request="1", cpu_limit="2", memory_request="4Gi", memory_limit="4Gi",
+    timeout_seconds=4 * 3600,
+)  # fmt: skip
+# Base, smoke test and rollout steps load the base model's weights in host memory.
+_MODEL = StepPlatform(
+    cpu_request="2", cpu_limit="4", memory_request="16Gi", memory_limit="16Gi",
+    timeout_seconds=2 * 3600,
+)  # fmt: skip
+# Training and evaluation load the base (an 8B model in bf16 is 16 GB) and feed the GPU.
+_HEAVY = StepPlatform(
+    cpu_request="4", cpu_limit="8", memory_request="32Gi", memory_limit="32Gi",
+    timeout_seconds=6 * 3600,
+)  # fmt: skip
+
+STEP_DEFAULTS: dict[str, StepPlatform] = {
+    "resolve-fleet": _LIGHT,
+    "build-base": _MODEL,
+    "expert-views": _LIGHT,
+    "validate-data": _DATA,
+    "plan-shards": _LIGHT,
+    "synthesize": _DATA,
+    "curate-shard": _DATA,
+    "curate": _DATA,
+    "train": _HEAVY.model_copy(update={"timeout_seconds": 24 * 3600}),
+    "evaluate": _HEAVY,
+    "gate": _LIGHT,
+    "register": _LIGHT,
+    "reject": _LIGHT,
+    "publish": _MODEL,
+    "deploy": _MODEL,
+}
+"""Each step's resources and timeout before the profile's ``all_steps`` and its own settings."""
 
 
 def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineTask:
@@ -52,7 +107,40 @@ def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineT
         kubernetes.use_secret_as_env(
             task, secret_name=secret.secret, secret_key_to_env=dict(secret.env)
         )
+    if settings.cpu_request:
+        task.set_cpu_request(settings.cpu_request)
+    if settings.cpu_limit:
+        task.set_cpu_limit(settings.cpu_limit)
+    if settings.memory_request:
+        task.set_memory_request(settings.memory_request)
+    if settings.memory_limit:
+        task.set_memory_limit(settings.memory_limit)
+    if settings.retries is not None:
+        task.set_retry(settings.retries, backoff_duration=_BACKOFF, backoff_factor=2.0)
+    if settings.timeout_seconds:
+        kubernetes.set_timeout(task, settings.timeout_seconds)
+    if settings.image_pull_policy:
+        kubernetes.set_image_pull_policy(task, settings.image_pull_policy)
+    if settings.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, settings.image_pull_secrets)
     return task
+
+
+def step_settings(profile: PlatformProfile, step: str) -> list[StepPlatform]:
+    """The settings ``step`` gets on ``profile``, in the order they apply (later wins for
+    single values; lists add up): its default, ``all_steps``, its own.
+
+    The default retries come first for idempotent steps; register, publish and deploy get
+    none, whatever ``all_steps`` says (the spec refuses them in their own settings).
+    """
+    default = STEP_DEFAULTS[step]
+    shared = profile.all_steps
+    if step in NON_IDEMPOTENT_STEPS:
+        shared = shared.model_copy(update={"retries": None})
+    else:
+        default = default.model_copy(update={"retries": DEFAULT_RETRIES})
+    own = profile.steps.get(step)
+    return [default, shared, *([own] if own is not None else [])]
 
 
 def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
@@ -77,8 +165,8 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
 
 
 def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
-    """The ``place`` hook for one profile: ``all_steps`` on every task, then the step's own,
-    then the storage layer's environment (:func:`step_env`).
+    """The ``place`` hook for one profile: the step's defaults, ``all_steps``, the step's own
+    (:func:`step_settings`), then the storage layer's environment (:func:`step_env`).
 
     Args:
         profile: the platform settings of one cluster profile.
@@ -88,10 +176,8 @@ def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
     """
 
     def place(task: PipelineTask) -> PipelineTask:
-        apply_step_platform(task, profile.all_steps)
-        own = profile.steps.get(task.name)
-        if own is not None:
-            apply_step_platform(task, own)
+        for settings in step_settings(profile, task.name):
+            apply_step_platform(task, settings)
         for name, value in step_env(profile, task.name).items():
             task.set_env_variable(name, value)
         return task

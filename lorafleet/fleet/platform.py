@@ -11,6 +11,7 @@ from lorafleet.fleet.common import StrictModel
 from lorafleet.storage import parse_location
 
 __all__ = [
+    "NON_IDEMPOTENT_STEPS",
     "PIPELINE_STEPS",
     "PipelineSpec",
     "PlatformProfile",
@@ -40,6 +41,15 @@ PIPELINE_STEPS = (
     "publish",
     "deploy",
 )
+
+
+# Steps whose effects live outside KFP's artifacts (a registry version, a smoke test, a
+# rollout): a retry would repeat them, so they are never retried.
+NON_IDEMPOTENT_STEPS = ("register", "publish", "deploy")
+
+# What KFP's set_cpu_*/set_memory_* accept (kfp.dsl.PipelineTask._validate_*_request_limit).
+CPU = r"^([0-9]*[.])?[0-9]+m?$"
+MEMORY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
 
 
 class Toleration(StrictModel):
@@ -80,6 +90,30 @@ class StepPlatform(StrictModel):
     tolerations: list[Toleration] = Field(default_factory=list)
     pvcs: list[PvcMount] = Field(default_factory=list)
     secrets: list[SecretEnv] = Field(default_factory=list)
+    cpu_request: str | None = Field(
+        None, pattern=CPU, description="CPU cores requested, e.g. 2 or 500m (default: per step)"
+    )
+    cpu_limit: str | None = Field(None, pattern=CPU, description="CPU cores at most")
+    memory_request: str | None = Field(
+        None, pattern=MEMORY, description="memory requested, e.g. 8Gi (default: per step)"
+    )
+    memory_limit: str | None = Field(None, pattern=MEMORY, description="memory at most")
+    retries: int | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="retries of a failed pod (default: 2); register, publish and deploy are "
+        "never retried",
+    )
+    timeout_seconds: int | None = Field(
+        None, ge=1, description="the pod's activeDeadlineSeconds (default: per step)"
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="default: Kubernetes' (IfNotPresent for a digest or tag)"
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets (dockerconfigjson) to pull the step image"
+    )
 
 
 class ProfileStorage(StrictModel):
@@ -142,6 +176,17 @@ class PlatformProfile(StrictModel):
     steps: dict[Literal[PIPELINE_STEPS], StepPlatform] = Field(
         default_factory=dict, description="step name -> settings added on top of all_steps"
     )
+
+    @model_validator(mode="after")
+    def _no_retry_of_effects(self) -> PlatformProfile:
+        for step in NON_IDEMPOTENT_STEPS:
+            own = self.steps.get(step)
+            if own is not None and own.retries:
+                raise ValueError(
+                    f"steps.{step}.retries: {step} acts outside KFP (a registry version, "
+                    "a smoke test, a rollout) and is never retried"
+                )
+        return self
 
     @model_validator(mode="after")
     def _store_is_mounted(self) -> PlatformProfile:

@@ -1,14 +1,21 @@
 """``lorafleet submit`` against a Kubeflow Pipelines API stand-in, at the HTTP boundary only.
 
-The stand-in is a real HTTP server on 127.0.0.1 that answers the KFP v2beta1 REST calls
-``kfp.Client`` makes (healthz, pipelines list/upload/upload_version, versions list, runs
-create) and records every request; the client, its serialization and our code run for real.
+The stand-in (:class:`FakeKfp`) stands in for the KFP backend (the ml-pipeline API server,
+behind Kubeflow's auth proxy in a multi-user install): a real HTTP server on 127.0.0.1 that
+answers the KFP v2beta1 REST calls ``kfp.Client`` makes (healthz, pipelines
+list/upload/upload_version, versions list, experiments list/create, runs create) and records
+every request; the client, its serialization and our code run for real. In multi-user mode
+it enforces what the backend does there: a request without the bearer token is 401, a run
+without an experiment is refused ("Experiment id can not be empty in multi-user mode"), and
+pipelines and experiments belong to a namespace, listed only there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,7 +34,7 @@ import yaml
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import load_fleet, spec_from_json
 from lorafleet.pipelines.compile import profile_golden
-from lorafleet.pipelines.submit import submit_fleet
+from lorafleet.pipelines.submit import KfpAuth, kfp_auth, submit_fleet
 from lorafleet.storage import Storage
 
 pytestmark = pytest.mark.integration
@@ -39,14 +46,23 @@ API = "/apis/v2beta1"
 AWS_BUCKET = "marketplace-ml"
 
 
+# What the KFP backend answers a multi-user run create with no experiment id.
+NO_EXPERIMENT = "Invalid input error: Experiment id can not be empty in multi-user mode."
+
+
 class FakeKfp(ThreadingHTTPServer):
-    """The KFP API's pipeline and run endpoints, in memory; ``requests`` records each call."""
+    """The KFP API's pipeline, experiment and run endpoints, in memory; ``requests`` records
+    each call. ``multi_user`` and ``token`` turn on the multi-user backend's rules."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[dict] = []
-        self.pipelines: dict[str, dict] = {}  # id -> {"display_name", "versions": [ids]}
+        # id -> {"display_name", "namespace" ("" = shared), "versions": [ids]}
+        self.pipelines: dict[str, dict] = {}
+        self.experiments: dict[str, dict] = {}  # id -> {"display_name", "namespace"}
         self.fail_runs = False
+        self.multi_user = False
+        self.token: str | None = None  # the bearer token every request must carry
 
     @property
     def url(self) -> str:
@@ -67,10 +83,31 @@ class _Handler(BaseHTTPRequestHandler):
             "path": parts.path,
             "query": {k: v[0] for k, v in parse_qs(parts.query).items()},
             "content_type": self.headers.get("Content-Type", ""),
+            "authorization": self.headers.get("Authorization"),
             "body": body,
         }
         self.server.requests.append(req)
         return req
+
+    def _refused(self, req: dict) -> bool:
+        """Answer 401 to a request without the token (as the auth proxy does)."""
+        token = self.server.token
+        if token is None or req["authorization"] == f"Bearer {token}":
+            return False
+        self._send(401, {"error": "Unauthorized: no valid bearer token", "code": 16})
+        return True
+
+    def _namespace(self, req: dict) -> str:
+        """The namespace a list or upload is scoped to ("" = shared, as the backend reads it)."""
+        return req["query"].get("namespace", "") if self.server.multi_user else ""
+
+    @staticmethod
+    def _wanted(req: dict) -> set[str]:
+        return {
+            p["stringValue"]
+            for p in json.loads(req["query"].get("filter", '{"predicates": []}'))["predicates"]
+            if p["key"] == "display_name"
+        }
 
     def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -82,20 +119,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         req, pipelines = self._record(), self.server.pipelines
+        if self._refused(req):
+            return None
         if req["path"] == f"{API}/healthz":
-            return self._send(200, {"multi_user": False})
-        if req["path"] == f"{API}/pipelines":
-            wanted = {
-                p["stringValue"]
-                for p in json.loads(req["query"].get("filter", '{"predicates": []}'))["predicates"]
-                if p["key"] == "display_name"
-            }
+            return self._send(200, {"multi_user": self.server.multi_user})
+        if req["path"] in (f"{API}/pipelines", f"{API}/experiments"):
+            kind = req["path"].rpartition("/")[2]
+            items = pipelines if kind == "pipelines" else self.server.experiments
+            wanted, namespace = self._wanted(req), self._namespace(req)
             found = [
-                {"pipeline_id": pid, "display_name": p["display_name"]}
-                for pid, p in pipelines.items()
-                if not wanted or p["display_name"] in wanted
+                {f"{kind[:-1]}_id": pid, "display_name": p["display_name"]}
+                for pid, p in items.items()
+                if (not wanted or p["display_name"] in wanted) and p["namespace"] == namespace
             ]
-            return self._send(200, {"pipelines": found} if found else {})
+            return self._send(200, {kind: found} if found else {})
         pid = req["path"].removeprefix(f"{API}/pipelines/").removesuffix("/versions")
         if req["path"].endswith("/versions") and pid in pipelines:
             versions = [
@@ -107,19 +144,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         req, pipelines = self._record(), self.server.pipelines
+        if self._refused(req):
+            return None
         if req["path"] == f"{API}/pipelines/upload":
+            name, namespace = req["query"]["name"], self._namespace(req)
+            if any(
+                p["display_name"] == name and p["namespace"] == namespace
+                for p in pipelines.values()
+            ):
+                return self._send(409, {"error": f"pipeline {name} already exists"})
             pid = f"pipeline-{len(pipelines) + 1}"
-            pipelines[pid] = {"display_name": req["query"]["name"], "versions": [f"{pid}-v1"]}
-            return self._send(200, {"pipeline_id": pid, "display_name": req["query"]["name"]})
+            pipelines[pid] = {
+                "display_name": name,
+                "namespace": namespace,
+                "versions": [f"{pid}-v1"],
+            }
+            return self._send(200, {"pipeline_id": pid, "display_name": name})
         if req["path"] == f"{API}/pipelines/upload_version":
             pid = req["query"]["pipelineid"]
             versions = pipelines[pid]["versions"]
             versions.append(f"{pid}-v{len(versions) + 1}")
             return self._send(200, {"pipeline_id": pid, "pipeline_version_id": versions[-1]})
+        if req["path"] == f"{API}/experiments":
+            body, experiments = json.loads(req["body"]), self.server.experiments
+            eid = f"experiment-{len(experiments) + 1}"
+            namespace = body.get("namespace") or "" if self.server.multi_user else ""
+            experiments[eid] = {"display_name": body["display_name"], "namespace": namespace}
+            return self._send(200, {**body, "experiment_id": eid})
         if req["path"] == f"{API}/runs":
             if self.server.fail_runs:
                 return self._send(500, {"error": "scheduler is down"})
             run = json.loads(req["body"])
+            if self.server.multi_user and not run.get("experiment_id"):
+                return self._send(400, {"error": NO_EXPERIMENT, "code": 3})
+            if run.get("experiment_id") and run["experiment_id"] not in self.server.experiments:
+                return self._send(404, {"error": f"experiment {run['experiment_id']} not found"})
             return self._send(200, {**run, "run_id": f"run-{len(self.server.requests)}"})
         return self._send(404, {"error": f"no route {req['path']}"})
 
@@ -196,6 +255,8 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(
         ("GET", f"{API}/pipelines"),
         ("POST", f"{API}/pipelines/upload"),
         ("GET", f"{API}/pipelines/pipeline-1/versions"),
+        ("GET", f"{API}/experiments"),
+        ("POST", f"{API}/experiments"),
         ("POST", f"{API}/runs"),
     ]
     # then the uploaded file is the aws pipeline, with its Kubernetes settings
@@ -205,8 +266,11 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(
     assert uploaded == profile_golden("aws").read_text()
     assert "kubernetes" in list(yaml.safe_load_all(uploaded))[1]["platforms"]
     # and the run starts that version with the spec and every expert as parameters
-    run = json.loads(kfp_api.requests[4]["body"])
+    run = json.loads(kfp_api.requests[6]["body"])
     spec = load_fleet(CLUSTER_SPEC, check_files=False)
+    # in an experiment named after the fleet, created as it was missing
+    assert json.loads(kfp_api.requests[5]["body"])["display_name"] == spec.name
+    assert run["experiment_id"] == "experiment-1"
     assert run["pipeline_version_reference"] == {
         "pipeline_id": "pipeline-1",
         "pipeline_version_id": "pipeline-1-v1",
@@ -223,23 +287,28 @@ def test_submit_uploads_the_profile_pipeline_then_a_new_version(
         for e in sent.experts
     )
     assert (
-        f"run {run['display_name']} started: run run-5" in proc.stderr
+        f"run {run['display_name']} started: run run-7" in proc.stderr
     )  # the console writes to stderr
 
-    # When it is submitted again, then the pipeline gets a new version and the run uses it
+    # When it is submitted again, then the pipeline gets a new version and the run uses it,
+    # in the same experiment
     done = submit_fleet(CLUSTER_SPEC, kfp_api.url, profile="aws")
-    again = [(r["method"], r["path"]) for r in kfp_api.requests[5:]]
+    again = [(r["method"], r["path"]) for r in kfp_api.requests[7:]]
     assert again == [
         ("GET", f"{API}/healthz"),
         ("GET", f"{API}/pipelines"),
         ("POST", f"{API}/pipelines/upload_version"),
+        ("GET", f"{API}/experiments"),
         ("POST", f"{API}/runs"),
     ]
-    assert kfp_api.requests[7]["query"]["pipelineid"] == "pipeline-1"
-    assert _uploaded_file(kfp_api.requests[7]) == uploaded
+    assert kfp_api.requests[9]["query"]["pipelineid"] == "pipeline-1"
+    assert _uploaded_file(kfp_api.requests[9]) == uploaded
     assert (done.pipeline_id, done.version_id) == ("pipeline-1", "pipeline-1-v2")
+    assert done.experiment_id == "experiment-1"
     assert (
-        json.loads(kfp_api.requests[8]["body"])["pipeline_version_reference"]["pipeline_version_id"]
+        json.loads(kfp_api.requests[11]["body"])["pipeline_version_reference"][
+            "pipeline_version_id"
+        ]
         == "pipeline-1-v2"
     )
 
@@ -304,7 +373,7 @@ def test_submit_stages_local_data_to_the_profiles_store(
         assert storage.read_bytes(uri) == local.read_bytes()
     # and every step's pod is told the endpoint
     uploaded = _uploaded_file(next(r for r in kfp_api.requests if r["path"].endswith("/upload")))
-    executors = yaml.safe_load(uploaded)["deploymentSpec"]["executors"]
+    executors = next(yaml.safe_load_all(uploaded))["deploymentSpec"]["executors"]
     assert {"name": "AWS_ENDPOINT_URL_S3", "value": s3_endpoint} in executors["exec-validate-data"][
         "container"
     ]["env"]
@@ -336,3 +405,132 @@ def test_local_data_without_a_store_is_refused_before_anything_is_sent(
     with pytest.raises(SpecError, match=r"experts.0.seed_data: .* pass --profile P whose pipeline"):
         submit_fleet(tmp_path / "f.yaml", kfp_api.url)
     assert kfp_api.requests == []
+
+
+# --- a multi-user backend -------------------------------------------------------------------
+
+TOKEN = "team-token-1"
+
+
+@pytest.fixture
+def multi_user(kfp_api: FakeKfp) -> FakeKfp:
+    """The stand-in with the multi-user backend's rules on: token, experiment, namespaces."""
+    kfp_api.multi_user, kfp_api.token = True, TOKEN
+    return kfp_api
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # kfp.Client's "needs a v2 backend"
+def test_multi_user_backend_refuses_what_submit_used_to_send(
+    multi_user: FakeKfp, staged_spec: Path
+) -> None:
+    # Given the rules: no token, no entry
+    with pytest.raises(LorafleetError, match=r"answered 401 .*pass a token: --token-file"):
+        submit_fleet(staged_spec, multi_user.url, namespace="team-a")
+    assert [r["path"] for r in multi_user.requests] == [f"{API}/healthz"]
+    # and a run with no experiment is refused in the backend's words (what submit sent before)
+    import kfp
+    from kfp_server_api.exceptions import ApiException
+
+    client = kfp.Client(host=multi_user.url, namespace="team-a", existing_token=TOKEN)
+    with pytest.raises(ApiException) as refused:
+        client.run_pipeline(experiment_id=None, job_name="r", pipeline_id="p", version_id="v")
+    assert refused.value.status == 400 and NO_EXPERIMENT in refused.value.body
+
+
+def test_multi_user_submit_is_authenticated_and_namespaced(
+    multi_user: FakeKfp, staged_spec: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a token in an environment variable, when team-a submits twice
+    monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    auth = kfp_auth(token_env="KFP_TOKEN", sa_token_path=tmp_path / "absent")
+    first = submit_fleet(
+        staged_spec, multi_user.url, profile="aws", namespace="team-a", auth=auth, run_name="r1"
+    )
+    second = submit_fleet(staged_spec, multi_user.url, profile="aws", namespace="team-a", auth=auth)
+    # Then every request carried the token
+    assert {r["authorization"] for r in multi_user.requests} == {f"Bearer {TOKEN}"}
+    # and the second found team-a's pipeline and experiment: a new version, no collision
+    assert first.pipeline_id == second.pipeline_id
+    assert (first.version_id, second.version_id) == ("pipeline-1-v1", "pipeline-1-v2")
+    assert first.experiment_id == second.experiment_id
+    assert multi_user.pipelines["pipeline-1"]["namespace"] == "team-a"
+    assert multi_user.experiments[first.experiment_id] == {
+        "display_name": load_fleet(staged_spec, check_files=False).name,
+        "namespace": "team-a",
+    }
+    runs = [json.loads(r["body"]) for r in multi_user.requests if r["path"] == f"{API}/runs"]
+    assert runs[0]["display_name"] == "r1"
+    assert {r["experiment_id"] for r in runs} == {first.experiment_id}
+
+    # When team-b submits the same pipeline name, from a token file, in its own experiment
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    third = submit_fleet(
+        staged_spec,
+        multi_user.url,
+        profile="aws",
+        namespace="team-b",
+        auth=kfp_auth(token_file=tmp_path / "token"),
+        experiment="nightly",
+    )
+    # Then it gets its own pipeline and experiment in team-b
+    assert third.pipeline_id != first.pipeline_id
+    assert multi_user.pipelines[third.pipeline_id]["namespace"] == "team-b"
+    assert multi_user.experiments[third.experiment_id] == {
+        "display_name": "nightly",
+        "namespace": "team-b",
+    }
+
+
+def test_the_in_pod_token_is_used_when_none_is_named(
+    multi_user: FakeKfp, staged_spec: Path, tmp_path: Path
+) -> None:
+    # Given the token Kubeflow projects into a notebook or pipeline pod
+    (tmp_path / "token").write_text(TOKEN)
+    auth = kfp_auth(sa_token_path=tmp_path / "token")
+    assert auth == KfpAuth(token_file=str(tmp_path / "token"))
+    done = submit_fleet(staged_spec, multi_user.url, namespace="team-a", auth=auth)
+    assert done.run_id.startswith("run-")
+    assert {r["authorization"] for r in multi_user.requests} == {f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"token_env": "NO_SUCH_TOKEN_VAR"},
+            "--token-env NO_SUCH_TOKEN_VAR: the variable is not set",
+        ),
+        ({"token_file": "/no/such/token"}, "--token-file /no/such/token: cannot read it"),
+        ({"ca_cert": "/no/such/ca.pem"}, "--ca-cert /no/such/ca.pem: no such file"),
+        ({"token_file": "t", "token_env": "T"}, "give one token, not two"),
+    ],
+)
+def test_credentials_mistakes_are_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(LorafleetError, match=re.escape(message)):
+        kfp_auth(**kwargs)
+
+
+def test_submit_cli_takes_token_experiment_run_name_and_image(
+    multi_user: FakeKfp, staged_spec: Path, tmp_path: Path
+) -> None:
+    image = "registry.example/ml/lorafleet@sha256:" + "ab" * 32
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "lorafleet.cli", "submit", str(staged_spec)),
+            *("--host", multi_user.url, "--profile", "gcp", "--namespace", "team-a"),
+            *("--token-env", "KFP_TOKEN", "--experiment", "weekly", "--run-name", "weekly-1"),
+            *("--image", image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "KFP_TOKEN": TOKEN},
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(next(r for r in multi_user.requests if r["path"] == f"{API}/runs")["body"])
+    assert run["display_name"] == "weekly-1"
+    assert multi_user.experiments[run["experiment_id"]]["display_name"] == "weekly"
+    upload = next(r for r in multi_user.requests if r["path"].endswith("/upload"))
+    executors = next(yaml.safe_load_all(_uploaded_file(upload)))["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {image}
