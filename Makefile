@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary
+.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ bench: $(STAMP)
 # Debian packages podman, runc and debootstrap (.ci/run installs them). See docs/images.md.
 image-test: $(STAMP)
 	ci/image-test.sh
+
+# The compiled pipeline with every step in the component image (podman, kfp.local's
+# DockerRunner), data, registry and adapters in an S3-compatible server (moto), the fleet
+# served by the runtime image from S3. Needs the images of `make image-test`. docs/kubeflow.md.
+e2e-cluster: $(STAMP)
+	CONTAINERS_CONF=$(CURDIR)/ci/containers.conf $(PY) ci/e2e_cluster.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -148,8 +148,26 @@ def resolve_stage(
             continue
         for field in DATA_FIELDS:
             if getattr(e, f"{field}_sha256") is None:
-                setattr(e, f"{field}_sha256", storage.digest(getattr(e, field)))
+                setattr(e, f"{field}_sha256", _digest(storage, getattr(e, field)))
     return spec
+
+
+def _digest(storage: Storage, location: str) -> str:
+    """SHA-256 of a data file; a path this step cannot see is named as what it likely is."""
+    from lorafleet.errors import StorageError
+
+    try:
+        return storage.digest(location)
+    except StorageError:
+        where = parse_location(location)
+        if where.scheme != "file" or Path(where.uri).exists():
+            raise
+        raise StorageError(
+            location,
+            "no such file where this step runs: a path on the submitting machine? A "
+            "pipeline step reads data from its object store or volumes: stage it with "
+            "`lorafleet spec stage` (lorafleet submit does it for you)",
+        ) from None
 
 
 def build_base(spec: FleetSpec, storage: Storage | None = None) -> str:

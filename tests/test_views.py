@@ -115,3 +115,16 @@ def test_the_run_can_read_its_spec_from_a_store(fleet: Path, s3_endpoint: str) -
     s3.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/bad.yaml", Body=b"name: x\nexperts: 3\n")
     with pytest.raises(SpecError, match=rf"^s3://{S3_BUCKET}/{prefix}/bad.yaml:2: experts: "):
         resolve_stage(spec_uri=f"s3://{S3_BUCKET}/{prefix}/bad.yaml", storage=storage)
+
+
+def test_a_data_path_the_step_cannot_see_is_named_with_what_to_do(fleet: Path) -> None:
+    from lorafleet.errors import StorageError
+
+    spec = load_fleet(fleet)
+    missing = str(fleet.parent / "elsewhere" / "seed.jsonl")
+    spec.experts[0].seed_data = missing
+    with pytest.raises(StorageError) as err:
+        resolve_stage(spec_to_json(spec), storage=Storage(pvc_mounts={}))
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{missing}: no such file where this step runs")
+    assert "lorafleet spec stage" in line
