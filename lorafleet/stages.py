@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -263,6 +264,11 @@ def validate_stage(
     return summary
 
 
+WORK_STORE_ENV = "LORAFLEET_WORK_STORE"
+"""Where a pipeline step keeps work it can resume (set per profile from its object store)."""
+SYNC_EVERY_S = 20.0
+
+
 def synthesize_stage(
     expert: ExpertSpec,
     seeds: str | Path,
@@ -270,28 +276,55 @@ def synthesize_stage(
     work_dir: str | Path | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    storage: Storage | None = None,
 ) -> dict:
     """Expand the seeds (or one shard of them) with the expert's generator.
+
+    A teacher run keeps its finished answers in its work directory and resumes from them.
+    In a pipeline step, whose disk is gone when it is retried, that directory lives in the
+    profile's object store (``$LORAFLEET_WORK_STORE``): it is read back at the start, written
+    every :data:`SYNC_EVERY_S` seconds and at the end, keyed by the expert, the synthesis
+    settings, the task and the seeds, so a retried step (or a rerun of the same run) asks
+    the teacher only what it has not answered yet.
 
     Args:
         expert: the expert.
         seeds: all seed records.
         out: the synthetic records (JSONL).
-        work_dir: the teacher's resumable shards (default: ``<out>.work`` beside ``out``).
+        work_dir: the teacher's resumable shards (default: in the work store when one is
+            set, else ``<out>.work`` beside ``out``).
         shard_index: which shard of the seeds to expand (round-robin, see :mod:`lorafleet.data.shard`).
         shard_count: how many shards the seeds are dealt into; teacher prompts still sample
             examples from all seeds, so the shards together equal one unsharded run.
+        storage: where the work store is (default: from the environment).
     """
     from lorafleet.data.shard import split_records
-    from lorafleet.data.synth import synthesize
 
     records = _records(seeds)
-    work_dir = work_dir or Path(str(out) + ".work")
     shard = split_records(records, shard_count)[shard_index]
     progress.emit(expert.name, "synthesize", f"shard {shard_index + 1}/{shard_count}")
-    result = synthesize(
-        shard, expert.synthesis, expert.task_definition, expert.data, work_dir, pool=records
-    )
+    store = os.environ.get(WORK_STORE_ENV, "").strip()
+    if work_dir is None and store and expert.synthesis.generator == "teacher":
+        key = sha256_json(
+            [
+                json.loads(expert.synthesis.model_dump_json()),
+                expert.task_definition.digest(),
+                [r.to_json() for r in records],
+            ]
+        )[:20]
+        remote = f"{store.rstrip('/')}/synthesize/{expert.name}/{key}/shard-{shard_index}"
+        result = _synthesize_resumable(expert, shard, records, remote, storage or Storage())
+    else:
+        from lorafleet.data.synth import synthesize
+
+        result = synthesize(
+            shard,
+            expert.synthesis,
+            expert.task_definition,
+            expert.data,
+            work_dir or Path(str(out) + ".work"),
+            pool=records,
+        )
     dump_records(out, result.records)
     progress.emit(
         expert.name,
@@ -300,6 +333,42 @@ def synthesize_stage(
         done=True,
     )
     return {**result.stats, "shard": f"{shard_index + 1}/{shard_count}"}
+
+
+def _synthesize_resumable(
+    expert: ExpertSpec, shard: list[Record], pool: list[Record], remote: str, storage: Storage
+):
+    """Teacher synthesis whose work directory is kept at ``remote`` in a store."""
+    from lorafleet.data.synth import synthesize
+
+    with tempfile.TemporaryDirectory(prefix="lorafleet-synth-") as tmp:
+        local = Path(tmp) / "work"
+        if storage.list_prefix(remote):
+            storage.download_tree(remote, local)
+            log.info("%s: resuming synthesis from %s", expert.name, remote)
+        last = [time.monotonic()]
+
+        def sync() -> None:
+            if local.is_dir() and any(local.iterdir()):
+                storage.upload_tree(local, remote)
+
+        def on_job() -> None:
+            if time.monotonic() - last[0] >= SYNC_EVERY_S:
+                last[0] = time.monotonic()
+                sync()
+
+        try:
+            return synthesize(
+                shard,
+                expert.synthesis,
+                expert.task_definition,
+                expert.data,
+                local,
+                on_job=on_job,
+                pool=pool,
+            )
+        finally:
+            sync()  # what was answered survives a failure, for the retry
 
 
 def shard_indices(expert: ExpertSpec) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from lorafleet.engine.devices import GPUS_ENV
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import PlatformProfile, StepPlatform, load_fleet
 from lorafleet.fleet.platform import NON_IDEMPOTENT_STEPS
@@ -31,11 +32,13 @@ __all__ = [
     "placer",
     "spec_profile",
     "step_env",
+    "step_gpus",
     "step_settings",
 ]
 
 # What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
+WORK_STORE_ENV = "LORAFLEET_WORK_STORE"  # read by lorafleet.stages.synthesize_stage
 
 # A failed pod of an idempotent step (evicted, preempted, a store's hiccup) is retried twice.
 DEFAULT_RETRIES = 2
@@ -143,6 +146,16 @@ def step_settings(profile: PlatformProfile, step: str) -> list[StepPlatform]:
     return [default, shared, *([own] if own is not None else [])]
 
 
+def step_gpus(profile: PlatformProfile, step: str) -> int:
+    """How many GPUs ``step``'s pod gets on ``profile``: the accelerator count of the last
+    settings (:func:`step_settings`) that name an accelerator, when that accelerator is a GPU
+    (a resource name with ``gpu`` in it, e.g. ``nvidia.com/gpu``, ``amd.com/gpu``); else 0."""
+    placed = [s for s in step_settings(profile, step) if s.accelerator_type]
+    if not placed or "gpu" not in placed[-1].accelerator_type.lower():
+        return 0
+    return placed[-1].accelerator_count
+
+
 def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
     """The environment the storage layer needs in ``step``'s pod on ``profile``.
 
@@ -153,7 +166,11 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
     Returns:
         ``AWS_ENDPOINT_URL_S3`` when the profile's store has an S3 endpoint, and
         ``LORAFLEET_PVC_MOUNTS`` (``claim=/path,...``) when the pod mounts PVCs, so that
-        ``pvc://`` locations resolve in the step.
+        ``pvc://`` locations resolve in the step, and ``LORAFLEET_WORK_STORE`` (the
+        store's ``work/`` prefix) where a step keeps work it resumes after a retry;
+        ``LORAFLEET_GPUS`` when the step is given GPUs (:func:`step_gpus`), so that it fails
+        instead of running on the CPU when it sees none
+        (:func:`lorafleet.engine.devices.require_gpus`).
     """
     env = {}
     if profile.storage.endpoint:
@@ -161,6 +178,11 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
     mounts = profile.pvc_mounts(step)
     if mounts:
         env[PVC_MOUNTS_ENV] = ",".join(f"{claim}={path}" for claim, path in mounts.items())
+    if profile.storage.object_store:  # resumable work (teacher synthesis) survives a retry
+        env[WORK_STORE_ENV] = f"{profile.storage.object_store.rstrip('/')}/work"
+    gpus = step_gpus(profile, step)
+    if gpus:
+        env[GPUS_ENV] = str(gpus)
     return env
 
 

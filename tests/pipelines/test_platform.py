@@ -107,6 +107,8 @@ def test_every_step_can_reach_the_profiles_store(profile: str) -> None:
         mounts = _expected(settings, step).pvcs
         if mounts:
             want["LORAFLEET_PVC_MOUNTS"] = ",".join(f"{m.claim}={m.mount_path}" for m in mounts)
+        if settings.storage.object_store:  # where a retried step finds the work it resumes
+            want["LORAFLEET_WORK_STORE"] = settings.storage.object_store.rstrip("/") + "/work"
         assert env == want
     assert profile != "onprem" or "AWS_ENDPOINT_URL_S3" in env, "onprem's MinIO endpoint"
 
