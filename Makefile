@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster
+.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster image-gpu
 
 setup: $(STAMP)
 
@@ -56,6 +56,21 @@ bench: $(STAMP)
 # Debian packages podman, runc and debootstrap (.ci/run installs them). See docs/images.md.
 image-test: $(STAMP)
 	ci/image-test.sh
+
+# The CUDA variant of both images (docs/gpu.md): the same Dockerfiles, CUDA torch from the
+# PyTorch index. It downloads CUDA torch and its nvidia-* libraries (several GB), so CI
+# never runs it (CI lints the Dockerfiles only). CONTAINER=docker works too.
+CONTAINER ?= podman
+CUDA_TORCH_FIND_LINKS ?= https://download.pytorch.org/whl/cu128/torch/
+CUDA_TORCH_VERSION ?= 2.13.0+cu128
+GPU_TAG ?= $(shell $(PY) -c 'from lorafleet.components import IMAGE; print(IMAGE)')-cuda
+GPU_RUNTIME_TAG ?= $(subst /lorafleet:,/lorafleet-runtime:,$(GPU_TAG))
+image-gpu: $(STAMP)
+	$(CONTAINER) build -f components/Dockerfile -t $(GPU_TAG) \
+		--build-arg TORCH_FIND_LINKS=$(CUDA_TORCH_FIND_LINKS) \
+		--build-arg TORCH_VERSION=$(CUDA_TORCH_VERSION) .
+	$(CONTAINER) build -f lorafleet/serve/Dockerfile -t $(GPU_RUNTIME_TAG) \
+		--build-arg LORAFLEET_IMAGE=$(GPU_TAG) .
 
 # The compiled pipeline with every step in the component image (podman, kfp.local's
 # DockerRunner), data, registry and adapters in an S3-compatible server (moto), the fleet

@@ -48,6 +48,7 @@ step "wheelhouse (the host's pip config: local CPU torch wheel, local indexes, P
 rm -f "$WORK"/wheelhouse/lorafleet-*.whl
 
 step "hadolint"
+# This also lints the CUDA variant (make image-gpu): the same files, only build args differ.
 "$(dirname "$PY")/hadolint" components/Dockerfile lorafleet/serve/Dockerfile
 
 # Docker format keeps the runtime's HEALTHCHECK (the OCI format has no field for it).

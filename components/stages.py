@@ -211,8 +211,9 @@ def train(
     from lorafleet.stages import train_stage
 
     limit_threads()
+    spec = spec_from_json(spec_json)
     result = train_stage(
-        spec_from_json(spec_json).expert(expert), base_path(base), train_set.path, adapter.path
+        spec.expert(expert), base_path(base), train_set.path, adapter.path, base=spec.base
     )
     write_json(train_log, result)
     log_metrics(metrics, kfp_train_metrics(result))

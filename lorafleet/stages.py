@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorafleet import progress
 from lorafleet.errors import DataError
-from lorafleet.fleet import DATA_FIELDS, ExpertSpec, FleetSpec
+from lorafleet.fleet import DATA_FIELDS, BaseSpec, ExpertSpec, FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from lorafleet.records import Record, dump_records, read_records
 from lorafleet.storage import Storage, parse_location
@@ -462,6 +462,7 @@ def train_stage(
     adapter_out: str | Path,
     on_step=None,
     kube_api=None,
+    base: BaseSpec | None = None,
 ) -> dict:
     """Fine-tune the expert's adapter where ``training.launcher`` says.
 
@@ -472,6 +473,7 @@ def train_stage(
     Args:
         kube_api: the ``kubernetes`` ApiClient for ``trainjob`` (default: from the
             kubeconfig or the pod's service account).
+        base: the spec's base (its ``revision`` and ``dtype`` are honoured in process).
     """
     training = expert.training
     progress.emit(expert.name, "train", training.launcher)
@@ -485,6 +487,8 @@ def train_stage(
             training,
             adapter_out,
             on_step=on_step or _train_progress(expert.name),
+            revision=base.revision if base else None,
+            dtype=base.dtype if base else "auto",
         ).to_dict()
         losses = result.get("losses") or []
         if losses:
@@ -571,7 +575,9 @@ def evaluate_stage(
         adapters = {"candidate": adapter_dir}
         if production:
             adapters["production"] = production["path"]
-        generator = Generator(base_dir, adapters)
+        generator = Generator(
+            base_dir, adapters, dtype=spec.base.dtype, revision=spec.base.revision
+        )
         arms = {"candidate": "candidate", "base": None} | (
             {"production": "production"} if production else {}
         )

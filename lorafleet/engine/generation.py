@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from lorafleet.engine.batched_lora import BASE_ADAPTER, BatchedLora, LoraBank, LoraKernel
+from lorafleet.engine.devices import pick_device, pick_dtype
 from lorafleet.errors import LorafleetError
 
 __all__ = [
@@ -150,9 +151,15 @@ class Generator:
     Args:
         base_dir: Hugging Face model directory (or hub id) whose tokenizer has a chat template.
         adapters: adapter name -> PEFT adapter directory, loaded now.
-        device: torch device to run on.
-        dtype: weight dtype (``torch.bfloat16`` on a GPU); the checkpoint's when ``None``.
-            Attention runs through PyTorch SDPA on every device.
+        device: torch device to run on; ``None``: the first CUDA device when one is
+            visible, else the CPU (:func:`~lorafleet.engine.devices.pick_device`, which
+            also refuses to run on the CPU in a step that was given GPUs).
+        dtype: weight dtype, a ``torch.dtype`` or the spec's ``base.dtype`` name;
+            ``"auto"``/``None``: bf16 on a GPU that supports it, else float32
+            (:func:`~lorafleet.engine.devices.pick_dtype`). Attention runs through PyTorch
+            SDPA on every device.
+        revision: the hub revision of ``base_dir`` (the spec's ``base.revision``); ``None``
+            for a local directory or the hub's default branch.
         lora_backend: how rows reach their adapters. ``"batched"``: the adapters' weights
             stacked per module, every LoRA layer adds all rows' updates in one pass
             (:class:`~lorafleet.engine.batched_lora.BatchedLora`); a batch that uses an
@@ -167,20 +174,24 @@ class Generator:
         self,
         base_dir: str | Path,
         adapters: Mapping[str, str | Path] | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         lora_backend: LoraBackend = "batched",
         lora_kernel: LoraKernel | None = None,
+        revision: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.base_dir = base_dir
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir, revision=revision)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._model = (
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation="sdpa")
+            AutoModelForCausalLM.from_pretrained(
+                base_dir, revision=revision, dtype=self.dtype, attn_implementation="sdpa"
+            )
             .to(self.device)
             .eval()
         )

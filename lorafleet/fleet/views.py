@@ -12,8 +12,9 @@ view       what it keeps
 base       ``base``; for the demo base, every expert's seed data digest (its corpus)
 data       the expert's data files and digests, ``data``, ``synthesis``, ``curation``; its task
 train      the expert's ``lora`` and ``training`` (and ``serving.max_lora_rank``, which bounds
-           ``lora.r``); its task by name only
-evaluate   the expert's ``lora`` and ``gate``, ``registry`` (production is compared); its task
+           ``lora.r``), ``base`` (its revision and dtype); its task by name only
+evaluate   the expert's ``lora`` and ``gate``, ``registry`` (production is compared), ``base``;
+           its task
 gate       the expert's ``gate``; its task
 =========  ===============================================================================
 
@@ -47,8 +48,8 @@ _EXPERT_FIELDS: dict[str, set[str]] = {
 _FLEET_FIELDS: dict[str, set[str]] = {
     "base": {"base"},
     "data": set(),
-    "train": set(),
-    "evaluate": {"registry"},
+    "train": {"base"},
+    "evaluate": {"registry", "base"},
     "gate": set(),
 }
 # Steps that read the task's definition; the others only need its name to resolve.

@@ -74,6 +74,10 @@ class LorafleetRuntime(Model):
         lora_backend: ``"batched"`` (stacked adapters, one pass per LoRA layer) or
             ``"peft"`` (PEFT's per-adapter loop, the reference); see :class:`Generator`.
         limits: what one completion request may ask for; the defaults when ``None``.
+        revision: the base's hub revision (the spec's ``base.revision``); ``None`` for a
+            local directory.
+        dtype: the base's weight dtype (the spec's ``base.dtype``); ``"auto"``: bf16 on a
+            GPU that supports it, else float32 (:func:`lorafleet.engine.devices.pick_dtype`).
 
     Raises:
         LorafleetError: if an adapter has the base model's name or an invalid name.
@@ -98,6 +102,8 @@ class LorafleetRuntime(Model):
         probe: str = "Write a short answer.",
         lora_backend: LoraBackend = "batched",
         limits: RequestLimits | None = None,
+        revision: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         super().__init__(name)
         if name in adapters:
@@ -122,6 +128,8 @@ class LorafleetRuntime(Model):
         self._sources = dict(adapters)
         self._probe = probe
         self.lora_backend = lora_backend
+        self.revision = revision
+        self.dtype = dtype
         self._cache = Path(adapter_cache or tempfile.mkdtemp(prefix="lorafleet-adapters-"))
         self._infos: dict[str, AdapterInfo] = {}
         self._keys: dict[str, str] = {}  # served name -> generator key of the serving version
@@ -131,21 +139,20 @@ class LorafleetRuntime(Model):
         self._base_logits: Any = None
 
     def load(self) -> bool:
-        """Load the base (bf16 on a GPU) and admit every adapter.
+        """Load the base (on a GPU when one is visible, bf16 where it supports it) and admit
+        every adapter.
 
         Raises:
             AdapterRejected: if a startup adapter fails a check.
+            GpuNotVisibleError: the pod was given GPUs (``LORAFLEET_GPUS``) but sees none.
         """
-        import torch
-
         from lorafleet.base import fingerprint_model
 
-        cuda = torch.cuda.is_available()
         self._generator = Generator(
             self.base_dir,
-            device="cuda" if cuda else "cpu",
-            dtype=torch.bfloat16 if cuda else None,
+            dtype=self.dtype,
             lora_backend=self.lora_backend,
+            revision=self.revision,
         )
         self._base_info = BaseModelInfo.from_model(
             self._generator.model, fingerprint_model(self.base_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lorafleet.base import fingerprint_model
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample, encode_chat
+from lorafleet.engine.devices import pick_device, pick_dtype
 from lorafleet.fleet import LoraSettings, TrainingSettings
 from lorafleet.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from lorafleet.records import Record
@@ -66,36 +67,44 @@ def load_base(
     device: str | None = None,
     quantize_4bit: bool = False,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ):
-    """Load a base model and its tokenizer (float32 on CPU, bf16 on GPU unless told).
+    """Load a base model and its tokenizer (bf16 on a GPU that supports it, else float32,
+    unless told).
 
     Args:
         base_dir: a model directory or hub id.
-        dtype: ``"auto"`` or a torch dtype name.
+        dtype: the spec's ``base.dtype``: ``"auto"`` or a torch dtype name
+            (:func:`~lorafleet.engine.devices.pick_dtype`).
         device: where to put the model; default the first GPU if there is one, else CPU.
+            Either way a process given GPUs (``LORAFLEET_GPUS``) that sees none stops here
+            (:func:`~lorafleet.engine.devices.pick_device`).
         quantize_4bit: load the weights as 4-bit NF4 (QLoRA; needs CUDA and bitsandbytes).
         attn_implementation: transformers' attention implementation; default FlashAttention 2
             on a GPU where it is installed, else SDPA.
+        revision: the spec's ``base.revision`` (a hub commit or tag); ``None`` for a local
+            directory or the hub's default branch.
 
     Returns:
         ``(model, tokenizer)``.
+
+    Raises:
+        GpuNotVisibleError: given GPUs but none is visible.
     """
     import importlib.util
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    target = pick_device(device)
+    on_gpu = target.type == "cuda"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    on_gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if on_gpu else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
     flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
     kwargs = {
-        "dtype": torch_dtype,
+        "revision": revision,
+        "dtype": pick_dtype(dtype, target),
         "attn_implementation": attn_implementation or ("flash_attention_2" if flash else "sdpa"),
     }
     if quantize_4bit:
@@ -104,10 +113,10 @@ def load_base(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
-        kwargs["device_map"] = {"": device or "cuda:0"}
+        kwargs["device_map"] = {"": str(target)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if on_gpu and not quantize_4bit:
-        model = model.to(device or "cuda")
+        model = model.to(target)
     return model, tokenizer
 
 
@@ -142,6 +151,9 @@ class LoRARecipe:
         run_dir: checkpoints and the live ``metrics.jsonl``; default ``<output_dir>.run``.
         resume: continue from the newest checkpoint in ``run_dir`` (if there is one).
         dist: this process's place in the run; default: read torchrun's environment.
+        revision: the base's hub revision (the spec's ``base.revision``).
+        dtype: the base's weight dtype (the spec's ``base.dtype``; ``"auto"``: bf16 on a GPU
+            that supports it, else float32).
 
     Raises:
         ValueError: no records, or no assistant turn to learn from.
@@ -159,6 +171,8 @@ class LoRARecipe:
         run_dir: str | Path | None = None,
         resume: bool = False,
         dist: DistContext | None = None,
+        revision: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         if not records:
             raise ValueError("no training records")
@@ -177,6 +191,8 @@ class LoRARecipe:
         self.resume = resume
         self.on_step = on_step
         self._dist = dist
+        self.revision = revision
+        self.dtype = dtype
 
     def setup(self) -> None:
         import torch
@@ -184,7 +200,12 @@ class LoRARecipe:
         self.dist = self._dist or init_distributed()
         torch.manual_seed(self.training.seed)
         self.model, self.tokenizer = self._setup_model(
-            self.base_dir, self.lora, self.dist.device, self.training.gradient_checkpointing
+            self.base_dir,
+            self.lora,
+            self.dist.device,
+            self.training.gradient_checkpointing,
+            revision=self.revision,
+            dtype=self.dtype,
         )
         self.examples = self._setup_data(self.tokenizer, self.records, self.training.max_seq_len)
         micro = sum(
@@ -210,12 +231,24 @@ class LoRARecipe:
         }
 
     @staticmethod
-    def _setup_model(base_dir: str, lora: LoraSettings, device: str, gradient_checkpointing: bool):
+    def _setup_model(
+        base_dir: str,
+        lora: LoraSettings,
+        device: str,
+        gradient_checkpointing: bool,
+        revision: str | None = None,
+        dtype: str = "auto",
+    ):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         attention = training_attention(device)
         model, tokenizer = load_base(
-            base_dir, device=device, quantize_4bit=lora.qlora, attn_implementation=attention
+            base_dir,
+            dtype=dtype,
+            device=device,
+            quantize_4bit=lora.qlora,
+            attn_implementation=attention,
+            revision=revision,
         )
         if lora.qlora:
             model = prepare_model_for_kbit_training(
@@ -319,9 +352,9 @@ class LoRARecipe:
         # else the recipe's varlen attention slices by them: on the CPU they cost no device sync
         # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
         scale = n_labels / dist.world_size
-        with torch.autocast(
-            device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-        ):
+        # bf16 autocast on a GPU that has it; fp32 elsewhere (CPU, or a GPU without bf16)
+        amp = pick_dtype("auto", device)
+        with torch.autocast(device_type=device.type, dtype=amp, enabled=amp != torch.float32):
             out = self.ddp_model(
                 input_ids=batch["input_ids"].to(device),
                 position_ids=batch["position_ids"].to(device),
@@ -517,6 +550,8 @@ def train_adapter(
     on_step: Callable[[int, int, float], None] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    revision: str | None = None,
+    dtype: str = "auto",
 ) -> TrainResult:
     """Run the recipe start to finish; see :class:`LoRARecipe`."""
     recipe = LoRARecipe(
@@ -528,6 +563,8 @@ def train_adapter(
         on_step=on_step,
         run_dir=run_dir,
         resume=resume,
+        revision=revision,
+        dtype=dtype,
     )
     recipe.setup()
     try:

@@ -109,6 +109,9 @@ def test_every_step_can_reach_the_profiles_store(profile: str) -> None:
             want["LORAFLEET_PVC_MOUNTS"] = ",".join(f"{m.claim}={m.mount_path}" for m in mounts)
         if settings.storage.object_store:  # where a retried step finds the work it resumes
             want["LORAFLEET_WORK_STORE"] = settings.storage.object_store.rstrip("/") + "/work"
+        placed = _expected(settings, step)
+        if placed.accelerator_type:  # a step given GPUs fails if it sees none (engine/devices)
+            want["LORAFLEET_GPUS"] = str(placed.accelerator_count)
         assert env == want
     assert profile != "onprem" or "AWS_ENDPOINT_URL_S3" in env, "onprem's MinIO endpoint"
 
