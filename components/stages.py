@@ -35,6 +35,7 @@ def resolve_fleet(
     base_model: str,
     base_revision: str,
     max_loss_ratio: float,
+    gate_overrides: str,
 ) -> NamedTuple("Fleet", fleet_json=str, base_view=str):
     """The fleet this run builds: the spec (or the one at spec_uri) with the run's parameters
     applied and every data file's digest filled in; and the base step's view of it."""
@@ -44,7 +45,14 @@ def resolve_fleet(
     from lorafleet.fleet.views import step_view
     from lorafleet.stages import resolve_stage
 
-    spec = resolve_stage(spec_json, spec_uri, base_model, base_revision, max_loss_ratio)
+    spec = resolve_stage(
+        spec_json,
+        spec_uri,
+        base_model,
+        base_revision,
+        max_loss_ratio,
+        gate_overrides=gate_overrides,
+    )
     return namedtuple("Fleet", ["fleet_json", "base_view"])(
         spec_to_json(spec), spec_to_json(step_view(spec, "base"))
     )
@@ -57,6 +65,7 @@ def expert_views(
     base_model: str,
     base_revision: str,
     max_loss_ratio: float,
+    gate_overrides: str,
     expert: str,
 ) -> NamedTuple("Views", fleet=str, data=str, train=str, evaluate=str, gate=str):
     """The fleet as resolve-fleet makes it (this expert's data digests read afresh), and what
@@ -69,7 +78,13 @@ def expert_views(
     from lorafleet.stages import resolve_stage
 
     spec = resolve_stage(
-        spec_json, spec_uri, base_model, base_revision, max_loss_ratio, experts=[expert]
+        spec_json,
+        spec_uri,
+        base_model,
+        base_revision,
+        max_loss_ratio,
+        experts=[expert],
+        gate_overrides=gate_overrides,
     )
     views = ["data", "train", "evaluate", "gate"]
     return namedtuple("Views", ["fleet", *views])(

@@ -86,6 +86,7 @@ def resolve_stage(
     max_loss_ratio: float = 0.0,
     storage: Storage | None = None,
     experts: list[str] | None = None,
+    gate_overrides: str = "",
 ) -> FleetSpec:
     """The fleet this run builds: the spec (given as JSON, or read from a URI), the run's
     parameters applied, and every data file's SHA-256 filled in.
@@ -102,6 +103,9 @@ def resolve_stage(
         max_loss_ratio: replaces every expert's ``gate.max_loss_ratio`` when above 0.
         storage: where the spec and data files are read (default: from the environment).
         experts: fill in only these experts' digests (default: every expert's).
+        gate_overrides: a JSON object of gate settings per expert, e.g.
+            ``{"job-analyzer": {"max_loss_ratio": 0.9, "min_metrics": {"json_valid": 0.5}}}``;
+            applied after ``max_loss_ratio``.
 
     Raises:
         SpecError: naming the run parameter (or the spec field) that is wrong.
@@ -137,6 +141,9 @@ def resolve_stage(
         given["max_loss_ratio"] = max_loss_ratio
         for e in raw["experts"]:
             e["gate"]["max_loss_ratio"] = max_loss_ratio
+    if gate_overrides.strip():
+        given["gate_overrides"] = gate_overrides
+        _override_gates(raw, gate_overrides)
     try:
         spec = FleetSpec.model_validate(raw)
     except ValidationError as exc:
@@ -151,6 +158,31 @@ def resolve_stage(
             if getattr(e, f"{field}_sha256") is None:
                 setattr(e, f"{field}_sha256", _digest(storage, getattr(e, field)))
     return spec
+
+
+def _override_gates(raw: dict, text: str) -> None:
+    """Merge the ``gate_overrides`` run parameter into the experts' gates of ``raw``.
+
+    Raises:
+        SpecError: naming the parameter, for text that is not a JSON object of objects or
+            an expert the spec does not have.
+    """
+    from lorafleet.errors import SpecError
+
+    def refuse(why: str) -> SpecError:
+        return SpecError("pipeline parameters", None, "gate_overrides", why)
+
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise refuse(f"not JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise refuse('expected {"EXPERT": {"GATE_FIELD": VALUE, ...}, ...}')
+    gates = {e["name"]: e["gate"] for e in raw["experts"]}
+    for name, fields in overrides.items():
+        if name not in gates:
+            raise refuse(f"no expert named {name!r}; the spec has {', '.join(gates)}")
+        gates[name].update(fields)
 
 
 def _digest(storage: Storage, location: str) -> str:

@@ -68,6 +68,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         base_model: str,
         base_revision: str,
         max_loss_ratio: float,
+        gate_overrides: str,
         expert: str,
         base: Input[Model],
     ) -> str:
@@ -81,6 +82,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
             base_model=base_model,
             base_revision=base_revision,
             max_loss_ratio=max_loss_ratio,
+            gate_overrides=gate_overrides,
             expert=expert,
         )
         # It reads the live data files' digests: a cached result would hide an edited file.
@@ -169,15 +171,18 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         base_model: str = "",
         base_revision: str = "",
         max_loss_ratio: float = 0.0,
+        gate_overrides: str = "",
     ) -> FleetOutputs:
         # Run parameters a KFP UI user can set without editing the spec: which experts, the
-        # base model and revision, the gate's loss bar, or another spec (a staged fleet YAML).
+        # base model and revision, the gate's loss bar (every expert's, or per expert as JSON
+        # in gate_overrides), or another spec (a staged fleet YAML).
         fleet = resolve_fleet(
             spec_json=spec_json,
             spec_uri=spec_uri,
             base_model=base_model,
             base_revision=base_revision,
             max_loss_ratio=max_loss_ratio,
+            gate_overrides=gate_overrides,
         )
         # It reads the live data files' digests: a cached result would hide an edited file.
         fleet.set_caching_options(False)
@@ -190,6 +195,7 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
                 base_model=base_model,
                 base_revision=base_revision,
                 max_loss_ratio=max_loss_ratio,
+                gate_overrides=gate_overrides,
                 expert=expert,
                 base=base.outputs["base"],
             )

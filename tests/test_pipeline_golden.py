@@ -37,6 +37,7 @@ def test_golden_reloads_and_has_the_fleet_shape() -> None:
         "base_model",
         "base_revision",
         "max_loss_ratio",
+        "gate_overrides",
     }
     assert params["spec_uri"]["defaultValue"] == "" and params["max_loss_ratio"]["isOptional"]
     dag = spec["root"]["dag"]["tasks"]

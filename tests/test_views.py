@@ -128,3 +128,24 @@ def test_a_data_path_the_step_cannot_see_is_named_with_what_to_do(fleet: Path) -
     (line,) = str(err.value).splitlines()
     assert line.startswith(f"{missing}: no such file where this step runs")
     assert "lorafleet spec stage" in line
+
+
+def test_gate_overrides_set_one_experts_bar_and_mistakes_name_the_parameter(fleet: Path) -> None:
+    spec_json = spec_to_json(load_fleet(fleet))
+    storage = Storage(pvc_mounts={})
+    overrides = '{"job-analyzer": {"max_loss_ratio": 0.8, "min_metrics": {"json_valid": 0.5}}}'
+    spec = resolve_stage(spec_json, gate_overrides=overrides, storage=storage)
+    gates = {e.name: e.gate for e in spec.experts}
+    assert gates["job-analyzer"].max_loss_ratio == 0.8
+    assert gates["job-analyzer"].min_metrics == {"json_valid": 0.5}
+    assert gates["proposal-writer"].max_loss_ratio != 0.8  # the others keep the spec's
+    for text, why in (
+        ("{not json", "gate_overrides: not JSON"),
+        ('{"poet": {}}', "gate_overrides: no expert named 'poet'"),
+        ('{"job-analyzer": 3}', "gate_overrides: expected {"),
+        ('{"job-analyzer": {"max_loss_ratio": -1}}', "experts.1.gate.max_loss_ratio"),
+    ):
+        with pytest.raises(SpecError) as err:
+            resolve_stage(spec_json, gate_overrides=text, storage=storage)
+        (line,) = str(err.value).splitlines()
+        assert line.startswith("pipeline parameters: ") and why in line, line
