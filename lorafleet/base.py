@@ -33,7 +33,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when the build procedure changes, so cached bases are rebuilt.
-BUILD_VERSION = 1
+# 2: AdamW betas (0.9, 0.95) in pre-training.
+BUILD_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 MARKER = "lorafleet-base.json"
 
@@ -104,7 +105,11 @@ def _pretrain(model, tokenizer, texts: Sequence[str], cfg: DemoBaseConfig) -> li
     if not chunks:
         return []
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    # beta2 0.95, as short LM pre-training runs use: the second moment follows the fast-changing
+    # gradients of a few hundred steps (docs/benchmarks.md, demo fleet learning).
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.01
+    )
     warmup = max(1, cfg.pretrain_steps // 10)
 
     def lr_at(step: int) -> float:

@@ -22,6 +22,7 @@ class DemoBaseSettings(StrictModel):
     intermediate_size: int = Field(704, ge=32)
     pretrain_steps: int = Field(300, ge=0)
     pretrain_seq_len: int = Field(256, ge=16)
+    pretrain_batch_size: int = Field(8, ge=1, description="sequences per pre-training step")
     seed: int = 0
 
     @model_validator(mode="after")
