@@ -2,6 +2,9 @@
 
 What stands in for the cluster, and why it is honest:
 
+- the pipeline is compiled for a profile (``onprem``) whose object store is that server,
+  and the compiled IR is what runs: its steps carry the profile's environment (the S3
+  endpoint, the work store);
 - every step runs in the component image (``components.IMAGE``, built by ``make
   image-test``) through ``kfp.local.DockerRunner`` on podman's Docker-compatible socket;
   containers share nothing but KFP's artifact folder (as a pod shares its artifact store)
@@ -49,6 +52,10 @@ def _spec(endpoint: str) -> str:
         f"  - name: {name}\n    task: {name}\n"
         f"    seed_data: {DATA}/{name}/seed.jsonl\n    eval_data: {DATA}/{name}/eval.jsonl\n"
         for name in EXPERTS
+    )
+    # The first expert's data goes through two parallel shards.
+    experts = experts.replace(
+        "/seed.jsonl\n", "/seed.jsonl\n    synthesis: {per_seed: 1, shards: 2}\n", 1
     )
     return f"""\
 apiVersion: lorafleet/v1
@@ -106,10 +113,26 @@ def _process(args: list[str], env: dict | None = None):
 
 
 def _keep_containers_until_read() -> None:
-    """kfp.local runs step containers with ``auto_remove=True``: through podman a container
-    that fails fast is gone before its exit code and logs are read, and kfp counts it a
-    SUCCESS. Run each one kept, read its logs and exit code, then remove it."""
+    """Two things kfp.local does that a cluster does not, undone here.
+
+    It runs step containers with ``auto_remove=True``: through podman a container that
+    fails fast is gone before its exit code and logs are read, and kfp counts it a
+    SUCCESS. Each one is kept, its logs and exit code read, then removed. And a step with
+    environment variables of its own (the compiled profile's) gets only those, not the
+    runner's: on a cluster the credentials would come from the profile's Secret, which
+    kfp.local does not read, so the runner's environment (the credentials) is kept under
+    the step's own.
+    """
     from kfp.local import docker_task_handler
+
+    handler_init = docker_task_handler.DockerTaskHandler.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        handler_init(self, *args, **kwargs)
+        base = self.runner.container_run_args.get("environment") or {}
+        self.env_vars = {**base, **(self.env_vars or {})}
+
+    docker_task_handler.DockerTaskHandler.__init__ = init
 
     def run_docker_container(client, image, command, volumes, **run_args) -> int:
         run_args.pop("auto_remove", None)
@@ -132,13 +155,22 @@ def _keep_containers_until_read() -> None:
     docker_task_handler.run_docker_container = run_docker_container
 
 
-def _run_pipeline(spec_json: str, root: Path, env: dict[str, str]) -> tuple[bool, str]:
-    """The committed pipeline, every step in the component image. Returns (ok, log)."""
+def _compile(spec_path: Path, out: Path):
+    """The pipeline compiled for the spec's ``onprem`` profile, loaded back from its IR."""
+    from kfp import components
+
+    from lorafleet.pipelines.compile import compile_fleet
+    from lorafleet.pipelines.platform import spec_profile
+
+    compile_fleet(out, spec_profile(spec_path, "onprem"))
+    return components.load_component_from_file(str(out))
+
+
+def _run_pipeline(pipeline, spec_json: str, root: Path, env: dict[str, str]) -> tuple[bool, str]:
+    """The compiled pipeline, every step in the component image. Returns (ok, log)."""
     import io
 
     from kfp import local
-
-    from lorafleet.pipelines.fleet_pipeline import fleet_pipeline
 
     root.mkdir(parents=True)
     # The image runs as uid 10001: the folders kfp.local makes here must be writable to it.
@@ -151,7 +183,7 @@ def _run_pipeline(spec_json: str, root: Path, env: dict[str, str]) -> tuple[bool
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         try:
-            task = fleet_pipeline(spec_json=spec_json, experts=list(EXPERTS))
+            task = pipeline(spec_json=spec_json, experts=list(EXPERTS))
         except RuntimeError as error:
             return False, log.getvalue() + f"\n{error}"
     return True, Path(task.outputs["summary"].path).read_text()
@@ -189,28 +221,20 @@ def main() -> int:
             env={**os.environ, "AWS_ENDPOINT_URL_S3": endpoint},
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
-        step_env = {
-            **CREDENTIALS,
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "HF_HUB_OFFLINE": "1",
-            "LORAFLEET_CACHE": "/tmp/lorafleet-cache",
-        }
-        ok, out = _run_pipeline(staged, work / "pipeline", step_env)
+        # What the compiled profile does not set: the credentials a Secret would give.
+        step_env = {**CREDENTIALS, "HF_HUB_OFFLINE": "1", "LORAFLEET_CACHE": "/tmp/lorafleet-cache"}
+        pipeline = _compile(spec_path, work / "fleet_pipeline-onprem.yaml")
+        ok, out = _run_pipeline(pipeline, staged, work / "pipeline", step_env)
         if not ok:
             print(out[-6000:], file=sys.stderr)
             raise SystemExit("e2e-cluster: the pipeline failed in its containers")
         summary = json.loads(out)
-        result["pipeline_s"] = round(time.monotonic() - start, 1)
+        result["pipeline_seconds"] = round(time.monotonic() - start, 1)
         experts = summary["experts"]
-        result["experts"] = {
-            name: {
-                "gate_passed": x["gate_passed"],
-                "version": x.get("adapter_version"),
-                "adapter_uri": x.get("adapter_uri"),
-            }
-            for name, x in experts.items()
-        }
+        result["experts_passed"] = sorted(n for n, x in experts.items() if x["gate_passed"])
         registered = {n: x["adapter_uri"] for n, x in experts.items() if x.get("registered")}
+        result["adapters"] = registered
+        result["shards"] = {n: x["curation"].get("shards") for n, x in experts.items()}
         if not registered or not all(u.startswith("s3://") for u in registered.values()):
             raise SystemExit(f"e2e-cluster: expected adapters registered in S3, got {registered}")
 
@@ -218,16 +242,29 @@ def main() -> int:
         base_dir = next((work / "pipeline").rglob("lorafleet-base.json")).parent
         serve_port = _free_port()
         name = f"lorafleet-e2e-runtime-{os.getpid()}"
-        args = ["podman", "run", "-d", "--rm", "--name", name, "--network", "host",
+        args = ["podman", "run", "-d", "--name", name, "--network", "host",
                 "-v", f"{base_dir}:/models/base:ro"]  # fmt: skip
-        for key, value in step_env.items():
+        for key, value in {**step_env, "AWS_ENDPOINT_URL_S3": endpoint}.items():
             args += ["-e", f"{key}={value}"]
         args += [RUNTIME_IMAGE, "--base", "/models/base", "--port", str(serve_port)]
         args += [a for n, uri in registered.items() for a in ("--adapter", f"{n}={uri}")]
         subprocess.run(args, check=True, capture_output=True)
+        replies: dict[str, bool] = {}
+        served: set[str] = set()
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{serve_port}/openai/v1", api_key="none")
-            _wait(lambda: client.models.list() is not None, "the runtime", timeout=180)
+
+            def up() -> bool:
+                state = subprocess.run(
+                    ["podman", "inspect", "-f", "{{.State.Running}}", name],
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                if state != "true":
+                    raise SystemExit("e2e-cluster: the runtime container exited")
+                return client.models.list() is not None
+
+            _wait(up, "the runtime", timeout=300)
             served = {m.id for m in client.models.list()}
             replies = {}
             for expert in registered:
@@ -240,20 +277,20 @@ def main() -> int:
                     "stop",
                     "length",
                 )
-            result["served"] = sorted(served)
-            result["replies_ok"] = replies
+            result["experts_served"] = sorted(e for e, ok in replies.items() if ok)
         finally:
             logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
             subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+            if not replies or not all(replies.values()) or not set(registered) <= served:
+                print(logs.stdout[-3000:], logs.stderr[-3000:], file=sys.stderr)
         if not all(replies.values()) or not set(registered) <= served:
-            print(logs.stdout[-3000:], logs.stderr[-3000:], file=sys.stderr)
             raise SystemExit("e2e-cluster: the runtime did not serve every registered adapter")
 
         # A spec naming this machine's files, not staged: the first step must refuse it.
         from lorafleet.fleet import load_fleet, spec_to_json
 
         host_only = spec_to_json(load_fleet(spec_path))
-        ok, out = _run_pipeline(host_only, work / "pipeline-host-paths", step_env)
+        ok, out = _run_pipeline(pipeline, host_only, work / "pipeline-host-paths", step_env)
         seed = f"{DATA}/{EXPERTS[0]}/seed.jsonl"
         # The step's exception, as a pod's log shows it: the error and its one line.
         refused = [
@@ -263,9 +300,11 @@ def main() -> int:
             print(out[-4000:], file=sys.stderr)
             raise SystemExit("e2e-cluster: a host-only data path was not refused in one line")
         result["host_path_refused"] = refused[0].strip()[:300]
-    result["wall_s"] = round(time.monotonic() - start, 1)
+    result["seconds"] = round(time.monotonic() - start, 1)
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, sort_keys=True))
+    # The real stdout: kfp.local indents what is printed through sys.stdout.
+    sys.__stdout__.write(json.dumps(result, sort_keys=True) + "\n")
+    sys.__stdout__.flush()
     return 0
 
 
