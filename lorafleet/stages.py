@@ -751,7 +751,7 @@ def register_stage(
     role = "awaits its canary" if canary else "production"
     progress.emit(expert.name, "registered", f"{entry['version']} ({role})", done=True)
     return {
-        **report,
+        **outcome_of(report),
         "adapter_uri": entry["adapter_uri"],
         "adapter_version": entry["version"],
         "registered": True,
@@ -759,11 +759,41 @@ def register_stage(
     }
 
 
+OUTCOME_SAMPLE_CHARS = 1000
+OUTCOME_LOSS_POINTS = 256
+
+
+def outcome_of(report: dict) -> dict:
+    """The gate report as an expert's outcome: what the fleet report and the rollouts read,
+    of a bounded size. Outcomes travel as pipeline parameters (``dsl.OneOf`` of
+    parameters), which the executor passes on a command line: one argument holds at most
+    128 KiB on Linux, and a fleet's outcomes share it. The whole report stays the gate
+    step's artifact; here the per-evaluator ``results_*`` (a second copy of the metrics
+    and samples) and the base's and production's samples are left out, the candidate's
+    samples are cut to :data:`OUTCOME_SAMPLE_CHARS` and the loss curve thinned to
+    :data:`OUTCOME_LOSS_POINTS` points (its first and last kept)."""
+    out = {
+        k: v
+        for k, v in report.items()
+        if not k.startswith("results_") and k not in ("samples_base", "samples_production")
+    }
+    out["samples_candidate"] = [
+        s[:OUTCOME_SAMPLE_CHARS] for s in report.get("samples_candidate") or []
+    ]
+    train = report.get("train")
+    losses = (train or {}).get("losses") or []
+    if len(losses) > OUTCOME_LOSS_POINTS:
+        step = (len(losses) - 1) / (OUTCOME_LOSS_POINTS - 1)
+        thinned = [losses[round(i * step)] for i in range(OUTCOME_LOSS_POINTS)]
+        out["train"] = {**train, "losses": thinned, "loss_points_of": len(losses)}
+    return out
+
+
 def reject_stage(report: dict) -> dict:
     """The outcome of a candidate that failed its gate: nothing is registered."""
     progress.emit(report.get("expert", "?"), "rejected", "nothing registered", done=True)
     return {
-        **report,
+        **outcome_of(report),
         "adapter_uri": None,
         "adapter_version": None,
         "registered": False,

@@ -225,7 +225,11 @@ class _ProxyHandlers:
         for name in ("content-type", "retry-after"):
             if name in response.headers:
                 headers[name] = response.headers[name]
-        if response.status_code != 404:  # 404: the upstream serves no such model
+        # Labelled with the client's string only once the upstream has shown it serves that
+        # model: it answered, or failed serving it (5xx). A 404 says it serves no such model,
+        # and another 4xx (a bad body) may come before the name is looked at: any client
+        # could grow the series without bound.
+        if response.status_code < 400 or response.status_code >= 500:
             tally.model, tally.adapter = model, adapter
         if body.get("stream"):
             relay = self._relay(response, tally, start)

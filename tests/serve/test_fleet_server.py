@@ -196,6 +196,11 @@ def test_proxy_keeps_unknown_model_strings_out_of_its_metric_labels(proxy: str) 
         for i in range(3):
             with pytest.raises(openai.NotFoundError):
                 client.chat.completions.create(**chat(f"invented-{i}", "hi", 2))
+        # a body the upstream refuses (400) before it looks the name up
+        bad = admin.post(
+            "/openai/v1/chat/completions", json={"model": "invented-bad", "messages": "hi"}
+        )
+        assert bad.status_code == 400, bad.text
         metrics = admin.get("/metrics").text
     assert "invented-" not in metrics
     assert 'lorafleet_requests_total{adapter="_unknown",model="_unknown",status="404"}' in metrics
