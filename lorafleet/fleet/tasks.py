@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet.common import SLUG, StrictModel
@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 METRIC_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+_SCORERS: dict[str, dict[str, Scorer]] = {}  # by definition digest
 ALWAYS = "token_f1"  # reported for every task
 
 
@@ -201,8 +202,6 @@ class TaskDefinition(StrictModel):
     safety: TaskSafety = Field(default_factory=TaskSafety)
     generation: TaskGeneration = Field(default_factory=TaskGeneration)
 
-    _scorers: dict[str, Scorer] | None = PrivateAttr(None)
-
     @model_validator(mode="after")
     def _consistent(self) -> TaskDefinition:
         names = [m.reported for m in self.metrics]
@@ -235,13 +234,15 @@ class TaskDefinition(StrictModel):
         return next((m.direction for m in self.metrics if m.reported == metric), "higher")
 
     def scorers(self) -> dict[str, Scorer]:
-        """Every metric's scorer by reported name, ``token_f1`` first."""
-        if self._scorers is None:
+        """Every metric's scorer by reported name, ``token_f1`` first (built once per
+        definition: kept by digest, outside the model, so equal definitions stay equal)."""
+        digest = self.digest()
+        if digest not in _SCORERS:
             schema = self.answer.json_schema
-            self._scorers = {ALWAYS: token_f1} | {
+            _SCORERS[digest] = {ALWAYS: token_f1} | {
                 m.reported: build_scorer(m.metric, m.params, schema) for m in self.metrics
             }
-        return self._scorers
+        return _SCORERS[digest]
 
     def digest(self) -> str:
         """SHA-256 of the definition: in lineage, and in the cache key of every step using it."""

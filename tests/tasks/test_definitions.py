@@ -225,3 +225,13 @@ def test_the_shipped_marketplace_tasks_are_definitions_with_their_safety_cases()
         assert task.primary != "token_f1" and len(safety_cases(task)) == 6
         assert task.synthesis.teacher_prompt and task.judge.rubric
     assert shipped_task("chat").primary == "token_f1"
+
+
+def test_building_scorers_leaves_a_definition_equal_to_its_round_trip() -> None:
+    # Scorers are cached outside the model: a spec whose shipped task was scored still
+    # equals the same spec read back from its pipeline JSON.
+    from lorafleet.fleet.tasks import TaskDefinition
+
+    task = shipped_task("job-analyzer")
+    task.scorers()
+    assert TaskDefinition.model_validate_json(task.model_dump_json(by_alias=True)) == task
