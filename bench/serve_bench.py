@@ -25,6 +25,14 @@ process holding each. Reproduce:
     .venv/bin/python bench/serve_bench.py --batch-size 64
     .venv/bin/python bench/serve_bench.py --threads 1 --sweep 8,16,32,64,128
     .venv/bin/python bench/serve_bench.py --requests 256 --max-new-tokens 32
+
+``--vs-vllm`` measures, over HTTP, the native runtime against vLLM's CPU build and against
+lorafleet's front in front of vLLM on one mixed-length Poisson trace and one uniform burst
+(:mod:`vllm_compare`; needs ``make vllm-env``). The last line is one JSON object with
+``native_over_vllm_mixed``, ``native_over_vllm_uniform`` and ``router_over_direct``:
+
+    make vllm-env && .venv/bin/python bench/serve_bench.py --vs-vllm
+    .venv/bin/python bench/serve_bench.py --vs-vllm --gpu     # on a device: 1B shape, CUDA
 """
 
 from __future__ import annotations
@@ -181,6 +189,11 @@ def _measure_memory(base: Path, adapters: dict[str, Path]) -> dict:
 
 
 def main() -> None:
+    if "--vs-vllm" in sys.argv[1:]:
+        from vllm_compare import main as compare
+
+        compare(sys.argv[1:])
+        return
     from lorafleet.serve.batching import MAX_BATCH_SIZE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.engine.devices import DTYPES
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.auth import DEFAULT_RPM, ApiKeys
 from lorafleet.serve.limits import RequestLimits
@@ -102,6 +103,18 @@ def serve(
         typer.Option(metavar="FILE", envvar="LORAFLEET_API_KEYS_FILE", help=API_KEYS_HELP),
     ] = None,
     api_key_rpm: Annotated[int, typer.Option(min=1, help=RPM_HELP)] = DEFAULT_RPM,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub revision of the base (a commit, tag or branch; the spec's base.revision)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weight dtype: auto (bf16 on a GPU that supports it, else float32), float32, bfloat16 or float16."
+        ),
+    ] = "auto",
     fault: Annotated[
         list[str] | None,
         typer.Option(
@@ -123,6 +136,8 @@ def serve(
 
     if lora_backend not in ("batched", "peft"):
         raise LorafleetError(f"--lora-backend {lora_backend!r}: expected batched or peft")
+    if dtype not in ("auto", *DTYPES):
+        raise LorafleetError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     adapters = {}
     for item in adapter or []:
         adapter_name, sep, path = item.partition("=")
@@ -152,6 +167,8 @@ def serve(
         adapter_cache=str(adapter_cache) if adapter_cache else None,
         faults=faults,
         lora_backend=lora_backend,
+        revision=revision,
+        dtype=dtype,
     )
 
 
