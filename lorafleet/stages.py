@@ -505,7 +505,7 @@ def train_stage(
     Args:
         kube_api: the ``kubernetes`` ApiClient for ``trainjob`` (default: from the
             kubeconfig or the pod's service account).
-        base: the spec's base (its ``revision`` and ``dtype`` are honoured in process).
+        base: the spec's base (its ``revision`` and ``dtype`` go to every launcher).
     """
     training = expert.training
     progress.emit(expert.name, "train", training.launcher)
@@ -536,6 +536,8 @@ def train_stage(
         output_dir=str(adapter_out),
         lora=expert.lora,
         training=training,
+        base_revision=base.revision if base else None,
+        base_dtype=base.dtype if base else "auto",
     )
     if training.launcher == "torchrun":
         from lorafleet.train.launch import run_torchrun

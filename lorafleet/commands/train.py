@@ -35,7 +35,8 @@ def _job(spec: Path, expert: str, base: str, train_set: str, output: str, resume
     from lorafleet.fleet import load_fleet
     from lorafleet.train.job import TrainJobConfig
 
-    settings = load_fleet(spec).expert(expert)
+    fleet = load_fleet(spec)
+    settings = fleet.expert(expert)
     job = TrainJobConfig(
         base_dir=base,
         train_set=train_set,
@@ -43,6 +44,8 @@ def _job(spec: Path, expert: str, base: str, train_set: str, output: str, resume
         resume=resume,
         lora=settings.lora,
         training=settings.training,
+        base_revision=fleet.base.revision,
+        base_dtype=fleet.base.dtype,
     )
     return settings, job
 

@@ -563,7 +563,9 @@ def run_on_cluster(
             f"training.cluster.volume: {root} is not mounted in this step; mount claim "
             f"{cluster.volume.claim!r} there (pipeline.profiles.<profile>.steps.train.pvcs)"
         )
-    settings = job.model_dump(mode="json", include={"lora", "training"})
+    settings = job.model_dump(
+        mode="json", include={"lora", "training", "base_revision", "base_dtype"}
+    )
     digest = sha256_json(
         {"train": sha256_file(train_set), "base": fingerprint_model(base_dir), "settings": settings}
     )

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +32,8 @@ class TrainJobConfig(BaseModel):
         run_dir: checkpoints and live metrics; default ``<output_dir>.run``.
         resume: continue from the newest checkpoint in ``run_dir``.
         threads: torch intra-op threads per process (0 keeps torch's default).
+        base_revision: the base's hub revision (the spec's ``base.revision``).
+        base_dtype: the base's weight dtype (the spec's ``base.dtype``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +44,8 @@ class TrainJobConfig(BaseModel):
     run_dir: str | None = None
     resume: bool = False
     threads: int = Field(0, ge=0)
+    base_revision: str | None = None
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
@@ -67,6 +72,8 @@ def run_job(job: TrainJobConfig) -> dict:
         job.output_dir,
         run_dir=job.run_dir,
         resume=job.resume,
+        revision=job.base_revision,
+        dtype=job.base_dtype,
     )
     return result.to_dict()
 

@@ -83,3 +83,33 @@ def test_train_job_given_a_gpu_it_cannot_see_exits_2_with_one_line(
     assert len(lines) == 1, lines
     assert "LORAFLEET_GPUS=1" in lines[0] and "sees none" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_file_carries_the_base_revision_and_dtype_to_the_trainer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_base: Path
+) -> None:
+    """The torchrun and TrainJob launchers run from a job file: the spec's base.revision and
+    base.dtype must reach the model load there as they do in process."""
+    from lorafleet.train import recipe
+    from lorafleet.train.job import TrainJobConfig, run_job
+
+    asked = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(path, **kwargs):
+        asked.update(kwargs, path=path)
+        raise Loaded
+
+    monkeypatch.setattr(recipe, "load_base", load)
+    job = TrainJobConfig(
+        base_dir=str(tiny_base),
+        train_set=str(SEED),
+        output_dir=str(tmp_path / "out"),
+        base_revision="0123abc",
+        base_dtype="bfloat16",
+    )
+    with pytest.raises(Loaded):
+        run_job(TrainJobConfig.model_validate_json(job.model_dump_json()))
+    assert asked["revision"] == "0123abc" and asked["dtype"] == "bfloat16"
