@@ -58,7 +58,7 @@ def _adapters(spec, registry: str | None) -> dict[str, str]:
 
 
 def _rendered(file: Path, profile: str | None, registry: str | None) -> list[dict]:
-    from lorafleet.deploy.render import render, serving_problems, trained_base
+    from lorafleet.deploy.render import render, serving_problems, serving_warnings, trained_base
     from lorafleet.deploy.validate import validate_manifests
     from lorafleet.errors import LorafleetError
     from lorafleet.fleet import load_fleet
@@ -69,6 +69,8 @@ def _rendered(file: Path, profile: str | None, registry: str | None) -> list[dic
     problems = serving_problems(spec, profile)
     if problems:
         raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
+    for field, message in serving_warnings(spec):
+        typer.echo(f"warning: {field}: {message}", err=True)
     adapters = _adapters(spec, registry)
     base = None
     if spec.base.model == "demo" and not spec.serving.base_uri:

@@ -45,6 +45,21 @@ def _serving_error(file: Path, spec) -> SpecError | None:
     return SpecError(file, line, field, message, more)
 
 
+def _serving_warnings(file: Path, spec) -> list[dict]:
+    """What ``lorafleet deploy render`` renders but warns about, each printed as one
+    ``warning: FILE:LINE: field: message`` line on stderr."""
+    from lorafleet.deploy.render import serving_warnings
+
+    found = [
+        {"file": str(file), "line": _line_of(file, field), "field": field, "message": message}
+        for field, message in serving_warnings(spec)
+    ]
+    for w in found:
+        where = f"{w['file']}:{w['line']}" if w["line"] else w["file"]
+        typer.echo(f"warning: {where}: {w['field']}: {w['message']}", err=True)
+    return found
+
+
 @app.command("check")
 def check(
     file: SpecFile,
@@ -59,7 +74,8 @@ def check(
 ) -> None:
     """Validate a fleet spec, and that `lorafleet deploy render` accepts its serving block
     (profile, storage identity, storage URIs); errors are printed as FILE:LINE: field.path:
-    message, one a line, with exit code 2."""
+    message, one a line, with exit code 2. Warnings (e.g. runtime vllm on CPUs) are printed
+    as `warning: FILE:LINE: field.path: message` and do not fail the check."""
     from lorafleet.fleet import load_fleet
 
     spec = None
@@ -86,9 +102,18 @@ def check(
             )
         raise
     names = [e.name for e in spec.experts]
+    warnings = _serving_warnings(file, spec)
     if as_json:
         write_json_result(
-            "-", {"ok": True, "file": str(file), "name": spec.name, "experts": names, "errors": []}
+            "-",
+            {
+                "ok": True,
+                "file": str(file),
+                "name": spec.name,
+                "experts": names,
+                "errors": [],
+                "warnings": warnings,
+            },
         )
         return
     out.print(f"{file}: ok — fleet {spec.name!r}, {len(names)} experts: {', '.join(names)}")

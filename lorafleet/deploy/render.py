@@ -24,6 +24,7 @@ from lorafleet.deploy.profiles import (
 )
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import FleetSpec, ServingSpec
+from lorafleet.fleet.serving import VLLM_VERSION
 from lorafleet.io import atomic_write_text
 from lorafleet.k8s_objects import (
     ADAPTER_MOUNT,
@@ -41,18 +42,28 @@ from lorafleet.storage import LocationLike, Storage
 
 __all__ = [
     "TRAINING_ROLE",
+    "VLLM_BASE_IMAGE",
+    "VLLM_CPU_IMAGE",
     "VLLM_IMAGE",
     "deployment_annotations",
     "dump_yaml",
     "render",
     "resolve_adapters",
     "serving_problems",
+    "serving_warnings",
     "trained_base",
     "write_objects",
 ]
 
-# A fixed tag, like the runtime image's: the release pipeline may pin a digest on top.
-VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+# vLLM's release image that lorafleet/serve/Dockerfile.vllm builds on (its VLLM_IMAGE argument).
+VLLM_BASE_IMAGE = f"docker.io/vllm/vllm-openai:v{VLLM_VERSION}"
+# lorafleet's front on that image: fixed tags, like the runtime image's (the release pipeline
+# may pin a digest on top). The -cpu variant is the same Dockerfile on vLLM's CPU build.
+VLLM_IMAGE = f"ghcr.io/lorafleet/lorafleet-vllm:0.1.0-vllm{VLLM_VERSION}"
+VLLM_CPU_IMAGE = f"{VLLM_IMAGE}-cpu"
+# vLLM's CPU build sizes its KV cache from the node's memory, not the pod's limit: a fixed
+# size keeps it inside the container's 32Gi with an 8B base's weights.
+VLLM_CPU_KV_CACHE = "8G"
 BASE_MOUNT = "/mnt/models/base"
 TRAINING_ROLE = "lorafleet-pipeline-training"  # the pipeline's grant where trainjob experts train
 SERVING_SA = "lorafleet-serving"
@@ -228,6 +239,27 @@ def serving_problems(
     ]
 
 
+def serving_warnings(spec: FleetSpec) -> list[tuple[str, str]]:
+    """What :func:`render` renders but a reader should know, as ``(field, message)``.
+
+    Args:
+        spec: the fleet.
+
+    Returns:
+        One entry per warning (one line each); empty when there is nothing to say.
+    """
+    serving = spec.serving
+    if serving.runtime == "vllm" and serving.gpus == 0:
+        return [
+            (
+                "serving.gpus",
+                f"0 with runtime vllm: served by vLLM's CPU build ({VLLM_CPU_IMAGE}), "
+                "many times slower than a GPU; for tests and small bases",
+            )
+        ]
+    return []
+
+
 # KServe's InferenceService name rule (IsvcNameFmt, inference_service_validation.go): a
 # DNS-1123 label that starts with a letter.
 ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -265,9 +297,10 @@ def _resources(spec: FleetSpec) -> k8s.V1ResourceRequirements:
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
-def _probes(runtime: str) -> dict[str, k8s.V1Probe]:
-    ready = "/health" if runtime == "vllm" else "/v2/health/ready"
-    live = "/health" if runtime == "vllm" else "/v2/health/live"
+def _probes() -> dict[str, k8s.V1Probe]:
+    """Probes on the lorafleet health endpoints, which the runtime, the vLLM front (ready once
+    vLLM is up and every startup adapter is loaded) and the router all serve."""
+    ready, live = "/v2/health/ready", "/v2/health/live"
 
     def probe(path: str, period: int, failures: int) -> k8s.V1Probe:
         return k8s.V1Probe(
@@ -293,6 +326,19 @@ def _scratch() -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
     return volumes, mounts
 
 
+def _admin_token(spec: FleetSpec) -> k8s.V1EnvVar:
+    """``LORAFLEET_ADMIN_TOKEN`` from the fleet's admin Secret ``FLEET-router-admin``, the one
+    the rollout controller calls with (:mod:`lorafleet.rollout.manifests`); optional."""
+    return k8s.V1EnvVar(
+        name="LORAFLEET_ADMIN_TOKEN",
+        value_from=k8s.V1EnvVarSource(
+            secret_key_ref=k8s.V1SecretKeySelector(
+                name=f"{spec.name}-router-admin", key="token", optional=True
+            )
+        ),
+    )
+
+
 def _serving_runtime(spec: FleetSpec) -> Any:
     from kserve import models as ks
 
@@ -303,18 +349,16 @@ def _serving_runtime(spec: FleetSpec) -> Any:
         k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
     ]
     if runtime == "vllm":
-        image, fmt = VLLM_IMAGE, "vllm"
-        command = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+        # lorafleet's front on :8080 (admission checks, routes, faults, per-adapter metrics,
+        # the admin API); vLLM behind it on 127.0.0.1, its flags passed through.
+        image = VLLM_IMAGE if spec.serving.gpus else VLLM_CPU_IMAGE
+        fmt = "vllm"
+        command = ["python3", "-m", "lorafleet.serve.vllm_front"]
         args = [
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PORT),
-            "--model",
-            BASE_MOUNT,
-            "--served-model-name",
-            "base",
+            *("--host", "0.0.0.0", "--port", str(PORT)),
+            *("--model", BASE_MOUNT, "--served-model-name", "base"),
         ]
+        env.append(_admin_token(spec))
     else:
         image, fmt = RUNTIME_IMAGE, "lorafleet"
         command = ["python", "-m", "lorafleet.serve.runtime"]
@@ -328,7 +372,7 @@ def _serving_runtime(spec: FleetSpec) -> Any:
         ports=[k8s.V1ContainerPort(container_port=PORT, name="http", protocol="TCP")],
         security_context=container_security_context(),
         volume_mounts=mounts,
-        **_probes(runtime),
+        **_probes(),
     )
     return ks.V1alpha1ServingRuntime(
         api_version=f"{KSERVE}/v1alpha1",
@@ -346,23 +390,27 @@ def _serving_runtime(spec: FleetSpec) -> Any:
 
 
 def _model_args(spec: FleetSpec, adapters: dict[str, str]) -> list[str]:
-    paths = [f"{name}={ADAPTER_MOUNT}/{name}/{version}" for name, version in adapters.items()]
+    """The predictor's arguments, appended by KServe to the ServingRuntime's.
+
+    Adapters are always the lorafleet ``--adapter NAME=PATH`` (checked before they are
+    served), never vLLM's ``--lora-modules``; with vLLM the rest are vLLM's own flags.
+    """
     serving = spec.serving
     if serving.runtime == "vllm":
-        return [
+        # Room for a canary version next to every production one (router-mode rollouts
+        # load EXPERT-VERSION beside EXPERT); --max-cpu-loras defaults to the same.
+        args = [
             "--enable-lora",
-            "--max-loras",
-            str(len(adapters)),
-            "--max-lora-rank",
-            str(serving.max_lora_rank),
-            "--max-num-seqs",
-            str(serving.max_batch_size),
-            "--lora-modules",
-            *paths,
+            *("--max-loras", str(2 * len(adapters))),
+            *("--max-lora-rank", str(serving.max_lora_rank)),
+            *("--max-num-seqs", str(serving.max_batch_size)),
         ]
-    args = ["--max-batch-size", str(serving.max_batch_size)]
-    for path in paths:
-        args += ["--adapter", path]
+        if not serving.gpus:
+            args += ["--kv-cache-memory-bytes", VLLM_CPU_KV_CACHE]
+    else:
+        args = ["--max-batch-size", str(serving.max_batch_size)]
+    for name, version in adapters.items():
+        args += ["--adapter", f"{name}={ADAPTER_MOUNT}/{name}/{version}"]
     return args
 
 
@@ -449,23 +497,14 @@ def _inference_service(
             command=["python", "-m", "lorafleet.serve.router"],
             # KServe appends --model_name, --predictor_host and --http_port.
             args=["--host", "0.0.0.0"],
-            env=[
-                k8s.V1EnvVar(
-                    name="LORAFLEET_ADMIN_TOKEN",
-                    value_from=k8s.V1EnvVarSource(
-                        secret_key_ref=k8s.V1SecretKeySelector(
-                            name=f"{spec.name}-router-admin", key="token", optional=True
-                        )
-                    ),
-                )
-            ],
+            env=[_admin_token(spec)],
             ports=[k8s.V1ContainerPort(container_port=PORT, name="http", protocol="TCP")],
             resources=k8s.V1ResourceRequirements(
                 requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "512Mi"}
             ),
             security_context=container_security_context(),
             volume_mounts=mounts,
-            **_probes("lorafleet"),  # the router serves the same /v2/health endpoints
+            **_probes(),
         )
         transformer = ks.V1beta1TransformerSpec(
             containers=[container],

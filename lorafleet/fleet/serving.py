@@ -9,10 +9,21 @@ from pydantic import Field, model_validator
 from lorafleet.fleet.common import SLUG, StrictModel
 from lorafleet.fleet.platform import Toleration
 
-__all__ = ["VLLM_LORA_RANKS", "ServingAutoscaling", "ServingSpec", "ServingStorage"]
+__all__ = [
+    "VLLM_LORA_RANKS",
+    "VLLM_VERSION",
+    "ServingAutoscaling",
+    "ServingSpec",
+    "ServingStorage",
+]
 
-# vLLM's --max-lora-rank choices (vllm/config/lora.py, 0.11.0): any other value stops it at start-up.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# The one vLLM release lorafleet serves with: the vLLM image is built on it
+# (lorafleet/serve/Dockerfile.vllm), `lorafleet deploy render`, the chart and the overlays render
+# for it, and tests/deploy/test_vllm_flags.py parses every rendered flag with its own parser.
+VLLM_VERSION = "0.32.0"
+# vLLM's --max-lora-rank choices (MaxLoRARanks, vllm/config/lora.py, VLLM_VERSION): any other
+# value stops it at start-up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # What KServe's autoscaler honours per deployment mode: RawDeployment makes an HPA, which scales
 # on cpu or memory only (concurrency and rps are Knative's); Serverless makes a Knative KPA.
 MODE_METRICS = {
@@ -66,7 +77,11 @@ class ServingSpec(StrictModel):
         "RawDeployment",
         description="KServe mode: RawDeployment (Deployment + HPA), or Serverless where Knative is installed",
     )
-    gpus: int = Field(0, ge=0)
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="per predictor pod; 0 with runtime vllm serves vLLM's CPU build (warned: slow)",
+    )
     # = lorafleet.serve.batching.MAX_BATCH_SIZE (not imported: the spec needs no torch).
     max_batch_size: int = Field(64, ge=1)
     max_lora_rank: int = Field(
@@ -100,8 +115,6 @@ class ServingSpec(StrictModel):
 
     @model_validator(mode="after")
     def _runtime(self) -> ServingSpec:
-        if self.runtime == "vllm" and self.gpus < 1:
-            raise ValueError("runtime 'vllm' needs gpus >= 1")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(
                 f"max_lora_rank {self.max_lora_rank}: vLLM accepts only "

@@ -19,9 +19,10 @@ operator's ``promote``) moves the pointer, from the version the canary started f
 
 An expert is put on a canary only when a production version served before this run; the
 first version of an expert is served as is. In ``router`` mode each expert is one rollout
-(named after it): the candidate is loaded on every lorafleet runtime replica as
-``EXPERT-VERSION`` from the adapter store (``PUT /admin/adapters``), and the route
-``EXPERT`` moves from the served ``EXPERT`` adapter to it. The replicas are, unless
+(named after it): the candidate is loaded on every predictor replica (the lorafleet
+runtime, or the vLLM front) as ``EXPERT-VERSION`` from the adapter store
+(``PUT /admin/adapters``), and the route ``EXPERT`` moves from the served ``EXPERT`` adapter
+to it. The replicas are, unless
 ``canary.runtime_urls`` / ``canary.router_urls`` list them, the ready pods of the
 InferenceService's Services (``k8s://NS/NAME-predictor:8080``, and ``-transformer`` for the
 router), found through their EndpointSlices: the step always runs with the API (the
@@ -76,12 +77,9 @@ def _service(spec: FleetSpec, component: str) -> str:
 
 
 def _load_candidate(api, spec: FleetSpec, expert: str, version: str, served: str) -> None:
-    """Load the candidate on every runtime replica through the adapter admin API."""
-    if spec.serving.runtime != "lorafleet":
-        raise LorafleetError(
-            f"canary.mode router with serving.runtime {spec.serving.runtime}: the candidate cannot be loaded "
-            "at runtime there; use canary.mode revision"
-        )
+    """Load the candidate on every predictor replica through the adapter admin API: the
+    lorafleet runtime's, or with ``serving.runtime: vllm`` the vLLM front's (which checks it
+    and loads it into vLLM at runtime)."""
     token_env = "LORAFLEET_ADMIN_TOKEN"
     token = os.environ.get(token_env)
     if not token:

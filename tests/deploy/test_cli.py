@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -129,3 +130,40 @@ def test_the_shipped_cluster_spec_renders_from_a_local_copy_of_its_registry(tmp_
     isvc = next(o for o in yaml.safe_load_all(done.stdout) if o["kind"] == "InferenceService")
     uris = [u["uri"] for u in isvc["spec"]["predictor"]["storageUris"]]
     assert uris[1] == "s3://marketplace-ml/lorafleet/adapters"
+
+
+def test_vllm_on_cpus_is_a_one_line_warning_not_an_error(tmp_path, kit):
+    # Given the shipped cluster spec (runtime vllm, canary mode router) on CPU nodes
+    spec = yaml.safe_load((kit.ROOT / "examples/fleet-cluster.yaml").read_text())
+    assert spec["serving"]["runtime"] == "vllm" and spec["canary"]["mode"] == "router"
+    spec["serving"]["gpus"] = 0
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "data").symlink_to(kit.ROOT / "examples/data")
+    gpus_line = next(
+        i + 1
+        for i, line in enumerate((tmp_path / "fleet.yaml").read_text().splitlines())
+        if line.strip() == "gpus: 0"
+    )
+    # When it is checked, Then it passes with one warning line naming the field and its line
+    check = _lorafleet("spec", "check", "fleet.yaml", cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    [warning] = check.stderr.splitlines()
+    assert warning.startswith(f"warning: fleet.yaml:{gpus_line}: serving.gpus: 0 with runtime vllm")
+    assert "vLLM's CPU build" in warning
+    as_json = _lorafleet("spec", "check", "fleet.yaml", "--json", cwd=tmp_path)
+    result = json.loads(as_json.stdout)
+    assert result["ok"] is True
+    assert [(w["field"], w["line"]) for w in result["warnings"]] == [("serving.gpus", gpus_line)]
+    # When it is rendered, Then the same warning, and the CPU build is what serves
+    experts = [e["name"] for e in spec["experts"]]
+    _registry(tmp_path, experts, tmp_path)
+    done = _lorafleet("deploy", "render", "fleet.yaml", "--registry", "registry", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")] == [
+        "warning: " + warning.split(": ", 2)[2]
+    ]
+    runtime = next(o for o in yaml.safe_load_all(done.stdout) if o["kind"] == "ServingRuntime")
+    assert runtime["spec"]["containers"][0]["image"].endswith("-cpu")
+    # and a GPU fleet says nothing
+    ok = _lorafleet("spec", "check", str(kit.ROOT / "examples/fleet-cluster.yaml"), cwd=tmp_path)
+    assert ok.returncode == 0 and "warning" not in ok.stderr

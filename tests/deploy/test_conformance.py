@@ -276,6 +276,7 @@ def test_deploy_render_is_accepted_for_every_profile(rendered, kit, tmp_path) ->
     ("label", "profile", "serving", "canary"),
     [
         ("lorafleet runtime with router", "aws", {"runtime": "lorafleet", "gpus": 0}, {}),
+        ("vLLM front on CPUs", "gcp", {"gpus": 0}, {}),
         (
             "Serverless with a revision canary",
             "gcp",

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 
-from lorafleet.deploy.render import TRAINING_ROLE, render
+from lorafleet.deploy.render import TRAINING_ROLE, VLLM_CPU_IMAGE, render
 from lorafleet.fleet import FleetSpec
 
 
@@ -37,7 +37,7 @@ def test_chart_lints_clean_for_every_profile(chart, profile):
             {
                 "images": {
                     "lorafleet": "ghcr.io/lorafleet/lorafleet-runtime:latest",
-                    "vllm": "docker.io/vllm/vllm-openai:v0.11.0",
+                    "vllm": "ghcr.io/lorafleet/lorafleet-vllm:0.1.0-vllm0.32.0",
                 }
             },
             "at '/images/lorafleet'",
@@ -62,11 +62,26 @@ def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, mes
     assert "Traceback" not in text and len(text.splitlines()) <= 4  # one line per problem
 
 
-def test_vllm_without_gpus_fails_with_the_rule(chart):
-    with pytest.raises(HelmRenderError, match="runtime vllm needs gpus >= 1"):
-        Chart.load(chart).render(
-            {"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet"
-        )
+def test_vllm_without_gpus_runs_the_cpu_build_with_a_warning(chart):
+    # Given runtime vllm on CPU nodes
+    files = Chart.load(chart).render(
+        {"runtime": "vllm", "gpus": 0}, name="lorafleet", namespace="lorafleet"
+    )
+    # Then the front runs on vLLM's CPU build, like deploy render's, without a GPU
+    runtime = yaml.safe_load(files["lorafleet/templates/servingruntime.yaml"])
+    assert runtime["spec"]["containers"][0]["image"] == VLLM_CPU_IMAGE
+    model = yaml.safe_load(files["lorafleet/templates/inferenceservice.yaml"])["spec"]["predictor"][
+        "model"
+    ]
+    assert "nvidia.com/gpu" not in model["resources"]["limits"]
+    assert model["args"][model["args"].index("--kv-cache-memory-bytes") + 1] == "8G"
+    # and the install notes warn in one line
+    [warning] = [
+        ln for ln in files["lorafleet/templates/NOTES.txt"].splitlines() if "WARNING" in ln
+    ]
+    assert "vLLM's CPU build" in warning
+    gpu = Chart.load(chart).render({}, name="lorafleet", namespace="lorafleet")
+    assert "WARNING" not in gpu["lorafleet/templates/NOTES.txt"]
 
 
 @pytest.mark.parametrize(
@@ -101,7 +116,8 @@ def test_helm_test_hook_lists_every_adapter(helm_rendered, kit):
     script = pods["onprem"]["spec"]["containers"][0]["args"][0]
     assert "/openai/v1/models" in script  # the lorafleet runtime's OpenAI API
     assert '["proposal-writer","job-analyzer"]' in script
-    assert "/v1/models" in pods["aws"]["spec"]["containers"][0]["args"][0]  # vLLM's
+    # the vLLM front serves the same OpenAI API as the runtime
+    assert "/openai/v1/models" in pods["aws"]["spec"]["containers"][0]["args"][0]
     compile(script, "helm-test", "exec")  # the hook's Python is valid
 
 

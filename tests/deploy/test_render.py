@@ -6,10 +6,12 @@ import pytest
 
 from lorafleet.deploy.render import (
     TRAINING_ROLE,
+    VLLM_CPU_IMAGE,
     VLLM_IMAGE,
     dump_yaml,
     render,
     resolve_adapters,
+    serving_warnings,
 )
 from lorafleet.deploy.validate import validate_manifests
 from lorafleet.errors import LorafleetError, StorageError
@@ -38,11 +40,12 @@ def test_vllm_args_come_from_the_registry_versions(rendered, kit):
     isvc = _kind(rendered["aws"], "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     args = model["args"]
-    assert args[args.index("--max-loras") + 1] == str(len(kit.ADAPTERS))
+    # room for a canary version next to every production one
+    assert args[args.index("--max-loras") + 1] == str(2 * len(kit.ADAPTERS))
     assert args[args.index("--max-lora-rank") + 1] == "64"
-    modules = args[args.index("--lora-modules") + 1 :]
-    assert modules == [f"{n}=/mnt/models/adapters/{n}/{v}" for n, v in kit.ADAPTERS.items()]
-    assert "--enable-lora" in args
+    adapters = [args[i + 1] for i, a in enumerate(args) if a == "--adapter"]
+    assert adapters == [f"{n}=/mnt/models/adapters/{n}/{v}" for n, v in kit.ADAPTERS.items()]
+    assert "--enable-lora" in args and "--lora-modules" not in args
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # base and adapters from separate storage URIs
     uris = {u["mountPath"]: u["uri"] for u in isvc["spec"]["predictor"]["storageUris"]}
@@ -50,7 +53,52 @@ def test_vllm_args_come_from_the_registry_versions(rendered, kit):
         "/mnt/models/base": "hf://meta-llama/Llama-3.1-8B-Instruct",
         "/mnt/models/adapters": "s3://marketplace-ml/lorafleet/adapters",
     }
-    assert _kind(rendered["aws"], "ServingRuntime")["spec"]["containers"][0]["image"] == VLLM_IMAGE
+
+
+def test_vllm_runs_behind_the_lorafleet_front(rendered):
+    # Given the aws fleet (runtime vllm, a GPU)
+    container = _kind(rendered["aws"], "ServingRuntime")["spec"]["containers"][0]
+    # Then the container runs the front on lorafleet's vLLM image, not vLLM's server
+    assert container["image"] == VLLM_IMAGE
+    assert container["command"] == ["python3", "-m", "lorafleet.serve.vllm_front"]
+    assert container["args"][:4] == ["--host", "0.0.0.0", "--port", "8080"]
+    # probed on the front's health endpoints, not vLLM's /health
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # with the admin token the rollout controller and the router use
+    token = next(e for e in container["env"] if e["name"] == "LORAFLEET_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {
+        "name": "marketplace-prod-router-admin",
+        "key": "token",
+        "optional": True,
+    }
+    # and the metrics scraped are the front's, on the container's one port
+    monitor = _kind(rendered["aws"], "ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [
+        {"targetPort": 8080, "path": "/metrics", "interval": "30s"}
+    ]
+    assert container["ports"] == [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]
+
+
+def test_vllm_on_cpus_renders_the_cpu_build_with_a_bounded_kv_cache(kit):
+    # Given the aws fleet on CPU nodes
+    raw = kit.fleet_for("aws").model_dump(by_alias=True)
+    raw["serving"]["gpus"] = 0
+    spec = FleetSpec.model_validate(raw)
+    objects = render(spec, "aws", kit.ADAPTERS)
+    # Then the front runs on vLLM's CPU build, its KV cache fits the pod, and no GPU is asked
+    container = _kind(objects, "ServingRuntime")["spec"]["containers"][0]
+    assert container["image"] == VLLM_CPU_IMAGE
+    predictor = _kind(objects, "InferenceService")["spec"]["predictor"]
+    args = predictor["model"]["args"]
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == "8G"
+    assert "nvidia.com/gpu" not in predictor["model"]["resources"]["limits"]
+    assert "nodeSelector" not in predictor
+    # and the spec's warning says so, in one line
+    [(field, message)] = serving_warnings(spec)
+    assert field == "serving.gpus" and "vLLM's CPU build" in message and "\n" not in message
+    assert serving_warnings(kit.fleet_for("aws")) == []
 
 
 def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):

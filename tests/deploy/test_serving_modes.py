@@ -29,7 +29,7 @@ def _spec(kit, profile: str = "aws", name: str | None = None, canary=None, **ser
     [
         (
             {"max_lora_rank": 48},
-            "max_lora_rank 48: vLLM accepts only 8, 16, 32, 64, 128, 256, 320, 512",
+            "max_lora_rank 48: vLLM accepts only 1, 8, 16, 32, 64, 128, 256, 320, 512",
         ),
         (
             {"autoscaling": {"scale_metric": "concurrency", "scale_target": 8}},

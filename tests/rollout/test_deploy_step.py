@@ -4,14 +4,19 @@ kmock's KubernetesEmulator stands in for the API server (official ``kubernetes``
 the step reads and merge-patches the InferenceService and keeps the rollout in a ConfigMap
 there. kmock runs no KServe controller, so the test writes the revision names into the
 InferenceService's status. Metrics come from the Prometheus-API-shaped server. The router
-mode's deploy step runs in tests/rollout/test_e2e_canary.py, against a real runtime.
+mode's deploy step runs in tests/rollout/test_e2e_canary.py, against a real runtime; here,
+with vLLM, against the admin API at its HTTP boundary.
 Production moves in the registry only when a rollout is promoted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -218,3 +223,82 @@ async def test_a_promotion_the_registry_cannot_take_is_recorded_with_the_operato
     )
     state = await asyncio.to_thread(ConfigMapStore(k8s, NS).load, NAME)
     assert state.settled and state.registry.outcome == rollout["registry"]
+
+
+class _AdminAPI(BaseHTTPRequestHandler):
+    """The predictor's admin API at the HTTP boundary (the vLLM front serves the runtime's):
+    loads adapters, keeps routes, records every call."""
+
+    calls: ClassVar[list[tuple[str, str, dict | None]]] = []
+    routes: ClassVar[dict[str, dict]] = {}
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.calls.append(("GET", self.path, None))
+        route = self.routes.get(self.path.rsplit("/", 1)[-1])
+        if route:
+            self._answer(200, route)
+        else:
+            self._answer(404, {"error": {"message": "no such route"}})
+
+    def do_PUT(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        self.calls.append(("PUT", self.path, body))
+        if self.path.startswith("/admin/routes/"):
+            self.routes[self.path.rsplit("/", 1)[-1]] = body
+        self._answer(200, body)
+
+
+async def test_router_mode_with_vllm_loads_the_candidate_through_the_front(
+    k8s, admin_token, tmp_path
+) -> None:
+    # Given a vLLM fleet in router mode (no router transformer: the front holds the routes)
+    _registry(tmp_path / "registry")
+    raw = yaml.safe_load((ROOT / "tests" / "deploy" / "fleet.yaml").read_text())
+    assert raw["serving"]["runtime"] == "vllm"
+    raw["serving"]["router"] = False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AdminAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    front = f"http://127.0.0.1:{server.server_address[1]}"
+    raw["canary"] = {
+        "mode": "router",
+        "handoff": "controller",
+        "steps": [10, 50, 100],
+        "runtime_urls": [front],
+        "router_urls": [front],
+    }
+    raw["registry"] = {"uri": str(tmp_path / "registry")}
+    try:
+        # When the deploy step starts the canary
+        result = await asyncio.to_thread(
+            deploy_rollouts, FleetSpec.model_validate(raw), OUTCOMES, k8s
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Then the candidate was loaded on the front from the adapter store, as the runtime's is
+    store = raw["serving"]["adapter_store"]
+    assert _AdminAPI.calls[0] == (
+        "PUT",
+        "/admin/adapters/proposal-writer-v2",
+        {"source": f"{store}/proposal-writer/v2"},
+    )
+    # and the route moved 10% to it
+    weights = {t["adapter"]: t["weight"] for t in _AdminAPI.routes["proposal-writer"]["targets"]}
+    assert weights == {"proposal-writer": 90, "proposal-writer-v2": 10}
+    [rollout] = result["rollouts"]
+    assert (rollout["name"], rollout["phase"], rollout["weight"]) == (
+        "proposal-writer",
+        "Progressing",
+        10,
+    )
