@@ -347,6 +347,8 @@ def _serving_runtime(spec: FleetSpec) -> Any:
     env = [
         k8s.V1EnvVar(name="HOME", value="/home/lorafleet"),
         k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
+        # The admin API (adapter loads of router-mode canaries) of either runtime.
+        _admin_token(spec),
     ]
     if runtime == "vllm":
         # lorafleet's front on :8080 (admission checks, routes, faults, per-adapter metrics,
@@ -358,7 +360,6 @@ def _serving_runtime(spec: FleetSpec) -> Any:
             *("--host", "0.0.0.0", "--port", str(PORT)),
             *("--model", BASE_MOUNT, "--served-model-name", "base"),
         ]
-        env.append(_admin_token(spec))
     else:
         image, fmt = RUNTIME_IMAGE, "lorafleet"
         command = ["python", "-m", "lorafleet.serve.runtime"]

@@ -122,10 +122,12 @@ def test_profiles_differ_in_identity_placement_and_runtime(rendered, kit):
         and "nvidia.com/gpu" not in onprem["model"]["resources"]["limits"]
     )
     assert onprem["model"]["args"][:2] == ["--max-batch-size", "64"]
-    assert (
-        _kind(rendered["onprem"], "ServingRuntime")["spec"]["containers"][0]["image"]
-        == RUNTIME_IMAGE
-    )
+    runtime = _kind(rendered["onprem"], "ServingRuntime")["spec"]["containers"][0]
+    assert runtime["image"] == RUNTIME_IMAGE
+    # The native runtime loads router-mode canaries through its admin API too: it gets the
+    # token the rollout controller calls with.
+    token = next(e for e in runtime["env"] if e["name"] == "LORAFLEET_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "marketplace-prod-router-admin"
     aws = _kind(rendered["aws"], "InferenceService")["spec"]
     assert "canaryTrafficPercent" not in aws["predictor"]  # RawDeployment: no revisions
     assert aws["transformer"]["containers"][0]["command"][-1] == "lorafleet.serve.router"
