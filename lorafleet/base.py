@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,15 +194,44 @@ def build_demo_base(
     return out
 
 
-def fingerprint_model(model: str | Path) -> str:
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a hub model's ``revision`` (default ``main``) stands for, or ``None``.
+
+    A full commit hash is its own answer; a branch or tag is read from the local Hugging Face
+    cache (``refs/<revision>``, written by every download), else asked of the hub unless
+    ``HF_HUB_OFFLINE`` is set. ``None`` when neither knows it.
+    """
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = folder / "refs" / (revision or "main")
+    if ref.is_file():
+        return ref.read_text().strip()
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # unreachable hub, unknown id: the fingerprint goes without the commit
+        return None
+
+
+def fingerprint_model(model: str | Path, revision: str | None = None) -> str:
     """A stable fingerprint of a base model.
 
     For a local directory: SHA-256 over its config and weight files. For a hub id: the id
-    itself (pin a revision in the spec for reproducibility).
+    and the commit its ``revision`` resolves to (:func:`hub_commit`), so adapters trained on
+    one revision are not taken for adapters of another; the id alone where the commit
+    cannot be known (offline, never downloaded).
     """
     path = Path(model)
     if not path.is_dir():
-        return sha256_json({"hub_id": str(model)})[:16]
+        commit = hub_commit(str(model), revision)
+        identity = {"hub_id": str(model)} | ({"commit": commit} if commit else {})
+        return sha256_json(identity)[:16]
     marker = path / MARKER
     if marker.is_file():
         return json.loads(marker.read_text())["fingerprint"]
