@@ -1,26 +1,42 @@
-"""Small helpers the component bodies share: artifact I/O and KFP UI metrics.
+"""Small helpers the component bodies share: artifact I/O, KFP UI metrics, and how an
+expert's failure travels from step to step.
 
 Kept apart from :mod:`lorafleet.stages` because they know about KFP artifact objects.
+
+A per-expert step runs its stage through :func:`expert_step`: when the stage fails, every
+output artifact of the step carries the expert's failure in its metadata
+(:data:`FAILURE_KEY`), and the next step, finding it on an input, passes it on without
+running. The steps of a failed expert so succeed, as KFP sees them, and the pipeline goes on
+to ``publish`` and ``deploy`` the other experts.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from lorafleet.io import atomic_write_json, atomic_write_text
 
 __all__ = [
+    "FAILURE_KEY",
     "base_path",
+    "expert_step",
     "export_base",
     "gate_markdown",
     "limit_threads",
     "log_metrics",
+    "mark_failed",
     "read_json",
+    "upstream_failure",
     "write_json",
     "write_markdown",
 ]
+
+FAILURE_KEY = "lorafleet_failure"
+"""The artifact metadata key of an expert's failure (:func:`lorafleet.stages.stage_failure`)."""
 
 REF_FILE = "MODEL_REF"
 
@@ -39,6 +55,68 @@ def export_base(spec, base) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / REF_FILE).write_text(model + "\n")
     base.metadata.update({"model": spec.base.model, "fingerprint": fingerprint_model(model)})
+
+
+def upstream_failure(*artifacts) -> dict | None:
+    """The failure an input artifact carries: an earlier step of the expert failed.
+
+    Args:
+        *artifacts: input artifacts, or lists of them (a ``dsl.Collected`` input).
+
+    Returns:
+        The first failure found, or ``None``.
+    """
+    for artifact in artifacts:
+        for one in artifact if isinstance(artifact, list) else [artifact]:
+            failure = (one.metadata or {}).get(FAILURE_KEY)
+            if failure:
+                return dict(failure)
+    return None
+
+
+def mark_failed(failure: dict, *outputs) -> None:
+    """Make every output artifact carry ``failure``, and exist: a cluster's launcher uploads
+    each output's file, and a missing one would fail the step after all. A file the stage
+    did not write holds the failure as one line (what the KFP UI shows for it)."""
+    line = f"{failure['expert']}: {failure['stage']} failed: {failure['error']}\n"
+    for artifact in outputs:
+        artifact.metadata[FAILURE_KEY] = failure
+        path = Path(artifact.path)
+        if not path.exists():
+            atomic_write_text(path, line)
+
+
+def expert_step(
+    expert: str,
+    stage: str,
+    body: Callable[[], Any],
+    inputs: Iterable = (),
+    outputs: Iterable = (),
+) -> tuple[Any, dict | None]:
+    """Run one step of an expert: ``body`` (one call into :mod:`lorafleet.stages`), unless an
+    input carries a failure; a failure of ``body`` is caught
+    (:func:`lorafleet.stages.run_expert_stage`). Either way a failure marks every output
+    (:func:`mark_failed`) instead of failing the step.
+
+    Args:
+        expert: the expert.
+        stage: the step's stage name, as failures name it (``train``).
+        body: what the step does.
+        inputs: the input artifacts an earlier failure would be carried on.
+        outputs: the output artifacts a failure is put on.
+
+    Returns:
+        ``(body's result, None)``, or ``(None, failure)``.
+    """
+    from lorafleet.stages import run_expert_stage
+
+    failure = upstream_failure(*inputs)
+    result = None
+    if failure is None:
+        result, failure = run_expert_stage(expert, stage, body)
+    if failure is not None:
+        mark_failed(failure, *outputs)
+    return result, failure
 
 
 def limit_threads() -> None:
@@ -82,6 +160,12 @@ def log_metrics(metrics, numbers: dict[str, float]) -> None:
 
 
 def gate_markdown(report: dict) -> str:
+    failure = report.get("failure")
+    if failure:
+        return (
+            f"## Gate for `{report['expert']}`: FAILED\n\n"
+            f"The expert's `{failure['stage']}` step failed: {failure['error']}\n"
+        )
     verdict = "PASSED" if report["gate_passed"] else "FAILED"
     rows = "\n".join(
         f"| {r['rule']} | {'pass' if r['passed'] else 'FAIL'} | {r['value']} | {r['threshold']} |"

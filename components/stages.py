@@ -1,6 +1,9 @@
 """One KFP component per fleet stage. Each body makes one call into :mod:`lorafleet.stages`.
 
-Bodies import inside the function: KFP ships each one as standalone source.
+Bodies import inside the function: KFP ships each one as standalone source. A per-expert
+step makes its call through :func:`~lorafleet.components.runtime.expert_step`: a failure
+is put on the step's outputs instead of failing it, so that one expert's failure stops only
+that expert; ``fleet-status`` fails the run at the end, naming it.
 """
 
 from typing import NamedTuple
@@ -16,6 +19,7 @@ __all__ = [
     "deploy",
     "evaluate",
     "expert_views",
+    "fleet_status",
     "gate",
     "plan_shards",
     "publish",
@@ -112,18 +116,24 @@ def validate_data(
     report_html: Output[HTML],
 ):
     """Run the expert's great-expectations suite on its seed and eval files."""
-    from lorafleet.components.runtime import write_markdown
+    from lorafleet.components.runtime import expert_step, write_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import validate_stage
 
-    summary = validate_stage(
-        spec_from_json(spec_json).expert(expert),
-        seeds.path,
-        eval_set.path,
-        report.path,
-        html_out=report_html.path,
+    summary, failure = expert_step(
+        expert,
+        "validate-data",
+        lambda: validate_stage(
+            spec_from_json(spec_json).expert(expert),
+            seeds.path,
+            eval_set.path,
+            report.path,
+            html_out=report_html.path,
+        ),
+        outputs=[seeds, eval_set, report, report_md, report_html],
     )
-    write_markdown(report_md, summary["markdown"])
+    if failure is None:
+        write_markdown(report_md, summary["markdown"])
 
 
 @fleet_component
@@ -144,18 +154,26 @@ def synthesize(
     spec_json: str, expert: str, shard: int, seeds: Input[Dataset], synthetic: Output[Dataset]
 ):
     """Expand one shard of the gold seeds synthetically."""
+    from lorafleet.components.runtime import expert_step
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import synthesize_stage
 
     chosen = spec_from_json(spec_json).expert(expert)
-    stats = synthesize_stage(
-        chosen,
-        seeds.path,
-        synthetic.path,
-        shard_index=int(shard),
-        shard_count=chosen.synthesis.shards,
+    stats, failure = expert_step(
+        expert,
+        "synthesize",
+        lambda: synthesize_stage(
+            chosen,
+            seeds.path,
+            synthetic.path,
+            shard_index=int(shard),
+            shard_count=chosen.synthesis.shards,
+        ),
+        inputs=[seeds],
+        outputs=[synthetic],
     )
-    synthetic.metadata.update(stats)
+    if failure is None:
+        synthetic.metadata.update(stats)
 
 
 @fleet_component
@@ -169,18 +187,26 @@ def curate_shard(
     prepared: Output[Dataset],
 ):
     """Per-row curation of one shard: PII, eval overlap, MinHash signatures."""
+    from lorafleet.components.runtime import expert_step
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import curate_shard_stage
 
-    stats = curate_shard_stage(
-        spec_from_json(spec_json).expert(expert),
-        seeds.path,
-        synthetic.path,
-        eval_set.path,
-        prepared.path,
-        shard_index=int(shard),
+    stats, failure = expert_step(
+        expert,
+        "curate-shard",
+        lambda: curate_shard_stage(
+            spec_from_json(spec_json).expert(expert),
+            seeds.path,
+            synthetic.path,
+            eval_set.path,
+            prepared.path,
+            shard_index=int(shard),
+        ),
+        inputs=[seeds, synthetic, eval_set],
+        outputs=[prepared],
     )
-    prepared.metadata.update({"shard": stats["shard"], "rows": stats["rows"]})
+    if failure is None:
+        prepared.metadata.update({"shard": stats["shard"], "rows": stats["rows"]})
 
 
 @fleet_component
@@ -194,19 +220,26 @@ def curate(
     stats_md: Output[Markdown],
 ):
     """Exact and near dedup over every shard, drop eval overlap, cap synthetic rows."""
-    from lorafleet.components.runtime import write_json, write_markdown
+    from lorafleet.components.runtime import expert_step, write_json, write_markdown
     from lorafleet.data.report import stats_markdown
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import select_stage
 
-    result = select_stage(
-        spec_from_json(spec_json).expert(expert),
-        [p.path for p in prepared],
-        eval_set.path,
-        train_set.path,
+    result, failure = expert_step(
+        expert,
+        "curate",
+        lambda: select_stage(
+            spec_from_json(spec_json).expert(expert),
+            [p.path for p in prepared],
+            eval_set.path,
+            train_set.path,
+        ),
+        inputs=[prepared, eval_set],
+        outputs=[train_set, stats, stats_md],
     )
-    write_json(stats, result)
-    write_markdown(stats_md, stats_markdown(result))
+    if failure is None:
+        write_json(stats, result)
+        write_markdown(stats_md, stats_markdown(result))
 
 
 @fleet_component
@@ -220,18 +253,31 @@ def train(
     metrics: Output[Metrics],
 ):
     """Fine-tune the expert's LoRA adapter."""
-    from lorafleet.components.runtime import base_path, limit_threads, log_metrics, write_json
+    from lorafleet.components.runtime import (
+        base_path,
+        expert_step,
+        limit_threads,
+        log_metrics,
+        write_json,
+    )
     from lorafleet.fleet import spec_from_json
     from lorafleet.report import kfp_train_metrics
     from lorafleet.stages import train_stage
 
     limit_threads()
     spec = spec_from_json(spec_json)
-    result = train_stage(
-        spec.expert(expert), base_path(base), train_set.path, adapter.path, base=spec.base
+    result, failure = expert_step(
+        expert,
+        "train",
+        lambda: train_stage(
+            spec.expert(expert), base_path(base), train_set.path, adapter.path, base=spec.base
+        ),
+        inputs=[train_set],
+        outputs=[adapter, train_log, metrics],
     )
-    write_json(train_log, result)
-    log_metrics(metrics, kfp_train_metrics(result))
+    if failure is None:
+        write_json(train_log, result)
+        log_metrics(metrics, kfp_train_metrics(result))
 
 
 @fleet_component
@@ -245,16 +291,31 @@ def evaluate(
     metrics: Output[Metrics],
 ):
     """Held-out loss and task metrics, candidate vs base."""
-    from lorafleet.components.runtime import base_path, limit_threads, log_metrics, write_json
+    from lorafleet.components.runtime import (
+        base_path,
+        expert_step,
+        limit_threads,
+        log_metrics,
+        write_json,
+    )
     from lorafleet.fleet import spec_from_json
     from lorafleet.report import kfp_metrics
     from lorafleet.stages import evaluate_stage
 
     limit_threads()
     spec = spec_from_json(spec_json)
-    result = evaluate_stage(spec, spec.expert(expert), base_path(base), adapter.path, eval_set.path)
-    write_json(evaluation, result)
-    log_metrics(metrics, kfp_metrics(result))
+    result, failure = expert_step(
+        expert,
+        "evaluate",
+        lambda: evaluate_stage(
+            spec, spec.expert(expert), base_path(base), adapter.path, eval_set.path
+        ),
+        inputs=[adapter, eval_set],
+        outputs=[evaluation, metrics],
+    )
+    if failure is None:
+        write_json(evaluation, result)
+        log_metrics(metrics, kfp_metrics(result))
 
 
 @fleet_component
@@ -267,19 +328,34 @@ def gate(
     report: Output[Artifact],
     report_md: Output[Markdown],
 ) -> NamedTuple("GateOutputs", passed=bool):
-    """Apply the expert's gate policy; ``passed`` drives ``dsl.If``."""
+    """Apply the expert's gate policy; ``passed`` drives ``dsl.If``. An expert whose earlier
+    step failed (or whose gate could not be applied) does not pass: its report names the
+    failure."""
     from collections import namedtuple
 
-    from lorafleet.components.runtime import gate_markdown, read_json, write_json, write_markdown
-    from lorafleet.fleet import spec_from_json
-    from lorafleet.stages import gate_stage
-
-    result = gate_stage(
-        spec_from_json(spec_json).expert(expert),
-        read_json(evaluation),
-        read_json(train_log),
-        read_json(curation),
+    from lorafleet.components.runtime import (
+        expert_step,
+        gate_markdown,
+        read_json,
+        write_json,
+        write_markdown,
     )
+    from lorafleet.fleet import spec_from_json
+    from lorafleet.stages import failure_report, gate_stage
+
+    result, failure = expert_step(
+        expert,
+        "gate",
+        lambda: gate_stage(
+            spec_from_json(spec_json).expert(expert),
+            read_json(evaluation),
+            read_json(train_log),
+            read_json(curation),
+        ),
+        inputs=[evaluation, train_log, curation],
+    )
+    if failure is not None:
+        result = failure_report(failure)
     write_json(report, result)
     write_markdown(report_md, gate_markdown(result))
     return namedtuple("GateOutputs", ["passed"])(result["gate_passed"])
@@ -289,17 +365,22 @@ def gate(
 def register(
     spec_json: str, expert: str, base: Input[Model], adapter: Input[Model], report: Input[Artifact]
 ) -> str:
-    """Register the adapter that passed its gate; returns the expert's outcome (JSON)."""
+    """Register the adapter that passed its gate; returns the expert's outcome (JSON): a
+    failed one, naming the error, when registering fails."""
     import json
 
-    from lorafleet.components.runtime import base_path, read_json
+    from lorafleet.components.runtime import base_path, expert_step, read_json
     from lorafleet.fleet import spec_from_json
-    from lorafleet.stages import register_stage
+    from lorafleet.stages import failure_report, register_stage, reject_stage
 
     spec = spec_from_json(spec_json)
-    return json.dumps(
-        register_stage(spec, spec.expert(expert), base_path(base), adapter.path, read_json(report))
+    gated = read_json(report)
+    outcome, failure = expert_step(
+        expert,
+        "register",
+        lambda: register_stage(spec, spec.expert(expert), base_path(base), adapter.path, gated),
     )
+    return json.dumps(outcome if failure is None else reject_stage(failure_report(failure, gated)))
 
 
 @fleet_component
@@ -337,6 +418,18 @@ def publish(
         report.path,
         summary_md.path,
     )
+
+
+@fleet_component
+def fleet_status(outcomes: list) -> str:
+    """The run's verdict, after ``publish`` and ``deploy``: it fails the run, naming every
+    failed expert with its step and error, when any failed; else returns which experts were
+    registered and which rejected (JSON)."""
+    import json
+
+    from lorafleet.stages import fleet_status as verdict
+
+    return json.dumps(verdict([json.loads(o) for o in outcomes]))
 
 
 @fleet_component

@@ -123,12 +123,19 @@ def run(
     ] = None,
 ) -> None:
     """Run the whole fleet pipeline locally through kfp.local: validate, synthesize, curate,
-    train, evaluate, gate, register and serve every expert; write runs/<id>/summary.json and report.html."""
-    from lorafleet.local import PipelineFailed, run_local
+    train, evaluate, gate, register and serve every expert; write runs/<id>/summary.json and report.html.
+
+    An expert whose step fails stops only itself: the others are published, and the run then
+    exits 1 naming each failed expert, its step and error."""
+    from lorafleet.local import ExpertsFailed, PipelineFailed, run_local
     from lorafleet.report import rich_table
 
     try:
         run_dir, summary = run_local(file, runs_dir=runs_dir, run_id=run_id, experts=expert)
+    except ExpertsFailed as exc:  # the others were published: show them, then the failure
+        console.print(rich_table(exc.summary))
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except PipelineFailed as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

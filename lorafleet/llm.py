@@ -42,6 +42,7 @@ __all__ = [
     "ApiKeyError",
     "Completion",
     "CompletionError",
+    "EndpointNames",
     "EndpointUnreachable",
     "RetryPolicy",
     "chat",
@@ -49,6 +50,7 @@ __all__ = [
     "check_reachable",
     "make_async_client",
     "make_client",
+    "preflight",
     "resolve_api_key",
 ]
 
@@ -78,13 +80,45 @@ class CompletionError(RuntimeError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class EndpointNames:
+    """What the user calls an endpoint's settings, for the lines that name them: the spec's
+    fields (``synthesis.teacher.base_url``) or the command-line flags they typed
+    (``--teacher-url``), so that an error points at what the user can change.
+
+    Attributes:
+        base_url: the name of the endpoint's URL.
+        api_key_env: the name of the variable that holds the key.
+        no_key: how to ask for no key at all (a local server), e.g.
+            ``set api_key_env to null``.
+        api_key_file: the name of the file that holds the key (``None`` where the settings
+            have no key file).
+    """
+
+    base_url: str
+    api_key_env: str
+    no_key: str
+    api_key_file: str | None = None
+
+    @classmethod
+    def spec(cls, block: str) -> EndpointNames:
+        """The names of a spec block's fields, e.g. ``EndpointNames.spec("gate.judge")``."""
+        return cls(
+            f"{block}.base_url",
+            f"{block}.api_key_env",
+            "set api_key_env to null",
+            f"{block}.api_key_file",
+        )
+
+
 def resolve_api_key(
-    where: str, env: str | None = None, file: str | Path | None = None
+    where: str | EndpointNames, env: str | None = None, file: str | Path | None = None
 ) -> str | None:
     """The API key from ``file`` if set (a mounted secret), else from the variable ``env``.
 
     Args:
-        where: the settings block, for the error message, e.g. ``synthesis.teacher``.
+        where: how the settings are named in an error: a spec block (e.g.
+            ``synthesis.teacher``), or the names the user typed (:class:`EndpointNames`).
         env: the environment variable holding the key.
         file: the file holding the key; wins over ``env``.
 
@@ -94,20 +128,22 @@ def resolve_api_key(
     Raises:
         ApiKeyError: if the named file cannot be read or is empty, or the variable is unset or empty.
     """
+    names = EndpointNames.spec(where) if isinstance(where, str) else where
     if file is not None:
+        named = names.api_key_file or "the key file"
         try:
             key = Path(file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ApiKeyError(f"{where}.api_key_file: cannot read {file}: {exc.strerror}") from None
+            raise ApiKeyError(f"{names.api_key_file}: cannot read {file}: {exc.strerror}") from None
         if not key:
-            raise ApiKeyError(f"{where}.api_key_file: {file} is empty")
+            raise ApiKeyError(f"{named}: {file} is empty")
         return key
     if env:
         key = os.environ.get(env, "").strip()
         if not key:
             raise ApiKeyError(
-                f"{where}.api_key_env: environment variable {env} is not set or empty "
-                "(set it, or set api_key_env to null for a server that needs no key)"
+                f"{names.api_key_env}: environment variable {env} is not set or empty "
+                f"(set it, or {names.no_key} for a server that needs no key)"
             )
         return key
     return None
@@ -241,6 +277,29 @@ def check_reachable(base_url: str, where: str, timeout_s: float = 5.0) -> None:
         if isinstance(exc, TimeoutError | socket.timeout):
             reason = f"no answer in {timeout_s:g} s"
         raise EndpointUnreachable(f"{where}: {base_url} is unreachable ({reason})") from None
+
+
+def preflight(
+    base_url: str,
+    names: EndpointNames,
+    api_key_env: str | None = None,
+    api_key_file: str | Path | None = None,
+    timeout_s: float = 5.0,
+) -> str | None:
+    """Before the first request: the endpoint's key (:func:`resolve_api_key`), and a check
+    that something listens at ``base_url`` (:func:`check_reachable`), both errors naming
+    the settings as ``names`` says.
+
+    Returns:
+        The key, or ``None`` for a server that needs none.
+
+    Raises:
+        ApiKeyError: if a named key source is missing or empty.
+        EndpointUnreachable: if nothing answers at ``base_url`` in ``timeout_s``.
+    """
+    key = resolve_api_key(names, api_key_env, api_key_file)
+    check_reachable(base_url, names.base_url, timeout_s)
+    return key
 
 
 def make_client(base_url: str, api_key: str | None, timeout_s: float = 120.0) -> openai.OpenAI:

@@ -1,4 +1,9 @@
-"""Run the compiled fleet pipeline locally with ``kfp.local`` (no cluster)."""
+"""Run the compiled fleet pipeline locally with ``kfp.local`` (no cluster).
+
+When an expert's step fails, the others still go on to ``publish``; the run then ends with
+:class:`ExpertsFailed`, after the run folder holds the summary and report of every expert
+(the failed ones named with their step and error).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from lorafleet.progress import parse as parse_progress
 from lorafleet.report import render_html
 from lorafleet.storage import parse_location
 
-__all__ = ["PipelineFailed", "new_run_id", "preflight", "run_local"]
+__all__ = ["ExpertsFailed", "PipelineFailed", "new_run_id", "preflight", "run_local"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,25 @@ _FAILED = re.compile(r"finished with status FAILURE|failed with exception")
 
 class PipelineFailed(RuntimeError):
     """A pipeline task failed; the message names it and points at the full log."""
+
+
+class ExpertsFailed(PipelineFailed):
+    """Experts failed, and the others were published: the run folder has everyone's results.
+
+    Attributes:
+        run_dir: the run folder (summary.json, report.html).
+        summary: the summary, the failed experts in ``failed``.
+    """
+
+    def __init__(self, message: str, run_dir: Path, summary: dict) -> None:
+        super().__init__(message)
+        self.run_dir, self.summary = run_dir, summary
+
+
+def _published_summary(root: Path) -> Path | None:
+    """The summary ``publish`` wrote under a kfp.local pipeline root, if it ran."""
+    found = sorted(root.glob("*/publish/summary"))
+    return found[-1] if found else None
 
 
 class _ProgressLog:
@@ -105,6 +129,11 @@ def run_local(
 
     Returns:
         The run directory (holding summary.json and report.html) and the summary.
+
+    Raises:
+        ExpertsFailed: when experts failed (the others were published): the run directory
+            holds everyone's summary and report all the same.
+        PipelineFailed: when a step of the whole fleet failed (nothing was published).
     """
     from kfp import local
 
@@ -145,13 +174,27 @@ def run_local(
     ):
         try:
             task = fleet_pipeline(spec_json=spec_to_json(spec), experts=selected)
+            published = Path(task.outputs["summary"].path)
         except RuntimeError as exc:
-            raise PipelineFailed(f"{_ANSI.sub('', str(exc))} Full log: {log_path}") from None
+            # fleet-status fails the run when experts failed, after publish wrote the summary
+            published = _published_summary(root)
+            failed = json.loads(published.read_text()).get("failed") if published else None
+            if not failed:
+                raise PipelineFailed(f"{_ANSI.sub('', str(exc))} Full log: {log_path}") from None
         board.update(FLEET, "finished", f"{time.perf_counter() - start:.0f} s", done=True)
-    summary = json.loads(Path(task.outputs["summary"].path).read_text())
+    summary = json.loads(published.read_text())
     summary["run_id"] = run_dir.name
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "report.html", render_html(summary))
     shutil.copy2(spec_path, run_dir / "fleet.yaml")
+    failed = summary.get("failed") or {}
+    if failed:
+        why = "; ".join(f"{name} ({f['stage']}: {f['error']})" for name, f in failed.items())
+        raise ExpertsFailed(
+            f"{len(failed)} of {len(summary['experts'])} experts failed: {why}. The others' "
+            f"results: {run_dir}/summary.json, {run_dir}/report.html; full log: {log_path}",
+            run_dir,
+            summary,
+        )
     return run_dir, summary

@@ -75,13 +75,15 @@ def publish_fleet(
     Args:
         spec: the fleet spec.
         base_dir: the base model.
-        outcomes: one per expert, from ``register`` or ``reject``.
+        outcomes: one per expert, from ``register`` or ``reject``; that of an expert whose
+            step failed carries ``failure`` and is listed, not served.
         summary_path: where summary.json goes.
         report_path: where report.html goes.
         markdown_path: where the Markdown table goes.
 
     Returns:
-        The summary.
+        The summary: ``experts`` (name -> outcome, ``served`` and ``reply``) and ``failed``
+        (name -> its ``failure``: the step and the error).
     """
     registered = [o for o in outcomes if o.get("registered")]
     replies: dict[str, dict] = {}
@@ -106,6 +108,7 @@ def publish_fleet(
         "base": spec.base.model,
         "base_dir": base_dir,
         "experts": experts,
+        "failed": {name: e["failure"] for name, e in experts.items() if e.get("failure")},
     }
     atomic_write_json(summary_path, summary)
     atomic_write_text(report_path, render_html(summary))

@@ -1,5 +1,8 @@
 """The fleet report: a self-contained HTML page (inline SVG, no CDN), Markdown and a terminal table.
 
+An expert whose step failed (its entry carries ``failure``: the step and the error) is
+listed with the failure in place of its numbers.
+
 Also one expert's evaluation: candidate vs the base model vs production per metric, as
 Markdown (the KFP UI), flat numbers (a KFP Metrics artifact) and grouped bar charts.
 """
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 __all__ = [
     "ARMS",
     "comparison",
+    "failure_line",
     "gate_line",
     "kfp_metrics",
     "kfp_train_metrics",
@@ -173,8 +177,16 @@ def kfp_train_metrics(result: dict) -> dict[str, float]:
     return out
 
 
+def failure_line(x: dict) -> str | None:
+    """``failed in STEP: ERROR`` for an expert whose step failed; ``None`` otherwise."""
+    failure = x.get("failure")
+    return f"failed in {failure['stage']}: {failure['error']}" if failure else None
+
+
 def gate_line(x: dict) -> str:
     """Why the gate passed or failed, in terms of the task's primary metric."""
+    if failed := failure_line(x):
+        return failed
     primary = x.get("primary_metric", "token_f1")
     base = x.get("metrics_base", {}).get(primary)
     cand = x.get("metrics_candidate", {}).get(primary)
@@ -228,6 +240,10 @@ def render_markdown(summary: dict) -> str:
     """A Markdown table of the fleet (shown in the KFP UI), then why each gate decided."""
     rows, why = [], []
     for name, e in summary["experts"].items():
+        if e.get("failure"):
+            rows.append(f"| {name} | - | - | - | FAILED ({e['failure']['stage']}) | - | no |")
+            why.append(f"- **{name}**: {failure_line(e)}")
+            continue
         rows.append(
             f"| {name} | {e['eval_loss_base']:.4f} | {e['eval_loss_candidate']:.4f} | {_metric_cells(e)} | "
             f"{'pass' if e['gate_passed'] else 'FAIL'} | {e.get('adapter_version') or '-'} | {'yes' if e['served'] else 'no'} |"
@@ -301,6 +317,13 @@ def render_html(summary: dict) -> str:
     e = _escape
     cards = []
     for name, x in summary["experts"].items():
+        if x.get("failure"):
+            cards.append(
+                f"<section><h2>{e(name)} <span class='bad'>failed in "
+                f"{e(x['failure']['stage'])}</span></h2><p class='why'>{e(failure_line(x))}</p>"
+                "<p>nothing registered, nothing served; the other experts went on</p></section>"
+            )
+            continue
         reply = x.get("reply") or {}
         samples = x.get("samples_candidate") or []
         cards.append(
@@ -386,6 +409,10 @@ def rich_table(summary: dict):
     for col in ("expert", "loss base", "loss cand.", "task metric", "gate", "version", "served"):
         table.add_column(col)
     for name, x in summary["experts"].items():
+        if x.get("failure"):
+            failed = f"[red]FAILED ({x['failure']['stage']})[/]"
+            table.add_row(name, "-", "-", x["failure"]["error"], failed, "-", "no")
+            continue
         table.add_row(
             name,
             f"{x['eval_loss_base']:.4f}",

@@ -2,6 +2,13 @@
 
 Every stage takes the loaded spec, the expert's name and explicit paths, writes its
 outputs atomically and returns a JSON-able summary. Nothing here imports ``kfp``.
+
+One expert's failure never stops the others: a per-expert step runs its stage through
+:func:`run_expert_stage`, which turns an error into the expert's *failure*
+(``{"expert", "stage", "error"}``, the error on one line) instead of raising. The steps
+after it pass the failure on without running, the gate records it as not passed
+(:func:`failure_report`), ``publish`` lists it beside the published experts, and the run's
+last step (:func:`fleet_status`) ends the run as failed, naming every failed expert.
 """
 
 from __future__ import annotations
@@ -11,32 +18,145 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lorafleet import progress
-from lorafleet.errors import DataError
+from lorafleet.errors import DataError, LorafleetError
 from lorafleet.fleet import DATA_FIELDS, BaseSpec, ExpertSpec, FleetSpec
 from lorafleet.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from lorafleet.records import Record, dump_records, read_records
 from lorafleet.storage import Storage, parse_location
 
 __all__ = [
+    "ExpertsFailed",
     "build_base",
     "curate_shard_stage",
     "evaluate_stage",
+    "failure_report",
     "fetch_data",
+    "fleet_status",
     "gate_stage",
     "production_adapter",
     "register_stage",
     "reject_stage",
+    "run_expert_stage",
     "select_stage",
     "shard_indices",
+    "stage_failure",
     "synthesize_stage",
     "train_stage",
     "validate_stage",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FAILURE_ERROR_CHARS = 500
+"""An expert's failure keeps this much of its error: it travels in every later step's
+parameters and artifact metadata."""
+
+
+def stage_failure(expert: str, stage: str, error: BaseException) -> dict:
+    """An expert's failure: which stage failed and why, on one line.
+
+    A :class:`~lorafleet.errors.LorafleetError` is the user's to fix and is shown as it
+    reads; any other error is prefixed with its type (``ValueError: no training records``).
+
+    Returns:
+        ``{"expert", "stage", "error"}``.
+    """
+    text = " ".join(str(error).split())
+    if not isinstance(error, LorafleetError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    if len(text) > FAILURE_ERROR_CHARS:
+        text = text[: FAILURE_ERROR_CHARS - 1] + "…"
+    return {"expert": expert, "stage": stage, "error": text}
+
+
+def run_expert_stage(
+    expert: str, stage: str, call: Callable[[], T]
+) -> tuple[T | None, dict | None]:
+    """Run one of an expert's stages so that its failure does not stop the fleet.
+
+    An error is logged (with its traceback, unless it is a user's mistake) and returned as
+    the expert's failure (:func:`stage_failure`); a pod that is killed (evicted, preempted,
+    out of memory) raises nothing here, and its step is retried by the cluster.
+
+    Args:
+        expert: the expert.
+        stage: the stage, as the pipeline names its step (``train``).
+        call: the stage itself.
+
+    Returns:
+        ``(result, None)``, or ``(None, failure)`` when the stage raised.
+    """
+    try:
+        return call(), None
+    except Exception as error:  # one expert's failure must not stop the fleet
+        failure = stage_failure(expert, stage, error)
+        if isinstance(error, LorafleetError):
+            log.error("%s: %s failed: %s", expert, stage, failure["error"])
+        else:
+            log.exception("%s: %s failed", expert, stage)
+        progress.emit(expert, "failed", f"{stage}: {failure['error']}", done=True)
+        return None, failure
+
+
+def failure_report(failure: dict, report: dict | None = None) -> dict:
+    """The gate report of an expert whose stage failed: not passed, the failure named.
+
+    Args:
+        failure: from :func:`stage_failure`.
+        report: the gate report, when the failure came after the gate (``register``).
+    """
+    why = f"{failure['stage']} failed: {failure['error']}"
+    return {
+        **(report or {"expert": failure["expert"]}),
+        "failure": failure,
+        "gate_passed": False,
+        "gate_reasons": [f"FAIL {why}"],
+        "gate_rules": (report or {}).get("gate_rules", []),
+        "gate_summary": f"not decided: {why}" if report is None else f"passed, then {why}",
+    }
+
+
+class ExpertsFailed(LorafleetError):
+    """Experts of the run failed; the others were published and deployed."""
+
+    exit_code = 1
+
+
+def fleet_status(outcomes: list[dict]) -> dict:
+    """The run's verdict, after ``publish`` and ``deploy``: every expert's outcome sorted.
+
+    Returns:
+        ``{"registered": [...], "rejected": [...], "failed": {expert: "stage: error"}}``.
+
+    Raises:
+        ExpertsFailed: naming every failed expert, its stage and error, so that the run
+            ends as failed (its published experts stay published).
+    """
+    failed = {
+        o["expert"]: f"{o['failure']['stage']}: {o['failure']['error']}"
+        for o in outcomes
+        if o.get("failure")
+    }
+    status = {
+        "registered": [o["expert"] for o in outcomes if o.get("registered")],
+        "rejected": [
+            o["expert"] for o in outcomes if not o.get("registered") and not o.get("failure")
+        ],
+        "failed": failed,
+    }
+    if failed:
+        raise ExpertsFailed(
+            f"{len(failed)} of {len(outcomes)} experts failed: "
+            + "; ".join(f"{name} ({why})" for name, why in failed.items())
+        )
+    return status
 
 
 def _records(path: str | Path) -> list[Record]:
@@ -601,6 +721,11 @@ def evaluate_stage(
     from lorafleet.engine.generation import Generator
     from lorafleet.evaluate.suite import evaluate_candidate
 
+    judge = expert.gate.judge
+    if judge is not None:  # in seconds, before any answer is generated
+        from lorafleet.llm import EndpointNames, preflight
+
+        preflight(judge.base_url, EndpointNames.spec("gate.judge"), judge.api_key_env)
     records = _records(eval_set)
     task = spec.task_of(expert)
     progress.emit(expert.name, "evaluate", f"{len(records)} records")
@@ -792,8 +917,10 @@ def outcome_of(report: dict) -> dict:
 
 
 def reject_stage(report: dict) -> dict:
-    """The outcome of a candidate that failed its gate: nothing is registered."""
-    progress.emit(report.get("expert", "?"), "rejected", "nothing registered", done=True)
+    """The outcome of a candidate that failed its gate, or of an expert whose stage failed
+    (the report carries its ``failure``): nothing is registered."""
+    if not report.get("failure"):
+        progress.emit(report.get("expert", "?"), "rejected", "nothing registered", done=True)
     return {
         **outcome_of(report),
         "adapter_uri": None,

@@ -2,9 +2,13 @@
 
 Per expert: validate -> synthesize and prepare each data shard (``dsl.ParallelFor``) ->
 curate -> train -> evaluate -> gate, and only if the gate passes: register. A failed
-gate ends that expert's branch (``reject`` records why); the other experts go on. ``publish`` serves the base and every registered adapter.
+gate ends that expert's branch (``reject`` records why); the other experts go on. So does a
+failed step: it passes the expert's failure on instead of failing
+(:mod:`lorafleet.components.runtime`), the gate does not pass it, and ``reject`` records it.
+``publish`` serves the base and every registered adapter, and lists the failed experts.
 ``deploy`` then puts the new versions on a canary rollout as the spec's ``canary.handoff`` says
-(:mod:`lorafleet.rollout.deploy`; ``none``, the local default, does nothing).
+(:mod:`lorafleet.rollout.deploy`; ``none``, the local default, does nothing). Last,
+``fleet-status`` fails the run when an expert failed, naming each one.
 
 Compile with ``lorafleet compile`` (writes ``fleet_pipeline.yaml`` beside this file).
 """
@@ -23,6 +27,7 @@ from lorafleet.components.stages import (
     deploy,
     evaluate,
     expert_views,
+    fleet_status,
     gate,
     plan_shards,
     publish,
@@ -210,10 +215,10 @@ def build_fleet_pipeline(place: Callable[[PipelineTask], PipelineTask] = _as_is)
         # a check or a rollout that never ran.
         published.set_caching_options(False)
         deployed.set_caching_options(False)
-        place(fleet)
-        place(base)
-        place(published)
-        place(deployed)
+        # The run fails, naming the failed experts, only once the others are out.
+        status = fleet_status(outcomes=dsl.Collected(outcome.output)).after(deployed)
+        for task in (fleet, base, published, deployed, status):
+            place(task)
         return FleetOutputs(
             summary=published.outputs["summary"], report=published.outputs["report"]
         )

@@ -2,9 +2,10 @@
 
 A fleet spec's ``pipeline.profiles.<profile>`` says where each step's pod runs: accelerator
 type and count, node selector, tolerations, PVC mounts and Secret keys as environment
-variables, CPU and memory, retries, a timeout, image pull policy and secrets, and which
-object store the steps share. Every step starts from :data:`STEP_DEFAULTS` (its kind's
-resources and timeout; retries on the idempotent steps). :func:`placer` turns one profile into
+variables, CPU and memory, retries, a timeout, image pull policy and secrets, a
+memory-backed ``/dev/shm``, a Kueue queue and priority, and which object store the steps
+share. Every step starts from :data:`STEP_DEFAULTS` (its kind's resources and timeout;
+retries on the idempotent steps; a ``/dev/shm`` for training). :func:`placer` turns one profile into
 the ``place`` hook of :func:`~lorafleet.pipelines.fleet_pipeline.build_fleet_pipeline`; the
 compiler writes the settings into the IR's ``platforms.kubernetes`` section (accelerators
 and environment variables into each container).
@@ -21,12 +22,17 @@ from kfp.dsl import PipelineTask
 from lorafleet.engine.devices import GPUS_ENV
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import PlatformProfile, StepPlatform, load_fleet
-from lorafleet.fleet.platform import NON_IDEMPOTENT_STEPS
+from lorafleet.fleet.platform import (
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    NEVER_RETRIED_STEPS,
+)
 from lorafleet.storage import PVC_MOUNTS_ENV
 
 __all__ = [
     "DEFAULT_RETRIES",
     "S3_ENDPOINT_ENV",
+    "SHM_VOLUME",
     "STEP_DEFAULTS",
     "apply_step_platform",
     "placer",
@@ -34,6 +40,7 @@ __all__ = [
     "step_env",
     "step_gpus",
     "step_settings",
+    "step_shm",
 ]
 
 # What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
@@ -43,6 +50,7 @@ WORK_STORE_ENV = "LORAFLEET_WORK_STORE"  # read by lorafleet.stages.synthesize_s
 # A failed pod of an idempotent step (evicted, preempted, a store's hiccup) is retried twice.
 DEFAULT_RETRIES = 2
 _BACKOFF = "30s"  # then 60 s: a preempted node's replacement has time to come up
+SHM_VOLUME = "lorafleet-shm"  # the memory-backed emptyDir mounted at /dev/shm
 
 _LIGHT = StepPlatform(
     cpu_request="500m", cpu_limit="1", memory_request="1Gi", memory_limit="1Gi",
@@ -73,19 +81,24 @@ STEP_DEFAULTS: dict[str, StepPlatform] = {
     "synthesize": _DATA,
     "curate-shard": _DATA,
     "curate": _DATA,
-    "train": _HEAVY.model_copy(update={"timeout_seconds": 24 * 3600}),
+    # DataLoader workers and NCCL (torchrun) pass tensors through /dev/shm.
+    "train": _HEAVY.model_copy(update={"timeout_seconds": 24 * 3600, "shm_size": "8Gi"}),
     "evaluate": _HEAVY,
     "gate": _LIGHT,
     "register": _LIGHT,
     "reject": _LIGHT,
     "publish": _MODEL,
     "deploy": _MODEL,
+    "fleet-status": _LIGHT,
 }
 """Each step's resources and timeout before the profile's ``all_steps`` and its own settings."""
 
 
 def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineTask:
     """Add one :class:`~lorafleet.fleet.StepPlatform`'s settings to ``task``.
+
+    Its ``shm_size`` is not applied here: a pod has one ``/dev/shm``, whichever layer of
+    :func:`step_settings` sizes it last (:func:`step_shm`, applied by :func:`placer`).
 
     Args:
         task: a step of the pipeline, inside its pipeline definition.
@@ -126,6 +139,11 @@ def apply_step_platform(task: PipelineTask, settings: StepPlatform) -> PipelineT
         kubernetes.set_image_pull_policy(task, settings.image_pull_policy)
     if settings.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, settings.image_pull_secrets)
+    # Kueue's pod integration holds a labelled pod until its queue admits it.
+    if settings.queue_name:
+        kubernetes.add_pod_label(task, KUEUE_QUEUE_LABEL, settings.queue_name)
+    if settings.priority_class:
+        kubernetes.add_pod_label(task, KUEUE_PRIORITY_LABEL, settings.priority_class)
     return task
 
 
@@ -133,12 +151,13 @@ def step_settings(profile: PlatformProfile, step: str) -> list[StepPlatform]:
     """The settings ``step`` gets on ``profile``, in the order they apply (later wins for
     single values; lists add up): its default, ``all_steps``, its own.
 
-    The default retries come first for idempotent steps; register, publish and deploy get
-    none, whatever ``all_steps`` says (the spec refuses them in their own settings).
+    The default retries come first for idempotent steps; register, publish, deploy and
+    fleet-status get none, whatever ``all_steps`` says (the spec refuses them in their own
+    settings).
     """
     default = STEP_DEFAULTS[step]
     shared = profile.all_steps
-    if step in NON_IDEMPOTENT_STEPS:
+    if step in NEVER_RETRIED_STEPS:
         shared = shared.model_copy(update={"retries": None})
     else:
         default = default.model_copy(update={"retries": DEFAULT_RETRIES})
@@ -154,6 +173,13 @@ def step_gpus(profile: PlatformProfile, step: str) -> int:
     if not placed or "gpu" not in placed[-1].accelerator_type.lower():
         return 0
     return placed[-1].accelerator_count
+
+
+def step_shm(profile: PlatformProfile, step: str) -> str | None:
+    """The size of ``step``'s memory-backed ``/dev/shm`` on ``profile``: that of the last
+    settings (:func:`step_settings`) that size it; ``None`` for the container's default."""
+    sized = [s.shm_size for s in step_settings(profile, step) if s.shm_size]
+    return sized[-1] if sized else None
 
 
 def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
@@ -188,7 +214,8 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
 
 def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
     """The ``place`` hook for one profile: the step's defaults, ``all_steps``, the step's own
-    (:func:`step_settings`), then the storage layer's environment (:func:`step_env`).
+    (:func:`step_settings`), its ``/dev/shm`` (:func:`step_shm`), then the storage layer's
+    environment (:func:`step_env`).
 
     Args:
         profile: the platform settings of one cluster profile.
@@ -200,6 +227,11 @@ def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
     def place(task: PipelineTask) -> PipelineTask:
         for settings in step_settings(profile, task.name):
             apply_step_platform(task, settings)
+        shm = step_shm(profile, task.name)
+        if shm:
+            kubernetes.empty_dir_mount(
+                task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=shm
+            )
         for name, value in step_env(profile, task.name).items():
             task.set_env_variable(name, value)
         return task

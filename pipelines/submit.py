@@ -7,10 +7,15 @@ expert's name as its parameters, exactly as a run started in the KFP UI would, a
 to an experiment (found by name, created when missing), as a multi-user backend requires.
 
 A multi-user backend (Kubeflow's central dashboard, behind its auth proxy) wants a bearer
-token on every request: from a file (:data:`SA_TOKEN_PATH`, the ServiceAccount token KFP
-projects into a pod for audience ``pipelines.kubeflow.org``, is read when nothing is named
-and it exists), or from an environment variable. :class:`KfpAuth` holds it and an optional
-CA bundle for a private TLS endpoint.
+token on every request: from a file or an environment variable; when neither is named, the
+ServiceAccount token KFP projects into a pod for audience ``pipelines.kubeflow.org``
+(:data:`SA_TOKEN_PATH`) where it exists, else the token of the kubeconfig's current user
+(``$KUBECONFIG`` or ``~/.kube/config``, read by the ``kubernetes`` client's loader, which
+also runs an exec plugin such as ``aws eks get-token``). :class:`KfpAuth` holds it and an
+optional CA bundle for a private TLS endpoint.
+
+Before anything is uploaded, the backend's version is read from its healthz endpoint
+(``tag_name``): a backend older than :data:`MIN_KFP_VERSION` is refused in one line.
 
 The run's pods cannot read the submitting machine's disk: when the profile names an object
 store (``pipeline.profiles.<P>.storage.object_store``) every local data file is staged there
@@ -20,8 +25,10 @@ digests; a local data path with no store to stage it to is refused before anythi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import warnings
@@ -41,14 +48,19 @@ from lorafleet.storage import Storage
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "MIN_KFP_VERSION",
     "SA_TOKEN_PATH",
     "KfpAuth",
     "Submission",
+    "check_backend_version",
     "check_reachable",
     "cluster_spec",
     "kfp_auth",
+    "kubeconfig_token",
     "submit_fleet",
 ]
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 """How long a KFP endpoint has to accept a connection before ``submit`` gives up on it."""
@@ -58,6 +70,10 @@ CONNECT_TIMEOUT_S = 5.0
 # (kfp.client.KF_PIPELINES_SA_TOKEN_PATH); a pod's default token has the API server's audience.
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 
+MIN_KFP_VERSION = (2, 14)
+"""The oldest Kubeflow Pipelines backend the compiled pipeline runs on: it collects the
+outputs of ``dsl.ParallelFor`` iterations with ``dsl.Collected`` (docs/kubeflow.md)."""
+
 
 @dataclass(frozen=True)
 class KfpAuth:
@@ -66,13 +82,52 @@ class KfpAuth:
     Attributes:
         token_file: a file holding the bearer token, re-read on every request (a projected
             ServiceAccount token is rotated by the kubelet).
-        token: the bearer token itself (from an environment variable).
+        token: the bearer token itself (from an environment variable or the kubeconfig).
         ca_cert: a PEM bundle that signs the endpoint's TLS certificate.
+        source: where the token came from, for the line that says it was refused.
     """
 
     token_file: str | None = None
     token: str | None = None
     ca_cert: str | None = None
+    source: str | None = None
+
+
+def kubeconfig_token(kubeconfig: str | Path | None = None) -> tuple[str, str] | None:
+    """The bearer token of the kubeconfig's current user, and who that user is.
+
+    The ``kubernetes`` client's loader reads the file (``kubeconfig``, else ``$KUBECONFIG``,
+    else ``~/.kube/config``) and resolves the user's credentials as ``kubectl`` does: a
+    ``token``, a ``tokenFile``, or an ``exec`` plugin's token (``aws eks get-token``,
+    ``gke-gcloud-auth-plugin``, ``kubelogin``).
+
+    Returns:
+        ``(token, "the kubeconfig's user NAME")``; ``None`` when there is no kubeconfig, or
+        its current user has no token (client certificates, or a plugin that failed: a
+        warning says why).
+    """
+    from kubernetes import config
+    from kubernetes.client import Configuration
+    from kubernetes.config.config_exception import ConfigException
+
+    path = Path(
+        kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or "~/.kube/config"
+    ).expanduser()
+    if not path.is_file():
+        return None
+    configuration = Configuration()
+    try:
+        _, context = config.list_kube_config_contexts(config_file=str(path))
+        config.load_kube_config(config_file=str(path), client_configuration=configuration)
+    except (ConfigException, OSError, ValueError) as exc:
+        log.warning("kubeconfig %s: no token taken from it: %s", path, " ".join(str(exc).split()))
+        return None
+    bearer = configuration.api_key.get("authorization", "")
+    token = bearer.removeprefix("Bearer ").strip()
+    if not token:
+        return None
+    user = (context or {}).get("context", {}).get("user", "?")
+    return token, f"the kubeconfig's user {user} ({path})"
 
 
 def kfp_auth(
@@ -80,6 +135,7 @@ def kfp_auth(
     token_env: str | None = None,
     ca_cert: str | Path | None = None,
     sa_token_path: str | Path = SA_TOKEN_PATH,
+    kubeconfig: str | Path | None = None,
 ) -> KfpAuth:
     """The credentials ``submit`` sends, checked before anything is sent.
 
@@ -89,9 +145,13 @@ def kfp_auth(
         ca_cert: a CA bundle for the endpoint's certificate (``--ca-cert``).
         sa_token_path: the in-pod token used when neither ``token_file`` nor ``token_env``
             is given and it exists.
+        kubeconfig: the kubeconfig whose current user's token is used when there is no
+            token so far (default: ``$KUBECONFIG``, else ``~/.kube/config``; see
+            :func:`kubeconfig_token`).
 
     Returns:
-        The credentials; no token when none is named and there is no in-pod token.
+        The credentials; no token when none is named, there is no in-pod token and the
+        kubeconfig's user has none.
 
     Raises:
         LorafleetError: one line naming the option whose file or variable is missing or empty.
@@ -105,11 +165,15 @@ def kfp_auth(
         token = os.environ.get(token_env, "").strip()
         if not token:
             raise LorafleetError(f"--token-env {token_env}: the variable is not set or empty")
-        return KfpAuth(token=token, ca_cert=ca)
+        return KfpAuth(token=token, ca_cert=ca, source=f"--token-env {token_env}")
+    source = f"--token-file {token_file}"
     if token_file is None and Path(sa_token_path).is_file():
-        token_file = sa_token_path
+        token_file, source = sa_token_path, f"the in-pod token {sa_token_path}"
     if token_file is None:
-        return KfpAuth(ca_cert=ca)
+        found = kubeconfig_token(kubeconfig)
+        if found is None:
+            return KfpAuth(ca_cert=ca)
+        return KfpAuth(token=found[0], ca_cert=ca, source=found[1])
     try:
         empty = not Path(token_file).read_text().strip()
     except OSError as exc:
@@ -118,15 +182,51 @@ def kfp_auth(
         ) from None
     if empty:
         raise LorafleetError(f"--token-file {token_file}: the file is empty")
-    return KfpAuth(token_file=str(token_file), ca_cert=ca)
+    return KfpAuth(token_file=str(token_file), ca_cert=ca, source=source)
 
 
 class _Client(kfp.Client):
     """``kfp.Client`` asking healthz once: its own five tries, five seconds apart, would turn
-    a refused token (401) into half a minute's wait and a timeout that hides the status."""
+    a refused token (401) into half a minute's wait and a timeout that hides the status.
+
+    The answer is kept whole in ``healthz`` (the generated model drops ``tag_name``, the
+    backend's version)."""
+
+    healthz: dict | None = None
 
     def get_kfp_healthz(self, sleep_duration: int = 5):
-        return self._healthz_api.healthz_service_get_healthz()
+        from kfp_server_api import V2beta1GetHealthzResponse
+
+        answer = self._healthz_api.healthz_service_get_healthz(_preload_content=False)
+        self.healthz = json.loads(answer.data or b"{}")
+        return V2beta1GetHealthzResponse(multi_user=self.healthz.get("multi_user"))
+
+
+def check_backend_version(healthz: dict, host: str) -> None:
+    """Refuse a backend older than :data:`MIN_KFP_VERSION`, by its healthz ``tag_name``.
+
+    A development build says ``unknown``: it is let through, with a warning.
+
+    Raises:
+        LorafleetError: ``HOST: Kubeflow Pipelines TAG is older than 2.14 ...``.
+    """
+    tag = str(healthz.get("tag_name") or "")
+    found = re.match(r"v?(\d+)\.(\d+)", tag)
+    least = ".".join(map(str, MIN_KFP_VERSION))
+    if found is None:
+        log.warning(
+            "%s: Kubeflow Pipelines does not say its version (tag_name %r); lorafleet needs "
+            "%s or newer",
+            host,
+            tag,
+            least,
+        )
+        return
+    if (int(found[1]), int(found[2])) < MIN_KFP_VERSION:
+        raise LorafleetError(
+            f"{host}: Kubeflow Pipelines {tag} is older than {least}, the oldest backend the "
+            "fleet pipeline runs on: upgrade it"
+        )
 
 
 @dataclass(frozen=True)
@@ -214,6 +314,40 @@ def check_reachable(host: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         raise LorafleetError(f"{host}: cannot reach Kubeflow Pipelines: {reason}") from None
 
 
+def _connect(host: str, namespace: str | None, auth: KfpAuth) -> _Client:
+    """A client of ``host`` that has read the backend's healthz and checked its version.
+
+    Raises:
+        LorafleetError: if the backend is older than :data:`MIN_KFP_VERSION`, or has no v2
+            API at all (a 404 on its healthz: Kubeflow Pipelines 1.x).
+        ApiException: any other refusal (a 401 without a valid token).
+    """
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+    from kfp_server_api.exceptions import ApiException
+
+    credentials = ServiceAccountTokenVolumeCredentials(auth.token_file) if auth.token_file else None
+    try:
+        client = _Client(
+            host=host,
+            namespace=namespace or "kubeflow",
+            existing_token=auth.token,
+            credentials=credentials,
+            ssl_ca_cert=auth.ca_cert,
+        )
+        if client.healthz is None:  # kfp.Client asks it itself only without a namespace
+            client.get_kfp_healthz()
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        least = ".".join(map(str, MIN_KFP_VERSION))
+        raise LorafleetError(
+            f"{host}: no Kubeflow Pipelines v2 API there (GET /apis/v2beta1/healthz answered "
+            f"404): lorafleet needs Kubeflow Pipelines {least} or newer"
+        ) from None
+    check_backend_version(client.healthz, host)
+    return client
+
+
 def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
     """The id of pipeline ``name`` in ``namespace`` (shared pipelines when ``None``).
 
@@ -272,7 +406,6 @@ def submit_fleet(
             staged to (see :func:`cluster_spec`), or the endpoint is unreachable
             (:func:`check_reachable`, checked before anything is staged), refuses or fails.
     """
-    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -286,21 +419,12 @@ def submit_fleet(
     name = f"lorafleet-fleet-{profile}" if profile else "lorafleet-fleet"
     stamp = new_run_id()
     run_name = run_name or f"{spec.name}-{stamp}"
-    credentials = ServiceAccountTokenVolumeCredentials(auth.token_file) if auth.token_file else None
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             # kfp.Client warns on every construction that it needs a v2 backend: we know.
             warnings.simplefilter("ignore", FutureWarning)
             package = str(compile_fleet(Path(tmp) / f"{name}.yaml", platform, image=image))
-            client = _Client(
-                host=host,
-                namespace=namespace or "kubeflow",
-                existing_token=auth.token,
-                credentials=credentials,
-                ssl_ca_cert=auth.ca_cert,
-            )
-            if namespace:  # without one, kfp.Client asked healthz to find the mode itself
-                client.get_kfp_healthz()
+            client = _connect(host, namespace, auth)
             pipeline_id = _pipeline_id(client, name, namespace)
             if pipeline_id is None:
                 pipeline_id = client.upload_pipeline(
@@ -331,11 +455,13 @@ def submit_fleet(
                 service_account=service_account,
             )
     except ApiException as exc:
-        hint = (
-            " (pass a token: --token-file or --token-env)"
-            if exc.status == 401 and not (auth.token or auth.token_file)
-            else ""
-        )
+        hint = ""
+        if exc.status == 401:
+            hint = (
+                f" (the token from {auth.source} was refused)"
+                if auth.source
+                else " (pass a token: --token-file or --token-env)"
+            )
         raise LorafleetError(
             f"{host}: Kubeflow Pipelines answered {exc.status} {exc.reason}: "
             f"{str(exc.body)[:200]}{hint}"

@@ -291,3 +291,19 @@ def test_bad_profile_storage_names_file_line_and_rule(
     assert err.value.field == f"pipeline.profiles.onprem.storage{'.' + field if field else ''}"
     assert err.value.line == 13
     assert message in err.value.message
+
+
+def test_a_trainjob_priority_needs_its_kueue_queue(spec_dir: Path) -> None:
+    cluster = (
+        "    training:\n      launcher: trainjob\n      cluster:\n        image: r/i:1\n"
+        "        volume: {claim: data, mount_path: /data}\n        priority_class: gpu-high\n"
+    )
+    (spec_dir / "f.yaml").write_text(GOOD + cluster)
+    with pytest.raises(SpecError, match=r"training\.cluster.*priority_class: Kueue reads it only"):
+        load_fleet(spec_dir / "f.yaml")
+    (spec_dir / "f.yaml").write_text(GOOD + cluster + "        queue_name: gpu-team\n")
+    labels = load_fleet(spec_dir / "f.yaml").expert("job-analyzer").training.cluster.kueue_labels
+    assert labels == {
+        "kueue.x-k8s.io/queue-name": "gpu-team",
+        "kueue.x-k8s.io/priority-class": "gpu-high",
+    }

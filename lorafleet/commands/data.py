@@ -69,7 +69,11 @@ _SYNTHESIS_FLAGS = {
     "judge.model": "--judge-model",
     "judge.min_score": "--min-score",
 }
-_CURATION_FLAGS = {"near_dup_threshold": "--near-dup-threshold", "pii": "--pii"}
+_CURATION_FLAGS = {
+    "near_dup_threshold": "--near-dup-threshold",
+    "pii": "--pii",
+    "max_synthetic_ratio": "--max-synthetic-ratio",
+}
 
 
 def _option_problem(
@@ -322,6 +326,11 @@ def data_synthesize(
             ) from None
         problem = _option_problem(exc, _SYNTHESIS_FLAGS, typed, "synthesis")
         raise LorafleetError(f"invalid option: {problem}") from None
+    typed = {f"teacher.{k}" for k, v in teacher.items() if v is not None}
+    judged = (("model", judge_model), ("min_score", min_score))
+    typed |= {f"judge.{k}" for k, v in judged if v is not None}
+    _teacher_flags_need_teacher(synthesis.generator, typed, generator, chosen)
+    names = _teacher_names(typed, chosen is not None and chosen.synthesis.teacher is not None)
     total = len(records) * synthesis.per_seed if synthesis.generator == "teacher" else None
     with _progress(f"synthesizing ({synthesis.generator})", total) as advance:
         result = synthesize(
@@ -332,6 +341,7 @@ def data_synthesize(
             work_dir or Path(str(out) + ".work"),
             on_job=advance,
             pool=pool_records,
+            names=names,
         )
     dump_records(out, result.records)
     dropped = result.stats.get("dropped") or {}
@@ -339,6 +349,57 @@ def data_synthesize(
         f"wrote {out}: {len(result.records)} synthetic records"
         + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else "")
     )
+
+
+def _teacher_flags_need_teacher(
+    resolved: str, typed: set[str], generator: str | None, chosen
+) -> None:
+    """Refuse teacher (and judge) options when the generator that runs is not the teacher:
+    they would be ignored, and the user who typed them expects a teacher run.
+
+    Args:
+        resolved: the generator that would run.
+        typed: the ``teacher.*`` and ``judge.*`` settings the user gave as options.
+        generator: ``--generator`` as typed (``None``: not given).
+        chosen: the ``--spec`` expert, or ``None``.
+
+    Raises:
+        LorafleetError: naming the first such option and where the generator came from.
+    """
+    if resolved == "teacher" or not typed:
+        return
+    flag = next(_SYNTHESIS_FLAGS[p] for p in _SYNTHESIS_FLAGS if p in typed)
+    origin = (
+        f"--generator {generator}"
+        if generator is not None
+        else "the --spec expert's synthesis.generator"
+        if chosen is not None
+        else "the default"
+    )
+    raise LorafleetError(
+        f"{flag}: only the teacher generator uses it, and the generator is {resolved} "
+        f"({origin}): add --generator teacher, or leave {flag} out"
+    )
+
+
+def _teacher_names(typed: set[str], from_spec: bool):
+    """How the teacher's errors name its URL and key: the flag when the user typed it, or
+    when no spec gave the value (a default the flag changes); else the spec's field."""
+    from lorafleet.llm import EndpointNames
+
+    spec = EndpointNames.spec("synthesis.teacher")
+
+    def name(field: str) -> str:
+        typed_it = f"teacher.{field}" in typed
+        return (
+            _SYNTHESIS_FLAGS[f"teacher.{field}"]
+            if typed_it or not from_spec
+            else getattr(spec, field)
+        )
+
+    key_env = name("api_key_env")
+    no_key = f"pass {key_env} ''" if key_env.startswith("--") else spec.no_key
+    return EndpointNames(name("base_url"), key_env, no_key, name("api_key_file"))
 
 
 @app.command("curate")
@@ -394,16 +455,21 @@ def data_curate(
                 ),
             }
         )
-        ratio = (
-            max_synthetic_ratio
-            if max_synthetic_ratio is not None
-            else (chosen.synthesis if chosen else SynthesisSettings()).max_synthetic_ratio
-        )
+        synthesis = chosen.synthesis if chosen else SynthesisSettings()
+        if max_synthetic_ratio is not None:  # checked as the spec's field would be
+            synthesis = SynthesisSettings.model_validate(
+                {**synthesis.model_dump(), "max_synthetic_ratio": max_synthetic_ratio}
+            )
+        ratio = synthesis.max_synthetic_ratio
         policy = DataRules.model_validate(
             {"pii": pii or (chosen.data.pii if chosen else "scrub")}
         ).pii
     except ValidationError as exc:
-        typed = {"near_dup_threshold": near_dup_threshold, "pii": pii}
+        typed = {
+            "near_dup_threshold": near_dup_threshold,
+            "pii": pii,
+            "max_synthetic_ratio": max_synthetic_ratio,
+        }
         typed = {path: value for path, value in typed.items() if value is not None}
         problem = _option_problem(exc, _CURATION_FLAGS, typed, "curation")
         raise LorafleetError(f"invalid option: {problem}") from None

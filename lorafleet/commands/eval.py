@@ -82,6 +82,23 @@ def _policy(
     return policy, definition
 
 
+def _check_judge(judge, typed: bool) -> None:
+    """The judge's key is set and something listens at its URL, each error naming what the
+    user wrote: the ``--judge-*`` flags, else the spec's ``gate.judge`` fields.
+
+    Raises:
+        LorafleetError: one line naming the flag or field.
+    """
+    from lorafleet.llm import EndpointNames, preflight
+
+    names = (
+        EndpointNames("--judge-url", "--judge-key-env", "leave out --judge-key-env")
+        if typed
+        else EndpointNames.spec("gate.judge")
+    )
+    preflight(judge.base_url, names, judge.api_key_env)
+
+
 @app.command("run")
 def eval_run(
     base: Annotated[
@@ -146,6 +163,8 @@ def eval_run(
     from lorafleet.report import render_eval_markdown, rich_eval_table
 
     policy, from_spec = _policy(spec, expert, judge_url, judge_model, judge_key_env)
+    if policy.judge is not None:  # in seconds, before the models load
+        _check_judge(policy.judge, typed=judge_url is not None)
     definition = chosen_task(task, from_spec) if task or from_spec else None
     records = [r for _, r in read_records(eval_file)]
     if not records:

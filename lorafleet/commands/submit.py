@@ -37,8 +37,9 @@ def submit(
     token_file: Annotated[
         Path | None,
         typer.Option(
-            help="File holding the bearer token for the pipelines API (default in a Kubeflow "
-            "pod: the projected token /var/run/secrets/kubeflow/pipelines/token)."
+            help="File holding the bearer token for the pipelines API (default: in a Kubeflow "
+            "pod the projected token /var/run/secrets/kubeflow/pipelines/token, else the "
+            "kubeconfig's current user's token, if it has one)."
         ),
     ] = None,
     token_env: Annotated[
@@ -69,7 +70,7 @@ def submit(
 ) -> None:
     """Compile the fleet pipeline (with --profile's Kubernetes settings), upload it and start a run.
 
-    Local data files are staged first to the profile's object store (pipeline.profiles.P.storage.object_store), so the run reads them by URI; a local data file with no store to go to is refused before anything is sent. On a multi-user Kubeflow pass --namespace and a token (--token-file or --token-env); the pipeline, experiment and run are then the namespace's own."""
+    Local data files are staged first to the profile's object store (pipeline.profiles.P.storage.object_store), so the run reads them by URI; a local data file with no store to go to is refused before anything is sent. On a multi-user Kubeflow pass --namespace and a token (--token-file or --token-env; with neither, the in-pod pipelines token or the kubeconfig's current user's token is sent); the pipeline, experiment and run are then the namespace's own. A backend older than Kubeflow Pipelines 2.14 is refused before anything is uploaded."""
     from lorafleet.pipelines.submit import kfp_auth, submit_fleet
 
     done = submit_fleet(

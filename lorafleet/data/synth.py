@@ -22,6 +22,7 @@ from typing import Protocol
 
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import DataRules, SynthesisSettings, TaskDefinition
+from lorafleet.llm import EndpointNames
 from lorafleet.records import Message, Record
 
 __all__ = ["Generator", "ProgrammaticGenerator", "SynthesisResult", "make_generator", "synthesize"]
@@ -263,6 +264,7 @@ def make_generator(
     work_dir: str | Path | None = None,
     on_job: Callable[[], None] | None = None,
     pool: list[Record] | None = None,
+    names: EndpointNames | None = None,
 ) -> Generator:
     """The generator named by the spec.
 
@@ -274,6 +276,8 @@ def make_generator(
         work_dir: the teacher's resumable work directory (required for ``teacher``).
         on_job: progress callback, called once per finished teacher job.
         pool: all seeds, when only a shard of them is expanded (teacher prompts sample examples from it).
+        names: how the teacher's errors name its endpoint settings (default: the spec's
+            fields; the CLI passes the flags the user typed).
 
     Raises:
         LorafleetError: for a teacher without a work directory.
@@ -288,7 +292,15 @@ def make_generator(
         from lorafleet.data.teacher import TeacherGenerator
 
         return TeacherGenerator(
-            settings.teacher, task, work_dir, rules, settings.judge, settings.seed, on_job, pool
+            settings.teacher,
+            task,
+            work_dir,
+            rules,
+            settings.judge,
+            settings.seed,
+            on_job,
+            pool,
+            names,
         )
     raise LorafleetError(f"synthesis.generator: no generator called {settings.generator!r}")
 
@@ -301,6 +313,7 @@ def synthesize(
     work_dir: str | Path | None = None,
     on_job: Callable[[], None] | None = None,
     pool: list[Record] | None = None,
+    names: EndpointNames | None = None,
 ) -> SynthesisResult:
     """Expand ``seeds`` with the spec's generator; the seeds themselves are not included.
 
@@ -308,7 +321,7 @@ def synthesize(
     """
     if settings.generator == "none" or settings.per_seed == 0:
         return SynthesisResult([], {"generator": settings.generator, "records": 0})
-    generator = make_generator(settings, task, rules, work_dir, on_job, pool)
+    generator = make_generator(settings, task, rules, work_dir, on_job, pool, names)
     records = list(generator.generate(seeds, settings.per_seed))
     return SynthesisResult(
         records,

@@ -43,11 +43,11 @@ from lorafleet.fleet.tasks import resolve_task
 from lorafleet.io import atomic_write_json, sha256_json
 from lorafleet.llm import (
     CompletionError,
+    EndpointNames,
     RetryPolicy,
     chat_async,
-    check_reachable,
     make_async_client,
-    resolve_api_key,
+    preflight,
 )
 from lorafleet.records import Message, Record
 
@@ -266,6 +266,8 @@ class TeacherGenerator:
         seed: the synthesis seed.
         on_job: called after each finished job (progress bars).
         pool: the records prompts sample examples from (default: the seeds given to ``generate``).
+        names: how errors name the endpoint's settings (default: the spec's
+            ``synthesis.teacher`` fields; the CLI passes the flags the user typed).
     """
 
     name = "teacher"
@@ -280,7 +282,9 @@ class TeacherGenerator:
         seed: int = 0,
         on_job: Callable[[], None] | None = None,
         pool: list[Record] | None = None,
+        names: EndpointNames | None = None,
     ) -> None:
+        self.names = names or EndpointNames.spec("synthesis.teacher")
         self.definition = resolve_task(task)
         self.task = self.definition.name
         self.settings, self.work_dir, self.pool = settings, Path(work_dir), pool
@@ -449,14 +453,12 @@ class TeacherGenerator:
         failures: Counter[str] = Counter()
         if pending:
             # Before any request: a named key source that is missing stops the run here.
-            api_key = resolve_api_key(
-                "synthesis.teacher", self.settings.api_key_env, self.settings.api_key_file
-            )
-            check_reachable(self.settings.base_url, "synthesis.teacher.base_url")
+            s = self.settings
+            api_key = preflight(s.base_url, self.names, s.api_key_env, s.api_key_file)
             failures = asyncio.run(self._run(pending, by_id, api_key))
             if pending and failures["request-failed"] == len(pending):
                 raise LorafleetError(
-                    f"synthesis.teacher: all {len(pending)} requests to {self.settings.base_url} "
+                    f"{self.names.base_url}: all {len(pending)} requests to {self.settings.base_url} "
                     f"failed (see the warnings above); nothing was synthesized"
                 )
         records, drops = self.assemble(jobs, by_id, load_done(self.work_dir))

@@ -312,6 +312,20 @@ def suite_for(task: TaskDefinition | str, rules: DataRules) -> list[Check]:
     return checks
 
 
+def _observed(value: object) -> str:
+    """What a whole-file expectation measured, as a person reads it: ``3``, not
+    ``np.int64(3)``; a list or mapping as its items, strings without quotes."""
+    if type(value).__module__ == "numpy":  # a numpy scalar or array: its Python value
+        value = value.tolist() if hasattr(value, "tolist") else value.item()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_observed(v)}" for k, v in value.items()) or "nothing"
+    if isinstance(value, list | tuple):
+        return ", ".join(_observed(v) for v in value) or "nothing"
+    return "nothing" if value is None else str(value)
+
+
 def _value(row: dict, column: str | None) -> str:
     """`` (got VALUE)`` for a finding: the offending cell as the user wrote it, not as the
     dataframe holds it (``0``, not ``np.int64(0)``; ``nothing`` for a missing value)."""
@@ -397,7 +411,7 @@ def run_suite(
                 for row in bad
             ]
         elif not er.success:
-            into.append(Failure(0, check.rule, f"{check.detail} (observed {observed!r})"))
+            into.append(Failure(0, check.rule, f"{check.detail} (found {_observed(observed)})"))
     # Two expectations can flag one line (empty content is also too short): keep the first.
     seen: set[int] = set()
     order = {rule: i for i, rule in enumerate(checks)}

@@ -7,10 +7,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lorafleet.errors import StorageError
-from lorafleet.fleet.common import StrictModel
+from lorafleet.fleet.common import SLUG, StrictModel
 from lorafleet.storage import parse_location
 
 __all__ = [
+    "KUEUE_PRIORITY_LABEL",
+    "KUEUE_QUEUE_LABEL",
+    "NEVER_RETRIED_STEPS",
     "NON_IDEMPOTENT_STEPS",
     "PIPELINE_STEPS",
     "PipelineSpec",
@@ -40,12 +43,19 @@ PIPELINE_STEPS = (
     "reject",
     "publish",
     "deploy",
+    "fleet-status",
 )
 
 
 # Steps whose effects live outside KFP's artifacts (a registry version, a smoke test, a
 # rollout): a retry would repeat them, so they are never retried.
 NON_IDEMPOTENT_STEPS = ("register", "publish", "deploy")
+# Never retried either: the run's verdict, whose failure (an expert failed) a retry repeats.
+NEVER_RETRIED_STEPS = (*NON_IDEMPOTENT_STEPS, "fleet-status")
+
+# Kueue's labels: the LocalQueue a workload waits in, and its WorkloadPriorityClass.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 # What KFP's set_cpu_*/set_memory_* accept (kfp.dsl.PipelineTask._validate_*_request_limit).
 CPU = r"^([0-9]*[.])?[0-9]+m?$"
@@ -102,8 +112,8 @@ class StepPlatform(StrictModel):
         None,
         ge=0,
         le=10,
-        description="retries of a failed pod (default: 2); register, publish and deploy are "
-        "never retried",
+        description="retries of a failed pod (default: 2); register, publish, deploy and "
+        "fleet-status are never retried",
     )
     timeout_seconds: int | None = Field(
         None, ge=1, description="the pod's activeDeadlineSeconds (default: per step)"
@@ -113,6 +123,26 @@ class StepPlatform(StrictModel):
     )
     image_pull_secrets: list[str] = Field(
         default_factory=list, description="Secrets (dockerconfigjson) to pull the step image"
+    )
+    shm_size: str | None = Field(
+        None,
+        pattern=MEMORY,
+        description="a memory-backed /dev/shm of this size (an emptyDir of medium Memory; "
+        "what it holds counts against memory_limit): PyTorch DataLoader workers and NCCL "
+        "outgrow a container's 64 MiB default (default: 8Gi for train, none elsewhere)",
+    )
+    queue_name: str | None = Field(
+        None,
+        pattern=SLUG,
+        description="Kueue LocalQueue the step's pod waits in for admission (pod label "
+        "kueue.x-k8s.io/queue-name; needs Kueue's pod integration), e.g. for GPU steps",
+    )
+    priority_class: str | None = Field(
+        None,
+        pattern=SLUG,
+        description="Kueue WorkloadPriorityClass of the step's pod (pod label "
+        "kueue.x-k8s.io/priority-class; KFP cannot set a pod's priorityClassName): "
+        "needs queue_name",
     )
 
 
@@ -179,12 +209,27 @@ class PlatformProfile(StrictModel):
 
     @model_validator(mode="after")
     def _no_retry_of_effects(self) -> PlatformProfile:
-        for step in NON_IDEMPOTENT_STEPS:
+        for step in NEVER_RETRIED_STEPS:
             own = self.steps.get(step)
             if own is not None and own.retries:
+                why = (
+                    "acts outside KFP (a registry version, a smoke test, a rollout)"
+                    if step in NON_IDEMPOTENT_STEPS
+                    else "fails only to report failed experts, which a retry reports again"
+                )
+                raise ValueError(f"steps.{step}.retries: {step} {why} and is never retried")
+        return self
+
+    @model_validator(mode="after")
+    def _priority_needs_a_queue(self) -> PlatformProfile:
+        for step in PIPELINE_STEPS:
+            layers = [self.all_steps, self.steps.get(step)]
+            priority = next((s for s in reversed(layers) if s and s.priority_class), None)
+            if priority is not None and not any(s and s.queue_name for s in layers):
+                where = "all_steps" if priority is self.all_steps else f"steps.{step}"
                 raise ValueError(
-                    f"steps.{step}.retries: {step} acts outside KFP (a registry version, "
-                    "a smoke test, a rollout) and is never retried"
+                    f"{where}.priority_class: Kueue reads it only on a queued pod; set "
+                    f"queue_name (in all_steps or steps.{step}) too"
                 )
         return self
 

@@ -8,7 +8,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lorafleet.fleet.common import SLUG, StrictModel
-from lorafleet.fleet.platform import PvcMount, Toleration
+from lorafleet.fleet.platform import (
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    MEMORY,
+    PvcMount,
+    Toleration,
+)
 
 __all__ = ["LoraSettings", "TrainCluster", "TrainingSettings"]
 
@@ -99,6 +105,44 @@ class TrainCluster(StrictModel):
         default_factory=list, description="e.g. of a GPU node pool's taint"
     )
     service_account: str | None = Field(None, description="ServiceAccount of the trainer pods")
+    shm_size: str | None = Field(
+        "8Gi",
+        pattern=MEMORY,
+        description="a memory-backed /dev/shm of this size in every trainer pod (DataLoader "
+        "workers and NCCL outgrow a container's 64 MiB default); null: that default",
+    )
+    queue_name: str | None = Field(
+        None,
+        pattern=SLUG,
+        description="Kueue LocalQueue the job waits in (label kueue.x-k8s.io/queue-name): "
+        "Kueue admits all its nodes at once, or none",
+    )
+    priority_class: str | None = Field(
+        None,
+        pattern=SLUG,
+        description="Kueue WorkloadPriorityClass of the job (label "
+        "kueue.x-k8s.io/priority-class): needs queue_name",
+    )
     timeout_s: float = Field(
         24 * 3600, gt=0, description="how long to wait for the job before giving up"
     )
+
+    @model_validator(mode="after")
+    def _priority_needs_a_queue(self) -> TrainCluster:
+        if self.priority_class and not self.queue_name:
+            raise ValueError(
+                "priority_class: Kueue reads it only on a queued job; set queue_name too"
+            )
+        return self
+
+    @property
+    def kueue_labels(self) -> dict[str, str]:
+        """The job's Kueue labels: its queue and priority, where the spec names them."""
+        return {
+            label: value
+            for label, value in (
+                (KUEUE_QUEUE_LABEL, self.queue_name),
+                (KUEUE_PRIORITY_LABEL, self.priority_class),
+            )
+            if value
+        }

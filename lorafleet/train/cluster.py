@@ -79,6 +79,7 @@ TRAINJOB = JobKind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs")
 PYTORCHJOB = JobKind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs")
 
 _LABELS = {"app.kubernetes.io/managed-by": "lorafleet", "app.kubernetes.io/component": "train"}
+SHM_VOLUME = "lorafleet-shm"  # a memory-backed /dev/shm (training.cluster.shm_size)
 
 
 class TrainingJobFailed(LorafleetError):
@@ -157,25 +158,31 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
     if cluster.accelerator:
         quantity = m.IoK8sApimachineryPkgApiResourceQuantity(str(training.gpus_per_node))
         resources = m.IoK8sApiCoreV1ResourceRequirements(limits={cluster.accelerator: quantity})
-    pod = m.TrainerV1alpha1PodSpecPatch(
-        volumes=[
+    volumes = [
+        m.IoK8sApiCoreV1Volume(
+            name="lorafleet-data",
+            persistentVolumeClaim=m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(
+                claimName=cluster.volume.claim
+            ),
+        )
+    ]
+    mounts = [
+        m.IoK8sApiCoreV1VolumeMount(name="lorafleet-data", mountPath=cluster.volume.mount_path)
+    ]
+    if cluster.shm_size:  # DataLoader workers and NCCL outgrow a container's 64 MiB /dev/shm
+        volumes.append(
             m.IoK8sApiCoreV1Volume(
-                name="lorafleet-data",
-                persistentVolumeClaim=m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(
-                    claimName=cluster.volume.claim
+                name=SHM_VOLUME,
+                emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
+                    medium="Memory",
+                    sizeLimit=m.IoK8sApimachineryPkgApiResourceQuantity(cluster.shm_size),
                 ),
             )
-        ],
-        containers=[
-            m.TrainerV1alpha1ContainerPatch(
-                name=node,
-                volumeMounts=[
-                    m.IoK8sApiCoreV1VolumeMount(
-                        name="lorafleet-data", mountPath=cluster.volume.mount_path
-                    )
-                ],
-            )
-        ],
+        )
+        mounts.append(m.IoK8sApiCoreV1VolumeMount(name=SHM_VOLUME, mountPath="/dev/shm"))
+    pod = m.TrainerV1alpha1PodSpecPatch(
+        volumes=volumes,
+        containers=[m.TrainerV1alpha1ContainerPatch(name=node, volumeMounts=mounts)],
         nodeSelector=cluster.node_selector or None,
         tolerations=[
             m.IoK8sApiCoreV1Toleration(**t.model_dump(exclude_none=True))
@@ -207,7 +214,7 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
         apiVersion=TRAINJOB.api_version,
         kind=TRAINJOB.kind,
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=cluster.namespace, labels=_LABELS
+            name=name, namespace=cluster.namespace, labels=_LABELS | cluster.kueue_labels
         ),
         spec=m.TrainerV1alpha1TrainJobSpec(
             activeDeadlineSeconds=int(cluster.timeout_s),
@@ -247,6 +254,19 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
         resources = k.V1ResourceRequirements(
             limits={cluster.accelerator: str(training.gpus_per_node)}
         )
+    volumes = [
+        k.V1Volume(
+            name="lorafleet-data",
+            persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
+                claim_name=cluster.volume.claim
+            ),
+        )
+    ]
+    mounts = [k.V1VolumeMount(name="lorafleet-data", mount_path=cluster.volume.mount_path)]
+    if cluster.shm_size:  # DataLoader workers and NCCL outgrow a container's 64 MiB /dev/shm
+        shm = k.V1EmptyDirVolumeSource(medium="Memory", size_limit=cluster.shm_size)
+        volumes.append(k.V1Volume(name=SHM_VOLUME, empty_dir=shm))
+        mounts.append(k.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"))
     template = k.V1PodTemplateSpec(
         metadata=k.V1ObjectMeta(labels=_LABELS),
         spec=k.V1PodSpec(
@@ -257,19 +277,10 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
                     command=trainer_command(training),
                     env=[k.V1EnvVar(name=JOB_ENV, value=_job_json(job))],
                     resources=resources,
-                    volume_mounts=[
-                        k.V1VolumeMount(name="lorafleet-data", mount_path=cluster.volume.mount_path)
-                    ],
+                    volume_mounts=mounts,
                 )
             ],
-            volumes=[
-                k.V1Volume(
-                    name="lorafleet-data",
-                    persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
-                        claim_name=cluster.volume.claim
-                    ),
-                )
-            ],
+            volumes=volumes,
             node_selector=cluster.node_selector or None,
             tolerations=[
                 k.V1Toleration(**t.model_dump(exclude_none=True)) for t in cluster.tolerations
@@ -290,7 +301,9 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
     pytorchjob = m.KubeflowOrgV1PyTorchJob(
         api_version=PYTORCHJOB.api_version,
         kind=PYTORCHJOB.kind,
-        metadata=k.V1ObjectMeta(name=name, namespace=cluster.namespace, labels=_LABELS),
+        metadata=k.V1ObjectMeta(
+            name=name, namespace=cluster.namespace, labels=_LABELS | cluster.kueue_labels
+        ),
         spec=m.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(training.gpus_per_node),
             pytorch_replica_specs=replicas,

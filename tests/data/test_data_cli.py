@@ -222,8 +222,8 @@ def test_a_missing_teacher_key_stops_the_run_before_any_request(
     )
     assert code == 2
     assert err.strip() == (
-        "error: synthesis.teacher.api_key_env: environment variable LF_TEST_TEACHER_KEY is not "
-        "set or empty (set it, or set api_key_env to null for a server that needs no key)"
+        "error: --api-key-env: environment variable LF_TEST_TEACHER_KEY is not "
+        "set or empty (set it, or pass --api-key-env '' for a server that needs no key)"
     )
     assert openai_stub.requests == [] and not (tmp_path / "s.jsonl").exists()
     # '' names no key source (a local server): the run goes ahead with a placeholder key.

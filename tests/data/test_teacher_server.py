@@ -93,7 +93,9 @@ def test_an_unknown_model_fails_without_retries(
     # every request failed: that is an error, not "0 synthetic records"
     with (
         caplog.at_level(logging.INFO, logger="lorafleet"),
-        pytest.raises(LorafleetError, match=r"^synthesis.teacher: all 2 requests to .* failed"),
+        pytest.raises(
+            LorafleetError, match=r"^synthesis.teacher.base_url: all 2 requests to .* failed"
+        ),
     ):
         list(gen.generate(SEEDS[:2], 1))
     assert "HTTP 404" in caplog.text and "retry" not in caplog.text

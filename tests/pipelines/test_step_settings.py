@@ -16,7 +16,7 @@ import yaml
 
 from lorafleet.errors import LorafleetError, SpecError
 from lorafleet.fleet import PIPELINE_STEPS, PlatformProfile, load_fleet
-from lorafleet.fleet.platform import NON_IDEMPOTENT_STEPS
+from lorafleet.fleet.platform import NEVER_RETRIED_STEPS
 from lorafleet.pipelines.compile import compile_fleet, profile_golden
 from lorafleet.pipelines.platform import DEFAULT_RETRIES, STEP_DEFAULTS, spec_profile
 
@@ -71,8 +71,8 @@ def test_every_step_has_resources_a_timeout_and_retries_where_safe(profile: str)
         timeout = kube[task["executor"]]["activeDeadlineSeconds"]
         assert int(timeout) == _want(settings, step, "timeout_seconds"), step
         retry = task.get("retryPolicy")
-        if step in NON_IDEMPOTENT_STEPS:
-            assert retry is None, f"{step} acts outside KFP: it must not be retried"
+        if step in NEVER_RETRIED_STEPS:
+            assert retry is None, f"{step} acts outside KFP or reports a verdict: no retry"
         else:
             assert retry is not None and retry["maxRetryCount"] == DEFAULT_RETRIES, step
 
@@ -101,13 +101,24 @@ def test_all_steps_retries_never_reach_the_steps_with_effects(tmp_path: Path) ->
     profile = PlatformProfile.model_validate({"all_steps": {"retries": 5}})
     tasks, _, _ = _compiled(compile_fleet(tmp_path / "p.yaml", profile))
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 5
-    assert all("retryPolicy" not in tasks[s] for s in NON_IDEMPOTENT_STEPS)
+    assert all("retryPolicy" not in tasks[s] for s in NEVER_RETRIED_STEPS)
 
 
 @pytest.mark.parametrize(
     ("old", "new", "where"),
     [
         ("        train:\n", "        register: {retries: 1}\n        train:\n", "never retried"),
+        (
+            "        train:\n",
+            "        fleet-status: {retries: 1}\n        train:\n",
+            "never retried",
+        ),
+        ("          memory_limit: 28Gi\n", "          shm_size: lots\n", "shm_size"),
+        (
+            "          memory_limit: 28Gi\n",
+            "          priority_class: high\n",
+            "priority_class: Kueue",
+        ),
         ("          memory_limit: 28Gi\n", "          memory_limit: 28 GB\n", "memory_limit"),
         ("          memory_limit: 28Gi\n", "          timeout_seconds: 0\n", "timeout_seconds"),
     ],
@@ -153,3 +164,62 @@ def test_compile_cli_takes_the_image(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     _, executors, _ = _compiled(tmp_path / "p.yaml")
     assert {e["container"]["image"] for e in executors.values()} == {DIGEST}
+
+
+# --- /dev/shm, Kueue queue and priority -------------------------------------------------------
+
+
+def _shm(kube: dict, executor: str) -> list[dict]:
+    return kube.get(executor, {}).get("emptyDirMounts", [])
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_training_gets_a_memory_backed_dev_shm(profile: str) -> None:
+    tasks, _, kube = _compiled(profile_golden(profile))
+    assert _shm(kube, tasks["train"]["executor"]) == [
+        {
+            "medium": "Memory",
+            "mountPath": "/dev/shm",
+            "sizeLimit": "8Gi",
+            "volumeName": "lorafleet-shm",
+        }
+    ]
+    assert not any(_shm(kube, t["executor"]) for s, t in tasks.items() if s != "train")
+
+
+def test_queue_priority_and_shm_from_the_profile(tmp_path: Path) -> None:
+    # Given GPU steps queued in Kueue, training at a high priority with a bigger /dev/shm
+    profile = PlatformProfile.model_validate(
+        {
+            "all_steps": {"queue_name": "team-ml"},
+            "steps": {
+                "train": {"priority_class": "gpu-high", "shm_size": "16Gi"},
+                "evaluate": {"queue_name": "gpu-eval", "shm_size": "2Gi"},
+            },
+        }
+    )
+    tasks, _, kube = _compiled(compile_fleet(tmp_path / "p.yaml", profile))
+    labels = {
+        s: kube[t["executor"]].get("podMetadata", {}).get("labels", {}) for s, t in tasks.items()
+    }
+    # Then every pod waits in its queue, the step's own winning over all_steps
+    assert labels["train"] == {
+        "kueue.x-k8s.io/queue-name": "team-ml",
+        "kueue.x-k8s.io/priority-class": "gpu-high",
+    }
+    assert labels["evaluate"] == {"kueue.x-k8s.io/queue-name": "gpu-eval"}
+    assert labels["gate"] == {"kueue.x-k8s.io/queue-name": "team-ml"}
+    # and a pod has one /dev/shm, sized by the last settings that size it
+    assert [m["sizeLimit"] for m in _shm(kube, tasks["train"]["executor"])] == ["16Gi"]
+    assert [m["sizeLimit"] for m in _shm(kube, tasks["evaluate"]["executor"])] == ["2Gi"]
+
+
+def test_a_priority_without_a_queue_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"all_steps\.priority_class: Kueue reads it only on a queued pod"
+    ):
+        PlatformProfile.model_validate({"all_steps": {"priority_class": "high"}})
+    # a queue in the step's own settings is enough for that step
+    PlatformProfile.model_validate(
+        {"steps": {"train": {"priority_class": "high", "queue_name": "gpu"}}}
+    )

@@ -7,7 +7,10 @@ list/upload/upload_version, versions list, experiments list/create, runs create)
 every request; the client, its serialization and our code run for real. In multi-user mode
 it enforces what the backend does there: a request without the bearer token is 401, a run
 without an experiment is refused ("Experiment id can not be empty in multi-user mode"), and
-pipelines and experiments belong to a namespace, listed only there.
+pipelines and experiments belong to a namespace, listed only there. Its healthz answers as
+the API server's own handler does (backend/src/apiserver/main.go, ``healthzResponse``:
+``commit_sha``, ``tag_name``, ``multi_user``, ``pipeline_store``), with the version in
+``version``; ``v1_only`` makes it a Kubeflow Pipelines 1.x backend, which has no v2 API.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class FakeKfp(ThreadingHTTPServer):
         self.fail_runs = False
         self.multi_user = False
         self.token: str | None = None  # the bearer token every request must carry
+        self.version = "2.14.0"  # the backend's TAG_NAME ("unknown" in a development build)
+        self.v1_only = False
 
     @property
     def url(self) -> str:
@@ -121,8 +126,18 @@ class _Handler(BaseHTTPRequestHandler):
         req, pipelines = self._record(), self.server.pipelines
         if self._refused(req):
             return None
+        if self.server.v1_only and req["path"].startswith(API):
+            return self._send(404, {"error": "Not Found", "code": 5})
         if req["path"] == f"{API}/healthz":
-            return self._send(200, {"multi_user": self.server.multi_user})
+            return self._send(
+                200,
+                {
+                    "commit_sha": "0" * 40,
+                    "tag_name": self.server.version,
+                    "multi_user": self.server.multi_user,
+                    "pipeline_store": "database",
+                },
+            )
         if req["path"] in (f"{API}/pipelines", f"{API}/experiments"):
             kind = req["path"].rpartition("/")[2]
             items = pipelines if kind == "pipelines" else self.server.experiments
@@ -181,6 +196,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(404, {"error": f"experiment {run['experiment_id']} not found"})
             return self._send(200, {**run, "run_id": f"run-{len(self.server.requests)}"})
         return self._send(404, {"error": f"no route {req['path']}"})
+
+
+@pytest.fixture(autouse=True)
+def no_kubeconfig(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No kubeconfig of the machine running the tests lends submit a token."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path_factory.mktemp("kube") / "absent"))
 
 
 @pytest.fixture
@@ -487,7 +508,9 @@ def test_the_in_pod_token_is_used_when_none_is_named(
     # Given the token Kubeflow projects into a notebook or pipeline pod
     (tmp_path / "token").write_text(TOKEN)
     auth = kfp_auth(sa_token_path=tmp_path / "token")
-    assert auth == KfpAuth(token_file=str(tmp_path / "token"))
+    assert auth == KfpAuth(
+        token_file=str(tmp_path / "token"), source=f"the in-pod token {tmp_path / 'token'}"
+    )
     done = submit_fleet(staged_spec, multi_user.url, namespace="team-a", auth=auth)
     assert done.run_id.startswith("run-")
     assert {r["authorization"] for r in multi_user.requests} == {f"Bearer {TOKEN}"}
@@ -534,3 +557,134 @@ def test_submit_cli_takes_token_experiment_run_name_and_image(
     upload = next(r for r in multi_user.requests if r["path"].endswith("/upload"))
     executors = next(yaml.safe_load_all(_uploaded_file(upload)))["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {image}
+
+
+# --- the backend's version and the kubeconfig's token ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tag", "refused"),
+    [("2.13.1", True), ("v2.5.0", True), ("1.8.5", True), ("2.14.0", False), ("2.17.3", False)],
+)
+def test_a_backend_older_than_2_14_is_refused_before_anything_is_sent(
+    kfp_api: FakeKfp, staged_spec: Path, tag: str, refused: bool
+) -> None:
+    kfp_api.version = tag
+    if not refused:
+        assert submit_fleet(staged_spec, kfp_api.url).run_id.startswith("run-")
+        return
+    with pytest.raises(LorafleetError) as error:
+        submit_fleet(staged_spec, kfp_api.url, namespace="team-a")
+    assert str(error.value) == (
+        f"{kfp_api.url}: Kubeflow Pipelines {tag} is older than 2.14, the oldest backend the "
+        "fleet pipeline runs on: upgrade it"
+    )
+    assert [r["path"] for r in kfp_api.requests] == [f"{API}/healthz"]
+
+
+def test_a_v1_backend_and_a_development_build(
+    kfp_api: FakeKfp, staged_spec: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # A Kubeflow Pipelines 1.x backend has no v2 API: one line, through the real CLI
+    kfp_api.v1_only = True
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", "submit", str(staged_spec), "--host", kfp_api.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"error: {kfp_api.url}: no Kubeflow Pipelines v2 API there (GET /apis/v2beta1/healthz "
+        "answered 404): lorafleet needs Kubeflow Pipelines 2.14 or newer\n",
+    )
+    assert [r["path"] for r in kfp_api.requests] == [f"{API}/healthz"]
+    # A development build does not say its version: a warning, and the run goes ahead
+    kfp_api.v1_only, kfp_api.version = False, "unknown"
+    assert submit_fleet(staged_spec, kfp_api.url).run_id.startswith("run-")
+    assert "does not say its version (tag_name 'unknown')" in caplog.text
+
+
+def _kubeconfig(path: Path, server: str, user: dict) -> Path:
+    """A kubeconfig whose current context's user is ``user`` (as kubectl writes one)."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": server}}],
+                "users": [{"name": "alice", "user": user}],
+                "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "alice"}}],
+                "current-context": "ctx",
+            }
+        )
+    )
+    return path
+
+
+def test_the_kubeconfigs_token_is_sent_when_none_is_given(
+    multi_user: FakeKfp, staged_spec: Path, tmp_path: Path
+) -> None:
+    # Given a kubeconfig whose current user has a token, and no token option
+    config = _kubeconfig(tmp_path / "config", "https://k8s.example:6443", {"token": TOKEN})
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "lorafleet.cli", "submit", str(staged_spec)),
+            *("--host", multi_user.url, "--namespace", "team-a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "KUBECONFIG": str(config)},
+    )
+    # Then every request carried it
+    assert proc.returncode == 0, proc.stderr
+    assert {r["authorization"] for r in multi_user.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_an_exec_plugins_token_is_sent_and_a_refused_one_is_named(
+    multi_user: FakeKfp, staged_spec: Path, tmp_path: Path
+) -> None:
+    # Given a kubeconfig whose user gets its token from an exec plugin (as EKS and GKE do)
+    plugin = tmp_path / "get-token.py"
+    plugin.write_text(
+        "import json, sys\n"
+        "token = sys.argv[1]\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1beta1',"
+        " 'kind': 'ExecCredential', 'status': {'token': token}}))\n"
+    )
+
+    def user(token: str) -> dict:
+        return {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                "command": sys.executable,
+                "args": [str(plugin), token],
+            }
+        }
+
+    config = _kubeconfig(tmp_path / "config", "https://k8s.example:6443", user(TOKEN))
+    auth = kfp_auth(sa_token_path=tmp_path / "absent", kubeconfig=config)
+    assert auth.token == TOKEN and auth.source == f"the kubeconfig's user alice ({config})"
+    assert submit_fleet(staged_spec, multi_user.url, namespace="team-a", auth=auth).run_id
+    # And a token the backend refuses is one line naming where it came from
+    _kubeconfig(config, "https://k8s.example:6443", user("stale-token"))
+    auth = kfp_auth(sa_token_path=tmp_path / "absent", kubeconfig=config)
+    with pytest.raises(
+        LorafleetError, match=r"answered 401 .*\(the token from the kubeconfig's user alice"
+    ):
+        submit_fleet(staged_spec, multi_user.url, namespace="team-a", auth=auth)
+
+
+def test_a_kubeconfig_without_a_token_sends_none(tmp_path: Path) -> None:
+    # Client certificates only: nothing to send, no error
+    config = _kubeconfig(
+        tmp_path / "config",
+        "https://k8s.example:6443",
+        {"client-certificate-data": "Zm9v", "client-key-data": "YmFy"},
+    )
+    assert kfp_auth(sa_token_path=tmp_path / "absent", kubeconfig=config) == KfpAuth()
+    # No kubeconfig at all: likewise
+    assert kfp_auth(sa_token_path=tmp_path / "absent", kubeconfig=tmp_path / "none") == KfpAuth()

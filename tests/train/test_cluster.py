@@ -46,8 +46,12 @@ TRAINING = TrainingSettings(
         "volume": {"claim": "lorafleet-data", "mount_path": "/data"},
         "node_selector": {"gpu": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "queue_name": "gpu-team",
+        "priority_class": "gpu-high",
     },
 )
+KUEUE = {"kueue.x-k8s.io/queue-name": "gpu-team", "kueue.x-k8s.io/priority-class": "gpu-high"}
+SHM = {"name": "lorafleet-shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
 JOB = TrainJobConfig(
     base_dir="/data/base",
     train_set="/data/job-analyzer/train.jsonl",
@@ -115,12 +119,22 @@ async def test_a_trainjob_is_created_and_followed_until_it_completes(kmock) -> N
         pod = live["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
             "replicatedJobs"
         ][0]["template"]["spec"]["template"]["spec"]
+        # every node: the shared volume, and a memory-backed /dev/shm for DataLoader and NCCL
         assert pod["volumes"] == [
-            {"name": "lorafleet-data", "persistentVolumeClaim": {"claimName": "lorafleet-data"}}
+            {"name": "lorafleet-data", "persistentVolumeClaim": {"claimName": "lorafleet-data"}},
+            SHM,
         ]
         assert pod["containers"] == [
-            {"name": "node", "volumeMounts": [{"name": "lorafleet-data", "mountPath": "/data"}]}
+            {
+                "name": "node",
+                "volumeMounts": [
+                    {"name": "lorafleet-data", "mountPath": "/data"},
+                    {"name": "lorafleet-shm", "mountPath": "/dev/shm"},
+                ],
+            }
         ]
+        # and Kueue admits the whole job from its queue, at its priority
+        assert KUEUE.items() <= live["metadata"]["labels"].items()
         assert (
             pod["nodeSelector"] == {"gpu": "h100"}
             and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -230,6 +244,9 @@ async def test_a_pytorchjob_is_used_where_the_trainjob_api_is_absent(kmock) -> N
         assert container["name"] == "pytorch" and container["resources"] == {
             "limits": {"nvidia.com/gpu": "4"}
         }
+        assert SHM in replicas["Worker"]["template"]["spec"]["volumes"]
+        assert {"name": "lorafleet-shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert KUEUE.items() <= created["metadata"]["labels"].items()
 
         seen: list[str] = []
         operator = iter(
