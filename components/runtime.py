@@ -54,7 +54,9 @@ def export_base(spec, base) -> None:
         # Real bases are large: pass a reference; every pod loads from the hub or a mounted path.
         out.mkdir(parents=True, exist_ok=True)
         (out / REF_FILE).write_text(model + "\n")
-    base.metadata.update({"model": spec.base.model, "fingerprint": fingerprint_model(model)})
+    base.metadata.update(
+        {"model": spec.base.model, "fingerprint": fingerprint_model(model, spec.base.revision)}
+    )
 
 
 def upstream_failure(*artifacts) -> dict | None:

@@ -693,7 +693,7 @@ def production_adapter(
     entry = registry.production(expert.name)
     if entry is None:
         return None
-    if entry.get("base_fingerprint") != fingerprint_model(base_dir):
+    if entry.get("base_fingerprint") != fingerprint_model(base_dir, spec.base.revision):
         log.warning(
             "%s: production %s was trained on another base; not compared",
             expert.name,
@@ -844,7 +844,7 @@ def register_stage(
     lineage = {
         "base": {
             "model": spec.base.model if spec.base.model != "demo" else base,
-            "fingerprint": fingerprint_model(base),
+            "fingerprint": fingerprint_model(base, spec.base.revision),
         },
         "data": {
             "train_sha256": report["curation"]["train_sha256"],

@@ -580,7 +580,11 @@ def run_on_cluster(
         mode="json", include={"lora", "training", "base_revision", "base_dtype"}
     )
     digest = sha256_json(
-        {"train": sha256_file(train_set), "base": fingerprint_model(base_dir), "settings": settings}
+        {
+            "train": sha256_file(train_set),
+            "base": fingerprint_model(base_dir, job.base_revision),
+            "settings": settings,
+        }
     )
     job_name = f"lorafleet-{name}"[:54].rstrip("-") + f"-{digest[:8]}"
     work = root / "lorafleet-jobs" / job_name

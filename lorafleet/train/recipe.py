@@ -221,7 +221,7 @@ class LoRARecipe:
         self.peak_tflops = device_peak_tflops(self.dist.device)
         self.ddp_model = self._setup_ddp(self.model, self.dist)
         self.identity = {
-            "base_fingerprint": fingerprint_model(self.base_dir),
+            "base_fingerprint": fingerprint_model(self.base_dir, self.revision),
             "lora": self.lora.model_dump(mode="json"),
             "data": sha256_json([[e.input_ids, e.labels] for e in self.examples])[:16],
             "plan": {
