@@ -13,7 +13,10 @@ in ``lineage.json``'s ``files`` equal to its recorded SHA-256, rank at most the 
 maximum, target modules present in the base, the base fingerprint in ``lineage.json``
 equal to the served base's, and every tensor's shape equal to what the base expects.
 :func:`check_changes_output` runs the last, dynamic check once the weights are loaded: the
-adapter must change the base's next-token logits on a probe prompt.
+adapter must change the base's next-token logits on a probe prompt. A server that cannot
+run a probe itself (vLLM, behind :mod:`lorafleet.serve.vllm_front`) runs
+:func:`check_weights_change_something` instead: some adapted module must have a non-zero
+update (``lora_B @ lora_A``, or a LoRA bias) and a non-zero ``lora_alpha``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafleet.base import fingerprint_model
 from lorafleet.errors import LorafleetError, StorageError
 from lorafleet.io import sha256_file, sha256_json
 from lorafleet.storage import Storage, parse_location
@@ -36,6 +40,7 @@ __all__ = [
     "BaseModelInfo",
     "check_adapter_files",
     "check_changes_output",
+    "check_weights_change_something",
     "resolve_source",
     "validate_name",
 ]
@@ -103,6 +108,37 @@ class BaseModelInfo:
         }
         params = {name: tuple(p.shape) for name, p in model.named_parameters()}
         return cls(fingerprint, linear, params)
+
+    @classmethod
+    def from_directory(cls, base_dir: str | Path) -> BaseModelInfo:
+        """Read the shapes of a local base model from its ``config.json`` alone.
+
+        The model is built on PyTorch's ``meta`` device: every module and parameter shape,
+        no weights read and no memory spent on them (a server whose engine loads the
+        weights itself, such as vLLM, checks adapters against this).
+
+        Args:
+            base_dir: a ``transformers`` causal-LM directory.
+
+        Raises:
+            LorafleetError: naming the directory, if it has no readable model config.
+        """
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(base_dir)
+        if not (path / "config.json").is_file():
+            raise LorafleetError(f"{path}: not a base model directory (no config.json)")
+        try:
+            config = AutoConfig.from_pretrained(path)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except (OSError, ValueError, KeyError) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LorafleetError(
+                f"{path / 'config.json'}: cannot build the model: {detail}"
+            ) from None
+        return cls.from_model(model, fingerprint_model(path))
 
 
 @dataclass(frozen=True)
@@ -368,6 +404,42 @@ def check_adapter_files(
     targets = config.get("target_modules") or ()
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     return AdapterInfo(name, path, max(rank, *ranks), targets, fingerprint)
+
+
+def check_weights_change_something(name: str, path: Path) -> None:
+    """Refuse an adapter whose update is zero by its weights alone (no forward pass).
+
+    A LoRA update of a module is ``scale * lora_B @ lora_A`` (plus ``lora_B``'s bias when
+    ``lora_bias``): zero when either matrix is all zeros, or ``lora_alpha`` is 0. PEFT's
+    default initialisation zeroes ``lora_B``, so an adapter saved before training is such
+    an adapter. Run it after :func:`check_adapter_files` (the files are known readable).
+
+    Args:
+        name: the adapter's served name.
+        path: its local directory.
+
+    Raises:
+        AdapterRejected: (reason ``no_effect``) if no module's update is non-zero.
+    """
+    from safetensors import safe_open
+
+    config = _read_config(name, path)
+    if config.get("lora_alpha", 8) == 0 and not any((config.get("alpha_pattern") or {}).values()):
+        raise AdapterRejected(name, "no_effect", "lora_alpha is 0: the update is scaled to zero")
+    nonzero: dict[str, set[str]] = {}  # module -> the LoRA parts with a non-zero tensor
+    with safe_open(path / WEIGHTS, framework="pt") as weights:
+        for key in weights.keys():  # noqa: SIM118 (safe_open is no Mapping)
+            module, part = _module_name(key)
+            if not part or not bool(weights.get_tensor(key).any()):
+                continue
+            nonzero.setdefault(module, set()).add("bias" if key.endswith(".bias") else part)
+    if not any({"lora_A", "lora_B"} <= parts or "bias" in parts for parts in nonzero.values()):
+        raise AdapterRejected(
+            name,
+            "no_effect",
+            f"{path / WEIGHTS}: every module's lora_B (or lora_A) is all zeros: "
+            "the adapter does not change the base's output (saved before training?)",
+        )
 
 
 def check_changes_output(name: str, base_logits: Any, adapter_logits: Any) -> None:

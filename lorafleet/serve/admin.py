@@ -26,9 +26,13 @@ from lorafleet.errors import LorafleetError, first_problem
 from lorafleet.serve.adapters import AdapterRejected
 
 if TYPE_CHECKING:
-    from lorafleet.serve.model import LorafleetRuntime
+    from pathlib import Path
+
+    from lorafleet.serve.adapters import AdapterInfo
+    from lorafleet.serve.routes import RouteTable
 
 __all__ = [
+    "AdapterServer",
     "AdminError",
     "LoadAdapter",
     "adapters_admin_router",
@@ -210,7 +214,20 @@ def _rejected(exc: LorafleetError) -> JSONResponse:
     return JSONResponse({"error": {"message": str(exc), "code": code}}, status_code=422)
 
 
-def adapters_admin_router(runtime: LorafleetRuntime, token: str | None) -> APIRouter:
+class AdapterServer(Protocol):
+    """What the adapter admin routes drive: the native runtime
+    (:class:`~lorafleet.serve.model.LorafleetRuntime`) or the vLLM front
+    (:class:`~lorafleet.serve.vllm_front.VllmAdapters`)."""
+
+    name: str
+    routes: RouteTable
+
+    def adapter_table(self) -> list[dict[str, Any]]: ...
+    async def load_adapter(self, name: str, source: str | Path) -> AdapterInfo: ...
+    async def unload_adapter(self, name: str) -> None: ...
+
+
+def adapters_admin_router(runtime: AdapterServer, token: str | None) -> APIRouter:
     """The adapter admin routes of a runtime, all behind :func:`bearer_auth`."""
     router = APIRouter(
         prefix="/admin", dependencies=[Depends(bearer_auth(token))], responses=ADMIN_ANSWERS

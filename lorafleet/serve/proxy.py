@@ -17,7 +17,10 @@ status of an error event the upstream sent after its 200, 502 when the upstream 
 off, 499 when the client left) and a fault of the router itself (500).
 
 Run it with ``lorafleet router --upstream URL [--routes FILE]`` or, as the transformer
-container does, ``python -m lorafleet.serve.router``.
+container does, ``python -m lorafleet.serve.router``. In front of vLLM
+(:mod:`lorafleet.serve.vllm_front`) the same app also injects the faults of canary drills
+(:mod:`lorafleet.serve.faults`), as the runtime does, and its health answers are the
+front's checks (vLLM's process running; vLLM healthy with its start-up adapters loaded).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ from starlette.exceptions import HTTPException
 
 from lorafleet.serve.admin import allow_every_method
 from lorafleet.serve.auth import ApiKeys
+from lorafleet.serve.faults import FaultTable, faults_admin_router
 from lorafleet.serve.metrics import UNKNOWN_MODEL, ServingMetrics
 from lorafleet.serve.routes import RouteTable, routes_admin_router
 
@@ -149,6 +153,11 @@ class _ProxyHandlers:
         client: the upstream's client (its ``base_url`` is the upstream).
         table: the routes.
         metrics: where to count.
+        api_keys: the keys the OpenAI routes require; open when ``None``.
+        prefix: the upstream's path of the OpenAI API (``/openai/v1``, vLLM's ``/v1``).
+        faults: faults injected per adapter before forwarding; none when ``None``.
+        is_live: the liveness check; always live when ``None``.
+        is_ready: the readiness check; the upstream lists its models when ``None``.
     """
 
     def __init__(
@@ -157,9 +166,14 @@ class _ProxyHandlers:
         table: RouteTable,
         metrics: ServingMetrics,
         api_keys: ApiKeys | None = None,
+        prefix: str = "/openai/v1",
+        faults: FaultTable | None = None,
+        is_live: Callable[[], bool] | None = None,
+        is_ready: Callable[[], Awaitable[bool]] | None = None,
     ):
         self.client, self.table, self.metrics = client, table, metrics
-        self.api_keys = api_keys
+        self.api_keys, self.prefix, self.faults = api_keys, prefix, faults
+        self.is_live, self.is_ready = is_live, is_ready
 
     def refuse(self, request: Request) -> Response | None:
         """The 401/429 answer for a request without a valid key or over its rate; ``None``
@@ -174,11 +188,11 @@ class _ProxyHandlers:
 
     async def chat_completions(self, request: Request) -> Response:
         """``POST /openai/v1/chat/completions``."""
-        return await self.forward(request, "/openai/v1/chat/completions")
+        return await self.forward(request, f"{self.prefix}/chat/completions")
 
     async def completions(self, request: Request) -> Response:
         """``POST /openai/v1/completions``."""
-        return await self.forward(request, "/openai/v1/completions")
+        return await self.forward(request, f"{self.prefix}/completions")
 
     async def forward(self, request: Request, path: str) -> Response:
         """Send a completion request to its route's adapter and count the answer, whatever
@@ -212,6 +226,11 @@ class _ProxyHandlers:
         # upstream has shown it serves it.
         if model in self.table:
             tally.model, tally.adapter = model, adapter
+        injected = None if self.faults is None else await self.faults.inject(adapter)
+        if injected is not None:  # canary drills only: a fault is set on a named adapter
+            tally.model, tally.adapter = model, adapter
+            message = f"injected fault on {adapter!r} (canary drill, /admin/faults)"
+            return _error(injected, message, "injected_fault", {"x-lorafleet-adapter": adapter})
         auth = {"authorization": request.headers["authorization"]} if self.api_keys else {}
         upstream_request = self.client.build_request("POST", path, json=body, headers=auth)
         try:
@@ -271,7 +290,7 @@ class _ProxyHandlers:
             return refused
         auth = {"authorization": request.headers["authorization"]} if self.api_keys else {}
         try:
-            response = await self.client.get("/openai/v1/models", headers=auth)
+            response = await self.client.get(f"{self.prefix}/models", headers=auth)
         except httpx.TransportError as exc:
             return _error(503, f"upstream unreachable: {exc}", "upstream_unreachable")
         if response.status_code != 200:
@@ -293,17 +312,22 @@ class _ProxyHandlers:
         """``GET /metrics``: the proxy's own counters, Prometheus text format."""
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def live(self) -> dict:
-        """``GET /v2/health/live``: always live."""
-        return {"live": True}
+    async def live(self) -> Response:
+        """``GET /v2/health/live``: live unless the liveness check says otherwise."""
+        ok = self.is_live is None or self.is_live()
+        return JSONResponse({"live": ok}, 200 if ok else 503)
 
     async def ready(self) -> Response:
-        """``GET /v2/health/ready``: ready when the upstream lists its models, or answers
-        that listing with 401 (it is up, and wants an API key the probe does not have)."""
-        try:
-            ok = (await self.client.get("/openai/v1/models")).status_code in (200, 401)
-        except httpx.TransportError:
-            ok = False
+        """``GET /v2/health/ready``: the readiness check's answer; by default, ready when
+        the upstream lists its models, or answers that listing with 401 (it is up, and
+        wants an API key the probe does not have)."""
+        if self.is_ready is not None:
+            ok = await self.is_ready()
+        else:
+            try:
+                ok = (await self.client.get(f"{self.prefix}/models")).status_code in (200, 401)
+            except httpx.TransportError:
+                ok = False
         return JSONResponse({"ready": ok}, 200 if ok else 503)
 
 
@@ -314,13 +338,20 @@ def proxy_app(
     metrics: ServingMetrics | None = None,
     timeout_s: float = 120.0,
     api_keys: ApiKeys | None = None,
+    *,
+    upstream_prefix: str = "/openai/v1",
+    faults: FaultTable | None = None,
+    known: Callable[[str], bool] | None = None,
+    is_live: Callable[[], bool] | None = None,
+    is_ready: Callable[[], Awaitable[bool]] | None = None,
 ) -> FastAPI:
     """A standalone router in front of an OpenAI-compatible server.
 
     Serves ``POST /openai/v1/chat/completions`` and ``/openai/v1/completions`` (streamed
     through as they come), ``GET /openai/v1/models`` (the upstream's models plus the
     routes, ``parent`` = their first target), ``/admin/routes``, ``/metrics`` and KServe's
-    ``/v2/health/live`` and ``/v2/health/ready`` (ready when the upstream lists models).
+    ``/v2/health/live`` and ``/v2/health/ready`` (ready when the upstream lists models);
+    with ``faults``, also ``/admin/faults``.
 
     Args:
         upstream: the upstream's base URL, e.g. ``http://predictor:8080``.
@@ -329,12 +360,33 @@ def proxy_app(
         metrics: where to count; a fresh registry when ``None``.
         timeout_s: upstream timeout per request.
         api_keys: the keys the OpenAI routes require; open when ``None``.
+        upstream_prefix: the upstream's path of the OpenAI API: ``/openai/v1`` (the
+            lorafleet runtime, KServe) or ``/v1`` (vLLM).
+        faults: faults of canary drills, applied to a request's adapter before it is
+            forwarded (an injected failure is answered by the router and counted) and
+            edited through ``/admin/faults``; none, and no such route, when ``None``.
+        known: whether an adapter name is served: a route naming another is refused (422);
+            ``None`` accepts any name.
+        is_live: the liveness check (e.g. a supervised upstream process is running);
+            always live when ``None``.
+        is_ready: the readiness check; when ``None``, the upstream lists its models.
     """
     client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=timeout_s)
-    handlers = _ProxyHandlers(client, table, metrics or ServingMetrics(), api_keys)
+    handlers = _ProxyHandlers(
+        client,
+        table,
+        metrics or ServingMetrics(),
+        api_keys,
+        prefix=upstream_prefix.rstrip("/"),
+        faults=faults,
+        is_live=is_live,
+        is_ready=is_ready,
+    )
     app = FastAPI(title="lorafleet router")
     app.router.add_event_handler("shutdown", client.aclose)
-    app.include_router(routes_admin_router(table, admin_token))
+    app.include_router(routes_admin_router(table, admin_token, known))
+    if faults is not None:
+        app.include_router(faults_admin_router(faults, admin_token))
     errors = {status: {"model": ProxyError} for status in (400, 401, 404, 429, 500, 502, 503)}
     completion = {
         "responses": {
@@ -353,7 +405,7 @@ def proxy_app(
     app.get("/openai/v1/models", responses=errors)(handlers.models)
     prometheus = {200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {}}}}}
     app.get("/metrics", response_class=Response, responses=prometheus)(handlers.scrape)
-    app.get("/v2/health/live")(handlers.live)
+    app.get("/v2/health/live", responses={503: {}})(handlers.live)
     app.get("/v2/health/ready", responses={503: {}})(handlers.ready)
     app.add_exception_handler(HTTPException, allow_every_method)
     return app
