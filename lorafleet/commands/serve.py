@@ -41,10 +41,32 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     name: Annotated[str, typer.Option(help="Served name of the base model.")] = "base",
-    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Most requests decoding at once (continuous batching).")
+    ] = 64,
+    prefill_chunk_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Prompt tokens prefilled per step between two decode steps (padding "
+            "included): the longest a running request waits for newcomers' prompts.",
+        ),
+    ] = 256,
     max_wait_ms: Annotated[
-        float, typer.Option(help="How long a request waits for others to share its batch.")
+        float,
+        typer.Option(
+            help="When nothing runs, how long a request waits for others to share its prefill."
+        ),
     ] = 10.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Torch CPU threads of the model; default: the CPUs this process may use, "
+            "less one for the HTTP side, at least 1.",
+        ),
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(help="Most requests waiting; more get 429 + Retry-After.")
     ] = 256,
@@ -156,6 +178,8 @@ def serve(
         name=name,
         max_batch_size=max_batch_size,
         max_wait_s=max_wait_ms / 1000,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+        threads=threads or max(1, _usable_cpus() - 1),
         admin_token=os.environ.get(admin_token_env) or None,
         api_keys=keys,
         max_queue=max_queue,
@@ -170,6 +194,13 @@ def serve(
         revision=revision,
         dtype=dtype,
     )
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def standalone_app() -> typer.Typer:

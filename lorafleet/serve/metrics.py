@@ -4,7 +4,8 @@ The runtime registers them in prometheus-client's default registry, which KServe
 ``/metrics`` already exposes; the standalone router proxy keeps its own registry and
 serves it itself. A canary controller compares the candidate and production versions on
 ``lorafleet_requests_total`` / ``lorafleet_request_errors_total`` and
-``lorafleet_request_latency_seconds``.
+``lorafleet_request_latency_seconds``. The runtime also observes each request's time to
+first token (``lorafleet_time_to_first_token_seconds``, by adapter).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ UNKNOWN_MODEL = "_unknown"
 
 # Seconds: a short completion on a tiny CPU model up to a long one on a loaded GPU.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Seconds: one prefill chunk on an idle runtime up to a long wait in a full queue.
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServingMetrics:
@@ -28,7 +31,9 @@ class ServingMetrics:
 
     ``model`` is the name the client asked for (a route or an adapter), ``adapter`` the
     version that answered. A request for a model that is not served is labelled
-    :data:`UNKNOWN_MODEL` on both, so labels stay bounded by what is actually served.
+    :data:`UNKNOWN_MODEL` on both, so labels stay bounded by what is actually served. The
+    time to first token is labelled by ``adapter`` only: the runtime observes it, and
+    routes are the HTTP layer's.
 
     Args:
         registry: where the metrics live; a fresh one when ``None``.
@@ -73,12 +78,25 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "lorafleet_queue_depth", "Requests waiting for a batch.", registry=self.registry
+            "lorafleet_queue_depth",
+            "Requests waiting to join the running batch.",
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time from a request's arrival in the runtime's queue to its first generated token.",
+            ["adapter"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=self.registry,
         )
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         """Report ``depth()`` as the queue depth whenever metrics are scraped."""
         self.queue_depth.set_function(depth)
+
+    def observe_first_token(self, adapter: str, seconds: float) -> None:
+        """Record one request's time to first token (``adapter``: the served name that ran it)."""
+        self.first_token.labels(adapter).observe(seconds)
 
     def reject(self, reason: str) -> None:
         """Count one request refused by the API key check (the reason, never the key)."""

@@ -3,12 +3,15 @@
 :class:`LorafleetRuntime`'s ``load()`` builds a
 :class:`~lorafleet.engine.generation.Generator` and admits every adapter through the checks of
 :mod:`lorafleet.serve.adapters`. Requests pass through a
-:class:`~lorafleet.serve.batching.MicroBatcher`: those that arrive within a few
-milliseconds of each other share one mixed-adapter ``generate`` call (every decode step
-batched across them), which runs on a worker thread so the event loop keeps serving. The
-queue is bounded (a full queue answers 429 with ``Retry-After``), each request has a
-deadline (503 past it), and rows whose client went away stop decoding. Adapter loads and
-unloads at runtime run on the same worker thread, between batches.
+:class:`~lorafleet.serve.batching.ContinuousBatcher`: a request joins the running
+mixed-adapter batch at its next decode step and leaves it when it finishes, on a worker
+thread so the event loop keeps serving; the time to its first token is observed in
+:class:`~lorafleet.serve.metrics.ServingMetrics`. The queue is bounded (a full queue
+answers 429 with ``Retry-After``), each request has a deadline (503 past it), and rows
+whose client went away leave the batch. A request whose forward pass raises fails alone.
+Adapter loads and unloads at runtime run on the same worker thread, between steps:
+requests already running on a replaced version finish on it, and those running on an
+unloaded adapter fail with a one-line error.
 
 :func:`build_runtime` is the one factory; :mod:`lorafleet.serve.server` serves the result.
 """
@@ -16,16 +19,22 @@ unloads at runtime run on the same worker thread, between batches.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from kserve import Model
 
-from lorafleet.engine.generation import GenerationRequest, GenerationResult, Generator, LoraBackend
+from lorafleet.engine.generation import (
+    BASE_ADAPTER,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    LoraBackend,
+)
 from lorafleet.errors import LorafleetError
 from lorafleet.serve.adapters import (
     AdapterInfo,
@@ -39,9 +48,9 @@ from lorafleet.serve.adapters import (
 from lorafleet.serve.batching import (
     MAX_BATCH_SIZE,
     MAX_WAIT_S,
+    PREFILL_CHUNK_TOKENS,
+    ContinuousBatcher,
     DeltaCallback,
-    MicroBatcher,
-    run_subset,
 )
 from lorafleet.serve.faults import FaultTable
 from lorafleet.serve.limits import RequestLimits
@@ -59,9 +68,10 @@ class LorafleetRuntime(Model):
         base_dir: the base model directory (or hub id).
         adapters: adapter name (its OpenAI ``model`` id) -> adapter source (directory,
             ``pvc://``, ``s3://``, ``gs://``); each must pass the admission checks.
-        max_batch_size: the most requests in one generate call.
-        max_wait_s: how long a request waits for others to share its batch.
-        max_queue: the most requests waiting for a batch (more get 429).
+        max_batch_size: the most requests decoding at once.
+        max_wait_s: when nothing runs, how long a request waits for others to share its
+            prefill.
+        max_queue: the most requests waiting to join the batch (more get 429).
         request_timeout_s: a request's deadline, queueing included (later: 503).
         max_rank: the largest LoRA rank admitted.
         require_lineage: refuse adapters without ``lineage.json``.
@@ -78,6 +88,11 @@ class LorafleetRuntime(Model):
             local directory.
         dtype: the base's weight dtype (the spec's ``base.dtype``); ``"auto"``: bf16 on a
             GPU that supports it, else float32 (:func:`lorafleet.engine.devices.pick_dtype`).
+        prefill_chunk_tokens: the prompt tokens prefilled per step (padding included): the
+            longest a running request waits between two of its tokens.
+        threads: torch's CPU threads (``torch.set_num_threads``), set by ``load()``; ``None``
+            leaves them as they are. The HTTP event loop and the decoding thread share this
+            process: intra-op threads on every core stall whenever the event loop runs.
 
     Raises:
         LorafleetError: if an adapter has the base model's name or an invalid name.
@@ -104,6 +119,8 @@ class LorafleetRuntime(Model):
         limits: RequestLimits | None = None,
         revision: str | None = None,
         dtype: str = "auto",
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        threads: int | None = None,
     ) -> None:
         super().__init__(name)
         if name in adapters:
@@ -124,7 +141,9 @@ class LorafleetRuntime(Model):
         self.metrics = metrics or ServingMetrics()
         self.faults = faults or FaultTable()
         self.limits = limits or RequestLimits()
-        self.batcher: MicroBatcher | None = None
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.threads = threads
+        self.batcher: ContinuousBatcher | None = None
         self._sources = dict(adapters)
         self._probe = probe
         self.lora_backend = lora_backend
@@ -133,6 +152,8 @@ class LorafleetRuntime(Model):
         self._cache = Path(adapter_cache or tempfile.mkdtemp(prefix="lorafleet-adapters-"))
         self._infos: dict[str, AdapterInfo] = {}
         self._keys: dict[str, str] = {}  # served name -> generator key of the serving version
+        # Replaced versions still running requests: generator key -> served name.
+        self._retiring: dict[str, str] = {}
         self._versions = itertools.count(1)
         self._generator: Generator | None = None
         self._base_info: BaseModelInfo | None = None
@@ -148,6 +169,8 @@ class LorafleetRuntime(Model):
         """
         from lorafleet.base import fingerprint_model
 
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         self._generator = Generator(
             self.base_dir,
             dtype=self.dtype,
@@ -160,13 +183,16 @@ class LorafleetRuntime(Model):
         self._base_logits = self._generator.next_token_logits(self._probe_request(None))
         for name, source in self._sources.items():
             self._install(self._check(name, source))
-        self.batcher = MicroBatcher(
+        self.batcher = ContinuousBatcher(
             self._generator,
             self.max_batch_size,
             self.max_wait_s,
             max_queue=self.max_queue,
-            run_batch=self._run_batch,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            resolve=self._resolve,
+            on_first_token=self._observe_first_token,
         )
+        self.batcher.after_each_step(self._release_retired)
         self.metrics.track_queue(lambda: self.batcher.queue_depth)
         self.ready = True
         return self.ready
@@ -209,7 +235,7 @@ class LorafleetRuntime(Model):
     async def generate(
         self, request: GenerationRequest, on_delta: DeltaCallback | None = None
     ) -> GenerationResult:
-        """Generate through the micro-batcher; see :meth:`MicroBatcher.submit`."""
+        """Generate through the batcher; see :meth:`ContinuousBatcher.submit`."""
         if self.batcher is None:
             raise RuntimeError(f"runtime {self.name!r} is not loaded")
         return await self.batcher.submit(request, on_delta, self.request_timeout_s)
@@ -223,13 +249,13 @@ class LorafleetRuntime(Model):
         """
         if self.batcher is None:
             raise RuntimeError(f"runtime {self.name!r} is not loaded")
-        # Download and file checks off the worker thread; only the load pauses batches.
+        # Download and file checks off the worker thread; only the load pauses decoding.
         info = await asyncio.to_thread(self._check, name, source)
         await self.batcher.run_exclusive(self._install, info)
         return info
 
     async def unload_adapter(self, name: str) -> None:
-        """Unload an adapter; requests already queued for it fail with 404.
+        """Unload an adapter; requests queued or running for it fail with 404.
 
         Raises:
             KeyError: if no adapter of that name is loaded.
@@ -270,29 +296,42 @@ class LorafleetRuntime(Model):
         self._infos[info.name] = info
         self.adapters[info.name] = info.path
         if old is not None:
-            self._generator.remove_adapter(old)
+            # Requests running on the old version finish on it: it goes once they are done.
+            self._retiring[old] = info.name
+            self._release_retired()
+
+    def _release_retired(self) -> None:
+        """Unload replaced versions that no running request uses any more."""
+        if not self._retiring:
+            return
+        in_use = self.batcher.keys_in_use() if self.batcher is not None else set()
+        for key in [k for k in self._retiring if k not in in_use]:
+            del self._retiring[key]
+            self._generator.remove_adapter(key)
 
     def _uninstall(self, name: str) -> None:
         key = self._keys.pop(name)
         del self._infos[name], self.adapters[name]
-        self._generator.remove_adapter(key)
+        keys = {key, *(k for k, served in self._retiring.items() if served == name)}
+        self.batcher.abort(keys, LorafleetError(f"adapter {name!r} was unloaded"))
+        for k in keys:
+            self._retiring.pop(k, None)
+            self._generator.remove_adapter(k)
 
-    def _run_batch(
-        self,
-        requests: Sequence[GenerationRequest],
-        on_delta: Callable[[int, str], None],
-        is_cancelled: Callable[[int], bool],
-    ) -> list[GenerationResult | Exception]:
-        """Map served names to the keys of their serving versions and run the batch; a
-        request whose adapter was unloaded since it queued gets an error of its own."""
-        out: list[GenerationResult | Exception] = [
-            LorafleetError(f"adapter {r.adapter!r} is not loaded") for r in requests
-        ]
-        live = [i for i, r in enumerate(requests) if r.adapter is None or r.adapter in self._keys]
-        mapped = [dataclasses.replace(r, adapter=self._keys.get(r.adapter)) for r in requests]
-        for i, result in run_subset(self._generator.generate, mapped, live, on_delta, is_cancelled):
-            out[i] = result
-        return out
+    def _resolve(self, request: GenerationRequest) -> str:
+        """The generator key of the version serving a request's adapter, as it is admitted.
+
+        Raises:
+            LorafleetError: if the adapter was unloaded since the request queued.
+        """
+        if request.adapter is None:
+            return BASE_ADAPTER
+        if request.adapter not in self._keys:
+            raise LorafleetError(f"adapter {request.adapter!r} is not loaded")
+        return self._keys[request.adapter]
+
+    def _observe_first_token(self, request: GenerationRequest, seconds: float) -> None:
+        self.metrics.observe_first_token(request.adapter or self.name, seconds)
 
 
 def build_runtime(

@@ -2,11 +2,11 @@
 
 A real runtime (tiny base, two adapters) serves on a loopback port from a thread; the
 router (:func:`~lorafleet.serve.proxy.proxy_app`) runs in process in front of it. The
-generator is wrapped so that any batch holding a ``POISON`` prompt raises after it has
-decoded (and streamed) every row, as a CUDA error or an out-of-memory error in the last
-step would: the request that carries it must get a 500 (in its stream, too), its
-batch-mates their own answers, and every answer of either server must appear in
-``lorafleet_requests_total`` with its status.
+batcher's forward pass (:meth:`~lorafleet.engine.continuous.StepEngine.forward`) is
+wrapped so that any pass holding a ``POISON`` request's row raises after the model ran,
+as a CUDA error or an out-of-memory error would: the request that carries it must get a
+500 (in its stream, too), its batch-mates their own answers, and every answer of either
+server must appear in ``lorafleet_requests_total`` with its status.
 """
 
 from __future__ import annotations
@@ -48,23 +48,24 @@ def _text(request: GenerationRequest) -> str:
     return (request.prompt or "") + "".join(m["content"] for m in request.messages)
 
 
-class PoisonedGenerate:
-    """``Generator.generate`` that raises for any batch holding a poisoned prompt, after
-    decoding it whole; it waits for :attr:`gate` and records each call's prompts."""
+class PoisonedForward:
+    """``StepEngine.forward`` that raises for any pass holding a poisoned request's row,
+    after the model ran; it waits for :attr:`gate` and records each pass's prompts."""
 
-    def __init__(self, generate) -> None:
-        self.generate = generate
+    def __init__(self, forward) -> None:
+        self.forward = forward
         self.gate = threading.Event()
         self.gate.set()
         self.calls: list[list[str]] = []
 
-    def __call__(self, requests, on_delta=None, is_cancelled=None):
+    def __call__(self, jobs, **inputs):
         self.gate.wait(10)
-        self.calls.append([_text(r) for r in requests])
-        results = self.generate(requests, on_delta, is_cancelled)
-        if any(POISON in _text(r) for r in requests):
+        prompts = [_text(job.request) for job in jobs]
+        self.calls.append(prompts)
+        logits = self.forward(jobs, **inputs)
+        if any(POISON in prompt for prompt in prompts):
             raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
-        return results
+        return logits
 
 
 @contextlib.contextmanager
@@ -88,15 +89,16 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def served(
     tiny_base: Path, tiny_adapters: dict[str, Path]
-) -> Iterator[tuple[LorafleetRuntime, PoisonedGenerate, str]]:
+) -> Iterator[tuple[LorafleetRuntime, PoisonedForward, str]]:
     runtime = build_runtime(
         tiny_base,
         {"stable": tiny_adapters["proposal-writer"], "canary": tiny_adapters["job-analyzer"]},
         max_wait_s=0.002,
         max_queue=MAX_QUEUE,
     )
-    poisoned = PoisonedGenerate(runtime._generator.generate)
-    runtime._generator.generate = poisoned  # what the runtime's batches call
+    engine = runtime.batcher.engine
+    poisoned = PoisonedForward(engine.forward)
+    engine.forward = poisoned  # every forward pass of the runtime's batches
     app = FastAPI()
     mount(app, runtime, None)
     with serve_in_thread(app) as url:
@@ -188,12 +190,12 @@ async def test_runtime_counts_every_status_it_answers(served, http) -> None:
         )
     finally:
         runtime.request_timeout_s = 120.0
-    poisoned.gate.clear()  # the next batch waits: the queue fills up
+    poisoned.gate.clear()  # the next forward pass waits: the queue fills up
     try:
         first = asyncio.create_task(
             http.post("/openai/v1/chat/completions", json=chat("stable", "a"))
         )
-        await asyncio.sleep(0.3)  # taken by the worker, which now waits at the gate
+        await asyncio.sleep(0.3)  # admitted by the worker, which now waits at the gate
         queued = [
             asyncio.create_task(http.post("/openai/v1/chat/completions", json=chat("stable", q)))
             for q in "bcdefghi"[:MAX_QUEUE]
@@ -264,14 +266,24 @@ async def test_one_bad_request_fails_only_itself(served, http) -> None:
             "content"
         ] if ok else ""
 
-    # When they arrive together with a poisoned one and share its batch
-    runtime.batcher.max_wait_s = 0.5
+    # When they arrive together with a poisoned one and share its forward passes (the
+    # worker is held between two steps until all of them wait)
     poisoned.calls.clear()
+    release = threading.Event()
+    busy = asyncio.ensure_future(runtime.batcher.run_exclusive(release.wait, 30))
     try:
-        answers = await asyncio.gather(*map(ask, [*mates, chat("canary", POISON, stream=True)]))
+        asks = [
+            asyncio.ensure_future(ask(b)) for b in [*mates, chat("canary", POISON, stream=True)]
+        ]
+        for _ in range(300):
+            if runtime.batcher.queue_depth == len(asks):
+                break
+            await asyncio.sleep(0.01)
     finally:
-        runtime.batcher.max_wait_s = 0.002
-    shared = [call for call in poisoned.calls if POISON in call and len(call) > 1]
+        release.set()
+    await busy
+    answers = await asyncio.gather(*asks)
+    shared = [call for call in poisoned.calls if any(POISON in p for p in call) and len(call) > 1]
     assert shared and len(shared[0]) == len(mates) + 1, poisoned.calls  # they did share it
     # Then only the poisoned one fails, and every mate gets its own answer, streamed once
     assert answers[-1][0] == 500

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.errors import LorafleetError
 from lorafleet.fleet import ServingSpec
-from lorafleet.serve.batching import MAX_BATCH_SIZE, MicroBatcher
+from lorafleet.serve.batching import MAX_BATCH_SIZE, PREFILL_CHUNK_TOKENS, ContinuousBatcher
 from lorafleet.serve.model import LorafleetRuntime
 from lorafleet.serve.runtime import main, run_server_subprocess
 
@@ -191,8 +190,8 @@ def test_concurrent_requests_from_threads(client: openai.OpenAI, generator: Gene
         assert answer == expected_text(generator, None if name == "base" else name, content)
 
 
-async def test_micro_batcher_shares_generate_calls(generator: Generator) -> None:
-    # Given six requests submitted at once and batches of at most four
+async def test_batcher_shares_decode_steps_up_to_its_cap(generator: Generator) -> None:
+    # Given six requests submitted at once and at most four decoding at a time
     requests = [
         GenerationRequest(
             messages=user(f"Proposal {i}"),
@@ -201,14 +200,14 @@ async def test_micro_batcher_shares_generate_calls(generator: Generator) -> None
         )
         for i in range(6)
     ]
-    batcher = MicroBatcher(generator, max_batch_size=4, max_wait_s=0.05)
+    batcher = ContinuousBatcher(generator, max_batch_size=4, max_wait_s=0.05)
     try:
         # When they run through the batcher
         results = await asyncio.gather(*(batcher.submit(r) for r in requests))
     finally:
         batcher.close()
-    # Then two generate calls served them, with the answers each gets alone
-    assert batcher.batch_sizes == Counter({4: 1, 2: 1})
+    # Then decode steps held up to four of them, never more, and each got its answer alone
+    assert max(batcher.batch_sizes) == 4
     assert results == [generator.generate([r])[0] for r in requests]
 
 
@@ -221,6 +220,10 @@ def test_fleet_spec_and_runtime_share_the_batch_size_default() -> None:
     from lorafleet.commands.serve import serve
 
     assert inspect.signature(serve).parameters["max_batch_size"].default == MAX_BATCH_SIZE
+    assert inspect.signature(serve).parameters["prefill_chunk_tokens"].default == (
+        PREFILL_CHUNK_TOKENS
+    )
+    assert LorafleetRuntime("base", "unused", {}).prefill_chunk_tokens == PREFILL_CHUNK_TOKENS
 
 
 def test_adapter_may_not_take_the_base_name(
