@@ -77,6 +77,17 @@ EXCEPTIONS = {
     "--max-batch-size 16 --max-queue 256": (
         "a server that runs until stopped, on a trained base and an S3 adapter (tests/serve)"
     ),
+    "make vllm-env": (
+        "installs vLLM's CPU build (a minute, 1.3 GB): `make test` builds it first and runs "
+        "the vllm-marked tests with it"
+    ),
+    ".venv/bin/python -m lorafleet.serve.vllm_front --port 8080 --vllm-python "
+    ".venv-vllm/bin/python --adapter job-analyzer=registry/job-analyzer/v3 --model BASE_DIR "
+    "--served-model-name base --enable-lora --max-loras 2 --max-lora-rank 16 --max-num-seqs 64 "
+    "--dtype float32": (
+        "a server that runs until stopped, vLLM behind it (make e2e-vllm and "
+        "tests/serve/test_vllm_front.py run it)"
+    ),
     "python -m lorafleet.serve.router --upstream http://predictor:8080 --routes routes.json "
     "--port 8080": "a server that runs until stopped (tests/serve cover the router)",
     "lorafleet train run examples/fleet.yaml --expert job-analyzer --base BASE_DIR "

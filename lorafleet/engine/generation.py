@@ -57,6 +57,8 @@ class GenerationRequest:
         adapter: adapter name; ``None`` for the base model.
         max_new_tokens: the most tokens to generate.
         stop: strings that end the generation; the text is cut before the first one.
+        ignore_eos: keep generating past the eos token until ``max_new_tokens`` (vLLM's
+            extension of the OpenAI API; benchmarks use it to fix every answer's length).
     """
 
     messages: Sequence[Mapping[str, str]] = ()
@@ -64,6 +66,7 @@ class GenerationRequest:
     adapter: str | None = None
     max_new_tokens: int = 64
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.messages) == bool(self.prompt):
@@ -130,7 +133,7 @@ class _Row:
         cuts = [text.find(s) for s in self.request.stop if s in text]
         if cuts:
             text, self.finish_reason = text[: min(cuts)], "stop"
-        elif token_id == eos_id:
+        elif token_id == eos_id and not self.request.ignore_eos:
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self.request.max_new_tokens:
             self.finish_reason = "length"

@@ -65,6 +65,13 @@ def _no_text_or_bool(value: Any) -> Any:
 Budget = Annotated[int, Field(strict=False, ge=1), BeforeValidator(_no_text_or_bool)]
 
 
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed request."""
+
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
 class _CompletionRequest(BaseModel):
     """Fields both endpoints share; unknown fields are ignored. Types are strict (``"5"`` is
     not a number, ``1`` not a boolean), as the published schema says. (Pydantic models are
@@ -81,6 +88,9 @@ class _CompletionRequest(BaseModel):
     max_tokens: Budget | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extension: generate max_tokens tokens whatever the model's eos says.
+    ignore_eos: bool = False
 
     @abstractmethod
     def generation_request(self, adapter: str | None, max_new_tokens: int) -> GenerationRequest:
@@ -135,6 +145,7 @@ class ChatCompletionRequest(_CompletionRequest):
             adapter=adapter,
             max_new_tokens=self.max_completion_tokens or self.max_tokens or max_new_tokens,
             stop=self.stops,
+            ignore_eos=self.ignore_eos,
         )
 
     def choice(self, text: str, finish_reason: FinishReason) -> dict[str, Any]:
@@ -167,6 +178,7 @@ class CompletionRequest(_CompletionRequest):
             adapter=adapter,
             max_new_tokens=self.max_tokens or max_new_tokens,
             stop=self.stops,
+            ignore_eos=self.ignore_eos,
         )
 
     def choice(self, text: str, finish_reason: FinishReason) -> dict[str, Any]:
@@ -372,6 +384,9 @@ async def _stream(
         yield _event({"error": {"message": error, "code": status}})
         return
     yield chunk(body.chunk_choice("", result.finish_reason))
+    if body.stream_options is not None and body.stream_options.include_usage:
+        # OpenAI's usage event: the last before [DONE], with no choices.
+        yield _event({**head, "object": body.chunk_object, "choices": [], "usage": _usage(result)})
     yield "data: [DONE]\n\n"
 
 

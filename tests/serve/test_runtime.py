@@ -128,6 +128,31 @@ def test_streaming_chunks_add_up_to_the_whole_answer(client: openai.OpenAI) -> N
     assert chunks[-1].choices[0].finish_reason == whole.finish_reason
 
 
+def test_ignore_eos_fixes_the_length_and_a_stream_can_end_with_its_usage(
+    client: openai.OpenAI,
+) -> None:
+    """vLLM's ``ignore_eos`` (what benchmarks use to give every server the same work) and
+    OpenAI's ``stream_options.include_usage``."""
+    kwargs = {"model": "job-analyzer", "messages": user("Analyze this job post."), "max_tokens": 48}
+    natural = client.chat.completions.create(**kwargs)
+    forced = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    assert forced.usage.completion_tokens == 48 and forced.choices[0].finish_reason == "length"
+    # Greedy: the same tokens up to where the model would have stopped.
+    assert forced.choices[0].message.content.startswith(natural.choices[0].message.content)
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 48
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == forced.choices[0].message.content
+
+
 def test_completions_with_a_prompt(client: openai.OpenAI, generator: Generator) -> None:
     kwargs = {"model": "proposal-writer", "prompt": "A client posts a job", "max_tokens": 8}
     whole = client.completions.create(**kwargs).choices[0]
