@@ -102,12 +102,14 @@ def compile_pipeline(
 
     It never rewrites the committed pipelines/*.yaml (developers regenerate those with
     `make goldens`)."""
+    from lorafleet.fleet import load_fleet
     from lorafleet.pipelines.compile import GOLDEN, compile_fleet, profile_golden
     from lorafleet.pipelines.platform import spec_profile
 
     platform = spec_profile(spec, profile) if profile else None
+    base = load_fleet(spec, check_files=False).base if profile else None
     out = out or Path((profile_golden(profile) if profile else GOLDEN).name)
-    compile_fleet(out, platform, image=image)
+    compile_fleet(out, platform, image=image, base=base)
     console.print(f"wrote {out}")
 
 

@@ -93,7 +93,10 @@ def publish_fleet(
                 o["expert"]: fetch_adapter(o["adapter_uri"], Path(work_dir) / o["expert"])
                 for o in registered
             }
-            with run_server_subprocess(base_dir, adapters) as base_url:
+            # The spec's revision and dtype: a hub base is served as it was trained and gated.
+            pinned = ["--revision", spec.base.revision] if spec.base.revision else []
+            extra = [*pinned, "--dtype", spec.base.dtype]
+            with run_server_subprocess(base_dir, adapters, extra_args=extra) as base_url:
                 replies = ask_each_adapter(base_url, {o["expert"]: o["probe"] for o in registered})
     experts = {}
     for o in sorted(outcomes, key=lambda o: [e.name for e in spec.experts].index(o["expert"])):

@@ -666,7 +666,14 @@ def train_stage(
     from lorafleet.train.cluster import run_on_cluster
 
     return run_on_cluster(
-        expert.name, base_dir, train_set, adapter_out, job, training, api=kube_api
+        expert.name,
+        base_dir,
+        train_set,
+        adapter_out,
+        job,
+        training,
+        api=kube_api,
+        hub_token_secret=base.hub_token_secret if base else None,
     )
 
 

@@ -14,7 +14,7 @@ from kfp import compiler
 from kfp.dsl import PipelineTask
 
 from lorafleet.errors import LorafleetError
-from lorafleet.fleet import PlatformProfile
+from lorafleet.fleet import BaseSpec, PlatformProfile
 from lorafleet.io import atomic_write_text
 from lorafleet.pipelines.fleet_pipeline import build_fleet_pipeline, fleet_pipeline
 from lorafleet.pipelines.platform import placer
@@ -64,7 +64,10 @@ def profile_golden(profile: str) -> Path:
 
 
 def compile_fleet(
-    out: str | Path, platform: PlatformProfile | None = None, image: str | None = None
+    out: str | Path,
+    platform: PlatformProfile | None = None,
+    image: str | None = None,
+    base: BaseSpec | None = None,
 ) -> Path:
     """Compile the fleet pipeline to ``out`` (written atomically).
 
@@ -74,6 +77,8 @@ def compile_fleet(
             fleet spec); ``None`` compiles the committed pipeline with no cluster settings.
         image: the component image of every step (default: ``lorafleet.components.IMAGE``);
             a reference with a digest is written as given, so every pod runs those bytes.
+        base: the same spec's base, with ``platform``: its ``hub_token_secret`` reaches the
+            steps that load the base (:func:`~lorafleet.pipelines.platform.placer`).
 
     Returns:
         ``out`` as a path.
@@ -86,7 +91,7 @@ def compile_fleet(
     if platform is None and image is None:
         pipeline = fleet_pipeline
     else:
-        place = placer(platform) if platform is not None else None
+        place = placer(platform, base) if platform is not None else None
 
         def pipeline_place(task: PipelineTask) -> PipelineTask:
             if place is not None:

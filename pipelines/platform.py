@@ -9,6 +9,11 @@ retries on the idempotent steps; a ``/dev/shm`` for training). :func:`placer` tu
 the ``place`` hook of :func:`~lorafleet.pipelines.fleet_pipeline.build_fleet_pipeline`; the
 compiler writes the settings into the IR's ``platforms.kubernetes`` section (accelerators
 and environment variables into each container).
+
+The steps that load the base (:data:`~lorafleet.fleet.platform.BASE_STEPS`) may reach the
+hub on a cluster, which the image's ``HF_HUB_OFFLINE=1`` forbids for local runs: they get
+``HF_HUB_OFFLINE=0`` (unless the profile's ``model_cache`` is ``offline``), the base's
+``hub_token_secret`` as ``HF_TOKEN``, and the ``model_cache`` PVC as ``HF_HOME``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from kfp.dsl import PipelineTask
 
 from lorafleet.engine.devices import GPUS_ENV
 from lorafleet.errors import LorafleetError, SpecError
-from lorafleet.fleet import PlatformProfile, StepPlatform, load_fleet
+from lorafleet.fleet import HUB_TOKEN_KEY, BaseSpec, PlatformProfile, StepPlatform, load_fleet
 from lorafleet.fleet.platform import (
+    BASE_STEPS,
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
     NEVER_RETRIED_STEPS,
@@ -31,6 +37,8 @@ from lorafleet.storage import PVC_MOUNTS_ENV
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "HF_HOME_ENV",
+    "HUB_OFFLINE_ENV",
     "S3_ENDPOINT_ENV",
     "SHM_VOLUME",
     "STEP_DEFAULTS",
@@ -46,6 +54,10 @@ __all__ = [
 # What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"
 WORK_STORE_ENV = "LORAFLEET_WORK_STORE"  # read by lorafleet.stages.synthesize_stage
+# What huggingface_hub (and transformers, vLLM) read: the cache root, and whether to stay off
+# the hub (the component image sets 1, for local runs).
+HF_HOME_ENV = "HF_HOME"
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 
 # A failed pod of an idempotent step (evicted, preempted, a store's hiccup) is retried twice.
 DEFAULT_RETRIES = 2
@@ -183,7 +195,8 @@ def step_shm(profile: PlatformProfile, step: str) -> str | None:
 
 
 def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
-    """The environment the storage layer needs in ``step``'s pod on ``profile``.
+    """The environment lorafleet's storage layer and model loading need in ``step``'s pod on
+    ``profile``.
 
     Args:
         profile: the platform settings of one cluster profile.
@@ -196,7 +209,10 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
         store's ``work/`` prefix) where a step keeps work it resumes after a retry;
         ``LORAFLEET_GPUS`` when the step is given GPUs (:func:`step_gpus`), so that it fails
         instead of running on the CPU when it sees none
-        (:func:`lorafleet.engine.devices.require_gpus`).
+        (:func:`lorafleet.engine.devices.require_gpus`); in the steps that load the base
+        (:data:`~lorafleet.fleet.platform.BASE_STEPS`), ``HF_HUB_OFFLINE`` (``0``: a hub base
+        may be fetched; ``1`` where the profile's ``model_cache`` is ``offline``) and
+        ``HF_HOME`` (the ``model_cache`` mount) when the profile has a model cache.
     """
     env = {}
     if profile.storage.endpoint:
@@ -209,16 +225,26 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
     gpus = step_gpus(profile, step)
     if gpus:
         env[GPUS_ENV] = str(gpus)
+    if step in BASE_STEPS:
+        cache = profile.model_cache
+        env[HUB_OFFLINE_ENV] = "1" if cache and cache.offline else "0"
+        if cache:
+            env[HF_HOME_ENV] = cache.mount_path
     return env
 
 
-def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
+def placer(
+    profile: PlatformProfile, base: BaseSpec | None = None
+) -> Callable[[PipelineTask], PipelineTask]:
     """The ``place`` hook for one profile: the step's defaults, ``all_steps``, the step's own
-    (:func:`step_settings`), its ``/dev/shm`` (:func:`step_shm`), then the storage layer's
-    environment (:func:`step_env`).
+    (:func:`step_settings`), its ``/dev/shm`` (:func:`step_shm`), in the steps that load the
+    base the model cache and the hub token, then the environment (:func:`step_env`).
 
     Args:
         profile: the platform settings of one cluster profile.
+        base: the spec's base; its ``hub_token_secret`` becomes ``HF_TOKEN`` in the steps
+            that load the base (optional: a pod whose Secret is missing still starts, and
+            a gated base then fails with the hub's own message).
 
     Returns:
         A function that configures a task by its step name (``task.name``).
@@ -232,6 +258,20 @@ def placer(profile: PlatformProfile) -> Callable[[PipelineTask], PipelineTask]:
             kubernetes.empty_dir_mount(
                 task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory", size_limit=shm
             )
+        if task.name in BASE_STEPS:
+            if profile.model_cache:
+                kubernetes.mount_pvc(
+                    task,
+                    pvc_name=profile.model_cache.claim,
+                    mount_path=profile.model_cache.mount_path,
+                )
+            if base is not None and base.hub_token_secret:
+                kubernetes.use_secret_as_env(
+                    task,
+                    secret_name=base.hub_token_secret,
+                    secret_key_to_env={HUB_TOKEN_KEY: HUB_TOKEN_KEY},
+                    optional=True,
+                )
         for name, value in step_env(profile, task.name).items():
             task.set_env_variable(name, value)
         return task

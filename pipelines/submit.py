@@ -423,7 +423,9 @@ def submit_fleet(
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             # kfp.Client warns on every construction that it needs a v2 backend: we know.
             warnings.simplefilter("ignore", FutureWarning)
-            package = str(compile_fleet(Path(tmp) / f"{name}.yaml", platform, image=image))
+            package = str(
+                compile_fleet(Path(tmp) / f"{name}.yaml", platform, image=image, base=spec.base)
+            )
             client = _connect(host, namespace, auth)
             pipeline_id = _pipeline_id(client, name, namespace)
             if pipeline_id is None:

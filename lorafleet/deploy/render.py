@@ -144,11 +144,41 @@ def _is_folder(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+# KServe's hf:// storage URI: exactly one '/' between owner and model, then the revision the
+# storage initializer passes to snapshot_download (Storage._download_hf, kserve_storage.py).
+KSERVE_HF_URI = re.compile(r"^hf://[\w.-]+/[\w.-]+(:[^/\s]+)?$")
+
+
 def _base_uri(spec: FleetSpec, default_base: str | None) -> str | None:
-    """The base's URI; ``None`` for a demo base nobody has located (it is on no hub)."""
+    """The base's URI: ``serving.base_uri``, else ``default_base``, else a hub base as
+    ``hf://OWNER/MODEL:REVISION`` (pinned to ``base.revision`` when set) or a local base's
+    folder; ``None`` for a demo base nobody has located (it is on no hub)."""
     if spec.serving.base_uri or default_base:
         return spec.serving.base_uri or default_base
-    return None if spec.base.model == "demo" else f"hf://{spec.base.model}"
+    base = spec.base
+    if base.model == "demo":
+        return None
+    if base.hub_id is None:  # a folder: the local profile mounts it, others refuse it
+        return base.model
+    return f"hf://{base.hub_id}" + (f":{base.revision}" if base.revision else "")
+
+
+def _hub_uri_problem(spec: FleetSpec, uri: str) -> tuple[str, str] | None:
+    """Why KServe's storage initializer could not read the ``hf://`` base ``uri``, if so."""
+    if KSERVE_HF_URI.match(uri):
+        return None
+    form = "KServe reads a hub base as hf://OWNER/MODEL[:REVISION]"
+    if spec.serving.base_uri:
+        return ("serving.base_uri", f"{uri!r}: {form}")
+    if "/" in (spec.base.revision or ""):
+        return (
+            "base.revision",
+            f"{spec.base.revision!r}: {form}, with no '/' in the revision; pin the commit sha",
+        )
+    return (
+        "base.model",
+        f"{spec.base.model!r}: {form}; name the owner too (OWNER/MODEL), or set serving.base_uri",
+    )
 
 
 def deployment_annotations(serving: ServingSpec) -> dict[str, str]:
@@ -187,6 +217,9 @@ def _uri_problems(
     if base is None and not profile.host_folders:
         # On a local cluster render finds it in the registry (trained_base); here nothing can.
         problems.append(_demo_base_problem(profile))
+    hub = _hub_uri_problem(spec, base) if base and base.startswith("hf://") else None
+    if hub:
+        problems.append(hub)
     uris = [("serving.base_uri", base)] if base else []
     for field, uri in [*uris, ("serving.adapter_store", adapters)]:
         if profile.host_folders and _is_folder(uri):
@@ -249,15 +282,24 @@ def serving_warnings(spec: FleetSpec) -> list[tuple[str, str]]:
         One entry per warning (one line each); empty when there is nothing to say.
     """
     serving = spec.serving
+    warnings = []
     if serving.runtime == "vllm" and serving.gpus == 0:
-        return [
+        warnings.append(
             (
                 "serving.gpus",
                 f"0 with runtime vllm: served by vLLM's CPU build ({VLLM_CPU_IMAGE}), "
                 "many times slower than a GPU; for tests and small bases",
             )
-        ]
-    return []
+        )
+    if not serving.base_uri and spec.base.hub_id and not spec.base.revision:
+        warnings.append(
+            (
+                "base.revision",
+                "unset: every serving pod downloads the hub's main of the day, not "
+                "necessarily the weights the adapters were trained on; pin the commit sha",
+            )
+        )
+    return warnings
 
 
 # KServe's InferenceService name rule (IsvcNameFmt, inference_service_validation.go): a
@@ -644,10 +686,13 @@ def render(
             local folders are mounted from the node by ``hostPath``, no storage identity).
         adapters: expert name -> adapter version (see :func:`resolve_adapters`).
         default_base: the base URI when ``serving.base_uri`` is empty (default
-            ``hf://<base.model>``); for a demo base, the folder :func:`trained_base` finds.
+            ``hf://<base.model>:<base.revision>``); for a demo base, the folder
+            :func:`trained_base` finds.
 
     Returns:
-        Plain manifests (dicts), in apply order: ServiceAccounts, RBAC, the training RBAC
+        Plain manifests (dicts), in apply order: ServiceAccounts (the serving one lists
+        ``base.hub_token_secret`` when the base comes from the hub, for KServe's storage
+        initializer), RBAC, the training RBAC
         (Role and RoleBinding ``lorafleet-pipeline-training`` in each ``training.cluster.namespace``
         of the experts with ``training.launcher: trainjob``), ServingRuntime, InferenceService,
         PodDisruptionBudget, NetworkPolicy, ServiceMonitor; then the canary rollout controller
@@ -665,6 +710,10 @@ def render(
         raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
     prof = PROFILES[profile]
     annotations, secrets = service_account_metadata(prof, spec.serving)
+    hub_token = spec.base.hub_token_secret
+    if hub_token and (_base_uri(spec, default_base) or "").startswith("hf://"):
+        # KServe's storage initializer gets HF_TOKEN from a Secret its ServiceAccount lists.
+        secrets = [*secrets, hub_token]
 
     def meta(name: str, component: str, ann: dict | None = None) -> k8s.V1ObjectMeta:
         return object_meta(spec, name, component, ann)

@@ -18,7 +18,7 @@ One module per concern, the loader on top:
 - :mod:`lorafleet.fleet.loader`: reading a YAML file into a :class:`FleetSpec`.
 """
 
-from lorafleet.fleet.base_model import BaseSpec, DemoBaseSettings
+from lorafleet.fleet.base_model import HUB_TOKEN_KEY, BaseSpec, DemoBaseSettings, is_hub_id
 from lorafleet.fleet.canary import (
     QUERY_PLACEHOLDERS,
     QUERY_SAMPLE,
@@ -40,7 +40,9 @@ from lorafleet.fleet.data import (
 from lorafleet.fleet.evaluation import GateJudge, GatePolicy
 from lorafleet.fleet.loader import load_fleet, spec_from_json, spec_to_json
 from lorafleet.fleet.platform import (
+    BASE_STEPS,
     PIPELINE_STEPS,
+    ModelCache,
     PipelineSpec,
     PlatformProfile,
     ProfileStorage,
@@ -68,7 +70,9 @@ from lorafleet.fleet.tasks import (
 from lorafleet.fleet.training import LoraSettings, TrainCluster, TrainingSettings
 
 __all__ = [
+    "BASE_STEPS",
     "DATA_FIELDS",
+    "HUB_TOKEN_KEY",
     "PIPELINE_STEPS",
     "QUERY_PLACEHOLDERS",
     "QUERY_SAMPLE",
@@ -90,6 +94,7 @@ __all__ = [
     "JudgeSettings",
     "LoraSettings",
     "MetricUse",
+    "ModelCache",
     "PipelineSpec",
     "PlatformProfile",
     "ProfileStorage",
@@ -109,6 +114,7 @@ __all__ = [
     "TrainingSettings",
     "check_promql",
     "check_task",
+    "is_hub_id",
     "is_local_data",
     "load_fleet",
     "shipped_task",

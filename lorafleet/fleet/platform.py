@@ -11,11 +11,13 @@ from lorafleet.fleet.common import SLUG, StrictModel
 from lorafleet.storage import parse_location
 
 __all__ = [
+    "BASE_STEPS",
     "KUEUE_PRIORITY_LABEL",
     "KUEUE_QUEUE_LABEL",
     "NEVER_RETRIED_STEPS",
     "NON_IDEMPOTENT_STEPS",
     "PIPELINE_STEPS",
+    "ModelCache",
     "PipelineSpec",
     "PlatformProfile",
     "ProfileStorage",
@@ -46,6 +48,9 @@ PIPELINE_STEPS = (
     "fleet-status",
 )
 
+# The steps that load the base model, or resolve its hub revision for its fingerprint: on a
+# cluster they may reach the hub, with the base's token, and share the profile's model cache.
+BASE_STEPS = ("build-base", "train", "evaluate", "register", "publish")
 
 # Steps whose effects live outside KFP's artifacts (a registry version, a smoke test, a
 # rollout): a retry would repeat them, so they are never retried.
@@ -194,11 +199,43 @@ class ProfileStorage(StrictModel):
         return parse_location(self.object_store).scheme if self.object_store else None
 
 
+class ModelCache(StrictModel):
+    """A PVC the steps that load the base share as their Hugging Face cache (``HF_HOME``).
+
+    A hub base is downloaded once into it, then read by every later step and run, instead of
+    once per step into each pod's own disk.
+    """
+
+    claim: str = Field(
+        min_length=1,
+        description="the PVC's name, in the pipeline's namespace: ReadWriteMany, as the "
+        "experts' steps mount it at once, writable by the image's user (uid 10001), with "
+        "room for the base's weights",
+    )
+    mount_path: str = Field(
+        "/mnt/hf-cache",
+        pattern=r"^/",
+        description="where it is mounted; HF_HOME points here (the hub cache is <mount_path>/hub)",
+    )
+    offline: bool = Field(
+        False,
+        description="the cache was filled ahead and the cluster cannot reach the hub: the "
+        "steps read only the cache (HF_HUB_OFFLINE=1); pin base.revision to a commit sha so "
+        "no branch needs resolving. Default: the steps fetch what the cache lacks",
+    )
+
+
 class PlatformProfile(StrictModel):
     """Kubernetes settings of the compiled pipeline on one cluster profile."""
 
     storage: ProfileStorage = Field(
         default_factory=ProfileStorage, description="the object store the steps share"
+    )
+    model_cache: ModelCache | None = Field(
+        None,
+        description="a PVC mounted in the steps that load the base ("
+        + ", ".join(BASE_STEPS)
+        + ") as their Hugging Face cache; none = each step downloads a hub base again",
     )
     all_steps: StepPlatform = Field(
         default_factory=StepPlatform, description="applied to every step"
@@ -242,6 +279,27 @@ class PlatformProfile(StrictModel):
                     f"storage.object_store is on claim '{claim}': "
                     "mount it in all_steps.pvcs so every step can read it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_mounted_once(self) -> PlatformProfile:
+        cache = self.model_cache
+        if cache is None:
+            return self
+        layers = [("all_steps", self.all_steps)]
+        layers += [(f"steps.{s}", self.steps[s]) for s in BASE_STEPS if s in self.steps]
+        for where, settings in layers:
+            for pvc in settings.pvcs:
+                if pvc.claim == cache.claim:
+                    raise ValueError(
+                        f"model_cache.claim: '{cache.claim}' is also in {where}.pvcs; a pod "
+                        "mounts a claim once: give the cache its own claim"
+                    )
+                if pvc.mount_path == cache.mount_path:
+                    raise ValueError(
+                        f"model_cache.mount_path: {where}.pvcs mounts '{pvc.claim}' at "
+                        f"{cache.mount_path} too: give the cache another path"
+                    )
         return self
 
     def pvc_mounts(self, step: str) -> dict[str, str]:

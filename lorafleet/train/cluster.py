@@ -8,6 +8,10 @@ no file from the submitter; base model, data and outputs live on the shared PVC 
 ``training.cluster.volume``. Jobs are submitted with ``resume: true``: when a preempted
 node makes the job restart, the recipe continues from the last checkpoint on the PVC.
 
+A hub base is not copied onto the PVC: the job's pods download it themselves into a Hugging
+Face cache on that PVC (``HF_HOME`` = ``<mount_path>/huggingface``, shared by every node, every
+restart and every later job on the volume), with the token of ``base.hub_token_secret``.
+
 Objects are built from the official typed models (``kubeflow-trainer-api`` for
 ``trainer.kubeflow.org/v1alpha1`` TrainJob; ``kubeflow-training`` for the older
 ``kubeflow.org/v1`` PyTorchJob, used where the TrainJob API is absent) and sent with the
@@ -31,10 +35,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lorafleet.errors import LorafleetError
-from lorafleet.fleet import TrainCluster, TrainingSettings
+from lorafleet.fleet import HUB_TOKEN_KEY, TrainCluster, TrainingSettings, is_hub_id
 from lorafleet.train.job import TrainJobConfig
 
 __all__ = [
+    "HUB_CACHE_DIR",
     "JOB_ENV",
     "PYTORCHJOB",
     "TRAINJOB",
@@ -44,6 +49,8 @@ __all__ = [
     "build_trainjob",
     "check_job_paths",
     "delete_job",
+    "hub_env",
+    "hub_token",
     "job_state",
     "run_on_cluster",
     "submit_job",
@@ -80,6 +87,7 @@ PYTORCHJOB = JobKind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs")
 
 _LABELS = {"app.kubernetes.io/managed-by": "lorafleet", "app.kubernetes.io/component": "train"}
 SHM_VOLUME = "lorafleet-shm"  # a memory-backed /dev/shm (training.cluster.shm_size)
+HUB_CACHE_DIR = "huggingface"  # HF_HOME of a hub base's job, under the volume's mount_path
 
 
 class TrainingJobFailed(LorafleetError):
@@ -102,7 +110,8 @@ def check_job_paths(job: TrainJobConfig, cluster: TrainCluster) -> None:
     """
     root = PurePosixPath(cluster.volume.mount_path)
     paths = {
-        "base_dir": job.base_dir,
+        # a hub base is downloaded by the job's pods (hub_env), not read from the volume
+        "base_dir": None if is_hub_id(job.base_dir) else job.base_dir,
         "train_set": job.train_set,
         "output_dir": job.output_dir,
         "run_dir": job.run_dir,
@@ -138,13 +147,34 @@ def _job_json(job: TrainJobConfig) -> str:
     )
 
 
-def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -> dict[str, Any]:
+def hub_env(job: TrainJobConfig, cluster: TrainCluster) -> dict[str, str]:
+    """What a job's pods need to download a hub base: ``HF_HUB_OFFLINE=0`` (the image is
+    offline for local runs) and ``HF_HOME`` on the job's volume (``<mount_path>/huggingface``),
+    so its nodes share one download; empty for a base on the volume. The token comes apart,
+    from a Secret (:func:`hub_token`)."""
+    if not is_hub_id(job.base_dir):
+        return {}
+    home = PurePosixPath(cluster.volume.mount_path) / HUB_CACHE_DIR
+    return {"HF_HUB_OFFLINE": "0", "HF_HOME": str(home)}
+
+
+def hub_token(job: TrainJobConfig, hub_token_secret: str | None) -> str | None:
+    """The Secret whose ``HF_TOKEN`` key a job's pods get, for a hub base only (optional in
+    the pods: a public base needs none, and a gated one then fails with the hub's message)."""
+    return hub_token_secret if is_hub_id(job.base_dir) else None
+
+
+def build_trainjob(
+    name: str, job: TrainJobConfig, training: TrainingSettings, hub_token_secret: str | None = None
+) -> dict[str, Any]:
     """A ``trainer.kubeflow.org/v1alpha1`` TrainJob running ``job`` on the spec's nodes.
 
     Args:
         name: the TrainJob's name (a DNS-1123 label).
-        job: the training job; its paths are on ``training.cluster.volume``.
+        job: the training job; its paths are on ``training.cluster.volume``, its base there
+            too or a hub id (see :func:`hub_env`).
         training: the expert's training settings (``launcher: trainjob``).
+        hub_token_secret: ``base.hub_token_secret``, for a hub base.
 
     Returns:
         The object as a JSON-ready dict.
@@ -180,6 +210,13 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
             )
         )
         mounts.append(m.IoK8sApiCoreV1VolumeMount(name=SHM_VOLUME, mountPath="/dev/shm"))
+    env = [m.IoK8sApiCoreV1EnvVar(name=JOB_ENV, value=_job_json(job))]
+    env += [m.IoK8sApiCoreV1EnvVar(name=var, value=v) for var, v in hub_env(job, cluster).items()]
+    secret = hub_token(job, hub_token_secret)
+    if secret:
+        ref = m.IoK8sApiCoreV1SecretKeySelector(name=secret, key=HUB_TOKEN_KEY, optional=True)
+        source = m.IoK8sApiCoreV1EnvVarSource(secretKeyRef=ref)
+        env.append(m.IoK8sApiCoreV1EnvVar(name=HUB_TOKEN_KEY, valueFrom=source))
     pod = m.TrainerV1alpha1PodSpecPatch(
         volumes=volumes,
         containers=[m.TrainerV1alpha1ContainerPatch(name=node, volumeMounts=mounts)],
@@ -222,7 +259,7 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
             trainer=m.TrainerV1alpha1Trainer(
                 image=cluster.image,
                 command=trainer_command(training),
-                env=[m.IoK8sApiCoreV1EnvVar(name=JOB_ENV, value=_job_json(job))],
+                env=env,
                 numNodes=training.nodes,
                 numProcPerNode=training.gpus_per_node,
                 resourcesPerNode=resources,
@@ -233,13 +270,17 @@ def build_trainjob(name: str, job: TrainJobConfig, training: TrainingSettings) -
     return trainjob.to_dict()
 
 
-def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings) -> dict[str, Any]:
+def build_pytorchjob(
+    name: str, job: TrainJobConfig, training: TrainingSettings, hub_token_secret: str | None = None
+) -> dict[str, Any]:
     """A ``kubeflow.org/v1`` PyTorchJob (Training Operator) running ``job``: one Master, ``nodes - 1`` Workers.
 
     Args:
         name: the PyTorchJob's name (a DNS-1123 label).
-        job: the training job; its paths are on ``training.cluster.volume``.
+        job: the training job; its paths are on ``training.cluster.volume``, its base there
+            too or a hub id (see :func:`hub_env`).
         training: the expert's training settings (``launcher: trainjob``).
+        hub_token_secret: ``base.hub_token_secret``, for a hub base.
 
     Returns:
         The object as a JSON-ready dict.
@@ -267,6 +308,12 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
         shm = k.V1EmptyDirVolumeSource(medium="Memory", size_limit=cluster.shm_size)
         volumes.append(k.V1Volume(name=SHM_VOLUME, empty_dir=shm))
         mounts.append(k.V1VolumeMount(name=SHM_VOLUME, mount_path="/dev/shm"))
+    env = [k.V1EnvVar(name=JOB_ENV, value=_job_json(job))]
+    env += [k.V1EnvVar(name=var, value=v) for var, v in hub_env(job, cluster).items()]
+    secret = hub_token(job, hub_token_secret)
+    if secret:
+        ref = k.V1SecretKeySelector(name=secret, key=HUB_TOKEN_KEY, optional=True)
+        env.append(k.V1EnvVar(name=HUB_TOKEN_KEY, value_from=k.V1EnvVarSource(secret_key_ref=ref)))
     template = k.V1PodTemplateSpec(
         metadata=k.V1ObjectMeta(labels=_LABELS),
         spec=k.V1PodSpec(
@@ -275,7 +322,7 @@ def build_pytorchjob(name: str, job: TrainJobConfig, training: TrainingSettings)
                     name="pytorch",  # the container name the Training Operator looks for
                     image=cluster.image,
                     command=trainer_command(training),
-                    env=[k.V1EnvVar(name=JOB_ENV, value=_job_json(job))],
+                    env=env,
                     resources=resources,
                     volume_mounts=mounts,
                 )
@@ -337,9 +384,20 @@ def trainjob_available(api) -> bool:
 
 
 def submit_job(
-    api, name: str, job: TrainJobConfig, training: TrainingSettings
+    api,
+    name: str,
+    job: TrainJobConfig,
+    training: TrainingSettings,
+    hub_token_secret: str | None = None,
 ) -> tuple[JobKind, dict[str, Any]]:
     """Create a TrainJob, or a PyTorchJob where the TrainJob API is absent.
+
+    Args:
+        api: a ``kubernetes.client.ApiClient``.
+        name: the job's name.
+        job: the training job.
+        training: the expert's training settings (``launcher: trainjob``).
+        hub_token_secret: ``base.hub_token_secret``, for a hub base.
 
     Returns:
         ``(kind, object as created)``.
@@ -352,7 +410,8 @@ def submit_job(
     from kubernetes.client.exceptions import ApiException
 
     kind = TRAINJOB if trainjob_available(api) else PYTORCHJOB
-    body = (build_trainjob if kind is TRAINJOB else build_pytorchjob)(name, job, training)
+    build = build_trainjob if kind is TRAINJOB else build_pytorchjob
+    body = build(name, job, training, hub_token_secret)
     namespace = body["metadata"]["namespace"]
     try:
         created = CustomObjectsApi(api).create_namespaced_custom_object(
@@ -534,13 +593,15 @@ def run_on_cluster(
     training: TrainingSettings,
     api=None,
     poll_s: float = 10.0,
+    hub_token_secret: str | None = None,
 ) -> dict:
     """Train through a cluster job from a pipeline step, and bring the adapter back.
 
     The step's pod mounts ``training.cluster.volume`` at the same ``mount_path`` as the
-    job's pods (``pipeline.profiles.<p>.steps.train.pvcs``). The base and the training
-    set are copied onto it under ``<mount_path>/lorafleet-jobs/<job name>/``; the job
-    trains there and the adapter is copied back to ``adapter_out``. The job's name is a
+    job's pods (``pipeline.profiles.<p>.steps.train.pvcs``). The base (a folder; a hub base
+    is downloaded by the job's pods, :func:`hub_env`) and the training set are copied onto it
+    under ``<mount_path>/lorafleet-jobs/<job name>/``; the job trains there and the adapter
+    is copied back to ``adapter_out``. The job's name is a
     hash of its inputs and settings, so a retried step finds the job it started (a
     running one is followed, a finished one is not run again) and a restarted job
     resumes from its checkpoints on the volume. When the job fails or times out, or the step
@@ -555,6 +616,8 @@ def run_on_cluster(
         training: the expert's training settings (``launcher: trainjob``).
         api: a ``kubernetes.client.ApiClient`` (default: :func:`kube_api`).
         poll_s: seconds between status reads.
+        hub_token_secret: ``base.hub_token_secret``: the job's pods download a hub base with
+            it (the Secret must be in ``training.cluster.namespace``).
 
     Returns:
         The run's result (``TrainResult.to_dict()``) as rank 0 wrote it.
@@ -589,14 +652,17 @@ def run_on_cluster(
     job_name = f"lorafleet-{name}"[:54].rstrip("-") + f"-{digest[:8]}"
     work = root / "lorafleet-jobs" / job_name
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {"base": base_dir, "train.jsonl": train_set}
+    # A folder is staged; a hub id stays one (Path(...).is_dir() decides, as fingerprint_model
+    # does): the job's pods download it into the volume's shared Hugging Face cache.
+    on_hub = is_hub_id(str(base_dir)) and not Path(base_dir).is_dir()
+    inputs = {"train.jsonl": train_set} | ({} if on_hub else {"base": base_dir})
     if not (work / "inputs.sha256").is_file() or (work / "inputs.sha256").read_text() != digest:
         for dst, src in inputs.items():
             _stage_in(src, work / dst)
         (work / "inputs.sha256").write_text(digest)
     remote = job.model_copy(
         update={
-            "base_dir": str(work / "base"),
+            "base_dir": str(base_dir) if on_hub else str(work / "base"),
             "train_set": str(work / "train.jsonl"),
             "output_dir": str(work / "adapter"),
             "run_dir": str(work / "adapter.run"),
@@ -609,7 +675,7 @@ def run_on_cluster(
         api = kube_api()
     report = lambda line: log.info("%s: %s", job_name, line)  # noqa: E731 (one line per status change)
     try:
-        kind, created = submit_job(api, job_name, remote, training)
+        kind, created = submit_job(api, job_name, remote, training, hub_token_secret)
         namespace = created["metadata"]["namespace"]
         report(f"{kind.kind} created in {namespace}")
     except LorafleetError as exc:

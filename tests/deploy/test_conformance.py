@@ -294,6 +294,16 @@ def test_deploy_render_is_accepted_for_every_profile(rendered, kit, tmp_path) ->
             {},
         ),
         ("rollout controller", "aws", {}, {"handoff": "controller"}),
+        (
+            "gated hub base beside MinIO keys",
+            "onprem",
+            {
+                "base_uri": "",
+                "adapter_store": "s3://models/adapters",
+                "storage": {"s3_endpoint": "http://minio:9000", "credentials_secret": "minio"},
+            },
+            {},
+        ),
     ],
 )
 def test_deploy_render_options_are_accepted(kit, label, profile, serving, canary) -> None:
@@ -349,6 +359,14 @@ def test_training_jobs_are_accepted() -> None:
     name = "lorafleet-job-analyzer-0123abcd"
     assert_accepted([build_trainjob(name, job, training)], "build_trainjob")
     assert_accepted([build_pytorchjob(name, job, training)], "build_pytorchjob")
+    # A hub base: the pods get the hub's environment and the token from its Secret
+    hub = job.model_copy(update={"base_dir": "meta-llama/Llama-3.1-8B-Instruct"})
+    trainjob = build_trainjob(name, hub, training, "hf-token")
+    assert any("valueFrom" in e for e in trainjob["spec"]["trainer"]["env"])
+    assert_accepted([trainjob], "build_trainjob, hub base")
+    assert_accepted(
+        [build_pytorchjob(name, hub, training, "hf-token")], "build_pytorchjob, hub base"
+    )
 
 
 def test_gitops_examples_are_accepted(kit) -> None:

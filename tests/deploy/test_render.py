@@ -50,7 +50,10 @@ def test_vllm_args_come_from_the_registry_versions(rendered, kit):
     # base and adapters from separate storage URIs
     uris = {u["mountPath"]: u["uri"] for u in isvc["spec"]["predictor"]["storageUris"]}
     assert uris == {
-        "/mnt/models/base": "hf://meta-llama/Llama-3.1-8B-Instruct",
+        # base.revision pins the commit KServe's storage initializer downloads
+        "/mnt/models/base": (
+            "hf://meta-llama/Llama-3.1-8B-Instruct:0e9e39f249a16976918f6564b8830bc894c89659"
+        ),
         "/mnt/models/adapters": "s3://marketplace-ml/lorafleet/adapters",
     }
 

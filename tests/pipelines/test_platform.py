@@ -14,7 +14,16 @@ import yaml
 from kfp.components import load_component_from_file
 
 from lorafleet.errors import LorafleetError, SpecError
-from lorafleet.fleet import PIPELINE_STEPS, PlatformProfile, StepPlatform, load_fleet
+from lorafleet.fleet import (
+    BASE_STEPS,
+    PIPELINE_STEPS,
+    BaseSpec,
+    PlatformProfile,
+    PvcMount,
+    SecretEnv,
+    StepPlatform,
+    load_fleet,
+)
 from lorafleet.pipelines.compile import GOLDEN, compile_fleet, profile_golden
 from lorafleet.pipelines.platform import spec_profile
 
@@ -31,9 +40,12 @@ def _ir(path: Path) -> tuple[dict, dict]:
     return docs[0], platform
 
 
-def _expected(profile: PlatformProfile, step: str) -> StepPlatform:
-    """``all_steps`` and the step's own settings, as one (what the step's pod must carry)."""
+def _expected(profile: PlatformProfile, step: str, base: BaseSpec | None = None) -> StepPlatform:
+    """``all_steps`` and the step's own settings, as one (what the step's pod must carry);
+    with ``base``, a step that loads it also mounts the model cache and gets the hub token."""
     own = profile.steps.get(step, StepPlatform())
+    hub = base is not None and step in BASE_STEPS
+    cache = profile.model_cache
     return StepPlatform(
         accelerator_type=own.accelerator_type or profile.all_steps.accelerator_type,
         accelerator_count=own.accelerator_count
@@ -41,8 +53,20 @@ def _expected(profile: PlatformProfile, step: str) -> StepPlatform:
         else profile.all_steps.accelerator_count,
         node_selector={**profile.all_steps.node_selector, **own.node_selector},
         tolerations=[*profile.all_steps.tolerations, *own.tolerations],
-        pvcs=[*profile.all_steps.pvcs, *own.pvcs],
-        secrets=[*profile.all_steps.secrets, *own.secrets],
+        pvcs=[
+            *profile.all_steps.pvcs,
+            *own.pvcs,
+            *([PvcMount(claim=cache.claim, mount_path=cache.mount_path)] if hub and cache else []),
+        ],
+        secrets=[
+            *profile.all_steps.secrets,
+            *own.secrets,
+            *(
+                [SecretEnv(secret=base.hub_token_secret, env={"HF_TOKEN": "HF_TOKEN"})]
+                if hub and base.hub_token_secret
+                else []
+            ),
+        ],
     )
 
 
@@ -54,7 +78,10 @@ def test_every_declared_step_is_a_task_of_the_compiled_pipeline() -> None:
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_profile_compiles_to_its_committed_golden(profile: str, tmp_path: Path) -> None:
-    fresh = compile_fleet(tmp_path / "p.yaml", spec_profile(CLUSTER_SPEC, profile)).read_text()
+    base = load_fleet(CLUSTER_SPEC, check_files=False).base
+    fresh = compile_fleet(
+        tmp_path / "p.yaml", spec_profile(CLUSTER_SPEC, profile), base=base
+    ).read_text()
     golden = profile_golden(profile)
     if os.environ.get("UPDATE_GOLDENS") == "1":
         golden.write_text(fresh)
@@ -65,11 +92,12 @@ def test_profile_compiles_to_its_committed_golden(profile: str, tmp_path: Path) 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_golden_carries_the_specs_platform_settings(profile: str) -> None:
-    settings = load_fleet(CLUSTER_SPEC, check_files=False).pipeline.profiles[profile]
+    fleet = load_fleet(CLUSTER_SPEC, check_files=False)
+    settings = fleet.pipeline.profiles[profile]
     spec, platform = _ir(profile_golden(profile))
     assert platform, "no platforms.kubernetes section"
     for step in PIPELINE_STEPS:
-        want = _expected(settings, step)
+        want = _expected(settings, step, fleet.base)
         got = platform.get(f"exec-{step}", {})
         resources = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
             "resources", {}
@@ -112,6 +140,10 @@ def test_every_step_can_reach_the_profiles_store(profile: str) -> None:
         placed = _expected(settings, step)
         if placed.accelerator_type:  # a step given GPUs fails if it sees none (engine/devices)
             want["LORAFLEET_GPUS"] = str(placed.accelerator_count)
+        if step in BASE_STEPS:  # the image is offline for local runs; these may fetch the base
+            want["HF_HUB_OFFLINE"] = "0"
+            if settings.model_cache:
+                want["HF_HOME"] = settings.model_cache.mount_path
         assert env == want
     assert profile != "onprem" or "AWS_ENDPOINT_URL_S3" in env, "onprem's MinIO endpoint"
 

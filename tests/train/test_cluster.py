@@ -26,6 +26,8 @@ from lorafleet.train.cluster import (
     PYTORCHJOB,
     TRAINJOB,
     TrainingJobFailed,
+    build_pytorchjob,
+    build_trainjob,
     check_job_paths,
     run_on_cluster,
     sigterm_exits,
@@ -495,6 +497,115 @@ async def test_the_pipeline_train_step_trains_through_a_trainjob(
     assert any("Running" in m for m in caplog.messages) and any(
         "Succeeded" in m for m in caplog.messages
     )
+
+
+HUB_JOB = JOB.model_copy(update={"base_dir": "meta-llama/Llama-3.1-8B-Instruct"})
+HUB_ENV = {"HF_HUB_OFFLINE": "0", "HF_HOME": "/data/huggingface"}
+TOKEN = {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN", "optional": True}}
+
+
+def test_a_hub_base_is_fetched_by_the_jobs_pods_with_the_token() -> None:
+    # Given a job whose base is a hub id, not a folder on the volume
+    check_job_paths(HUB_JOB, TRAINING.cluster)  # nothing to find on the volume
+    # When it is built as a TrainJob and as a PyTorchJob, with the base's token Secret
+    trainjob = build_trainjob("lf-hub", HUB_JOB, TRAINING, "hf-token")
+    pytorchjob = build_pytorchjob("lf-hub", HUB_JOB, TRAINING, "hf-token")
+    master = pytorchjob["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    for env in (trainjob["spec"]["trainer"]["env"], master["containers"][0]["env"]):
+        # Then every node may reach the hub, caches on the shared volume, and reads the
+        # token from the Secret (never a copy of it in the job object)
+        plain = {e["name"]: e["value"] for e in env if "value" in e}
+        assert HUB_ENV.items() <= plain.items()
+        assert json.loads(plain[JOB_ENV])["base_dir"] == "meta-llama/Llama-3.1-8B-Instruct"
+        [token] = [e for e in env if "valueFrom" in e]
+        assert token == {"name": "HF_TOKEN", "valueFrom": TOKEN}
+    # A base on the volume needs neither
+    plain = build_trainjob("lf-vol", JOB, TRAINING, "hf-token")["spec"]["trainer"]["env"]
+    assert [e["name"] for e in plain] == [JOB_ENV]
+
+
+def _hub_cache(home: Path, repo: str, model_dir: Path) -> str:
+    """Lay ``model_dir`` out as huggingface_hub's cache under ``home`` (``HF_HOME``): the
+    snapshot of a made-up commit, which ``refs/main`` names. Returns the commit."""
+    import shutil
+
+    commit = "c0ffee" * 6 + "c0ff"
+    repo_dir = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model_dir, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return commit
+
+
+async def test_the_train_step_trains_a_hub_base_through_a_trainjob(
+    kmock, tiny_base: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The train stage with a hub base: nothing of the base is staged on the volume; the job's
+    pods download it into the volume's Hugging Face cache with the base's token.
+
+    No hub is reachable here: the "download" is a cache already on the volume, laid out as
+    huggingface_hub writes it (a local directory standing in for the hub), and the pod reads
+    it with HF_HUB_OFFLINE=1 where on a cluster the job's HF_HUB_OFFLINE=0 would let it fetch.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from lorafleet.fleet import BaseSpec, load_fleet
+    from lorafleet.stages import train_stage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the step's fingerprint: no hub to ask here
+    pvc = tmp_path / "pvc"
+    pvc.mkdir()
+    repo = "acme/tiny-llama"
+    _hub_cache(pvc / "huggingface", repo, tiny_base)
+    fleet = load_fleet(Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml")
+    training = _trainjob_training(pvc).model_copy(update={"batch_size": 4, "max_seq_len": 256})
+    expert = fleet.expert("job-analyzer").model_copy(
+        update={"training": training, "lora": LoraSettings(r=4, alpha=8)}
+    )
+    adapter_out = tmp_path / "step" / "adapter"
+    train_set = tmp_path / "train.jsonl"
+    train_set.write_bytes(Path(expert.seed_data).read_bytes())
+    base = BaseSpec(model=repo, hub_token_secret="hf-token")
+
+    async def operator(api) -> dict:
+        job = await _first_trainjob(api)
+        name = job["metadata"]["name"]
+        env = job["spec"]["trainer"]["env"]
+        plain = {e["name"]: e["value"] for e in env if "value" in e}
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "lorafleet.train.job", "--env", JOB_ENV],
+            env={**os.environ, **plain, "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        await asyncio.to_thread(
+            _set_status, api, TRAINJOB, name, {"conditions": [_condition("Complete", "Done")]}
+        )
+        return job
+
+    with _api(kmock, TRAINJOB, PYTORCHJOB) as api:
+        result, job = await asyncio.gather(
+            asyncio.to_thread(
+                train_stage, expert, repo, train_set, adapter_out, kube_api=api, base=base
+            ),
+            operator(api),
+        )
+
+    # Then the job trained the hub base from the volume's cache, with the token's Secret
+    env = job["spec"]["trainer"]["env"]
+    plain = {e["name"]: e["value"] for e in env if "value" in e}
+    assert plain["HF_HOME"] == str(pvc / "huggingface") and plain["HF_HUB_OFFLINE"] == "0"
+    assert json.loads(plain[JOB_ENV])["base_dir"] == repo
+    assert {"name": "HF_TOKEN", "valueFrom": TOKEN} in env
+    assert result["steps"] == 3 and (adapter_out / "adapter_model.safetensors").is_file()
+    # and no copy of the base went onto the volume beside the training set
+    job_dir = pvc / "lorafleet-jobs" / result["cluster_job"].split("/", 1)[1]
+    assert (job_dir / "train.jsonl").is_file() and not (job_dir / "base").exists()
 
 
 def _trainjob_training(pvc: Path) -> TrainingSettings:
