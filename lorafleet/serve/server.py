@@ -73,8 +73,9 @@ def serve(
         host: the address to listen on; ``0.0.0.0`` inside a cluster pod.
         port: the HTTP port (KServe v1/v2, ``/metrics``, ``/openai/v1`` and ``/admin``).
         name: the base model's served name.
-        max_batch_size: the most requests in one generate call.
-        max_wait_s: how long a request waits for others to share its batch.
+        max_batch_size: the most requests decoding at once (continuous batching).
+        max_wait_s: how long a first request waits, on an idle runtime, for others to share
+            its prefill.
         admin_token: bearer token of the admin API; ``None`` disables it.
         api_keys: the keys the OpenAI routes require; open when ``None``.
         **options: further :class:`LorafleetRuntime` keyword arguments.
