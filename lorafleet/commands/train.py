@@ -47,7 +47,7 @@ def _job(spec: Path, expert: str, base: str, train_set: str, output: str, resume
         base_revision=fleet.base.revision,
         base_dtype=fleet.base.dtype,
     )
-    return settings, job
+    return settings, job, fleet.base.hub_token_secret
 
 
 @app.command("run")
@@ -67,7 +67,7 @@ def run_cmd(
     from lorafleet.train.job import run_job
     from lorafleet.train.launch import run_torchrun
 
-    settings, job = _job(spec, expert, base, train_set, output, resume)
+    settings, job, _ = _job(spec, expert, base, train_set, output, resume)
     launcher = settings.training.launcher
     if launcher == "trainjob":
         raise LorafleetError(
@@ -119,17 +119,17 @@ def submit_cmd(
     from lorafleet.kube import kube_api
     from lorafleet.train.cluster import build_trainjob, submit_job, wait_for_job
 
-    settings, job = _job(spec, expert, base, train_set, output, resume=True)
+    settings, job, hub_secret = _job(spec, expert, base, train_set, output, resume=True)
     if settings.training.launcher != "trainjob":
         raise LorafleetError(
             f"experts.{expert}.training.launcher is {settings.training.launcher!r}; submit needs 'trainjob'"
         )
     name = name or f"lorafleet-{expert}-{time.strftime('%Y%m%d%H%M%S')}"[:63]
     if dry_run:
-        typer.echo(json.dumps(build_trainjob(name, job, settings.training), indent=2))
+        typer.echo(json.dumps(build_trainjob(name, job, settings.training, hub_secret), indent=2))
         return
     with kube_api(kubeconfig) as api:
-        kind, created = submit_job(api, name, job, settings.training)
+        kind, created = submit_job(api, name, job, settings.training, hub_secret)
         namespace = created["metadata"]["namespace"]
         console.print(f"{kind.kind}/{name} created in {namespace}")
         if wait:

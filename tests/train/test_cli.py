@@ -158,3 +158,34 @@ def test_train_submit_dry_run_prints_the_trainjob(tmp_path: Path) -> None:
         "lf-rates",
         2,
     )
+
+
+def test_train_submit_gives_a_hub_base_its_revision_dtype_and_token(tmp_path: Path) -> None:
+    """A gated hub base trains on the cluster as in the pipeline: the job file names the
+    spec's revision and dtype, and the pods get HF_TOKEN from base.hub_token_secret."""
+    import json
+
+    cluster = {
+        "image": "registry.example/lorafleet:0.1.0",
+        "volume": {"claim": "data", "mount_path": "/data"},
+    }
+    spec = _spec(tmp_path, {"launcher": "trainjob", "nodes": 1, "cluster": cluster})
+    text = yaml.safe_load(spec.read_text())
+    text["base"] = {
+        "model": "org/gated-8b",
+        "revision": "v2",
+        "dtype": "bfloat16",
+        "hub_token_secret": "hf-token",
+    }
+    spec.write_text(yaml.safe_dump(text))
+    args = ["train", "submit", str(spec), "--expert", "rates", "--base", "org/gated-8b"]
+    args += ["--train-set", "/data/train.jsonl", "--output", "/data/out", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    trainer = json.loads(result.output)["spec"]["trainer"]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    shipped = json.loads(
+        next(v["value"] for k, v in env.items() if "value" in v and "{" in v["value"])
+    )
+    assert (shipped["base_revision"], shipped["base_dtype"]) == ("v2", "bfloat16")
