@@ -371,7 +371,14 @@ def proxy_app(
             always live when ``None``.
         is_ready: the readiness check; when ``None``, the upstream lists its models.
     """
-    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=timeout_s)
+    # No cap on connections to the upstream: its own queue bounds the work (httpx's default
+    # of 100 made the 101st concurrent stream wait for a connection, its first token late).
+    # No idle connection is reused either: vLLM's server leaves Nagle's algorithm on (its
+    # listening socket is made without IPPROTO_TCP, so asyncio never sets TCP_NODELAY), and
+    # on a reused connection each small streamed event then waits for the delayed ACK: a
+    # burst of short streams through the router ran 5-8x slower (bench/vllm_compare.py).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=timeout_s, limits=limits)
     handlers = _ProxyHandlers(
         client,
         table,
