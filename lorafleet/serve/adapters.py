@@ -38,6 +38,7 @@ __all__ = [
     "AdapterInfo",
     "AdapterRejected",
     "BaseModelInfo",
+    "admit_files",
     "check_adapter_files",
     "check_changes_output",
     "check_weights_change_something",
@@ -440,6 +441,30 @@ def check_weights_change_something(name: str, path: Path) -> None:
             f"{path / WEIGHTS}: every module's lora_B (or lora_A) is all zeros: "
             "the adapter does not change the base's output (saved before training?)",
         )
+
+
+def admit_files(
+    name: str,
+    source: str | Path,
+    base: BaseModelInfo,
+    max_rank: int,
+    *,
+    base_name: str,
+    cache_dir: Path,
+    require_lineage: bool = False,
+) -> AdapterInfo:
+    """The checks every server runs before it loads an adapter: the name (valid, not the
+    base's served name), the source (resolved, downloaded into ``cache_dir``), then
+    :func:`check_adapter_files`.
+
+    Raises:
+        AdapterRejected: at the first failed check.
+    """
+    validate_name(name)
+    if name == base_name:
+        raise AdapterRejected(name, "name", "is the base model's served name")
+    path = resolve_source(name, source, cache_dir)
+    return check_adapter_files(name, path, base, max_rank, require_lineage)
 
 
 def check_changes_output(name: str, base_logits: Any, adapter_logits: Any) -> None:

@@ -40,9 +40,8 @@ from lorafleet.serve.adapters import (
     AdapterInfo,
     AdapterRejected,
     BaseModelInfo,
-    check_adapter_files,
+    admit_files,
     check_changes_output,
-    resolve_source,
     validate_name,
 )
 from lorafleet.serve.batching import (
@@ -268,11 +267,15 @@ class LorafleetRuntime(Model):
         return GenerationRequest(messages=[{"role": "user", "content": self._probe}], adapter=key)
 
     def _check(self, name: str, source: str | Path) -> AdapterInfo:
-        validate_name(name)
-        if name == self.name:
-            raise AdapterRejected(name, "name", "is the base model's served name")
-        path = resolve_source(name, source, self._cache)
-        return check_adapter_files(name, path, self._base_info, self.max_rank, self.require_lineage)
+        return admit_files(
+            name,
+            source,
+            self._base_info,
+            self.max_rank,
+            base_name=self.name,
+            cache_dir=self._cache,
+            require_lineage=self.require_lineage,
+        )
 
     def _install(self, info: AdapterInfo) -> None:
         """Load the weights under a fresh key, probe them, then switch the name to them."""

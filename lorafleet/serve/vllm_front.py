@@ -71,10 +71,8 @@ from lorafleet.serve.adapters import (
     AdapterInfo,
     AdapterRejected,
     BaseModelInfo,
-    check_adapter_files,
+    admit_files,
     check_weights_change_something,
-    resolve_source,
-    validate_name,
 )
 from lorafleet.serve.admin import adapters_admin_router
 from lorafleet.serve.auth import DEFAULT_RPM, ApiKeys
@@ -457,12 +455,16 @@ def admit(
             ``format``, ``digest``, ``rank``, ``target_modules``, ``fingerprint``,
             ``shape`` or ``no_effect``).
     """
-    validate_name(name)
-    if name == base_name:
-        raise AdapterRejected(name, "name", "is the base model's served name")
-    path = resolve_source(name, source, cache_dir)
-    info = check_adapter_files(name, path, base, max_rank, require_lineage)
-    check_weights_change_something(name, path)
+    info = admit_files(
+        name,
+        source,
+        base,
+        max_rank,
+        base_name=base_name,
+        cache_dir=cache_dir,
+        require_lineage=require_lineage,
+    )
+    check_weights_change_something(name, info.path)
     return info
 
 
