@@ -160,6 +160,16 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     base_fingerprint: str | None
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, as the admin API lists it."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "rank": self.rank,
+            "target_modules": list(self.target_modules),
+            "base_fingerprint": self.base_fingerprint,
+        }
+
 
 def resolve_source(
     name: str, source: str | Path, cache_dir: Path, storage: Storage | None = None

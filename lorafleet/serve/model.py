@@ -220,16 +220,7 @@ class LorafleetRuntime(Model):
 
     def adapter_table(self) -> list[dict[str, Any]]:
         """The served adapters, JSON-ready: name, path, rank, base fingerprint."""
-        return [
-            {
-                "name": info.name,
-                "path": str(info.path),
-                "rank": info.rank,
-                "target_modules": list(info.target_modules),
-                "base_fingerprint": info.base_fingerprint,
-            }
-            for info in self._infos.values()
-        ]
+        return [info.as_dict() for info in self._infos.values()]
 
     async def generate(
         self, request: GenerationRequest, on_delta: DeltaCallback | None = None

@@ -519,16 +519,7 @@ class VllmAdapters:
     def adapter_table(self) -> list[dict[str, Any]]:
         """The served adapters, JSON-ready: name, path, rank, target modules, base
         fingerprint (as the native runtime lists them)."""
-        return [
-            {
-                "name": info.name,
-                "path": str(info.path),
-                "rank": info.rank,
-                "target_modules": list(info.target_modules),
-                "base_fingerprint": info.base_fingerprint,
-            }
-            for info in self._infos.values()
-        ]
+        return [info.as_dict() for info in self._infos.values()]
 
     def check(self, name: str, source: str | Path) -> AdapterInfo:
         """Run the admission checks (:func:`admit`) with this server's settings."""
