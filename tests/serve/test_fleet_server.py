@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,11 +182,15 @@ def test_proxy_routes_by_weight_for_the_openai_client(proxy: str, server: str) -
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == ask(direct, "expert-5")
-        metrics = admin.get("/metrics").text
-        assert (
+        # A stream is counted once the proxy has relayed its end, which may be just after the
+        # client read it: wait for the count (a few ms), do not race it.
+        counted = (
             'lorafleet_requests_total{adapter="expert-5",model="proposal-writer",status="200"} 2.0'
-            in metrics
         )
+        deadline = time.monotonic() + 5
+        while counted not in (metrics := admin.get("/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
 
 
 def test_proxy_keeps_unknown_model_strings_out_of_its_metric_labels(proxy: str) -> None:
