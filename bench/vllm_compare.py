@@ -11,9 +11,10 @@ same base and adapters and gets the same two traces, sent with one streaming HTT
 - ``uniform``: a burst of ``--requests`` requests at once, 16 tokens each.
 
 Arms, measured one server at a time on the same machine: ``native`` (``python -m
-lorafleet.serve.runtime``), ``vllm`` (vLLM's OpenAI server, straight) and ``router_vllm``
-(lorafleet's vLLM front, :mod:`lorafleet.serve.vllm_front`: the admission checks, the
-route table and per-adapter metrics in front of the same vLLM process as ``vllm``). Each
+lorafleet.serve.runtime``), ``vllm`` (vLLM's OpenAI server, straight, asked on its Unix
+socket) and ``router_vllm`` (lorafleet's vLLM front, :mod:`lorafleet.serve.vllm_front`:
+the admission checks, the route table and per-adapter metrics in front of the same vLLM
+process as ``vllm``, over the client's TCP connection and the front's socket to vLLM). Each
 trace runs ``--rounds`` times per arm (the router and direct vLLM alternate round by round)
 and reports its fastest round. The last line is one JSON object with the ratios.
 
@@ -71,6 +72,7 @@ class Answer:
     latency: float
     tokens: int
     ok: bool
+    error: str | None = None  # a failed request's status and the start of its answer
 
 
 def mixed_trace(
@@ -113,8 +115,10 @@ async def _one(client: httpx.AsyncClient, url: str, request: Request, start: flo
     first, tokens = None, 0
     async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
         if response.status_code != 200:
-            await response.aread()
-            return Answer(0.0, time.perf_counter() - sent, 0, False)
+            text = (await response.aread()).decode(errors="replace")[:160]
+            return Answer(
+                0.0, time.perf_counter() - sent, 0, False, f"{response.status_code} {text}"
+            )
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -138,7 +142,11 @@ async def _run_trace(url: str, trace: Sequence[Request]) -> dict:
     # A fresh connection per request for every arm: vLLM's server leaves Nagle's algorithm on,
     # and a reused connection's streamed events then wait for delayed ACKs (docs/serving.md).
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    transport = None
+    if url.startswith("unix:"):  # vLLM asked on its socket, unix:PATH
+        transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"), limits=limits)
+        url = "http://vllm/v1"
+    async with httpx.AsyncClient(timeout=600, limits=limits, transport=transport) as client:
         start = time.perf_counter()
         answers = await asyncio.gather(*(_one(client, url, r, start) for r in trace))
         wall = time.perf_counter() - start
@@ -147,6 +155,7 @@ async def _run_trace(url: str, trace: Sequence[Request]) -> dict:
     return {
         "requests": len(trace),
         "failed": len(answers) - len(ok),
+        "errors": sorted({a.error for a in answers if a.error})[:3],
         "tokens": tokens,
         "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1),
@@ -202,9 +211,9 @@ def _native_cmd(base: Path, adapters: dict[str, Path], port: int, args) -> list[
     return cmd
 
 
-def _front_cmd(base: Path, adapters: dict[str, Path], port: int, vllm_port: int, args) -> list:
+def _front_cmd(base: Path, adapters: dict[str, Path], port: int, uds: Path, args) -> list:
     cmd = [sys.executable, "-m", "lorafleet.serve.vllm_front", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--vllm-port", str(vllm_port), "--vllm-python", args.vllm_python]
+    cmd += ["--port", str(port), "--vllm-uds", str(uds), "--vllm-python", args.vllm_python]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     cmd += ["--model", str(base), "--served-model-name", "base", "--enable-lora"]
@@ -272,15 +281,15 @@ def run(args: argparse.Namespace, base: Path, adapters: dict[str, Path], tmp: Pa
         results["native"] = {name: _best(r) for name, r in runs.items()}
     have_vllm = args.vllm_python and Path(args.vllm_python).exists()
     if have_vllm:
-        port, vllm_port = _free_port(), _free_port()
+        port, uds = _free_port(), tmp / "vllm.sock"
         vllm_env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
         with _server(
-            _front_cmd(base, adapters, port, vllm_port, args),
+            _front_cmd(base, adapters, port, uds, args),
             f"http://127.0.0.1:{port}/v2/health/ready",
             tmp / "vllm.log",
             vllm_env,
         ):
-            direct = f"http://127.0.0.1:{vllm_port}/v1"
+            direct = f"unix:{uds}"
             routed = f"http://127.0.0.1:{port}/openai/v1"
             asyncio.run(_run_trace(direct, uniform_trace(8, names)))
             both: dict[str, dict[str, list[dict]]] = {"vllm": {}, "router_vllm": {}}

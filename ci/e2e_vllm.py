@@ -204,12 +204,14 @@ def local_commands(objects: list[dict], token: str) -> dict[str, Any]:
         pattern = re.compile(re.escape(mount) + r"(?=/|$)")
         args = [pattern.sub(folder, a) for a in args]
         substitutions.append(f"mount {mount} -> {folder}")
-    port, vllm_port = free_port(), free_port()
+    port = free_port()
+    # vLLM's socket named, so that the checks below can ask vLLM itself what it loaded.
+    uds = str(Path(tempfile.mkdtemp(prefix="e2e-vllm-")) / "vllm.sock")
     _set_flag(args, "--host", "127.0.0.1")
     _set_flag(args, "--port", str(port))
-    args += ["--vllm-port", str(vllm_port), "--vllm-python", str(VLLM_PYTHON), "--dtype", "float32"]
+    args += ["--vllm-uds", uds, "--vllm-python", str(VLLM_PYTHON), "--dtype", "float32"]
     substitutions += [
-        f"--host 127.0.0.1 --port {port} --vllm-port {vllm_port}",
+        f"--host 127.0.0.1 --port {port} --vllm-uds {uds}",
         f"--vllm-python {VLLM_PYTHON}",
         "--dtype float32",
         "env VLLM_CPU_KVCACHE_SPACE=1",
@@ -223,7 +225,7 @@ def local_commands(objects: list[dict], token: str) -> dict[str, Any]:
         "command": [sys.executable, *runtime["command"][1:], *args],
         "env": env,
         "url": f"http://127.0.0.1:{port}",
-        "vllm": f"http://127.0.0.1:{vllm_port}",
+        "vllm_uds": uds,
     }
     router = None
     transformer = (isvc["spec"].get("transformer") or {}).get("containers")
@@ -291,10 +293,16 @@ def admin(url: str, token: str, method: str, path: str, body: dict | None = None
     return httpx.request(method, url + path, json=body, headers=headers, timeout=300)
 
 
+def vllm_get(front: dict, path: str) -> httpx.Response:
+    """``GET path`` asked of vLLM itself, on its Unix socket (not through the front)."""
+    transport = httpx.HTTPTransport(uds=front["vllm_uds"])
+    with httpx.Client(transport=transport, base_url="http://vllm", timeout=10) as client:
+        return client.get(path)
+
+
 def vllm_models(front: dict) -> dict[str, str]:
-    """vLLM's own listing, asked on its loopback port: id -> root (the adapter's folder)."""
-    data = httpx.get(f"{front['vllm']}/v1/models", timeout=10).json()["data"]
-    return {m["id"]: m["root"] for m in data}
+    """vLLM's own listing: id -> root (the adapter's folder)."""
+    return {m["id"]: m["root"] for m in vllm_get(front, "/v1/models").json()["data"]}
 
 
 def scenario_openai(front: dict, serving: str) -> dict:
@@ -450,7 +458,7 @@ def scenario_shutdown(process: subprocess.Popen, front: dict) -> dict:
     process.send_signal(signal.SIGTERM)
     code = process.wait(90)
     try:
-        httpx.get(f"{front['vllm']}/health", timeout=5)
+        vllm_get(front, "/health")
         vllm_gone = False
     except httpx.TransportError:
         vllm_gone = True

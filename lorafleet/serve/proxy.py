@@ -25,6 +25,7 @@ front's checks (vLLM's process running; vLLM healthy with its start-up adapters 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -95,6 +96,11 @@ def _parse(raw: bytes) -> dict[str, Any] | str:
     return body
 
 
+def _reason(exc: BaseException) -> str:
+    """An upstream error in words (a timeout's message is empty)."""
+    return str(exc) or type(exc).__name__
+
+
 def _usage(body: bytes) -> tuple[int, int]:
     try:
         usage = json.loads(body).get("usage") or {}
@@ -128,6 +134,8 @@ class _StreamStatus:
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
+        if not self._tail and chunk.endswith(b"\n\n") and b'"error"' not in chunk:
+            return  # whole events, none an error (the common chunk: one token's event)
         *events, self._tail = (self._tail + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
         for event in events:
             failed = _error_event_status(event)
@@ -146,11 +154,88 @@ class _Tally:
     tokens: tuple[int, int] = (0, 0)
 
 
+# How long an idle connection to the upstream's socket is kept: less than the upstream's own
+# idle timeout (vLLM closes one after 5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so that a request
+# seldom meets a connection the upstream is closing (and one that does is sent again).
+_KEEPALIVE_S = 2.0
+
+# What an upstream call raises when the upstream cannot be reached or breaks off: aiohttp's
+# errors, and its read and connect timeouts (asyncio's TimeoutError).
+_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class _Upstream:
+    """The one client of the upstream: an :class:`aiohttp.ClientSession`, made in the event
+    loop that first uses it (and again for another loop).
+
+    aiohttp, not httpx: relaying a stream event by event is the router's hot path, and
+    aiohttp parses HTTP in C where httpx's stack (httpcore, h11, anyio) is Python: the
+    router's CPU per streamed token halved (bench/router_cpu.py, docs/benchmarks.md).
+
+    No cap on connections to the upstream: its own queue bounds the work (a cap of 100 made
+    the 101st concurrent stream wait for a connection, its first token late). Over TCP no
+    idle connection is reused: vLLM's server leaves Nagle's algorithm on (its listening
+    socket is made without IPPROTO_TCP, so asyncio never sets TCP_NODELAY), and on a reused
+    connection each small streamed event then waits for the delayed ACK: a burst of short
+    streams through the router ran 5-8x slower (bench/vllm_compare.py). Over a Unix socket
+    (``uds``: the vLLM front's way to vLLM) there is no Nagle, and connections are reused.
+
+    Args:
+        base_url: the upstream's base URL (over ``uds``, only its path is used).
+        timeout_s: the longest wait to connect, and between two reads of an answer.
+        uds: the upstream's Unix socket; TCP when ``None``.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float, uds: str | None = None) -> None:
+        self.base_url, self.uds = base_url.rstrip("/"), uds
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            connector: aiohttp.BaseConnector
+            if self.uds is not None:  # no Nagle on a Unix socket: connections are reused
+                connector = aiohttp.UnixConnector(self.uds, limit=0, keepalive_timeout=_KEEPALIVE_S)
+            else:
+                connector = aiohttp.TCPConnector(limit=0, force_close=True)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            self._loop = loop
+        return self._session
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    async def post(
+        self, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """``POST`` a JSON body; the response's body is left to read.
+
+        A request sent on a reused connection that the upstream closed as it arrived (its
+        idle timeout ran out at that moment) is sent once more, on a new connection: the
+        upstream never read it. aiohttp retries only idempotent methods itself.
+        """
+        data = json.dumps(body).encode()
+        headers = {"content-type": "application/json", **headers}
+        try:
+            return await self.session().post(self.url(path), data=data, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if self.uds is None:  # over TCP no connection is reused
+                raise
+        return await self.session().post(self.url(path), data=data, headers=headers)
+
+    async def aclose(self) -> None:
+        if self._session is not None and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
+
+
 class _ProxyHandlers:
     """The proxy's route handlers; every upstream call goes through one client.
 
     Args:
-        client: the upstream's client (its ``base_url`` is the upstream).
+        upstream: the upstream's client.
         table: the routes.
         metrics: where to count.
         api_keys: the keys the OpenAI routes require; open when ``None``.
@@ -162,7 +247,7 @@ class _ProxyHandlers:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: _Upstream,
         table: RouteTable,
         metrics: ServingMetrics,
         api_keys: ApiKeys | None = None,
@@ -171,7 +256,7 @@ class _ProxyHandlers:
         is_live: Callable[[], bool] | None = None,
         is_ready: Callable[[], Awaitable[bool]] | None = None,
     ):
-        self.client, self.table, self.metrics = client, table, metrics
+        self.upstream, self.table, self.metrics = upstream, table, metrics
         self.api_keys, self.prefix, self.faults = api_keys, prefix, faults
         self.is_live, self.is_ready = is_live, is_ready
 
@@ -232,11 +317,10 @@ class _ProxyHandlers:
             message = f"injected fault on {adapter!r} (canary drill, /admin/faults)"
             return _error(injected, message, "injected_fault", {"x-lorafleet-adapter": adapter})
         auth = {"authorization": request.headers["authorization"]} if self.api_keys else {}
-        upstream_request = self.client.build_request("POST", path, json=body, headers=auth)
         try:
-            response = await self.client.send(upstream_request, stream=True)
-        except httpx.TransportError as exc:
-            return _error(503, f"upstream unreachable: {exc}", "upstream_unreachable")
+            response = await self.upstream.post(path, body, auth)
+        except _UPSTREAM_ERRORS as exc:
+            return _error(503, f"upstream unreachable: {_reason(exc)}", "upstream_unreachable")
         # A name the router does not route passes through as the client wrote it; only a
         # printable ASCII one can be a header value (others made the answer a 500).
         shown = adapter.isascii() and adapter.isprintable()
@@ -248,39 +332,40 @@ class _ProxyHandlers:
         # model: it answered, or failed serving it (5xx). A 404 says it serves no such model,
         # and another 4xx (a bad body) may come before the name is looked at: any client
         # could grow the series without bound.
-        if response.status_code < 400 or response.status_code >= 500:
+        if response.status < 400 or response.status >= 500:
             tally.model, tally.adapter = model, adapter
         if body.get("stream"):
             relay = self._relay(response, tally, start)
-            return StreamingResponse(relay, response.status_code, headers)
+            return StreamingResponse(relay, response.status, headers)
         try:
-            content = await response.aread()
-        except httpx.TransportError as exc:
-            return _error(502, f"upstream broke off its answer: {exc}", "upstream_failed")
+            content = await response.read()
+        except _UPSTREAM_ERRORS as exc:
+            message = f"upstream broke off its answer: {_reason(exc)}"
+            return _error(502, message, "upstream_failed")
         finally:
-            await response.aclose()
+            response.release()
         tally.tokens = _usage(content)
-        return Response(content, response.status_code, headers)
+        return Response(content, response.status, headers)
 
     async def _relay(
-        self, response: httpx.Response, tally: _Tally, start: float
+        self, response: aiohttp.ClientResponse, tally: _Tally, start: float
     ) -> AsyncIterator[bytes]:
         """The upstream's stream, chunk by chunk; counted once it ends (with the status of
         an error event in it, if any), breaks off (502) or the client leaves (499)."""
-        ended = _StreamStatus(response.status_code)
+        ended = _StreamStatus(response.status)
         status = 499  # stays if the client goes away mid-stream
         try:
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.content.iter_any():
                     ended.feed(chunk)
                     yield chunk
                 status = ended.status
-            except httpx.TransportError as exc:
+            except _UPSTREAM_ERRORS as exc:
                 status = 502
-                error = {"message": f"upstream broke off the stream: {exc}", "code": status}
-                yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                message = f"upstream broke off the stream: {_reason(exc)}"
+                yield f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n".encode()
         finally:
-            await response.aclose()
+            response.release()
             self.metrics.observe(tally.model, tally.adapter, status, time.perf_counter() - start)
 
     async def models(self, request: Request) -> Response:
@@ -290,12 +375,15 @@ class _ProxyHandlers:
             return refused
         auth = {"authorization": request.headers["authorization"]} if self.api_keys else {}
         try:
-            response = await self.client.get(f"{self.prefix}/models", headers=auth)
-        except httpx.TransportError as exc:
-            return _error(503, f"upstream unreachable: {exc}", "upstream_unreachable")
-        if response.status_code != 200:
-            return Response(response.content, response.status_code)
-        listing = response.json()
+            async with self.upstream.session().get(
+                self.upstream.url(f"{self.prefix}/models"), headers=auth
+            ) as response:
+                content = await response.read()
+        except _UPSTREAM_ERRORS as exc:
+            return _error(503, f"upstream unreachable: {_reason(exc)}", "upstream_unreachable")
+        if response.status != 200:
+            return Response(content, response.status)
+        listing = json.loads(content)
         routes = [
             {
                 "id": name,
@@ -324,9 +412,11 @@ class _ProxyHandlers:
         if self.is_ready is not None:
             ok = await self.is_ready()
         else:
+            url = self.upstream.url(f"{self.prefix}/models")
             try:
-                ok = (await self.client.get(f"{self.prefix}/models")).status_code in (200, 401)
-            except httpx.TransportError:
+                async with self.upstream.session().get(url) as response:
+                    ok = response.status in (200, 401)
+            except _UPSTREAM_ERRORS:
                 ok = False
         return JSONResponse({"ready": ok}, 200 if ok else 503)
 
@@ -341,6 +431,7 @@ def proxy_app(
     *,
     upstream_prefix: str = "/openai/v1",
     faults: FaultTable | None = None,
+    upstream_uds: str | None = None,
     known: Callable[[str], bool] | None = None,
     is_live: Callable[[], bool] | None = None,
     is_ready: Callable[[], Awaitable[bool]] | None = None,
@@ -365,20 +456,15 @@ def proxy_app(
         faults: faults of canary drills, applied to a request's adapter before it is
             forwarded (an injected failure is answered by the router and counted) and
             edited through ``/admin/faults``; none, and no such route, when ``None``.
+        upstream_uds: the upstream's Unix socket (``upstream`` then gives only the scheme
+            and host of the requests); TCP to ``upstream`` when ``None``.
         known: whether an adapter name is served: a route naming another is refused (422);
             ``None`` accepts any name.
         is_live: the liveness check (e.g. a supervised upstream process is running);
             always live when ``None``.
         is_ready: the readiness check; when ``None``, the upstream lists its models.
     """
-    # No cap on connections to the upstream: its own queue bounds the work (httpx's default
-    # of 100 made the 101st concurrent stream wait for a connection, its first token late).
-    # No idle connection is reused either: vLLM's server leaves Nagle's algorithm on (its
-    # listening socket is made without IPPROTO_TCP, so asyncio never sets TCP_NODELAY), and
-    # on a reused connection each small streamed event then waits for the delayed ACK: a
-    # burst of short streams through the router ran 5-8x slower (bench/vllm_compare.py).
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=timeout_s, limits=limits)
+    client = _Upstream(upstream, timeout_s, upstream_uds)
     handlers = _ProxyHandlers(
         client,
         table,

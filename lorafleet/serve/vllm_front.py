@@ -18,7 +18,8 @@ Front flags (every other argument is vLLM's, passed on verbatim and in order):
   :func:`~lorafleet.serve.adapters.resolve_source` takes it (directory, ``pvc://``,
   ``s3://``, ``gs://``);
 - ``--require-lineage``: refuse adapters without ``lineage.json``;
-- ``--vllm-port`` (``8001``): vLLM's port, bound on ``127.0.0.1`` only;
+- ``--vllm-uds PATH``: vLLM's Unix socket (default: ``vllm.sock`` in a private temporary
+  directory, mode 0700); vLLM has no TCP port;
 - ``--vllm-python``: the interpreter that runs ``-m vllm.entrypoints.openai.api_server``
   (default ``$LORAFLEET_VLLM_PYTHON``, else this interpreter);
 - ``--api-keys-file`` (default ``$LORAFLEET_API_KEYS_FILE``) / ``--api-key-rpm``: API
@@ -28,7 +29,9 @@ Front flags (every other argument is vLLM's, passed on verbatim and in order):
 
 vLLM's ``--lora-modules`` is refused (an adapter reaches vLLM only through admission), as
 is ``--uds``; vLLM never gets a ``--host``/``--port`` of the command line (those are the
-front's): it listens on ``127.0.0.1:<--vllm-port>``, inside the pod. ``--enable-lora`` is
+front's): it listens on a Unix socket only (``--vllm-uds``), which no other container of the
+pod, and nothing outside it, can reach; the front talks to it over that socket, where
+Nagle's algorithm does not apply, so its connections are reused. ``--enable-lora`` is
 added when missing. The base directory is vLLM's ``--model`` (read without loading its
 weights: :meth:`~lorafleet.serve.adapters.BaseModelInfo.from_directory`), the rank limit
 vLLM's ``--max-lora-rank`` (vLLM's default 16). The admin bearer token is
@@ -51,6 +54,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,7 +123,7 @@ def _front_parser() -> argparse.ArgumentParser:
         description=(
             "Serve vLLM behind lorafleet's adapter admission checks, routes, faults and "
             "metrics. Every argument not listed here is vLLM's and is passed on verbatim "
-            "(vLLM itself listens on 127.0.0.1:--vllm-port; --lora-modules is refused)."
+            "(vLLM itself listens only on a Unix socket, --vllm-uds; --lora-modules is refused)."
         ),
         allow_abbrev=False,
     )
@@ -137,7 +141,11 @@ def _front_parser() -> argparse.ArgumentParser:
         "--require-lineage", action="store_true", help="Refuse adapters without lineage.json."
     )
     parser.add_argument(
-        "--vllm-port", type=int, default=8001, help="vLLM's port, bound on 127.0.0.1 only."
+        "--vllm-uds",
+        default=None,
+        metavar="PATH",
+        help="vLLM's Unix socket; vLLM has no TCP port "
+        "(default: vllm.sock in a private temporary directory).",
     )
     parser.add_argument(
         "--vllm-python",
@@ -178,7 +186,7 @@ _VALUED = (
     "--host",
     "--port",
     "--adapter",
-    "--vllm-port",
+    "--vllm-uds",
     "--vllm-python",
     "--api-keys-file",
     "--api-key-rpm",
@@ -190,7 +198,7 @@ _SWITCHES = ("--require-lineage", "-h", "--help")
 _REFUSED = {
     "--lora-modules": "adapters reach vLLM only through lorafleet's admission checks: "
     "use --adapter NAME=SOURCE",
-    "--uds": "vLLM listens on 127.0.0.1:--vllm-port, behind the front",
+    "--uds": "the front chooses vLLM's socket: use --vllm-uds PATH",
     "--no-enable-lora": "the front serves LoRA adapters; vLLM needs --enable-lora",
 }
 
@@ -283,7 +291,7 @@ class FrontConfig:
         port: the front's port.
         adapters: startup adapters, served name -> source.
         require_lineage: refuse adapters without ``lineage.json``.
-        vllm_port: vLLM's port on 127.0.0.1.
+        vllm_uds: vLLM's Unix socket (``None``: one in a private temporary directory).
         vllm_python: the interpreter that runs vLLM.
         vllm_args: vLLM's arguments from the command line (without host and port).
         base_dir: the base model directory (vLLM's ``--model``).
@@ -300,7 +308,7 @@ class FrontConfig:
     port: int
     adapters: Mapping[str, str]
     require_lineage: bool
-    vllm_port: int
+    vllm_uds: str | None
     vllm_python: str
     vllm_args: tuple[str, ...]
     base_dir: Path
@@ -342,7 +350,7 @@ def parse_command_line(argv: Sequence[str]) -> FrontConfig:
         port=front.port,
         adapters=adapters,
         require_lineage=front.require_lineage,
-        vllm_port=front.vllm_port,
+        vllm_uds=front.vllm_uds,
         vllm_python=front.vllm_python,
         vllm_args=tuple(vllm),
         base_dir=Path(model),
@@ -355,14 +363,41 @@ def parse_command_line(argv: Sequence[str]) -> FrontConfig:
     )
 
 
-def vllm_command(config: FrontConfig) -> list[str]:
+def vllm_command(config: FrontConfig, uds: str) -> list[str]:
     """vLLM's command line: its arguments as given, ``--enable-lora`` when missing, and
-    its address, ``127.0.0.1:<vllm_port>`` (never reachable from outside the pod)."""
+    its address, the Unix socket ``uds`` (no TCP port: nothing but the front reaches it)."""
     args = list(config.vllm_args)
     if not any(_flag(a) == "--enable-lora" for a in args):
         args.append("--enable-lora")
-    host_port = ["--host", "127.0.0.1", "--port", str(config.vllm_port)]
-    return [config.vllm_python, "-m", VLLM_ENTRY_POINT, *args, *host_port]
+    return [config.vllm_python, "-m", VLLM_ENTRY_POINT, *args, "--uds", uds]
+
+
+# The longest path a Unix socket address holds (sun_path is 108 bytes, NUL-terminated).
+_MAX_UDS_BYTES = 107
+
+
+def vllm_socket_path(given: str | None, private_dir: Path) -> str:
+    """Where vLLM's socket goes: ``given`` (a stale socket there is removed), else
+    ``vllm.sock`` in ``private_dir``.
+
+    Raises:
+        LorafleetError: naming ``--vllm-uds``: the path is too long for a socket, something
+            other than a socket is there, or its directory does not exist.
+    """
+    if given is None:
+        return str(private_dir / "vllm.sock")
+    path = Path(given)
+    if len(os.fsencode(given)) > _MAX_UDS_BYTES:
+        raise LorafleetError(
+            f"--vllm-uds {given}: longer than a Unix socket path may be ({_MAX_UDS_BYTES} bytes)"
+        )
+    if not path.parent.is_dir():
+        raise LorafleetError(f"--vllm-uds {given}: directory {path.parent} does not exist")
+    if path.is_socket():
+        path.unlink()  # left by an earlier run: vLLM cannot bind over it
+    elif path.exists() or path.is_symlink():
+        raise LorafleetError(f"--vllm-uds {given}: exists and is not a socket")
+    return given
 
 
 def _death_signal() -> Callable[[], None] | None:
@@ -382,16 +417,16 @@ class VllmProcess:
 
     Args:
         command: the command line (:func:`vllm_command`).
-        port: the port it listens on, on 127.0.0.1.
+        uds: the Unix socket it listens on (``url`` is the HTTP base URL over it).
         env: its environment: this one with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``
             and without vLLM's LoRA resolvers when ``None``.
     """
 
     def __init__(
-        self, command: Sequence[str], port: int, env: Mapping[str, str] | None = None
+        self, command: Sequence[str], uds: str, env: Mapping[str, str] | None = None
     ) -> None:
         self.command = list(command)
-        self.url = f"http://127.0.0.1:{port}"
+        self.uds, self.url = uds, "http://vllm"
         if env is None:
             env = {k: v for k, v in os.environ.items() if k not in VLLM_RESOLVER_ENV}
         self.env = {**env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
@@ -630,6 +665,7 @@ def front_app(
         metrics,
         api_keys=api_keys,
         upstream_prefix="/v1",
+        upstream_uds=vllm.uds,
         faults=faults if faults is not None else FaultTable(),
         known=lambda name: adapters.has_adapter(name) or name == adapters.name,
         is_live=vllm.alive,
@@ -668,7 +704,10 @@ class _Front:
 
     async def run(self, sock: socket.socket) -> None:
         """Serve on ``sock`` until a signal, or until vLLM fails (``self.failure``)."""
-        async with httpx.AsyncClient(base_url=self.vllm.url, timeout=30.0) as client:
+        transport = httpx.AsyncHTTPTransport(uds=self.vllm.uds)
+        async with httpx.AsyncClient(
+            base_url=self.vllm.url, transport=transport, timeout=30.0
+        ) as client:
             adapters = VllmAdapters(
                 self.config.served_name,
                 self.base,
@@ -727,7 +766,7 @@ class _Front:
         models = [adapters.name, *(a["name"] for a in adapters.adapter_table())]
         return (
             f"listening on http://{self.config.host}:{self.config.port} (OpenAI API at "
-            f"/openai/v1, metrics at /metrics; vLLM at {self.vllm.url}): "
+            f"/openai/v1, metrics at /metrics; vLLM at unix:{self.vllm.uds}): "
             f"{len(models)} model{'s' if len(models) != 1 else ''}: {', '.join(models)}"
         )
 
@@ -760,7 +799,8 @@ def run(config: FrontConfig) -> int:
 
     Raises:
         LorafleetError: (before vLLM starts) the base directory cannot be read, a start-up
-            adapter fails a check, the API keys file is malformed, the front's port is taken.
+            adapter fails a check, the API keys file is malformed, the front's port is taken,
+            ``--vllm-uds`` cannot be a socket.
     """
     base = BaseModelInfo.from_directory(config.base_dir)
     cache = Path(config.adapter_cache or tempfile.mkdtemp(prefix="lorafleet-adapters-"))
@@ -779,18 +819,25 @@ def run(config: FrontConfig) -> int:
     keys = config.api_keys_file
     api_keys = ApiKeys.from_file(keys, config.api_key_rpm) if keys else None
     sock = _bind(config.host, config.port)
-    vllm = VllmProcess(vllm_command(config), config.vllm_port)
-    front = _Front(config, base, startup, vllm, cache, api_keys)
-    # uvicorn re-raises a signal it handled once it has shut down; these handlers make
-    # that a no-op, so vLLM is stopped below and the front exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    vllm.start()
+    private = Path(tempfile.mkdtemp(prefix="lorafleet-vllm-"))  # 0700: only this user
     try:
-        asyncio.run(front.run(sock))
+        uds = vllm_socket_path(config.vllm_uds, private)
+        vllm = VllmProcess(vllm_command(config, uds), uds)
+        front = _Front(config, base, startup, vllm, cache, api_keys)
+        # uvicorn re-raises a signal it handled once it has shut down; these handlers make
+        # that a no-op, so vLLM is stopped below and the front exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        vllm.start()
+        try:
+            asyncio.run(front.run(sock))
+        finally:
+            vllm.stop()
+            with contextlib.suppress(OSError):
+                Path(uds).unlink()  # vLLM leaves its socket behind
     finally:
-        vllm.stop()
         sock.close()
+        shutil.rmtree(private, ignore_errors=True)
     if front.failure is not None:
         print(f"error: {front.failure}", file=sys.stderr, flush=True)
         return 1

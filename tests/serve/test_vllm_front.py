@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from lorafleet.serve.vllm_front import (
     parse_command_line,
     split_args,
     vllm_command,
+    vllm_socket_path,
 )
 
 from .conftest import make_adapter
@@ -80,11 +83,12 @@ def test_split_args_takes_front_flags_anywhere_and_keeps_vllm_args_verbatim() ->
         "--dtype",
         "float32",
         "--adapter=analyzer=s3://bucket/analyzer/v1",
-        "--vllm-port",
-        "18001",
+        "--vllm-uds",
+        "/run/lorafleet/vllm.sock",
     ]
     front, vllm = split_args(argv)
-    assert (front.host, front.port, front.vllm_port) == ("127.0.0.1", 9000, 18001)
+    assert (front.host, front.port) == ("127.0.0.1", 9000)
+    assert front.vllm_uds == "/run/lorafleet/vllm.sock"
     assert front.adapter == [
         "writer=/mnt/models/adapters/writer/v3",
         "analyzer=s3://bucket/analyzer/v1",
@@ -104,7 +108,7 @@ def test_split_args_takes_front_flags_anywhere_and_keeps_vllm_args_verbatim() ->
 def test_split_args_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LORAFLEET_VLLM_PYTHON", raising=False)
     front, vllm = split_args(["--model", "/b"])
-    assert (front.host, front.port, front.vllm_port) == ("0.0.0.0", 8080, 8001)
+    assert (front.host, front.port, front.vllm_uds) == ("0.0.0.0", 8080, None)
     assert front.vllm_python == sys.executable and front.adapter == [] and vllm == ["--model", "/b"]
     monkeypatch.setenv("LORAFLEET_VLLM_PYTHON", "/opt/vllm/bin/python")
     assert split_args([])[0].vllm_python == "/opt/vllm/bin/python"
@@ -115,7 +119,7 @@ def test_split_args_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--lora-modules", "w=/a"], "--lora-modules: not accepted"),
         (["--lora_modules=w=/a"], "--lora_modules: not accepted"),
-        (["--uds", "/tmp/s"], "--uds: not accepted"),
+        (["--uds", "/tmp/s"], "--uds: not accepted: the front chooses vLLM's socket"),
         (["--adapter", "no-equals-sign"], "expected NAME=SOURCE"),
         (["--adapter"], "--adapter: expects a value"),
         (["--port", "http"], "--port: invalid int value"),
@@ -140,22 +144,42 @@ def test_the_command_line_names_base_rank_and_served_name() -> None:
         parse_command_line(["--model", "/b", "--served-model-name", "base", "--adapter", "base=/x"])
 
 
-def test_vllm_listens_only_on_loopback_with_lora_enabled() -> None:
+def test_vllm_listens_only_on_a_unix_socket_with_lora_enabled() -> None:
     config = parse_command_line(
         [
-            *("--host", "0.0.0.0", "--port", "8080", "--vllm-port", "8001"),
+            *("--host", "0.0.0.0", "--port", "8080"),
             *("--vllm-python", "py", "--model", "/b", "--max-loras", "4"),
         ]
     )
-    command = vllm_command(config)
+    command = vllm_command(config, "/run/v.sock")
     assert command[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     assert command[3:] == [
         *("--model", "/b", "--max-loras", "4", "--enable-lora"),
-        *("--host", "127.0.0.1", "--port", "8001"),
+        *("--uds", "/run/v.sock"),
     ]
     given = parse_command_line(["--model", "/b", "--enable_lora"])
-    command = vllm_command(given)
+    command = vllm_command(given, "/run/v.sock")
     assert "--enable_lora" in command and "--enable-lora" not in command  # given once
+
+
+def test_the_vllm_socket_path(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    assert vllm_socket_path(None, private) == str(private / "vllm.sock")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(stale))  # an earlier run's socket, left behind: vLLM cannot bind it
+    assert vllm_socket_path(str(stale), private) == str(stale) and not stale.exists()
+    (tmp_path / "file").write_text("x")
+    refusals = {
+        str(tmp_path / "file"): "exists and is not a socket",
+        str(tmp_path / "no" / "v.sock"): f"directory {tmp_path / 'no'} does not exist",
+        "/" + "x" * 120: "longer than a Unix socket path may be (107 bytes)",
+    }
+    for given, says in refusals.items():
+        with pytest.raises(LorafleetError) as err:
+            vllm_socket_path(given, private)
+        assert str(err.value) == f"--vllm-uds {given}: {says}"
+    assert (tmp_path / "file").read_text() == "x"
 
 
 # --- admission -----------------------------------------------------------------------------
@@ -307,7 +331,7 @@ def _front_cmd(python: Path, base: Path, *args: str) -> list[str]:
         sys.executable,
         "-m",
         "lorafleet.serve.vllm_front",
-        *("--host", "127.0.0.1", "--port", str(_free_port()), "--vllm-port", str(_free_port())),
+        *("--host", "127.0.0.1", "--port", str(_free_port())),
         *("--vllm-python", str(python), "--model", str(base), "--max-lora-rank", str(MAX_RANK)),
         *args,
     ]
@@ -367,12 +391,13 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
 def front(tiny_base: Path, tiny_adapters: dict[str, Path]) -> Iterator[dict]:
     """The front with a real vLLM on the tiny base, serving ``writer`` (started once: vLLM
     takes a minute or two to come up on a small CPU)."""
-    port, vllm_port = _free_port(), _free_port()
+    port, sock_dir = _free_port(), tempfile.mkdtemp(prefix="vllm-front-test-")
+    uds = f"{sock_dir}/vllm.sock"
     cmd = [
         sys.executable,
         "-m",
         "lorafleet.serve.vllm_front",
-        *("--host", "127.0.0.1", "--port", str(port), "--vllm-port", str(vllm_port)),
+        *("--host", "127.0.0.1", "--port", str(port), "--vllm-uds", uds),
         *("--vllm-python", str(VLLM_PYTHON)),
         *("--adapter", f"writer={tiny_adapters['proposal-writer']}"),
         *("--model", str(tiny_base), "--served-model-name", "base"),
@@ -390,7 +415,10 @@ def front(tiny_base: Path, tiny_adapters: dict[str, Path]) -> Iterator[dict]:
                 log.seek(0)
                 exc.add_note("front log (end):\n" + log.read()[-4000:].decode(errors="replace"))
                 raise
-            yield {"url": url, "vllm": f"http://127.0.0.1:{vllm_port}", "process": process}
+            # vLLM asked directly (not through the front), over its socket.
+            vllm = httpx.Client(transport=httpx.HTTPTransport(uds=uds), base_url="http://vllm")
+            with vllm:
+                yield {"url": url, "vllm": vllm, "uds": uds, "process": process}
         finally:
             if process.poll() is None:
                 process.terminate()
@@ -399,11 +427,12 @@ def front(tiny_base: Path, tiny_adapters: dict[str, Path]) -> Iterator[dict]:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _vllm_models(front: dict) -> dict[str, str]:
     """vLLM's own listing, asked directly (not through the front): id -> root (its path)."""
-    listing = httpx.get(f"{front['vllm']}/v1/models", timeout=10).json()["data"]
+    listing = front["vllm"].get("/v1/models", timeout=10).json()["data"]
     return {m["id"]: m["root"] for m in listing}
 
 
@@ -542,4 +571,5 @@ class TestWithVllm:
         process.send_signal(signal.SIGTERM)
         assert process.wait(90) == 0
         with pytest.raises(httpx.TransportError):
-            httpx.get(f"{front['vllm']}/health", timeout=5)
+            front["vllm"].get("/health", timeout=5)
+        assert not Path(front["uds"]).exists()
