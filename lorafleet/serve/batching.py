@@ -164,7 +164,40 @@ class _Pending:
     future: asyncio.Future[GenerationResult]
 
 
-class MicroBatcher:
+class _Batcher:
+    """What both batchers share: :meth:`submit` waits for :meth:`enqueue`'s future."""
+
+    def enqueue(
+        self, request: GenerationRequest, on_delta: DeltaCallback | None = None
+    ) -> asyncio.Future[GenerationResult]:
+        raise NotImplementedError
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        on_delta: DeltaCallback | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
+        """Queue one request and wait for its result.
+
+        Args:
+            request: what to generate.
+            on_delta: called on the event loop with each piece of new final text.
+            timeout_s: the longest wait, queueing included; ``None`` waits forever.
+
+        Returns:
+            The request's result.
+
+        Raises:
+            Overloaded: if the queue is full.
+            TimeoutError: if ``timeout_s`` passed first (the request's work is dropped, or
+                it leaves its batch).
+        """
+        # Cancelling this coroutine (a client that went away) cancels the future too.
+        return await asyncio.wait_for(self.enqueue(request, on_delta), timeout_s)
+
+
+class MicroBatcher(_Batcher):
     """Runs requests that arrive close together as one mixed-adapter generate call.
 
     The first request of a batch waits up to ``max_wait_s`` for others, up to
@@ -213,29 +246,6 @@ class MicroBatcher:
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from the last batch's duration."""
         return max(1, math.ceil(self.queue_depth / self.max_batch_size * self.last_batch_s))
-
-    async def submit(
-        self,
-        request: GenerationRequest,
-        on_delta: DeltaCallback | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Queue one request and wait for its result.
-
-        Args:
-            request: what to generate.
-            on_delta: called on the event loop with each piece of new final text.
-            timeout_s: the longest wait, queueing included; ``None`` waits forever.
-
-        Returns:
-            The request's result.
-
-        Raises:
-            Overloaded: if the queue is full.
-            TimeoutError: if ``timeout_s`` passed first (the request's work is dropped).
-        """
-        # Cancelling this coroutine (a client that went away) cancels the future too.
-        return await asyncio.wait_for(self.enqueue(request, on_delta), timeout_s)
 
     def enqueue(
         self, request: GenerationRequest, on_delta: DeltaCallback | None = None
@@ -347,7 +357,7 @@ class _Exclusive:
     future: asyncio.Future[Any]
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(_Batcher):
     """Runs requests with continuous batching on a single worker thread.
 
     The worker runs :meth:`StepEngine.step` while there is work: each step decodes one
@@ -417,28 +427,6 @@ class ContinuousBatcher:
     def retry_after_s(self) -> int:
         """Seconds until the queue has likely drained, from recent requests' durations."""
         return max(1, math.ceil(self.queue_depth / self.max_batch_size * self.request_s))
-
-    async def submit(
-        self,
-        request: GenerationRequest,
-        on_delta: DeltaCallback | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Queue one request and wait for its result.
-
-        Args:
-            request: what to generate.
-            on_delta: called on the event loop with each piece of new final text.
-            timeout_s: the longest wait, queueing included; ``None`` waits forever.
-
-        Returns:
-            The request's result.
-
-        Raises:
-            Overloaded: if the queue is full.
-            TimeoutError: if ``timeout_s`` passed first (the request leaves its batch).
-        """
-        return await asyncio.wait_for(self.enqueue(request, on_delta), timeout_s)
 
     def enqueue(
         self, request: GenerationRequest, on_delta: DeltaCallback | None = None
