@@ -60,6 +60,8 @@ VLLM_BASE_IMAGE = f"docker.io/vllm/vllm-openai:v{VLLM_VERSION}"
 # lorafleet's front on that image: fixed tags, like the runtime image's (the release pipeline
 # may pin a digest on top). The -cpu variant is the same Dockerfile on vLLM's CPU build.
 VLLM_IMAGE = f"ghcr.io/lorafleet/lorafleet-vllm:0.1.0-vllm{VLLM_VERSION}"
+# The memory-backed /dev/shm of a vLLM pod with tensor parallelism (gpus > 1).
+VLLM_SHM_SIZE = "16Gi"
 VLLM_CPU_IMAGE = f"{VLLM_IMAGE}-cpu"
 # vLLM's CPU build sizes its KV cache from the node's memory, not the pod's limit: a fixed
 # size keeps it inside the container's 32Gi with an 8B base's weights.
@@ -394,7 +396,7 @@ def _serving_runtime(spec: FleetSpec) -> Any:
     ]
     if runtime == "vllm":
         # lorafleet's front on :8080 (admission checks, routes, faults, per-adapter metrics,
-        # the admin API); vLLM behind it on 127.0.0.1, its flags passed through.
+        # the admin API); vLLM behind it on a Unix socket, its flags passed through.
         image = VLLM_IMAGE if spec.serving.gpus else VLLM_CPU_IMAGE
         fmt = "vllm"
         command = ["python3", "-m", "lorafleet.serve.vllm_front"]
@@ -402,6 +404,12 @@ def _serving_runtime(spec: FleetSpec) -> Any:
             *("--host", "0.0.0.0", "--port", str(PORT)),
             *("--model", BASE_MOUNT, "--served-model-name", "base"),
         ]
+        if spec.serving.gpus > 1:
+            # vLLM's tensor-parallel workers exchange through shared memory (NCCL, its
+            # message queues): a container's /dev/shm is 64 MiB.
+            shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=VLLM_SHM_SIZE)
+            volumes.append(k8s.V1Volume(name="dshm", empty_dir=shm))
+            mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     else:
         image, fmt = RUNTIME_IMAGE, "lorafleet"
         command = ["python", "-m", "lorafleet.serve.runtime"]
@@ -448,6 +456,8 @@ def _model_args(spec: FleetSpec, adapters: dict[str, str]) -> list[str]:
             *("--max-lora-rank", str(serving.max_lora_rank)),
             *("--max-num-seqs", str(serving.max_batch_size)),
         ]
+        if serving.gpus > 1:  # one model sharded over the pod's GPUs
+            args += ["--tensor-parallel-size", str(serving.gpus)]
         if not serving.gpus:
             args += ["--kv-cache-memory-bytes", VLLM_CPU_KV_CACHE]
     else:

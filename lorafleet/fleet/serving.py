@@ -80,7 +80,8 @@ class ServingSpec(StrictModel):
     gpus: int = Field(
         0,
         ge=0,
-        description="per predictor pod; 0 with runtime vllm serves vLLM's CPU build (warned: slow)",
+        description="per predictor pod; with runtime vllm, more than 1 is vLLM's tensor parallelism "
+        "(--tensor-parallel-size), 0 its CPU build (warned: slow); the lorafleet runtime uses one",
     )
     # = lorafleet.serve.batching.MAX_BATCH_SIZE (not imported: the spec needs no torch).
     max_batch_size: int = Field(64, ge=1)
@@ -119,6 +120,11 @@ class ServingSpec(StrictModel):
             raise ValueError(
                 f"max_lora_rank {self.max_lora_rank}: vLLM accepts only "
                 f"{', '.join(map(str, VLLM_LORA_RANKS))}"
+            )
+        if self.runtime == "lorafleet" and self.gpus > 1:
+            raise ValueError(
+                f"gpus {self.gpus}: the lorafleet runtime serves on one device; a base that "
+                "needs several GPUs is served with runtime: vllm (tensor parallelism over gpus)"
             )
         mode, auto = self.deployment_mode, self.autoscaling
         # KServe accepts these and then ignores them: refuse rather than render a no-op.

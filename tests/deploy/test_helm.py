@@ -52,6 +52,7 @@ def test_chart_lints_clean_for_every_profile(chart, profile):
         ({"fleetName": "1st-fleet"}, "at '/fleetName'"),
         ({"maxLoraRank": 48}, "at '/maxLoraRank'"),
         ({"deploymentMode": "Raw"}, "at '/deploymentMode'"),
+        ({"runtime": "lorafleet", "gpus": 2}, "at '/gpus': maximum: got 2, want 1"),
     ],
 )
 def test_schema_refuses_wrong_types_and_unknown_keys_readably(chart, values, message):

@@ -37,6 +37,12 @@ def _spec(kit, profile: str = "aws", name: str | None = None, canary=None, **ser
         ),
         ({"canary_traffic_percent": 10}, "only KServe's Serverless mode has revisions"),
         ({"autoscaling": {"scale_metric": "cpu", "scale_target": 150}}, "a percentage (1-100)"),
+        # A pod holding GPUs the native runtime would never use.
+        (
+            {"runtime": "lorafleet", "gpus": 2},
+            "gpus 2: the lorafleet runtime serves on one device; a base that needs several "
+            "GPUs is served with runtime: vllm (tensor parallelism over gpus)",
+        ),
     ],
 )
 def test_what_kserve_or_vllm_refuse_or_ignore_is_refused(kit, serving, message) -> None:

@@ -98,6 +98,9 @@ def _deploy_renderings(kit) -> dict[str, Rendering]:
         storage={},
     )
     out["deploy render local"] = _spec_rendering(local, "local", kit.ADAPTERS)
+    # A base that needs several GPUs: vLLM's tensor parallelism over the pod's four.
+    four = _with(kit.fleet_for("aws"), runtime="vllm", gpus=4)
+    out["deploy render aws, gpus 4"] = _spec_rendering(four, "aws", kit.ADAPTERS)
     return out
 
 
@@ -113,6 +116,7 @@ def _helm_renderings() -> dict[str, Rendering]:
         **sources["values-onprem.yaml"],
         "runtime": "vllm",
     }
+    sources["values-aws.yaml + gpus 4"] = {**sources["values-aws.yaml"], "gpus": 4}
     out = {}
     for name, values in sources.items():
         merged = {**defaults, **values}
@@ -189,7 +193,9 @@ EXPECTED = [
     "deploy render gcp",
     "deploy render onprem",
     "deploy render local",
+    "deploy render aws, gpus 4",
     "helm values-aws.yaml",
+    "helm values-aws.yaml + gpus 4",
     "helm values-gcp.yaml",
     "helm values.yaml",
     "helm values-onprem.yaml + runtime vllm",
@@ -202,7 +208,7 @@ def test_every_vllm_rendering_is_found(renderings) -> None:
     # Nothing passes by finding no rendering: the cloud values files, the chart's defaults
     # and the cloud overlays select vllm; onprem and local are switched to it (on CPUs).
     assert sorted(renderings) == sorted(EXPECTED)
-    assert {r.gpus for r in renderings.values()} == {0, 1}  # the GPU and the CPU build
+    assert {r.gpus for r in renderings.values()} == {0, 1, 4}  # CPU build, 1 GPU, 4 (TP)
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -216,6 +222,20 @@ def test_the_front_takes_its_flags_and_every_adapter(renderings, name: str) -> N
         f"{n}=/mnt/models/adapters/{n}/{v}" for n, v in rendering.adapters.items()
     ]
     assert not any(a.startswith(("--host", "--port", "--adapter")) for a in vllm_args)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_tensor_parallel_pods_get_a_shared_memory_volume(renderings, name: str) -> None:
+    rendering = renderings[name]
+    [runtime] = [o for o in rendering.objects if _is_vllm_runtime(o)]
+    [container] = runtime["spec"]["containers"]
+    shm = [v for v in runtime["spec"].get("volumes", []) if v["name"] == "dshm"]
+    mounted = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+    if rendering.gpus > 1:  # NCCL and vLLM's workers outgrow a container's 64 MiB /dev/shm
+        assert shm == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+        assert mounted == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    else:
+        assert not shm and not mounted
 
 
 # Arguments vLLM must refuse: the check can fail (see the last vllm test).
@@ -265,13 +285,14 @@ def test_vllm_parses_the_rest_as_rendered(renderings, parsed, name: str) -> None
         "model_tag": None,  # no stray value taken for the positional model
         "model": "/mnt/models/base",
         "served_model_name": ["base"],
-        "host": None,  # the front starts vLLM on 127.0.0.1 itself
+        "host": None,  # the front starts vLLM on its Unix socket itself
         "port": 8000,
         "enable_lora": True,
         "max_loras": room,
         "max_cpu_loras": room,  # vLLM's default, and >= max_loras as LoRAConfig requires
         "max_lora_rank": rendering.max_lora_rank,
         "max_num_seqs": rendering.max_num_seqs,
+        "tensor_parallel_size": max(1, rendering.gpus),  # the model sharded over the pod's GPUs
         "kv_cache_memory_bytes": None if rendering.gpus else 8 * GIB,
         "lora_modules": None,
     }

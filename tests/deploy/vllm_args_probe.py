@@ -36,6 +36,7 @@ FIELDS = (
     "max_lora_rank",
     "max_cpu_loras",
     "max_num_seqs",
+    "tensor_parallel_size",
     "kv_cache_memory_bytes",
     "lora_modules",
 )
