@@ -22,7 +22,7 @@ from lorafleet.fleet.tasks import (
     shipped_task,
     unknown_task_message,
 )
-from lorafleet.fleet.training import LoraSettings, TrainingSettings
+from lorafleet.fleet.training import LoraSettings, TrainingSettings, check_sharding
 from lorafleet.storage import parse_location
 
 __all__ = ["DATA_FIELDS", "SHA256", "ExpertSpec", "FleetSpec", "RegistrySpec", "is_local_data"]
@@ -79,6 +79,11 @@ class ExpertSpec(StrictModel):
     _task = field_validator("task")(check_task)
     _data = field_validator(*DATA_FIELDS, mode="before")(_check_location)
     _definition: TaskDefinition | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _sharding(self) -> ExpertSpec:
+        check_sharding(self.lora, self.training)
+        return self
 
     @property
     def task_definition(self) -> TaskDefinition:

@@ -16,7 +16,7 @@ from lorafleet.fleet.platform import (
     Toleration,
 )
 
-__all__ = ["LoraSettings", "TrainCluster", "TrainingSettings"]
+__all__ = ["LoraSettings", "TrainCluster", "TrainingSettings", "check_sharding"]
 
 
 class LoraSettings(StrictModel):
@@ -60,7 +60,7 @@ class TrainingSettings(StrictModel):
     # Where the trainer runs (docs/training.md): the recipe is the same everywhere.
     launcher: Literal["local", "torchrun", "trainjob"] = Field(
         "local",
-        description="local: in process; torchrun: gpus_per_node ranks here (DDP); trainjob: a Kubeflow job on nodes x gpus_per_node",
+        description="local: in process; torchrun: gpus_per_node ranks here (DDP, or FSDP: sharding); trainjob: a Kubeflow job on nodes x gpus_per_node",
     )
     nodes: int = Field(
         1, ge=1, description="nodes of a trainjob (more than 1 only with launcher trainjob)"
@@ -68,9 +68,20 @@ class TrainingSettings(StrictModel):
     gpus_per_node: int = Field(
         1, ge=1, description="ranks per node: GPUs, or CPU processes without GPUs"
     )
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole base; fsdp: the frozen base and the adapter "
+        "are sharded across all ranks (FSDP2), for a base one device cannot hold (not with "
+        "lora.qlora)",
+    )
     cluster: TrainCluster | None = Field(
         None, description="the Kubernetes side of launcher trainjob"
     )
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks the launcher starts: 1 in process, else nodes x gpus_per_node."""
+        return 1 if self.launcher == "local" else self.nodes * self.gpus_per_node
 
     @model_validator(mode="after")
     def _launcher(self) -> TrainingSettings:
@@ -78,6 +89,11 @@ class TrainingSettings(StrictModel):
             raise ValueError("nodes > 1 needs launcher: trainjob (one pod cannot span nodes)")
         if self.launcher == "trainjob" and self.cluster is None:
             raise ValueError("launcher trainjob needs a cluster block (image, namespace, volume)")
+        if self.sharding == "fsdp" and self.world_size == 1:
+            raise ValueError(
+                "sharding fsdp shards the base across ranks and this run has one: use launcher "
+                "torchrun or trainjob with nodes x gpus_per_node > 1, or sharding: ddp"
+            )
         return self
 
 
@@ -146,3 +162,17 @@ class TrainCluster(StrictModel):
             )
             if value
         }
+
+
+def check_sharding(lora: LoraSettings, training: TrainingSettings) -> None:
+    """Refuse ``training.sharding: fsdp`` with ``lora.qlora``: bitsandbytes' 4-bit weights are
+    not sharded by FSDP here, and QLoRA is the one-GPU way to fit a large base.
+
+    Raises:
+        ValueError: both are set.
+    """
+    if training.sharding == "fsdp" and lora.qlora:
+        raise ValueError(
+            "training.sharding fsdp cannot shard lora.qlora's 4-bit base: set lora.qlora: false "
+            "to shard the base across ranks, or sharding: ddp to train QLoRA on each GPU"
+        )

@@ -1,8 +1,8 @@
-"""The process group of a training run: one process, or torchrun's DDP ranks.
+"""The process group of a training run: one process, or torchrun's DDP or FSDP ranks.
 
 The recipe takes a :class:`DistContext` and has a single code path; world size 1 is the
 single-device case. ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; NCCL is used
-on GPUs and gloo on CPU.
+on GPUs and gloo on CPU (FSDP included: :func:`shard_model` works with either).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DistContext", "close_distributed", "init_distributed"]
+__all__ = ["DistContext", "close_distributed", "init_distributed", "shard_model"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,34 @@ def close_distributed(ctx: DistContext) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model, ctx: DistContext):
+    """Shard ``model`` over every rank with FSDP2 (``fully_shard``), in place.
+
+    Each decoder layer (the classes transformers lists in the base's ``_no_split_modules``)
+    becomes one FSDP unit, gathered just before it runs and freed after; the root unit holds
+    the rest (embeddings, final norm, LM head). Frozen base weights are sharded like the
+    adapter's; only parameters that need gradients get them reduce-scattered, and FSDP
+    averages those over the ranks as DDP does. Parameters become ``DTensor``s sharded on
+    dim 0, so the optimizer must be built after this call.
+
+    Args:
+        model: the PEFT model, on ``ctx.device``.
+        ctx: this rank's place in the run (a CUDA device uses NCCL, the CPU gloo).
+
+    Returns:
+        ``model`` itself (its class is swapped for an FSDP subclass).
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world_size,))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -1,6 +1,6 @@
 """One training job as a JSON file, and the process entry point that runs it.
 
-The same job file drives a plain process, each ``torchrun`` rank (DDP) and each pod of a
+The same job file drives a plain process, each ``torchrun`` rank (DDP or FSDP) and each pod of a
 Kubeflow TrainJob: ``python -m lorafleet.train.job JOB.json`` (pods read it from an
 environment variable: ``--env VAR``). Passing a file keeps the
 command line short and every setting typed (the spec's own pydantic models).
@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lorafleet.fleet import LoraSettings, TrainingSettings
+from lorafleet.fleet.training import check_sharding
 from lorafleet.io import atomic_write_json
 
 __all__ = ["TrainJobConfig", "main", "run_job"]
@@ -48,6 +49,11 @@ class TrainJobConfig(BaseModel):
     base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _fsdp_without_qlora(self) -> TrainJobConfig:
+        check_sharding(self.lora, self.training)
+        return self
 
     def write(self, path: str | Path) -> Path:
         """Save as JSON, atomically."""

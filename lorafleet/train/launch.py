@@ -1,4 +1,5 @@
-"""Run a training job with ``training.launcher: torchrun``: several DDP ranks on this machine.
+"""Run a training job with ``training.launcher: torchrun``: several DDP or FSDP ranks on this
+machine (``training.sharding``).
 
 Each rank is ``python -m lorafleet.train.job JOB.json`` started by torchrun (standalone
 rendezvous on this host); ranks use NCCL on GPUs and gloo on CPU
@@ -36,7 +37,7 @@ def torchrun_command(job_file: str | Path, nproc: int) -> list[str]:
 
 
 def run_torchrun(job: TrainJobConfig, nproc: int, env: dict[str, str] | None = None) -> dict:
-    """Train with ``nproc`` DDP ranks under torchrun; the ranks' output goes to this log.
+    """Train with ``nproc`` DDP or FSDP ranks under torchrun; the ranks' output goes to this log.
 
     Args:
         job: the training job.

@@ -20,11 +20,23 @@ from lorafleet.base import fingerprint_model
 from lorafleet.chat import IGNORE_INDEX, TokenizedExample, encode_chat
 from lorafleet.engine.devices import pick_device, pick_dtype
 from lorafleet.fleet import LoraSettings, TrainingSettings
+from lorafleet.fleet.training import check_sharding
 from lorafleet.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_json
 from lorafleet.records import Record
 from lorafleet.train.attention import training_attention
-from lorafleet.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lorafleet.train.distributed import DistContext, close_distributed, init_distributed
+from lorafleet.train.checkpoint import (
+    gather_trainable,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lorafleet.train.distributed import (
+    DistContext,
+    close_distributed,
+    init_distributed,
+    shard_model,
+)
 from lorafleet.train.errors import NonFiniteLossError, QLoraUnavailableError, TrainingOOMError
 from lorafleet.train.flops import device_peak_tflops, linear_costs, training_flops
 from lorafleet.train.packing import collate_packed, pack_rows
@@ -51,6 +63,8 @@ class TrainResult:
         0.0  # model FLOPs (lorafleet.train.flops) over the steps' wall time, all ranks
     )
     mfu: float | None = None  # tflops_per_s over the peak of all ranks' devices, where it is known
+    # model parameters (base and adapter) rank 0 holds: all under DDP, about 1/world_size under FSDP
+    params_per_rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +82,7 @@ def load_base(
     quantize_4bit: bool = False,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    keep_on_cpu: bool = False,
 ):
     """Load a base model and its tokenizer (bf16 on a GPU that supports it, else float32,
     unless told).
@@ -84,6 +99,9 @@ def load_base(
             on a GPU where it is installed, else SDPA.
         revision: the spec's ``base.revision`` (a hub commit or tag); ``None`` for a local
             directory or the hub's default branch.
+        keep_on_cpu: leave the weights in host memory (dtype and attention still chosen for
+            ``device``): FSDP moves each rank's shards to the device, so no device ever holds
+            the whole base.
 
     Returns:
         ``(model, tokenizer)``.
@@ -115,7 +133,7 @@ def load_base(
         )
         kwargs["device_map"] = {"": str(target)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    if on_gpu and not quantize_4bit:
+    if on_gpu and not quantize_4bit and not keep_on_cpu:
         model = model.to(target)
     return model, tokenizer
 
@@ -137,9 +155,11 @@ def _lora_config(lora: LoraSettings):
 class LoRARecipe:
     """Fine-tune one LoRA adapter on chat records.
 
-    One code path for one process and for torchrun's DDP ranks: ``batch_size`` rows form
-    one global micro-batch, split across the ranks, and the loss is the mean over every
-    assistant token of the optimizer step, so the result does not depend on world size.
+    One code path for one process and for torchrun's ranks, which replicate the model (DDP)
+    or shard it (FSDP, ``training.sharding: fsdp``): ``batch_size`` rows form one global
+    micro-batch, split across the ranks, and the loss is the mean over every assistant
+    token of the optimizer step, so the result depends neither on world size nor on
+    sharding.
 
     Args:
         base_dir: the base model directory (or hub id).
@@ -156,7 +176,7 @@ class LoRARecipe:
             that supports it, else float32).
 
     Raises:
-        ValueError: no records, or no assistant turn to learn from.
+        ValueError: no records, or no assistant turn to learn from; FSDP with QLoRA.
         QLoraUnavailableError: QLoRA asked for without a CUDA GPU and bitsandbytes.
     """
 
@@ -178,6 +198,7 @@ class LoRARecipe:
             raise ValueError("no training records")
         if not any(m.role == "assistant" for r in records for m in r.messages):
             raise ValueError("no assistant turns to learn from")
+        check_sharding(lora, training)
         if lora.qlora:
             _check_qlora()
         self.base_dir = str(base_dir)
@@ -199,6 +220,7 @@ class LoRARecipe:
 
         self.dist = self._dist or init_distributed()
         torch.manual_seed(self.training.seed)
+        fsdp = self.training.sharding == "fsdp" and self.dist.world_size > 1
         self.model, self.tokenizer = self._setup_model(
             self.base_dir,
             self.lora,
@@ -206,6 +228,7 @@ class LoRARecipe:
             self.training.gradient_checkpointing,
             revision=self.revision,
             dtype=self.dtype,
+            keep_on_cpu=fsdp,  # FSDP moves only this rank's shards to the device
         )
         self.examples = self._setup_data(self.tokenizer, self.records, self.training.max_seq_len)
         micro = sum(
@@ -213,13 +236,20 @@ class LoRARecipe:
             for e in range(self.training.epochs)
         )
         self.total_steps = self.training.max_steps or math.ceil(micro / self.training.grad_accum)
+        # FSDP shards self.model in place (its parameters become DTensors): the optimizer follows.
+        self.ddp_model = self._setup_ddp(self.model, self.dist, self.training.sharding)
+        self.params_per_rank = sum(
+            (p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters()
+        )
+        # Model FLOPs per step (lorafleet.train.flops) for TFLOP/s and, where the peak is known,
+        # MFU: one forward on the device (under FSDP every rank runs it, gathering each layer).
+        self.costs = linear_costs(self.model)
+        if is_sharded(self.model):  # FSDP keeps the root gathered after a forward (for backward)
+            self.model.reshard()
+        self.peak_tflops = device_peak_tflops(self.dist.device)
         self.optimizer, self.scheduler = self._setup_optimizer(
             self.model, self.training, self.total_steps
         )
-        # Model FLOPs per step (lorafleet.train.flops) for TFLOP/s and, where the peak is known, MFU.
-        self.costs = linear_costs(self.model)
-        self.peak_tflops = device_peak_tflops(self.dist.device)
-        self.ddp_model = self._setup_ddp(self.model, self.dist)
         self.identity = {
             "base_fingerprint": fingerprint_model(self.base_dir, self.revision),
             "lora": self.lora.model_dump(mode="json"),
@@ -238,6 +268,7 @@ class LoRARecipe:
         gradient_checkpointing: bool,
         revision: str | None = None,
         dtype: str = "auto",
+        keep_on_cpu: bool = False,
     ):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -249,6 +280,7 @@ class LoRARecipe:
             quantize_4bit=lora.qlora,
             attn_implementation=attention,
             revision=revision,
+            keep_on_cpu=keep_on_cpu,
         )
         if lora.qlora:
             model = prepare_model_for_kbit_training(
@@ -296,9 +328,13 @@ class LoRARecipe:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     @staticmethod
-    def _setup_ddp(model, dist: DistContext):
+    def _setup_ddp(model, dist: DistContext, sharding: str = "ddp"):
+        """The module the steps call: ``model`` alone on one rank; else DDP around it, or
+        ``model`` itself sharded in place by FSDP (:func:`shard_model`)."""
         if dist.world_size == 1:
             return model
+        if sharding == "fsdp":
+            return shard_model(model, dist)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [int(dist.device.split(":")[1])] if dist.device.startswith("cuda") else None
@@ -350,7 +386,8 @@ class LoRARecipe:
         if self.model.config._attn_implementation == "flash_attention_2":
             cu = cu.to(device)  # FlashAttention's varlen kernel reads them on the GPU
         # else the recipe's varlen attention slices by them: on the CPU they cost no device sync
-        # DDP averages gradients over ranks; scaling by world size turns that into the global sum.
+        # DDP and FSDP both average gradients over ranks (FSDP's reduce-scatter divides by the
+        # world size); scaling by world size turns that into the global sum.
         scale = n_labels / dist.world_size
         # bf16 autocast on a GPU that has it; fp32 elsewhere (CPU, or a GPU without bf16)
         amp = pick_dtype("auto", device)
@@ -401,6 +438,7 @@ class LoRARecipe:
             atomic_write_text(live, "".join(json.dumps(m) + "\n" for m in metrics))
         last_ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         params = [p for p in self.model.parameters() if p.requires_grad]
+        sharded = is_sharded(self.model)
         self.model.train()
         start = time.perf_counter()
         while step < self.total_steps:
@@ -436,7 +474,7 @@ class LoRARecipe:
                 raise NonFiniteLossError(
                     f"loss became {step_loss} at step {step + 1}; {kept} (lower training.learning_rate)"
                 )
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            _clip_grad_norm(params, 1.0)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -462,23 +500,26 @@ class LoRARecipe:
             if self.dist.is_main:
                 with open(live, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(entry) + "\n")
-                every = self.training.checkpoint_every
-                if every and step % every == 0 and step < self.total_steps:
-                    state = {
-                        "epoch": epoch,
-                        "row": row,
-                        "metrics": metrics,
-                        "identity": self.identity,
-                    }
-                    last_ckpt = save_checkpoint(
-                        self.run_dir,
-                        step,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        state,
-                        self.training.keep_checkpoints,
-                    )
+            every = self.training.checkpoint_every
+            due = every and step % every == 0 and step < self.total_steps
+            # Rank 0 writes; under FSDP every rank first joins the gathers of the shards.
+            if due and (self.dist.is_main or sharded):
+                state = {
+                    "epoch": epoch,
+                    "row": row,
+                    "metrics": metrics,
+                    "identity": self.identity,
+                }
+                last_ckpt = save_checkpoint(
+                    self.run_dir,
+                    step,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    state,
+                    self.training.keep_checkpoints,
+                    main=self.dist.is_main,
+                )
             if self.on_step:
                 self.on_step(step, self.total_steps, step_loss)
         wall = time.perf_counter() - start
@@ -502,10 +543,13 @@ class LoRARecipe:
             mfu=_sig(tflops_per_s / (self.peak_tflops * self.dist.world_size))
             if self.peak_tflops
             else None,
+            params_per_rank=self.params_per_rank,
         )
+        # Under FSDP every rank joins the gather of the adapter's shards; rank 0 saves them.
+        whole = {"state_dict": gather_trainable(self.model, self.dist.is_main)} if sharded else {}
         if self.dist.is_main:
             with atomic_dir(self.output_dir) as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.model.save_pretrained(tmp, safe_serialization=True, **whole)
                 atomic_write_text(
                     tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics)
                 )
@@ -519,6 +563,18 @@ class LoRARecipe:
 
         gc.collect()
         close_distributed(self.dist)
+
+
+def _clip_grad_norm(params: list, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` that also holds for FSDP's sharded gradients: the
+    norm of each rank's shards is made whole (all-reduced) before the gradients are scaled."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # a DTensor: a partial norm per rank
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
 
 def _check_qlora() -> None:
