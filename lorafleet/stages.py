@@ -209,7 +209,8 @@ def resolve_stage(
     gate_overrides: str = "",
 ) -> FleetSpec:
     """The fleet this run builds: the spec (given as JSON, or read from a URI), the run's
-    parameters applied, and every data file's SHA-256 filled in.
+    parameters applied, in a step compiled for a cluster profile (``$LORAFLEET_PROFILE``)
+    its serving block as that profile sees it, and every data file's SHA-256 filled in.
 
     The digests key the data steps on the files' content: an edited seed file on a volume
     or in a bucket reruns validation and everything after it, an unchanged one nothing.
@@ -234,7 +235,7 @@ def resolve_stage(
     from pydantic import ValidationError
 
     from lorafleet.errors import SpecError, first_problem
-    from lorafleet.fleet import load_fleet, spec_from_json
+    from lorafleet.fleet import PROFILE_ENV, load_fleet, spec_from_json
 
     storage = storage or Storage()
     if spec_uri:
@@ -271,6 +272,14 @@ def resolve_stage(
         raise SpecError(
             "pipeline parameters", None, set_ or "spec", first_problem(exc, "spec")
         ) from None
+    profile = os.environ.get(PROFILE_ENV)
+    if profile:  # a compiled pipeline's step: serving as its cluster profile sees it
+        try:
+            spec = spec.on_profile(profile)
+        except ValidationError as exc:
+            raise SpecError(
+                f"${PROFILE_ENV}", None, "serving", first_problem(exc, "serving.")
+            ) from None
     for e in spec.experts:
         if experts is not None and e.name not in experts:
             continue

@@ -26,7 +26,14 @@ from kfp.dsl import PipelineTask
 
 from lorafleet.engine.devices import GPUS_ENV
 from lorafleet.errors import LorafleetError, SpecError
-from lorafleet.fleet import HUB_TOKEN_KEY, BaseSpec, PlatformProfile, StepPlatform, load_fleet
+from lorafleet.fleet import (
+    HUB_TOKEN_KEY,
+    PROFILE_ENV,
+    BaseSpec,
+    PlatformProfile,
+    StepPlatform,
+    load_fleet,
+)
 from lorafleet.fleet.platform import (
     BASE_STEPS,
     KUEUE_PRIORITY_LABEL,
@@ -212,9 +219,11 @@ def step_env(profile: PlatformProfile, step: str) -> dict[str, str]:
         (:func:`lorafleet.engine.devices.require_gpus`); in the steps that load the base
         (:data:`~lorafleet.fleet.platform.BASE_STEPS`), ``HF_HUB_OFFLINE`` (``0``: a hub base
         may be fetched; ``1`` where the profile's ``model_cache`` is ``offline``) and
-        ``HF_HOME`` (the ``model_cache`` mount) when the profile has a model cache.
+        ``HF_HOME`` (the ``model_cache`` mount) when the profile has a model cache;
+        ``LORAFLEET_PROFILE`` (the profile's name), so that the steps read the spec's serving
+        block as that profile sees it (its ``serving.profiles`` entry applied).
     """
-    env = {}
+    env = {PROFILE_ENV: profile.name} if profile.name else {}
     if profile.storage.endpoint:
         env[S3_ENDPOINT_ENV] = profile.storage.endpoint
     mounts = profile.pvc_mounts(step)

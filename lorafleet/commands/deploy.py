@@ -69,11 +69,11 @@ def _rendered(file: Path, profile: str | None, registry: str | None) -> list[dic
     problems = serving_problems(spec, profile)
     if problems:
         raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
-    for field, message in serving_warnings(spec):
+    for field, message in serving_warnings(spec, profile):
         typer.echo(f"warning: {field}: {message}", err=True)
     adapters = _adapters(spec, registry)
     base = None
-    if spec.base.model == "demo" and not spec.serving.base_uri:
+    if spec.base.model == "demo" and not spec.on_profile(profile).serving.base_uri:
         base = trained_base(spec, adapters, registry)
     objects = render(spec, profile, adapters, base)
     report = validate_manifests(objects, f"deploy render {profile}")

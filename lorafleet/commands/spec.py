@@ -34,11 +34,24 @@ def _line_of(file: Path, field: str) -> int | None:
     return line
 
 
+def _served_profiles(spec) -> list[str]:
+    """The profiles the spec says it is served on: ``serving.profile`` and every profile
+    ``serving.profiles`` has settings for."""
+    return list(dict.fromkeys([spec.serving.profile, *spec.serving.profiles]))
+
+
 def _serving_error(file: Path, spec) -> SpecError | None:
-    """What ``lorafleet deploy render`` would refuse in the spec's serving block."""
+    """What ``lorafleet deploy render`` would refuse in the spec's serving block, on each of
+    :func:`_served_profiles`."""
     from lorafleet.deploy.render import serving_problems
 
-    found = [(_line_of(file, field), field, message) for field, message in serving_problems(spec)]
+    found = list(
+        dict.fromkeys(
+            (_line_of(file, field), field, message)
+            for profile in _served_profiles(spec)
+            for field, message in serving_problems(spec, profile)
+        )
+    )
     if not found:
         return None
     (line, field, message), *more = found
@@ -52,7 +65,9 @@ def _serving_warnings(file: Path, spec) -> list[dict]:
 
     found = [
         {"file": str(file), "line": _line_of(file, field), "field": field, "message": message}
-        for field, message in serving_warnings(spec)
+        for field, message in dict.fromkeys(
+            w for profile in _served_profiles(spec) for w in serving_warnings(spec, profile)
+        )
     ]
     for w in found:
         where = f"{w['file']}:{w['line']}" if w["line"] else w["file"]
@@ -73,7 +88,8 @@ def check(
     ] = False,
 ) -> None:
     """Validate a fleet spec, and that `lorafleet deploy render` accepts its serving block
-    (profile, storage identity, storage URIs); errors are printed as FILE:LINE: field.path:
+    (profile, storage identity, storage URIs) on serving.profile and on every profile of
+    serving.profiles; errors are printed as FILE:LINE: field.path:
     message, one a line, with exit code 2. Warnings (e.g. runtime vllm on CPUs) are printed
     as `warning: FILE:LINE: field.path: message` and do not fail the check."""
     from lorafleet.fleet import load_fleet

@@ -47,6 +47,7 @@ __all__ = [
     "VLLM_IMAGE",
     "deployment_annotations",
     "dump_yaml",
+    "profile_field",
     "render",
     "resolve_adapters",
     "serving_problems",
@@ -266,23 +267,50 @@ def serving_problems(
     if name not in PROFILES:
         return [("serving.profile", f"{name!r}: expected one of {', '.join(PROFILES)}")]
     prof = PROFILES[name]
-    identity = identity_problem(prof, spec.serving)
-    return [
-        *_name_problems(spec),
+    view = spec.on_profile(name)
+    identity = identity_problem(prof, view.serving)
+    problems = [
+        *_name_problems(view),
         *([identity] if identity else []),
-        *_uri_problems(spec, prof, default_base),
+        *_uri_problems(view, prof, default_base),
     ]
+    return [(profile_field(spec, name, field), message) for field, message in problems]
 
 
-def serving_warnings(spec: FleetSpec) -> list[tuple[str, str]]:
+def profile_field(spec: FleetSpec, profile: str, field: str) -> str:
+    """Where ``field`` of the serving block is set for ``profile``: under
+    ``serving.profiles.<profile>`` when that entry gives it, else ``field`` itself.
+
+    Example: ``serving.storage.role_arn`` is ``serving.profiles.aws.storage.role_arn`` for a
+    spec whose ``serving.profiles.aws`` sets ``storage``.
+    """
+    own = spec.serving.profiles.get(profile)
+    parts = field.split(".")
+    if own is None or parts[0] != "serving" or len(parts) < 2:
+        return field
+    if getattr(own, parts[1], None) is None:
+        return field
+    return ".".join(["serving", "profiles", profile, *parts[1:]])
+
+
+def serving_warnings(spec: FleetSpec, profile: str | None = None) -> list[tuple[str, str]]:
     """What :func:`render` renders but a reader should know, as ``(field, message)``.
 
     Args:
         spec: the fleet.
+        profile: the cluster profile (default: ``spec.serving.profile``).
 
     Returns:
         One entry per warning (one line each); empty when there is nothing to say.
     """
+    name = profile or spec.serving.profile
+    return [
+        (profile_field(spec, name, field), message)
+        for field, message in _warnings(spec.on_profile(name))
+    ]
+
+
+def _warnings(spec: FleetSpec) -> list[tuple[str, str]]:
     serving = spec.serving
     warnings = []
     if serving.runtime == "vllm" and serving.gpus == 0:
@@ -691,7 +719,7 @@ def render(
     """Every object that serves ``spec`` on a cluster of the given profile.
 
     Args:
-        spec: the fleet.
+        spec: the fleet; its ``serving.profiles`` entry for ``profile``, if any, applies.
         profile: aws, gcp, onprem, or local (a kind or minikube cluster on this machine:
             local folders are mounted from the node by ``hostPath``, no storage identity).
         adapters: expert name -> adapter version (see :func:`resolve_adapters`).
@@ -714,8 +742,10 @@ def render(
             line per problem.
     """
     problems = serving_problems(spec, profile, default_base)
-    if not problems and _base_uri(spec, default_base) is None:
-        problems = [_demo_base_problem(PROFILES[profile])]
+    if not problems and _base_uri(spec.on_profile(profile), default_base) is None:
+        field, message = _demo_base_problem(PROFILES[profile])
+        problems = [(profile_field(spec, profile, field), message)]
+    spec = spec.on_profile(profile)
     if problems:
         raise LorafleetError("\n".join(f"{field}: {message}" for field, message in problems))
     prof = PROFILES[profile]

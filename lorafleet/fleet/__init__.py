@@ -51,7 +51,13 @@ from lorafleet.fleet.platform import (
     StepPlatform,
     Toleration,
 )
-from lorafleet.fleet.serving import ServingAutoscaling, ServingSpec, ServingStorage
+from lorafleet.fleet.serving import (
+    PROFILE_ENV,
+    ServingAutoscaling,
+    ServingProfile,
+    ServingSpec,
+    ServingStorage,
+)
 from lorafleet.fleet.spec import (
     DATA_FIELDS,
     SHA256,
@@ -74,6 +80,7 @@ __all__ = [
     "DATA_FIELDS",
     "HUB_TOKEN_KEY",
     "PIPELINE_STEPS",
+    "PROFILE_ENV",
     "QUERY_PLACEHOLDERS",
     "QUERY_SAMPLE",
     "REVISION_QUERIES",
@@ -102,6 +109,7 @@ __all__ = [
     "RegistrySpec",
     "SecretEnv",
     "ServingAutoscaling",
+    "ServingProfile",
     "ServingSpec",
     "ServingStorage",
     "StepPlatform",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from lorafleet.errors import StorageError
 from lorafleet.fleet.common import SLUG, StrictModel
@@ -243,6 +243,12 @@ class PlatformProfile(StrictModel):
     steps: dict[Literal[PIPELINE_STEPS], StepPlatform] = Field(
         default_factory=dict, description="step name -> settings added on top of all_steps"
     )
+    _name: str | None = PrivateAttr(None)
+
+    @property
+    def name(self) -> str | None:
+        """The profile's name (its key in ``pipeline.profiles``); None outside a spec."""
+        return self._name
 
     @model_validator(mode="after")
     def _no_retry_of_effects(self) -> PlatformProfile:
@@ -314,3 +320,9 @@ class PipelineSpec(StrictModel):
     profiles: dict[Literal["aws", "gcp", "onprem"], PlatformProfile] = Field(
         default_factory=dict, description="profile -> platform settings; 'local' needs none"
     )
+
+    @model_validator(mode="after")
+    def _named(self) -> PipelineSpec:
+        for name, profile in self.profiles.items():
+            profile._name = name
+        return self

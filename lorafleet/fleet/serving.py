@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from lorafleet.errors import first_problem
 from lorafleet.fleet.common import SLUG, StrictModel
 from lorafleet.fleet.platform import Toleration
 
 __all__ = [
+    "PROFILE_ENV",
     "VLLM_LORA_RANKS",
     "VLLM_VERSION",
     "ServingAutoscaling",
+    "ServingProfile",
     "ServingSpec",
     "ServingStorage",
 ]
@@ -24,6 +27,10 @@ VLLM_VERSION = "0.32.0"
 # vLLM's --max-lora-rank choices (MaxLoRARanks, vllm/config/lora.py, VLLM_VERSION): any other
 # value stops it at start-up.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The cluster profile a compiled pipeline's steps run on (set by `lorafleet compile --profile`):
+# the resolve step reads the spec's serving block as that profile sees it (ServingSpec.on).
+PROFILE_ENV = "LORAFLEET_PROFILE"
+CLUSTER_PROFILES = Literal["local", "aws", "gcp", "onprem"]
 # What KServe's autoscaler honours per deployment mode: RawDeployment makes an HPA, which scales
 # on cpu or memory only (concurrency and rps are Knative's); Serverless makes a Knative KPA.
 MODE_METRICS = {
@@ -68,11 +75,30 @@ class ServingAutoscaling(StrictModel):
         return self
 
 
+class ServingProfile(StrictModel):
+    """What serving differs in on one cluster profile: each setting given here replaces the
+    serving block's own (whole: a ``storage`` or ``autoscaling`` given here is not merged
+    with the block's) when the fleet is rendered, compiled or deployed for that profile; one
+    left out (or null) keeps the block's."""
+
+    gpus: int | None = Field(None, ge=0, description="per predictor pod on this profile")
+    deployment_mode: Literal["RawDeployment", "Serverless"] | None = None
+    namespace: str | None = Field(None, pattern=SLUG)
+    base_uri: str | None = Field(None, description="where this profile's pods read the base")
+    adapter_store: str | None = Field(
+        None, description="where this profile's pods read the adapters (and register copies them)"
+    )
+    storage: ServingStorage | None = Field(None, description="this profile's storage identity")
+    node_selector: dict[str, str] | None = Field(None, description="this profile's GPU node labels")
+    tolerations: list[Toleration] | None = None
+    autoscaling: ServingAutoscaling | None = None
+
+
 class ServingSpec(StrictModel):
     """How the fleet is served."""
 
     runtime: Literal["lorafleet", "vllm"] = "lorafleet"
-    profile: Literal["local", "aws", "gcp", "onprem"] = "local"
+    profile: CLUSTER_PROFILES = "local"
     deployment_mode: Literal["RawDeployment", "Serverless"] = Field(
         "RawDeployment",
         description="KServe mode: RawDeployment (Deployment + HPA), or Serverless where Knative is installed",
@@ -113,6 +139,33 @@ class ServingSpec(StrictModel):
     canary_traffic_percent: int | None = Field(
         None, ge=0, le=100, description="ISVC revision canary (deployment_mode Serverless only)"
     )
+    profiles: dict[CLUSTER_PROFILES, ServingProfile] = Field(
+        default_factory=dict,
+        description="profile -> the serving settings that differ there (storage, base_uri, "
+        "adapter_store, GPUs, node labels...), so one spec renders on every cluster",
+    )
+
+    def on(self, profile: str) -> ServingSpec:
+        """The serving block as ``profile`` sees it: its ``profiles`` entry applied, ``profile``
+        set, and no ``profiles`` left (a view's view is itself).
+
+        Raises:
+            pydantic.ValidationError: if the combined settings break a serving rule.
+        """
+        own = self.profiles.get(profile)
+        settings = self.model_dump(exclude={"profiles"})
+        if own is not None:
+            settings |= own.model_dump(exclude_none=True)
+        return ServingSpec.model_validate({**settings, "profile": profile})
+
+    @model_validator(mode="after")
+    def _profiles_hold(self) -> ServingSpec:
+        for name in self.profiles:
+            try:
+                self.on(name)
+            except ValidationError as exc:
+                raise ValueError(f"profiles.{name}: {first_problem(exc, '')}") from None
+        return self
 
     @model_validator(mode="after")
     def _runtime(self) -> ServingSpec:

@@ -155,6 +155,11 @@ class FleetSpec(StrictModel):
             e._definition = by_name[e.task]
         return self
 
+    def on_profile(self, profile: str) -> FleetSpec:
+        """The fleet as cluster ``profile`` serves it: ``serving`` replaced by
+        ``serving.on(profile)`` (its ``serving.profiles`` entry applied); the rest shared."""
+        return self.model_copy(update={"serving": self.serving.on(profile)})
+
     def task_of(self, expert: ExpertSpec | str) -> TaskDefinition:
         """The task definition of an expert (or of the expert called ``expert``)."""
         return (self.expert(expert) if isinstance(expert, str) else expert).task_definition

@@ -129,7 +129,7 @@ def test_every_step_can_reach_the_profiles_store(profile: str) -> None:
     for step in PIPELINE_STEPS:
         container = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]
         env = {e["name"]: e["value"] for e in container.get("env", [])}
-        want = {}
+        want = {"LORAFLEET_PROFILE": profile}  # the steps read serving as the profile sees it
         if settings.storage.endpoint:
             want["AWS_ENDPOINT_URL_S3"] = settings.storage.endpoint
         mounts = _expected(settings, step).pvcs
