@@ -10,7 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DistContext", "close_distributed", "init_distributed", "shard_model"]
+__all__ = [
+    "DistContext",
+    "broadcast_rng_state",
+    "close_distributed",
+    "init_distributed",
+    "shard_model",
+]
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,19 @@ def close_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_rng_state(ctx: DistContext) -> None:
+    """Give every rank rank 0's CPU random generator state (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    state = [torch.get_rng_state() if ctx.is_main else None]
+    dist.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
+
+
 def shard_model(model, ctx: DistContext):
-    """Shard ``model`` over every rank with FSDP2 (``fully_shard``), in place.
+    """Shard ``model`` over every rank with FSDP2 (``fully_shard``), in place, with rank 0's
+    weights.
 
     Each decoder layer (the classes transformers lists in the base's ``_no_split_modules``)
     becomes one FSDP unit, gathered just before it runs and freed after; the root unit holds
@@ -79,17 +96,30 @@ def shard_model(model, ctx: DistContext):
     averages those over the ranks as DDP does. Parameters become ``DTensor``s sharded on
     dim 0, so the optimizer must be built after this call.
 
+    Only rank 0 needs the weights: the other ranks' model may be on the ``meta`` device
+    (built from the config, no storage). Once sharded, those ranks allocate their shards
+    and every rank's shards are filled from rank 0's whole tensors, broadcast one at a
+    time, base and adapter alike (so every rank has rank 0's adapter init), and so are the
+    buffers, non-persistent ones too (the rotary embedding's ``inv_freq``, which no state
+    dict holds). A rank other than 0 thus never holds more than its shards and one whole
+    tensor in flight.
+
     Args:
-        model: the PEFT model, on ``ctx.device``.
+        model: the PEFT model; on rank 0 with its weights, on the CPU or ``ctx.device``;
+            elsewhere the same model on the ``meta`` device (or with weights, overwritten).
         ctx: this rank's place in the run (a CUDA device uses NCCL, the CPU gloo).
 
     Returns:
         ``model`` itself (its class is swapped for an FSDP subclass).
     """
     import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # References to rank 0's whole tensors: fully_shard copies its shard out of each.
+    whole = model.state_dict() if ctx.is_main else {}
     mesh = init_device_mesh(torch.device(ctx.device).type, (ctx.world_size,))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or ())
@@ -97,4 +127,15 @@ def shard_model(model, ctx: DistContext):
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=ctx.device)  # storage for this rank's shards (and the buffers)
+    set_model_state_dict(
+        model,
+        whole,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    del whole
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     return model

@@ -33,6 +33,7 @@ from lorafleet.train.checkpoint import (
 )
 from lorafleet.train.distributed import (
     DistContext,
+    broadcast_rng_state,
     close_distributed,
     init_distributed,
     shard_model,
@@ -65,6 +66,12 @@ class TrainResult:
     mfu: float | None = None  # tflops_per_s over the peak of all ranks' devices, where it is known
     # model parameters (base and adapter) rank 0 holds: all under DDP, about 1/world_size under FSDP
     params_per_rank: int = 0
+    # ranks that read the base's weights: all under DDP, rank 0 alone under FSDP (the others
+    # build it on the meta device and receive rank 0's shards)
+    weights_read_by: list[int] = field(default_factory=list)
+    # per rank, how far its peak host memory (RSS) rose while the model was
+    # loaded, wrapped and sharded (MiB)
+    load_host_mb: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +90,7 @@ def load_base(
     attn_implementation: str | None = None,
     revision: str | None = None,
     keep_on_cpu: bool = False,
+    on_meta: bool = False,
 ):
     """Load a base model and its tokenizer (bf16 on a GPU that supports it, else float32,
     unless told).
@@ -102,6 +110,9 @@ def load_base(
         keep_on_cpu: leave the weights in host memory (dtype and attention still chosen for
             ``device``): FSDP moves each rank's shards to the device, so no device ever holds
             the whole base.
+        on_meta: build the model from the base's config on the ``meta`` device, reading no
+            weights (tensors without storage): FSDP's ranks other than 0 do, and receive rank
+            0's weights once sharded (:func:`~lorafleet.train.distributed.shard_model`).
 
     Returns:
         ``(model, tokenizer)``.
@@ -112,7 +123,7 @@ def load_base(
     import importlib.util
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target = pick_device(device)
     on_gpu = target.type == "cuda"
@@ -132,6 +143,13 @@ def load_base(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         kwargs["device_map"] = {"": str(target)}
+    if on_meta:
+        config = AutoConfig.from_pretrained(base_dir, revision=revision)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=kwargs["dtype"], attn_implementation=kwargs["attn_implementation"]
+            )
+        return model.eval(), tokenizer  # as from_pretrained leaves it
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if on_gpu and not quantize_4bit and not keep_on_cpu:
         model = model.to(target)
@@ -221,6 +239,7 @@ class LoRARecipe:
         self.dist = self._dist or init_distributed()
         torch.manual_seed(self.training.seed)
         fsdp = self.training.sharding == "fsdp" and self.dist.world_size > 1
+        peak_before = _peak_host_mb()
         self.model, self.tokenizer = self._setup_model(
             self.base_dir,
             self.lora,
@@ -229,7 +248,13 @@ class LoRARecipe:
             revision=self.revision,
             dtype=self.dtype,
             keep_on_cpu=fsdp,  # FSDP moves only this rank's shards to the device
+            on_meta=fsdp and not self.dist.is_main,  # FSDP: rank 0 alone reads the weights
         )
+        read_weights = not any(p.is_meta for p in self.model.parameters())
+        if fsdp:
+            # The ranks built on meta drew no random numbers for the adapter's init: they
+            # continue from rank 0's generator, as they did when each rank loaded the base.
+            broadcast_rng_state(self.dist)
         self.examples = self._setup_data(self.tokenizer, self.records, self.training.max_seq_len)
         micro = sum(
             math.ceil(len(self._epoch_rows(e)) / self.training.batch_size)
@@ -238,6 +263,9 @@ class LoRARecipe:
         self.total_steps = self.training.max_steps or math.ceil(micro / self.training.grad_accum)
         # FSDP shards self.model in place (its parameters become DTensors): the optimizer follows.
         self.ddp_model = self._setup_ddp(self.model, self.dist, self.training.sharding)
+        loads = self._all_gather((read_weights, _peak_host_mb() - peak_before))
+        self.weights_read_by = [rank for rank, (read, _) in enumerate(loads) if read]
+        self.load_host_mb = [round(mb, 1) for _, mb in loads]
         self.params_per_rank = sum(
             (p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters()
         )
@@ -269,6 +297,7 @@ class LoRARecipe:
         revision: str | None = None,
         dtype: str = "auto",
         keep_on_cpu: bool = False,
+        on_meta: bool = False,
     ):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -281,6 +310,7 @@ class LoRARecipe:
             attn_implementation=attention,
             revision=revision,
             keep_on_cpu=keep_on_cpu,
+            on_meta=on_meta,
         )
         if lora.qlora:
             model = prepare_model_for_kbit_training(
@@ -419,6 +449,16 @@ class LoRARecipe:
         tdist.all_reduce(t)
         return t.tolist()
 
+    def _all_gather(self, value) -> list:
+        """Every rank's ``value`` (picklable), in rank order."""
+        if self.dist.world_size == 1:
+            return [value]
+        import torch.distributed as tdist
+
+        out = [None] * self.dist.world_size
+        tdist.all_gather_object(out, value)
+        return out
+
     def _restore(self) -> tuple[int, int, int, list[dict]]:
         """Load the newest checkpoint when resuming: ``(step, epoch, row, metrics)``."""
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
@@ -544,6 +584,8 @@ class LoRARecipe:
             if self.peak_tflops
             else None,
             params_per_rank=self.params_per_rank,
+            weights_read_by=self.weights_read_by,
+            load_host_mb=self.load_host_mb,
         )
         # Under FSDP every rank joins the gather of the adapter's shards; rank 0 saves them.
         whole = {"state_dict": gather_trainable(self.model, self.dist.is_main)} if sharded else {}
@@ -563,6 +605,15 @@ class LoRARecipe:
 
         gc.collect()
         close_distributed(self.dist)
+
+
+def _peak_host_mb() -> float:
+    """This process's peak resident host memory so far, in MiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _clip_grad_norm(params: list, max_norm: float) -> None:

@@ -93,6 +93,10 @@ def test_two_fsdp_ranks_train_the_adapter_one_process_trains(
     summary = run_torchrun(job, nproc=2, env=ENV)
     assert summary["steps"] == TRAINING.max_steps
     reference = _single_process(job, tmp_path / "one", TRAINING)
+    # Rank 0 alone read the base's weights: rank 1 built it on the meta device, and got its
+    # shards and its adapter's init from rank 0 (the equal losses below show they arrived).
+    assert summary["weights_read_by"] == [0] and reference["weights_read_by"] == [0]
+    assert len(summary["load_host_mb"]) == 2
 
     # Sharded: rank 0 holds half of every weight, frozen base included (rows padded to even).
     assert reference["params_per_rank"] > 0
@@ -286,3 +290,56 @@ def test_a_spec_asking_fsdp_with_qlora_is_refused_where_it_says_so(tmp_path: Pat
     message = str(caught.value)
     assert "experts.0" in message and "cannot shard lora.qlora's 4-bit base" in message
     assert "\n" not in message
+
+
+def _wide_base(tiny_base: Path, folder: Path) -> Path:
+    """``tiny_base`` widened to about 200 MiB of float32 weights with random values (its
+    tokenizer kept): large enough that host memory rises by the weights, not by noise."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.update(
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+        }
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.integration
+def test_fsdp_ranks_other_than_0_never_hold_the_whole_base(tiny_base: Path, tmp_path: Path) -> None:
+    """Given a 2-rank FSDP job on a base of about 200 MiB, when it has run a step, then rank 0
+    alone read the base's weights (rank 1 built it on the meta device and got its shards
+    from rank 0), and while loading and sharding rank 0's peak host memory rose by at least
+    the whole base and rank 1's by at least half a base less (it holds its half and one
+    whole tensor in flight)."""
+    base = _wide_base(tiny_base, tmp_path / "wide")
+    weights_mib = (base / "model.safetensors").stat().st_size / 2**20
+    assert weights_mib > 150
+    train_set = dump_records(tmp_path / "train.jsonl", _records(8))
+    job = TrainJobConfig(
+        base_dir=str(base),
+        train_set=str(train_set),
+        output_dir=str(tmp_path / "fsdp"),
+        threads=1,
+        lora=LORA,
+        training=_fsdp(TRAINING, max_steps=1),
+    )
+    summary = run_torchrun(job, nproc=2, env=ENV)
+    assert summary["weights_read_by"] == [0]
+    rank0, rank1 = summary["load_host_mb"]
+    # Both rises include the same ~170 MiB of imports (transformers' model code, peft, FSDP)
+    # and the half of the base each rank keeps; rank 0's also the whole base it read (measured
+    # on 2 CPU cores: 482 and 315 MiB for 197 MiB of weights). A rank 1 that read the
+    # weights too would rise as much as rank 0.
+    assert rank0 >= weights_mib
+    assert rank0 - rank1 > 0.5 * weights_mib
