@@ -86,7 +86,8 @@ GPU_RUNTIME_TAG ?= $(subst /lorafleet:,/lorafleet-runtime:,$(GPU_TAG))
 image-gpu: $(STAMP)
 	$(CONTAINER) build -f components/Dockerfile -t $(GPU_TAG) \
 		--build-arg TORCH_FIND_LINKS=$(CUDA_TORCH_FIND_LINKS) \
-		--build-arg TORCH_VERSION=$(CUDA_TORCH_VERSION) .
+		--build-arg TORCH_VERSION=$(CUDA_TORCH_VERSION) \
+		--build-arg VLLM_VERSION=$(shell $(PY) -c 'from lorafleet.fleet.serving import VLLM_VERSION; print(VLLM_VERSION)') .
 	$(CONTAINER) build -f lorafleet/serve/Dockerfile -t $(GPU_RUNTIME_TAG) \
 		--build-arg LORAFLEET_IMAGE=$(GPU_TAG) .
 

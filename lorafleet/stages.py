@@ -728,14 +728,20 @@ def evaluate_stage(
 ) -> dict:
     """Evaluate the candidate, the base model and production with the same evaluators.
 
-    Generation goes through the runtime's own batched code path (:class:`Generator`).
+    Generation goes through the runtime's own batched code path (:class:`Generator`), or,
+    for a base one device cannot hold (the gate's ``engine``:
+    :func:`~lorafleet.evaluate.vllm_engine.pick_engine`), through vLLM with the serving
+    pod's tensor parallelism (``serving.gpus``) and rank limit (``serving.max_lora_rank``).
     The production adapter (from the registry) is evaluated on the same records when
     one exists, so the gate can refuse a regression; the gate's judge, when set, compares
     the candidate's answers with production's (else the base model's).
     """
+    import contextlib
+
     from lorafleet.chat import prompt_messages
     from lorafleet.engine.generation import Generator
     from lorafleet.evaluate.suite import evaluate_candidate
+    from lorafleet.evaluate.vllm_engine import pick_engine
 
     judge = expert.gate.judge
     if judge is not None:  # in seconds, before any answer is generated
@@ -744,21 +750,37 @@ def evaluate_stage(
         preflight(judge.base_url, EndpointNames.spec("gate.judge"), judge.api_key_env)
     records = _records(eval_set)
     task = spec.task_of(expert)
-    progress.emit(expert.name, "evaluate", f"{len(records)} records")
+    engine = pick_engine(expert.gate.engine, spec.serving)
+    progress.emit(expert.name, "evaluate", f"{len(records)} records ({engine})")
     with tempfile.TemporaryDirectory(prefix="lorafleet-production-") as work_dir:
         production = production_adapter(spec, expert, base_dir, work_dir)
         adapters = {"candidate": adapter_dir}
         if production:
             adapters["production"] = production["path"]
-        generator = Generator(
-            base_dir, adapters, dtype=spec.base.dtype, revision=spec.base.revision
-        )
+        if engine == "vllm":
+            from lorafleet.evaluate.vllm_engine import VllmEvalEngine
+            from lorafleet.serve.vllm_front import VllmProcess
+
+            runner = VllmEvalEngine(
+                base_dir,
+                adapters,
+                VllmProcess,
+                tensor_parallel_size=max(1, spec.serving.gpus),
+                max_lora_rank=spec.serving.max_lora_rank,
+                dtype=spec.base.dtype,
+                revision=spec.base.revision,
+            )
+        else:
+            runner = contextlib.nullcontext(
+                Generator(base_dir, adapters, dtype=spec.base.dtype, revision=spec.base.revision)
+            )
         arms = {"candidate": "candidate", "base": None} | (
             {"production": "production"} if production else {}
         )
-        report = evaluate_candidate(
-            generator, records, task, arms, expert.max_new_tokens, expert.gate.judge
-        )
+        with runner as generator:
+            report = evaluate_candidate(
+                generator, records, task, arms, expert.max_new_tokens, expert.gate.judge
+            )
     primary = task.primary
     progress.emit(
         expert.name,
@@ -775,6 +797,7 @@ def evaluate_stage(
         "primary_direction": task.direction(task.primary),
         "probe": prompt_messages(records[0].messages),
         "production_version": production["version"] if production else None,
+        "evaluation_engine": engine,
         **report,
     }
 

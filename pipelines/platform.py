@@ -30,10 +30,12 @@ from lorafleet.fleet import (
     HUB_TOKEN_KEY,
     PROFILE_ENV,
     BaseSpec,
+    FleetSpec,
     PlatformProfile,
     StepPlatform,
     load_fleet,
 )
+from lorafleet.fleet.evaluation import pick_engine
 from lorafleet.fleet.platform import (
     BASE_STEPS,
     KUEUE_PRIORITY_LABEL,
@@ -56,6 +58,7 @@ __all__ = [
     "step_gpus",
     "step_settings",
     "step_shm",
+    "vllm_evaluation_problem",
 ]
 
 # What botocore (and so lorafleet.storage) reads for the S3 endpoint of an S3-compatible store.
@@ -305,10 +308,36 @@ def spec_profile(spec: str | Path | None, profile: str) -> PlatformProfile:
         raise LorafleetError(
             f"--profile {profile} needs --spec: the profile's settings live in the fleet spec"
         )
-    profiles = load_fleet(spec, check_files=False).pipeline.profiles
+    fleet = load_fleet(spec, check_files=False)
+    profiles = fleet.pipeline.profiles
     if profile not in profiles:
         known = ", ".join(profiles) or "none"
         raise SpecError(
             spec, None, f"pipeline.profiles.{profile}", f"no such profile; the spec has: {known}"
         )
+    problem = vllm_evaluation_problem(fleet, profile)
+    if problem:
+        raise SpecError(spec, None, *problem)
     return profiles[profile]
+
+
+def vllm_evaluation_problem(fleet: FleetSpec, profile: str) -> tuple[str, str] | None:
+    """Why the evaluate step on ``profile`` could not evaluate through vLLM, if so:
+    experts whose gate evaluates through vLLM (:func:`~lorafleet.fleet.evaluation.pick_engine`,
+    on the serving block as ``profile`` sees it) need the evaluate step to hold the serving
+    pod's GPUs, over which vLLM splits the base.
+
+    Returns:
+        ``(field, message)``, or ``None`` when the step gets enough GPUs.
+    """
+    serving = fleet.on_profile(profile).serving
+    through_vllm = [e.name for e in fleet.experts if pick_engine(e.gate.engine, serving) == "vllm"]
+    have = step_gpus(fleet.pipeline.profiles[profile], "evaluate")
+    if not through_vllm or have >= serving.gpus:
+        return None
+    return (
+        f"pipeline.profiles.{profile}.steps.evaluate.accelerator_count",
+        f"{have}: {', '.join(through_vllm)} evaluate through vLLM over serving.gpus "
+        f"({serving.gpus}, --tensor-parallel-size): give the evaluate step that many GPUs "
+        "(and a shm_size for its workers)",
+    )

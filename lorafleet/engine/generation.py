@@ -309,6 +309,26 @@ class Generator:
         else:
             yield {"adapter_names": list(keys)}
 
+    @contextlib.contextmanager
+    def adapter_model(self, adapter: str | None) -> Iterator[Any]:
+        """The model with one adapter active for whole-sequence forward passes (held-out
+        loss); adapters disabled for ``None`` (the base). PEFT's own switch, not the batched
+        routing of :meth:`generate`; the lock is held for the block.
+
+        Raises:
+            LorafleetError: if ``adapter`` is not loaded.
+        """
+        with self._lock:
+            self._adapter_key(adapter)
+            model = self.model
+            if adapter is None and self._peft is not None:
+                with model.disable_adapter():
+                    yield model
+            else:
+                if adapter is not None:
+                    model.set_adapter(adapter)
+                yield model
+
     @torch.inference_mode()
     def next_token_logits(self, request: GenerationRequest) -> torch.Tensor:
         """The logits of the first generated token for one request (no decoding).

@@ -1,7 +1,8 @@
 """Evaluators: small classes with one interface, run against one arm (an adapter or the base).
 
-An :class:`EvalContext` holds what every evaluator needs: the runtime's batched
-:class:`~lorafleet.engine.generation.Generator` (base model plus loaded adapters), the eval
+An :class:`EvalContext` holds what every evaluator needs: the engine, the runtime's batched
+:class:`~lorafleet.engine.generation.Generator` (base model plus loaded adapters) or, for a
+base one device cannot hold, :class:`~lorafleet.evaluate.vllm_engine.VllmEvalEngine`, the eval
 records, the task and the arm's adapter name (``None`` for the base model). The arm's
 generations are made once, through the same greedy batched code path the serving runtime
 uses, and shared by every evaluator that scores text. Each ``Evaluator.evaluate(ctx)``
@@ -13,13 +14,12 @@ one of them against production. The held-out loss is gated by its own rules.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lorafleet.chat import prompt_messages
-from lorafleet.engine.generation import GenerationRequest
+from lorafleet.engine.generation import GenerationRequest, Generator
 from lorafleet.evaluate.loss import heldout_loss
 from lorafleet.evaluate.metrics import task_metrics
 from lorafleet.evaluate.safety import safety_cases, safety_report
@@ -44,7 +44,9 @@ class EvalContext:
     """One arm of an evaluation.
 
     Attributes:
-        generator: the runtime's generator, with this arm's adapter loaded.
+        generator: the engine, with this arm's adapter loaded: a
+            :class:`~lorafleet.engine.generation.Generator` or a
+            :class:`~lorafleet.evaluate.vllm_engine.VllmEvalEngine`.
         records: the held-out records.
         task: the expert's task definition (a name means the shipped task): its metrics
             and safety cases.
@@ -93,17 +95,21 @@ class EvalContext:
             self._answers = self.generate([prompt_messages(r.messages) for r in self.records])
         return self._answers
 
-    @contextlib.contextmanager
-    def active_model(self) -> Iterator[object]:
-        """The generator's model with this arm's adapter active (adapters disabled for the base)."""
-        model = self.generator.model
-        if self.adapter is None and self.generator.adapters:
-            with model.disable_adapter():
-                yield model
-        else:
-            if self.adapter is not None:
-                model.set_adapter(self.adapter)
-            yield model
+    def heldout_loss(self, batch_size: int, max_seq_len: int) -> dict:
+        """The arm's held-out loss on the records, through the engine's own code path: a
+        :class:`~lorafleet.engine.generation.Generator` runs the loss on its model with this
+        arm's adapter active (adapters disabled for the base); the vLLM engine sums prompt
+        logprobs over the same tokens.
+
+        Returns:
+            ``{"loss", "perplexity", "tokens"}``.
+        """
+        if isinstance(self.generator, Generator):
+            with self.generator.adapter_model(self.adapter) as model:
+                return heldout_loss(
+                    model, self.generator.tokenizer, self.records, batch_size, max_seq_len
+                )
+        return self.generator.heldout_loss(self.adapter, self.records, batch_size, max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -142,10 +148,7 @@ class HeldoutLossEvaluator(Evaluator):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        with ctx.active_model() as model:
-            loss = heldout_loss(
-                model, ctx.generator.tokenizer, ctx.records, self.batch_size, self.max_seq_len
-            )
+        loss = ctx.heldout_loss(self.batch_size, self.max_seq_len)
         return EvalResult(
             self.name,
             {"eval_loss": round(loss["loss"], 5), "perplexity": round(loss["perplexity"], 4)},

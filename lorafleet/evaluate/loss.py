@@ -1,4 +1,11 @@
-"""Held-out loss on assistant tokens."""
+"""Held-out loss on assistant tokens.
+
+The loss of an arm is the token-weighted mean negative log-likelihood of the reference
+assistant turns; :func:`~lorafleet.chat.encode_chat` decides which tokens those are, for
+every engine alike (:func:`encode_records`). :func:`heldout_loss` runs it on a torch model;
+the vLLM engine (:mod:`lorafleet.evaluate.vllm_engine`) sums the same tokens' prompt
+logprobs and reports through the same :func:`loss_summary`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,29 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.batches import collate
-from lorafleet.chat import IGNORE_INDEX, encode_chat
+from lorafleet.chat import IGNORE_INDEX, TokenizedExample, encode_chat
 from lorafleet.records import Record
 
-__all__ = ["heldout_loss"]
+__all__ = ["encode_records", "heldout_loss", "loss_summary"]
+
+
+def encode_records(
+    tokenizer, records: Sequence[Record], max_seq_len: int = 2048
+) -> list[TokenizedExample]:
+    """The records as token ids with labels on their assistant turns only.
+
+    Args:
+        tokenizer: the base's tokenizer (chat template required).
+        records: the held-out records.
+        max_seq_len: keep only the last this-many tokens of a conversation.
+    """
+    return [encode_chat(tokenizer, r.messages, max_length=max_seq_len) for r in records]
+
+
+def loss_summary(total: float, count: int) -> dict:
+    """``{"loss", "perplexity", "tokens"}`` from a summed NLL over ``count`` tokens."""
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 def heldout_loss(
@@ -31,7 +57,7 @@ def heldout_loss(
         ``{"loss": float, "perplexity": float, "tokens": int}``.
     """
     device = next(model.parameters()).device
-    examples = [encode_chat(tokenizer, r.messages, max_length=max_seq_len) for r in records]
+    examples = encode_records(tokenizer, records, max_seq_len)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -52,5 +78,4 @@ def heldout_loss(
             )
             total += float(nll)
             count += int((labels != IGNORE_INDEX).sum())
-    loss = total / max(1, count)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return loss_summary(total, count)

@@ -3,11 +3,16 @@ optional pairwise LLM judge."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 from pydantic import Field
 
 from lorafleet.fleet.common import StrictModel
 
-__all__ = ["GateJudge", "GatePolicy"]
+if TYPE_CHECKING:
+    from lorafleet.fleet.serving import ServingSpec
+
+__all__ = ["GateJudge", "GatePolicy", "pick_engine"]
 
 
 class GateJudge(StrictModel):
@@ -51,3 +56,24 @@ class GatePolicy(StrictModel):
     judge: GateJudge | None = Field(
         None, description="pairwise LLM judge; its rule applies when set"
     )
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="what runs the evaluation: transformers (one device) or vLLM with "
+        "--tensor-parallel-size serving.gpus, for a base one device cannot hold (the evaluate "
+        "step then needs vLLM and that many GPUs); auto: vllm when serving.runtime is vllm "
+        "and serving.gpus > 1, else transformers",
+    )
+
+
+def pick_engine(
+    engine: Literal["auto", "transformers", "vllm"], serving: ServingSpec
+) -> Literal["transformers", "vllm"]:
+    """What runs an expert's evaluation (the gate's ``engine``).
+
+    ``auto`` is vLLM when the base is served by vLLM over several GPUs
+    (``serving.runtime: vllm``, ``serving.gpus > 1``): one device cannot hold it, so one
+    device cannot evaluate it either. Anything else fits one device: transformers.
+    """
+    if engine != "auto":
+        return engine
+    return "vllm" if serving.runtime == "vllm" and serving.gpus > 1 else "transformers"

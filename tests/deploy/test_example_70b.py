@@ -67,6 +67,25 @@ def test_the_70b_pipeline_compiles_for_every_profile(profile: str, tmp_path: Pat
     for executor in executors.values():  # each step reads serving as its profile sees it
         env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
         assert env["LORAFLEET_PROFILE"] == profile
+    # evaluation runs the base as serving does, vLLM over 4 GPUs: the step holds them
+    evaluate = executors["exec-evaluate"]["container"]
+    assert evaluate["resources"]["accelerator"]["resourceCount"] == "4"
+
+
+def test_a_profile_that_starves_vllm_evaluation_of_gpus_does_not_compile(tmp_path: Path) -> None:
+    raw = yaml.safe_load(SPEC.read_text())
+    del raw["pipeline"]["profiles"]["aws"]["steps"]
+    spec = tmp_path / "fleet-70b.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "p.yaml"
+    done = _cli("compile", "--spec", str(spec), "--profile", "aws", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip() == (
+        f"error: {spec}: pipeline.profiles.aws.steps.evaluate.accelerator_count: 0: "
+        "proposal-writer, job-analyzer, profile-reviewer evaluate through vLLM over "
+        "serving.gpus (4, --tensor-parallel-size): give the evaluate step that many GPUs "
+        "(and a shm_size for its workers)"
+    )
 
 
 @pytest.mark.parametrize("profile", ["onprem", "local", "aws", "gcp"])
