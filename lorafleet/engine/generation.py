@@ -35,6 +35,7 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "LoraBackend",
+    "prompt_token_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,18 @@ class GenerationResult:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def prompt_token_ids(tokenizer, request: GenerationRequest) -> list[int]:
+    """A request's prompt as token ids: a raw prompt tokenised as it is, chat messages
+    rendered by the chat template (which writes any bos token itself), then tokenised.
+    Every engine (this one, vLLM's for evaluation) sends the model these same ids."""
+    if request.prompt:
+        return tokenizer(request.prompt)["input_ids"]
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _prompt_chars(request: GenerationRequest) -> int:
@@ -288,13 +301,7 @@ class Generator:
         return name
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.prompt:
-            return self.tokenizer(request.prompt)["input_ids"]
-        # The chat template writes any bos token itself.
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, request)
 
     @contextlib.contextmanager
     def _routing(self, keys: Sequence[str]) -> Iterator[dict[str, Any]]:

@@ -38,7 +38,7 @@ from typing import Protocol
 import httpx
 
 from lorafleet.chat import IGNORE_INDEX
-from lorafleet.engine.generation import GenerationRequest, GenerationResult
+from lorafleet.engine.generation import GenerationRequest, GenerationResult, prompt_token_ids
 from lorafleet.errors import LorafleetError
 from lorafleet.evaluate.loss import encode_records, loss_summary
 from lorafleet.fleet.evaluation import pick_engine
@@ -266,14 +266,8 @@ class VllmEvalEngine:
         return adapter
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """A request's prompt as the Generator tokenises it (the chat template writes any
-        bos token itself)."""
-        if request.prompt:
-            return self.tokenizer(request.prompt)["input_ids"]
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """A request's prompt as the Generator tokenises it (:func:`prompt_token_ids`)."""
+        return prompt_token_ids(self.tokenizer, request)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """One greedy generation.
