@@ -29,6 +29,7 @@ __all__ = [
     "limit_threads",
     "log_metrics",
     "mark_failed",
+    "pinned_spec",
     "read_json",
     "upstream_failure",
     "write_json",
@@ -39,24 +40,54 @@ FAILURE_KEY = "lorafleet_failure"
 """The artifact metadata key of an expert's failure (:func:`lorafleet.stages.stage_failure`)."""
 
 REF_FILE = "MODEL_REF"
+"""The reference a base artifact holds instead of weights: the model id or path on its first
+line and, for a hub base, the commit its revision was pinned to on the second."""
 
 
 def export_base(spec, base) -> None:
-    """Put the base model into the ``base`` artifact: a copy of a demo build, else a reference."""
-    from lorafleet.base import fingerprint_model
+    """Put the base model into the ``base`` artifact: a copy of a demo build, else a reference.
+
+    A hub base is downloaded into the Hugging Face cache here, once
+    (:func:`lorafleet.base.prefetch_hub_base`), and the commit its revision stood for goes into
+    the reference and the artifact's ``revision``: the later steps load that commit
+    (:func:`pinned_spec`), even if the branch moves during the run.
+    """
+    from lorafleet.base import fingerprint_model, prefetch_hub_base
+    from lorafleet.fleet import is_hub_id
     from lorafleet.stages import build_base
 
     model = build_base(spec)
     out = Path(base.path)
+    commit = None
     if spec.base.model == "demo":
         shutil.copytree(model, out, dirs_exist_ok=True)
     else:
-        # Real bases are large: pass a reference; every pod loads from the hub or a mounted path.
+        # Real bases are large: pass a reference; every pod loads from the hub cache or a mounted path.
+        if is_hub_id(model) and not Path(model).is_dir():
+            commit = prefetch_hub_base(model, spec.base.revision)
         out.mkdir(parents=True, exist_ok=True)
-        (out / REF_FILE).write_text(model + "\n")
+        (out / REF_FILE).write_text("".join(f"{line}\n" for line in (model, commit) if line))
     base.metadata.update(
-        {"model": spec.base.model, "fingerprint": fingerprint_model(model, spec.base.revision)}
+        {
+            "model": spec.base.model,
+            "fingerprint": fingerprint_model(model, commit or spec.base.revision),
+        }
+        | ({"revision": commit} if commit else {})
     )
+
+
+def _reference(base) -> list[str]:
+    ref = Path(base.path) / REF_FILE
+    return [line.strip() for line in ref.read_text().splitlines()] if ref.is_file() else []
+
+
+def pinned_spec(spec, base):
+    """``spec`` with ``base.revision`` the commit the ``base`` artifact was pinned to, when it
+    holds one (a hub base); else ``spec`` itself (a demo or local-folder base)."""
+    commit = _reference(base)[1:]
+    if not commit:
+        return spec
+    return spec.model_copy(update={"base": spec.base.model_copy(update={"revision": commit[0]})})
 
 
 def upstream_failure(*artifacts) -> dict | None:
@@ -137,9 +168,8 @@ def limit_threads() -> None:
 
 
 def base_path(base) -> str:
-    """The loadable base: the artifact directory, or the reference it holds."""
-    ref = Path(base.path) / REF_FILE
-    return ref.read_text().strip() if ref.is_file() else base.path
+    """The loadable base: the artifact directory, or the model id or path it refers to."""
+    return next(iter(_reference(base)), base.path)
 
 
 def read_json(artifact) -> dict:

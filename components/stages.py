@@ -258,6 +258,7 @@ def train(
         expert_step,
         limit_threads,
         log_metrics,
+        pinned_spec,
         write_json,
     )
     from lorafleet.fleet import spec_from_json
@@ -265,7 +266,7 @@ def train(
     from lorafleet.stages import train_stage
 
     limit_threads()
-    spec = spec_from_json(spec_json)
+    spec = pinned_spec(spec_from_json(spec_json), base)
     result, failure = expert_step(
         expert,
         "train",
@@ -296,6 +297,7 @@ def evaluate(
         expert_step,
         limit_threads,
         log_metrics,
+        pinned_spec,
         write_json,
     )
     from lorafleet.fleet import spec_from_json
@@ -303,7 +305,7 @@ def evaluate(
     from lorafleet.stages import evaluate_stage
 
     limit_threads()
-    spec = spec_from_json(spec_json)
+    spec = pinned_spec(spec_from_json(spec_json), base)
     result, failure = expert_step(
         expert,
         "evaluate",
@@ -369,11 +371,11 @@ def register(
     failed one, naming the error, when registering fails."""
     import json
 
-    from lorafleet.components.runtime import base_path, expert_step, read_json
+    from lorafleet.components.runtime import base_path, expert_step, pinned_spec, read_json
     from lorafleet.fleet import spec_from_json
     from lorafleet.stages import failure_report, register_stage, reject_stage
 
-    spec = spec_from_json(spec_json)
+    spec = pinned_spec(spec_from_json(spec_json), base)
     gated = read_json(report)
     outcome, failure = expert_step(
         expert,
@@ -406,12 +408,12 @@ def publish(
     """Serve the base and every registered adapter, ask each one question, write the fleet report."""
     import json
 
-    from lorafleet.components.runtime import base_path
+    from lorafleet.components.runtime import base_path, pinned_spec
     from lorafleet.fleet import spec_from_json
     from lorafleet.publish import publish_fleet
 
     publish_fleet(
-        spec_from_json(spec_json),
+        pinned_spec(spec_from_json(spec_json), base),
         base_path(base),
         [json.loads(o) for o in outcomes],
         summary.path,

@@ -1,5 +1,8 @@
 """The base model: a small demo Llama built here, or any local path / hub id.
 
+``prefetch_hub_base`` downloads a hub base's loadable files into the Hugging Face cache once
+and names the commit its revision stood for, so that later steps load exactly those weights.
+
 ``build_demo_base`` trains a byte-level BPE tokenizer on a corpus, builds a
 Llama-architecture model from a config, pre-trains it briefly on the plain text of the
 corpus (no chat format, so adapters have a task and a format to learn) and saves a
@@ -17,9 +20,11 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from lorafleet.chat import CHATML_TEMPLATE
+from lorafleet.errors import LorafleetError
 from lorafleet.io import atomic_dir, sha256_file, sha256_json
 
 __all__ = [
@@ -28,6 +33,9 @@ __all__ = [
     "build_demo_base",
     "cache_root",
     "fingerprint_model",
+    "hub_commit",
+    "hub_files_to_load",
+    "prefetch_hub_base",
     "train_tokenizer",
 ]
 
@@ -38,6 +46,10 @@ log = logging.getLogger(__name__)
 BUILD_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 MARKER = "lorafleet-base.json"
+
+# What from_pretrained (and vLLM) read of a hub model besides its weights: config and
+# generation config, the tokenizer in whichever form it was saved, and the chat template.
+HUB_LOAD_FILES = ("*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja")
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,7 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
     ref = folder / "refs" / (revision or "main")
     if ref.is_file():
         return ref.read_text().strip()
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         return None
     from huggingface_hub import HfApi
 
@@ -217,6 +229,94 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
         return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
     except Exception:  # unreachable hub, unknown id: the fingerprint goes without the commit
         return None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_files_to_load(files: Sequence[str]) -> list[str]:
+    """The files of a hub model repo that loading it needs.
+
+    Only the repo's top level (``original/``, ``onnx/`` and the like hold other formats), its
+    config, tokenizer and chat template files (:data:`HUB_LOAD_FILES`), and one weight format:
+    the safetensors shards and their index when there are any, else the ``*.bin`` ones.
+
+    Args:
+        files: every file path in the repo at one commit.
+    """
+    top = [f for f in files if "/" not in f]
+    kind = ".safetensors" if any(f.endswith(".safetensors") for f in top) else ".bin"
+    other_index = ".bin.index.json" if kind == ".safetensors" else ".safetensors.index.json"
+    return [
+        f
+        for f in top
+        if f.endswith(kind)
+        or (any(fnmatch(f, p) for p in HUB_LOAD_FILES) and not f.endswith(other_index))
+    ]
+
+
+def prefetch_hub_base(repo_id: str, revision: str | None = None) -> str | None:
+    """Download a hub base into the Hugging Face cache once, and pin the commit it came from.
+
+    The revision (a branch or tag may move during a run) is resolved to a commit first; only
+    the files loading needs (:func:`hub_files_to_load`) of that commit are downloaded, into
+    ``HF_HUB_CACHE``, where every later step loading ``revision=<commit>`` finds them. With
+    ``HF_HUB_OFFLINE`` set nothing is fetched: the commit comes from the cache (:func:`hub_commit`).
+
+    Args:
+        repo_id: the hub model id (``base.model``).
+        revision: ``base.revision``; ``None`` for the default branch.
+
+    Returns:
+        The 40-hex commit; offline, the cached one or ``None``.
+
+    Raises:
+        LorafleetError: the hub refused or does not have the model or revision, or cannot be
+            reached (one line naming both).
+    """
+    if _hub_offline():
+        return hub_commit(repo_id, revision)
+    # httpx2 is huggingface_hub's transport: its HTTPError covers the hub's own errors and
+    # the network's (refused connection, timeout).
+    from httpx2 import HTTPError
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
+
+    where = f"base.model {repo_id!r} at revision {revision or 'main'!r}"
+    api = HfApi()
+    try:
+        pinned = api.resolve_revision(repo_id, revision=revision)
+        files = hub_files_to_load(api.list_repo_files(repo_id, revision=pinned.resolved))
+        snapshot_download(repo_id, revision=pinned, allow_patterns=files)
+    except RevisionNotFoundError:
+        raise LorafleetError(f"{where}: the hub has no such revision") from None
+    except HfHubHTTPError as err:
+        status = err.response.status_code
+        if isinstance(err, GatedRepoError) or status in (401, 403):
+            raise LorafleetError(
+                f"{where}: the hub refused access (HTTP {status}; gated or private); "
+                "name the Secret with a token that may read it in base.hub_token_secret"
+            ) from None
+        if isinstance(err, RepositoryNotFoundError):
+            raise LorafleetError(f"{where}: no such model on the hub") from None
+        raise LorafleetError(f"{where}: the hub answered HTTP {status}") from None
+    except (HTTPError, RevisionResolutionError, OSError) as err:
+        # resolve_revision wraps the network's error: name that one
+        cause = err.__cause__ if isinstance(err, RevisionResolutionError) and err.__cause__ else err
+        detail = next(iter(str(cause).splitlines()), "")
+        raise LorafleetError(
+            f"{where}: cannot download from the hub at {api.endpoint} "
+            f"({type(cause).__name__}: {detail})"
+        ) from None
+    log.info("%s: pinned to commit %s in %s", where, pinned.resolved, api.endpoint)
+    return pinned.resolved
 
 
 def fingerprint_model(model: str | Path, revision: str | None = None) -> str:
