@@ -50,11 +50,27 @@ __all__ = [
     "check_reachable",
     "make_async_client",
     "make_client",
+    "openai_error_line",
     "preflight",
     "resolve_api_key",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def openai_error_line(response) -> str:
+    """The one line of an OpenAI-style error answer (vLLM's among them): its
+    ``error.message`` (first line), else the body's first line; at most 300 characters.
+
+    Args:
+        response: an ``httpx.Response`` (anything with ``json()``, ``text`` and ``status_code``).
+    """
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    return (message.strip().splitlines() or [f"HTTP {response.status_code}"])[0][:300]
+
 
 # Sent when no key source is configured: the openai client refuses to run without a key, and
 # an explicit placeholder keeps it from picking up OPENAI_API_KEY and sending a hosted API's

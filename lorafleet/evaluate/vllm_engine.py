@@ -42,6 +42,7 @@ from lorafleet.engine.generation import GenerationRequest, GenerationResult, pro
 from lorafleet.errors import LorafleetError
 from lorafleet.evaluate.loss import encode_records, loss_summary
 from lorafleet.fleet.evaluation import pick_engine
+from lorafleet.llm import openai_error_line
 from lorafleet.records import Record
 
 __all__ = ["BASE_NAME", "ServerProcess", "VllmEvalEngine", "pick_engine", "vllm_eval_args"]
@@ -105,15 +106,6 @@ def vllm_eval_args(
         args += ["--max-loras", str(len(adapters)), "--lora-modules"]
         args += [f"{name}={Path(path).resolve()}" for name, path in adapters.items()]
     return args
-
-
-def _error_line(response: httpx.Response) -> str:
-    """vLLM's error message, first line."""
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    return (message.strip().splitlines() or [f"HTTP {response.status_code}"])[0][:300]
 
 
 class VllmEvalEngine:
@@ -252,7 +244,7 @@ class VllmEvalEngine:
             raise LorafleetError(f"vLLM unreachable ({state}): {exc}") from None
         if response.status_code != 200:
             raise LorafleetError(
-                f"vLLM refused a request ({response.status_code}): {_error_line(response)}"
+                f"vLLM refused a request ({response.status_code}): {openai_error_line(response)}"
             )
         return response.json()["choices"][0]
 

@@ -71,6 +71,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lorafleet.errors import LorafleetError
+from lorafleet.llm import openai_error_line
 from lorafleet.serve.adapters import (
     AdapterInfo,
     AdapterRejected,
@@ -503,16 +504,6 @@ def admit(
     return info
 
 
-def _vllm_error(response: httpx.Response) -> str:
-    """The one line of a vLLM error answer: its ``error.message`` (first line), else the
-    body's first line."""
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    return (message.strip().splitlines() or [f"HTTP {response.status_code}"])[0][:300]
-
-
 class VllmAdapters:
     """The adapters served by vLLM, admitted by the front; what the adapter admin API
     (:func:`~lorafleet.serve.admin.adapters_admin_router`) drives, as it drives the native
@@ -600,7 +591,7 @@ class VllmAdapters:
         except httpx.TransportError as exc:
             raise AdapterRejected(info.name, "load", f"vLLM unreachable: {exc}") from None
         if response.status_code != 200:
-            detail = f"vLLM refused it ({response.status_code}): {_vllm_error(response)}"
+            detail = f"vLLM refused it ({response.status_code}): {openai_error_line(response)}"
             raise AdapterRejected(info.name, "load", detail)
         self._infos[info.name] = info
 
@@ -621,7 +612,7 @@ class VllmAdapters:
             except httpx.TransportError as exc:
                 raise LorafleetError(f"adapter {name!r}: vLLM unreachable: {exc}") from None
             if response.status_code not in (200, 404):  # 404: vLLM holds it no more either
-                raise LorafleetError(f"adapter {name!r}: vLLM: {_vllm_error(response)}")
+                raise LorafleetError(f"adapter {name!r}: vLLM: {openai_error_line(response)}")
             del self._infos[name]
 
 
